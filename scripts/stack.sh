@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# The local development stack, without Docker: a private PostgreSQL cluster and a
+# single-node Garage S3 server, both on loopback, state under .stack/ (git-ignored).
+#
+#   scripts/stack.sh up      install what is missing, start both, create key and buckets
+#   scripts/stack.sh down    stop both (data is kept)
+#   scripts/stack.sh env     print `export ...` lines: eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh status  say what runs
+#   scripts/stack.sh reset   down, then delete all state
+#
+# Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
+# second endpoint takes +10), RELOCATOR_STACK_DIR (.stack), RELOCATOR_CACHE_DIR (where the
+# Garage binary is built once and reused by every checkout; ~/.cache/relocator).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${RELOCATOR_STACK_DIR:-$ROOT/.stack}
+PG_PORT=${RELOCATOR_PG_PORT:-54329}
+S3_PORT=${RELOCATOR_S3_PORT:-39000}
+GARAGE_VERSION=2.5.0
+CACHE=${RELOCATOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/relocator}
+TOOLS=$ROOT/.tools
+
+PG_USER=relocator
+PG_PASSWORD=relocator
+PG_DB=relocator
+REGION=garage
+BUCKETS=(legacy-s3 production-s3)
+
+# The plain-http loopback endpoint needs no CA bundle, and some tools refuse to start
+# when AWS_CA_BUNDLE points at one for an http endpoint.
+unset AWS_CA_BUNDLE
+
+die() { echo "stack.sh: $*" >&2; exit 1; }
+say() { echo "stack.sh: $*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_bindir() {
+    local d
+    d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -z "$d" ] || [ ! -x "$d/initdb" ]; then
+        say "PostgreSQL server binaries not found; installing Debian's postgresql package"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
+            die "cannot install postgresql: not root and no sudo. Install the 'postgresql' package, then rerun."
+        fi
+        $sudo apt-get update -qq >&2 || die "apt-get update failed; install the 'postgresql' package by hand, then rerun"
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >&2 \
+            || die "apt-get install postgresql failed; install it by hand, then rerun"
+        d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+        [ -x "$d/initdb" ] || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
+    fi
+    echo "$d"
+}
+
+# Postgres refuses to run as root: as root, run its binaries as the 'postgres' user.
+as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+pg_up() {
+    local bin pgdata=$STATE/pg/data
+    bin=$(pg_bindir)
+    mkdir -p "$STATE/pg"
+    if [ "$(id -u)" -eq 0 ]; then
+        id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user (install the postgresql package)"
+        chown postgres "$STATE/pg"
+        as_pg test -x "$STATE/pg" \
+            || die "the 'postgres' user cannot reach $STATE/pg; set RELOCATOR_STACK_DIR to a directory it can traverse"
+    fi
+    if [ ! -f "$pgdata/PG_VERSION" ]; then
+        say "initialising PostgreSQL cluster in $pgdata"
+        local pw
+        pw=$(mktemp)
+        echo "$PG_PASSWORD" >"$pw"
+        chmod 644 "$pw"
+        as_pg "$bin/initdb" -D "$pgdata" -U "$PG_USER" --pwfile="$pw" --auth=scram-sha-256 \
+            -E UTF8 --no-locale >"$STATE/pg/initdb.log" 2>&1 \
+            || { rm -f "$pw"; die "initdb failed, see $STATE/pg/initdb.log"; }
+        rm -f "$pw"
+    fi
+    if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
+        say "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+    else
+        port_open "$PG_PORT" && die "port $PG_PORT is taken by another process; stop it or set RELOCATOR_PG_PORT"
+        as_pg "$bin/pg_ctl" -D "$pgdata" -l "$STATE/pg/server.log" -w -t 60 start \
+            -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_buffers=256MB" \
+            >/dev/null || die "PostgreSQL did not start, see $STATE/pg/server.log"
+        say "PostgreSQL started on 127.0.0.1:$PG_PORT"
+    fi
+    local exists
+    exists=$(PGPASSWORD=$PG_PASSWORD psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'") || die "cannot connect to PostgreSQL on port $PG_PORT"
+    if [ "$exists" != 1 ]; then
+        PGPASSWORD=$PG_PASSWORD psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $PG_DB" >/dev/null
+    fi
+}
+
+pg_down() {
+    local bin pgdata=$STATE/pg/data
+    [ -f "$pgdata/PG_VERSION" ] || return 0
+    bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    [ -n "$bin" ] || return 0
+    if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
+        as_pg "$bin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null && say "PostgreSQL stopped"
+    fi
+}
+
+# ---------------------------------------------------------------- Garage
+
+garage_bin() {
+    local cached=$CACHE/garage-$GARAGE_VERSION/bin/garage
+    if [ ! -x "$cached" ]; then
+        command -v cargo >/dev/null || die "cargo not found: it is needed once to build Garage"
+        say "building Garage $GARAGE_VERSION once into $CACHE (about 12 minutes on 2 cores)"
+        cargo install garage --version "$GARAGE_VERSION" --locked --root "$CACHE/garage-$GARAGE_VERSION" \
+            >"$CACHE/garage-build.log" 2>&1 || { mkdir -p "$CACHE"; die "building Garage failed, see $CACHE/garage-build.log"; }
+    fi
+    mkdir -p "$TOOLS/bin"
+    ln -sf "$cached" "$TOOLS/bin/garage"
+    echo "$TOOLS/bin/garage"
+}
+
+# One Garage instance: $1 = name, $2 = S3 port (rpc +1, admin +3).
+garage_conf() {
+    local name=$1 port=$2 dir=$STATE/$1
+    mkdir -p "$dir/meta" "$dir/data"
+    if [ ! -f "$dir/rpc_secret" ]; then
+        od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/rpc_secret"
+        od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$dir/admin_token"
+    fi
+    cat >"$dir/garage.toml" <<EOF
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+metadata_fsync = false
+data_fsync = false
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((port + 1))"
+rpc_public_addr = "127.0.0.1:$((port + 1))"
+rpc_secret = "$(cat "$dir/rpc_secret")"
+
+[s3_api]
+s3_region = "$REGION"
+api_bind_addr = "127.0.0.1:$port"
+root_domain = ".s3.$name.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$((port + 3))"
+admin_token = "$(cat "$dir/admin_token")"
+EOF
+    echo "$dir/garage.toml"
+}
+
+# A key pair stored once per instance so `env` is stable across restarts.
+# Garage key ids are "GK" + 24 hex digits, secrets 64 hex digits.
+key_file() {
+    local f=$STATE/$1/key-$2.env
+    if [ ! -f "$f" ]; then
+        echo "KEY_ID=GK$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')" >"$f"
+        echo "KEY_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >>"$f"
+    fi
+    echo "$f"
+}
+
+garage_up() {
+    local name=$1 port=$2 bin conf dir=$STATE/$1
+    bin=$(garage_bin)
+    conf=$(garage_conf "$name" "$port")
+    if pid_alive "$dir/pid"; then
+        say "Garage '$name' already running on 127.0.0.1:$port"
+    else
+        for p in "$port" $((port + 1)) $((port + 3)); do
+            port_open "$p" && die "port $p is taken by another process; stop it or set RELOCATOR_S3_PORT"
+        done
+        nohup "$bin" -c "$conf" server >"$dir/server.log" 2>&1 &
+        echo $! >"$dir/pid"
+        local i
+        for i in $(seq 1 100); do
+            port_open "$port" && break
+            pid_alive "$dir/pid" || die "Garage '$name' exited at start, see $dir/server.log"
+            sleep 0.1
+        done
+        port_open "$port" || die "Garage '$name' did not open port $port, see $dir/server.log"
+        say "Garage '$name' started on 127.0.0.1:$port"
+    fi
+    local g=("$bin" -c "$conf")
+    # Layout: a single node holding everything. Applied once.
+    if ! "${g[@]}" layout show 2>/dev/null | grep -q 'Current cluster layout version: [1-9]'; then
+        local node
+        node=$("${g[@]}" node id -q 2>/dev/null | cut -d@ -f1)
+        [ -n "$node" ] || die "cannot read Garage node id, see $dir/server.log"
+        "${g[@]}" layout assign -z local -c 1G "$node" >/dev/null
+        "${g[@]}" layout apply --version 1 >/dev/null
+    fi
+    # Keys: "main" may create buckets and owns the demo buckets; "readonly" may only read
+    # (preflight's permission checks are tested with it).
+    local kname kf
+    for kname in main readonly; do
+        kf=$(key_file "$name" "$kname")
+        # shellcheck disable=SC1090
+        . "$kf"
+        if ! "${g[@]}" key info "$KEY_ID" >/dev/null 2>&1; then
+            "${g[@]}" key import --yes -n "relocator-$kname" "$KEY_ID" "$KEY_SECRET" >/dev/null
+        fi
+    done
+    . "$(key_file "$name" main)"
+    "${g[@]}" key allow --create-bucket "$KEY_ID" >/dev/null
+    local ro_id
+    ro_id=$(. "$(key_file "$name" readonly)"; echo "$KEY_ID")
+    local b
+    for b in "${BUCKETS[@]}"; do
+        "${g[@]}" bucket info "$b" >/dev/null 2>&1 || "${g[@]}" bucket create "$b" >/dev/null
+        "${g[@]}" bucket allow --read --write --owner "$b" --key "$KEY_ID" >/dev/null
+        "${g[@]}" bucket allow --read "$b" --key "$ro_id" >/dev/null
+    done
+}
+
+garage_down() {
+    local name=$1 dir=$STATE/$1
+    if pid_alive "$dir/pid"; then
+        kill "$(cat "$dir/pid")"
+        local i
+        for i in $(seq 1 50); do pid_alive "$dir/pid" || break; sleep 0.1; done
+        pid_alive "$dir/pid" && kill -9 "$(cat "$dir/pid")"
+        say "Garage '$name' stopped"
+    fi
+    rm -f "$dir/pid"
+}
+
+# ---------------------------------------------------------------- commands
+
+print_env() {
+    [ -f "$STATE/garage/key-main.env" ] || die "the stack was never started: run scripts/stack.sh up"
+    local main ro second
+    main=$(. "$STATE/garage/key-main.env"; echo "$KEY_ID $KEY_SECRET")
+    ro=$(. "$STATE/garage/key-readonly.env"; echo "$KEY_ID $KEY_SECRET")
+    cat <<EOF
+export DATABASE_URL='postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB'
+export AWS_ENDPOINT_URL='http://127.0.0.1:$S3_PORT'
+export AWS_ACCESS_KEY_ID='${main% *}'
+export AWS_SECRET_ACCESS_KEY='${main#* }'
+export AWS_REGION='$REGION'
+export RELOCATOR_TEST_READONLY_KEY_ID='${ro% *}'
+export RELOCATOR_TEST_READONLY_SECRET='${ro#* }'
+unset AWS_CA_BUNDLE
+EOF
+    if [ -f "$STATE/garage2/key-main.env" ]; then
+        second=$(. "$STATE/garage2/key-main.env"; echo "$KEY_ID $KEY_SECRET")
+        cat <<EOF
+export RELOCATOR_TEST_SECOND_ENDPOINT='http://127.0.0.1:$((S3_PORT + 10))'
+export RELOCATOR_TEST_SECOND_KEY_ID='${second% *}'
+export RELOCATOR_TEST_SECOND_SECRET='${second#* }'
+EOF
+    fi
+}
+
+status() {
+    local bin
+    bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$bin" ] && [ -f "$STATE/pg/data/PG_VERSION" ] && as_pg "$bin/pg_ctl" -D "$STATE/pg/data" status >/dev/null 2>&1; then
+        echo "postgres: running on 127.0.0.1:$PG_PORT"
+    else
+        echo "postgres: stopped"
+    fi
+    local n
+    for n in garage garage2; do
+        if pid_alive "$STATE/$n/pid"; then echo "$n: running"; else echo "$n: stopped"; fi
+    done
+}
+
+cmd=${1:-}
+case "$cmd" in
+    up)
+        mkdir -p "$STATE"
+        pg_up
+        garage_up garage "$S3_PORT"
+        # A second, independent S3 endpoint with its own keys, for cross-endpoint moves.
+        garage_up garage2 $((S3_PORT + 10))
+        say "ready: eval \"\$(scripts/stack.sh env)\""
+        ;;
+    down)
+        garage_down garage2
+        garage_down garage
+        pg_down
+        ;;
+    env) print_env ;;
+    status) status ;;
+    reset)
+        "$0" down
+        rm -rf "$STATE"
+        say "state removed"
+        ;;
+    *)
+        echo "usage: scripts/stack.sh up|down|env|status|reset" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,26 @@
+-- A least-privilege role for relocator. Run as the table's owner or a superuser:
+--   psql "$ADMIN_DATABASE_URL" -v password="'choose-one'" -f sql/roles.sql
+-- Adjust the table name if yours is not public.avatars.
+--
+-- What it may do, and why:
+--   CONNECT                  open a session
+--   USAGE on the schema      see the table
+--   SELECT, UPDATE on table  the keyset scan and the guarded rewrite (UPDATE is limited to
+--                            the path column)
+--   own schema "relocator"   its ledger (runs, moves), created by relocator on first use
+-- Nothing else: no DELETE/INSERT on the table, no DDL outside its own schema.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'relocator_job') THEN
+        CREATE ROLE relocator_job LOGIN;
+    END IF;
+END
+$$;
+ALTER ROLE relocator_job WITH LOGIN PASSWORD :password;
+
+SELECT format('GRANT CONNECT ON DATABASE %I TO relocator_job', current_database()) \gexec
+GRANT USAGE ON SCHEMA public TO relocator_job;
+GRANT SELECT ON public.avatars TO relocator_job;
+GRANT UPDATE (path) ON public.avatars TO relocator_job;
+
+CREATE SCHEMA IF NOT EXISTS relocator AUTHORIZATION relocator_job;

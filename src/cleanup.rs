@@ -1,0 +1,167 @@
+//! The cleanup stage: delete the sources of committed moves, and take back copies whose
+//! row the application changed.
+//!
+//! Invariant enforced here, in [`delete_sources`] and nowhere else: *a source object is
+//! deleted only after the row rewrite that stops referencing it has committed, and only
+//! when no row still references that key*. Callers pass only ledger entries, which exist
+//! only for committed rewrites; the reference check runs after that commit.
+
+use std::collections::{BTreeMap, HashSet};
+
+use anyhow::{Context, Result};
+use aws_sdk_s3::Client;
+use tracing::{info, warn};
+
+use crate::db::Queries;
+use crate::report::Counters;
+use crate::s3::{self, DELETE_BATCH};
+
+/// A committed move whose source has not been dealt with yet (a ledger row).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub move_id: i64,
+    pub row_id: String,
+    pub old_path: String,
+    pub new_path: String,
+    pub src_bucket: String,
+}
+
+/// Which keys among `keys` some row of the table still references.
+pub async fn still_referenced(
+    client: &tokio_postgres::Client,
+    q: &Queries,
+    keys: &[&str],
+) -> Result<HashSet<String>> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = client
+        .query(&q.referenced, &[&keys])
+        .await
+        .context("checking which source keys rows still reference")?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// Delete the sources of these committed moves where no row references them any more,
+/// then mark the ledger. Keys S3 refuses to delete stay pending (a rerun retries them).
+pub async fn delete_sources(
+    db: &tokio_postgres::Client,
+    s3c: &Client,
+    q: &Queries,
+    pending: &[Pending],
+    counters: &mut Counters,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = {
+        let mut seen = HashSet::new();
+        pending
+            .iter()
+            .map(|p| p.old_path.as_str())
+            .filter(|k| seen.insert(*k))
+            .collect()
+    };
+    let referenced = still_referenced(db, q, &keys).await?;
+
+    // Group deletable keys by bucket (a ledger may span jobs with different buckets).
+    let mut by_bucket: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut queued = HashSet::new();
+    for p in pending {
+        if !referenced.contains(&p.old_path) && queued.insert((&p.src_bucket, &p.old_path)) {
+            by_bucket
+                .entry(p.src_bucket.as_str())
+                .or_default()
+                .push(p.old_path.clone());
+        }
+    }
+    let mut failed: HashSet<(String, String)> = HashSet::new();
+    for (bucket, keys) in &by_bucket {
+        for chunk in keys.chunks(DELETE_BATCH) {
+            let errors = s3::delete_many(s3c, bucket, chunk)
+                .await
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("deleting sources in s3://{bucket}"))?;
+            counters.sources_deleted += (chunk.len() - errors.len()) as u64;
+            for (key, why) in errors {
+                warn!(bucket = %bucket, key = %key, error = %why, "source not deleted; a rerun retries it");
+                failed.insert((bucket.to_string(), key));
+            }
+        }
+    }
+
+    let mut ids = Vec::new();
+    let mut outcomes = Vec::new();
+    for p in pending {
+        if referenced.contains(&p.old_path) {
+            ids.push(p.move_id);
+            outcomes.push("still_referenced");
+            counters.sources_kept_referenced += 1;
+        } else if failed.contains(&(p.src_bucket.clone(), p.old_path.clone())) {
+            counters.delete_failures += 1;
+        } else {
+            ids.push(p.move_id);
+            outcomes.push("deleted");
+        }
+    }
+    db.execute(
+        "UPDATE relocator.moves m SET cleaned_at = now(), cleanup = u.outcome
+           FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
+          WHERE m.move_id = u.move_id",
+        &[&ids, &outcomes],
+    )
+    .await
+    .context("marking cleaned-up moves in the ledger")?;
+    Ok(())
+}
+
+/// Ledger entries of this table whose cleanup an earlier run did not finish, after
+/// `after` (keyset on move_id), at most `limit`.
+pub async fn pending_after(
+    db: &tokio_postgres::Client,
+    table: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Pending>> {
+    let rows = db
+        .query(
+            "SELECT move_id, row_id, old_path, new_path, src_bucket FROM relocator.moves
+              WHERE table_name = $1 AND cleaned_at IS NULL AND move_id > $2
+              ORDER BY move_id LIMIT $3",
+            &[&table, &after, &limit],
+        )
+        .await
+        .context("reading unfinished cleanups from the ledger")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Pending {
+            move_id: r.get(0),
+            row_id: r.get(1),
+            old_path: r.get(2),
+            new_path: r.get(3),
+            src_bucket: r.get(4),
+        })
+        .collect())
+}
+
+/// Remove copies relocator created for rows the application changed before the commit,
+/// unless some row references the destination key after all.
+pub async fn take_back_copies(
+    db: &tokio_postgres::Client,
+    s3c: &Client,
+    q: &Queries,
+    bucket: &str,
+    keys: &[&str],
+    counters: &mut Counters,
+) -> Result<()> {
+    let referenced = still_referenced(db, q, keys).await?;
+    for key in keys.iter().filter(|k| !referenced.contains(**k)) {
+        s3::delete_one(s3c, bucket, key)
+            .await
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("removing the unused copy s3://{bucket}/{key}"))?;
+        info!(bucket = %bucket, key = %key, "removed a copy whose row the application changed");
+        counters.copies_removed += 1;
+    }
+    Ok(())
+}

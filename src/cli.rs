@@ -1,0 +1,180 @@
+//! The command line as typed: clap derive only. Validation happens in [`crate::config`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    everything selected was relocated (or there was nothing to do)
+  1    failed; rerun the same command to resume
+  2    usage or configuration error; nothing was changed
+  3    finished, but some rows need attention (see the report)
+  130  interrupted by SIGINT/SIGTERM; rerun the same command to resume";
+
+/// Move the S3 objects a PostgreSQL table points at, rewriting each row to its new key.
+///
+/// A source object is deleted only after the row rewrite has committed and no row still
+/// references it; an existing different destination object is never overwritten; a row the
+/// application changed meanwhile is not rewritten. Kill it at any moment and rerun it.
+#[derive(Debug, Parser)]
+#[command(name = "relocator", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format on stderr. RUST_LOG filters (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relocate: copy each object, rewrite its row, delete the source after the commit.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+    /// Dry run: compute exactly what `run` would do, change nothing.
+    #[command(after_help = EXIT_CODES)]
+    Plan(PlanArgs),
+    /// Create demo rows and their objects in the source bucket.
+    Seed(SeedArgs),
+}
+
+/// Where the rows are and where their objects go: shared by every job command.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// PostgreSQL connection URL (the password is never logged).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// The table holding the paths; may be schema-qualified (app.avatars) and quoted
+    /// ("Weird"."Name").
+    #[arg(long, default_value = "avatars")]
+    pub table: String,
+
+    /// Primary-key column: integer, bigint, uuid or text, unique.
+    #[arg(long, default_value = "id")]
+    pub id_column: String,
+
+    /// Column holding the object key (text or varchar).
+    #[arg(long, default_value = "path")]
+    pub path_column: String,
+
+    /// Where the objects are now: s3://BUCKET/PREFIX. Rows whose path starts with PREFIX
+    /// are selected.
+    #[arg(long, value_name = "S3_URL")]
+    pub source: String,
+
+    /// Where the objects go: s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "S3_URL")]
+    pub dest: String,
+
+    /// Optional regex applied to the part of the path after the source prefix. Rows it
+    /// does not match are left alone and reported as `unmatched`.
+    #[arg(long, value_name = "REGEX", requires = "to")]
+    pub rewrite: Option<String>,
+
+    /// Replacement for --rewrite's first match ($1, ${name}).
+    #[arg(long, value_name = "TEMPLATE", requires = "rewrite")]
+    pub to: Option<String>,
+
+    /// Rows per batch: one keyset query, one transaction, one cleanup each.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+
+    /// S3 requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// S3 connection: the standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+/// AWS_PROFILE, AWS_REGION) plus an optional endpoint for S3-compatible servers.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// S3 endpoint (MinIO, Garage, ...). Path-style addressing is used when it is set.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+
+    /// Per-request timeout in seconds (each retry gets its own).
+    #[arg(long, default_value_t = 60)]
+    pub s3_timeout: u64,
+
+    /// Attempts per S3 request before giving up (exponential backoff between them).
+    #[arg(long, default_value_t = 6)]
+    pub s3_max_attempts: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// Write one CSV line per row acted on or needing attention.
+    #[arg(long, value_name = "FILE.csv")]
+    pub report: Option<PathBuf>,
+
+    /// Write the final counts as JSON, for automation.
+    #[arg(long, value_name = "FILE.json")]
+    pub summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// The plan as CSV: id, old path, new path, predicted outcome, detail.
+    #[arg(long, value_name = "FILE.csv")]
+    pub out: PathBuf,
+
+    /// Write the predicted counts as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Table to create (if missing) and fill.
+    #[arg(long, default_value = "avatars")]
+    pub table: String,
+
+    /// Where to put the objects: s3://BUCKET/PREFIX.
+    #[arg(long, default_value = "s3://legacy-s3/image/", value_name = "S3_URL")]
+    pub target: String,
+
+    /// How many rows to create.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: usize,
+
+    /// How many of those rows get no object (to exercise `missing_source`).
+    #[arg(long, default_value_t = 0)]
+    pub missing: usize,
+
+    /// Random seed: the same seed gives the same keys, sizes and bytes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Object size range in bytes, MIN..MAX.
+    #[arg(long, default_value = "200..8192")]
+    pub sizes: String,
+
+    /// Uploads in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+
+    #[command(flatten)]
+    pub s3: S3Args,
+}

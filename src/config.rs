@@ -1,0 +1,511 @@
+//! Parse, then validate once: the raw [`crate::cli`] arguments become a [`JobConfig`]
+//! whose every field is known good, and which is passed down by reference.
+//!
+//! Every problem found here is a [`ConfigError`], which the binary maps to exit code 2:
+//! nothing has been changed when one is returned.
+
+use std::fmt;
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::cli::{JobArgs, S3Args};
+use crate::rewrite::Rewrite;
+
+/// Bad input: the message names the problem and the fix. Exit code 2, nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Shorthand for returning a [`ConfigError`] from anything that returns `anyhow::Result`.
+pub fn config_error(msg: impl Into<String>) -> anyhow::Error {
+    ConfigError(msg.into()).into()
+}
+
+/// `s3://bucket/prefix`, with the prefix normalised to end in `/` (unless empty) so that
+/// `image` never selects `images/...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    pub prefix: String,
+}
+
+impl S3Location {
+    pub fn parse(flag: &str, s: &str) -> Result<Self, ConfigError> {
+        let rest = s.strip_prefix("s3://").ok_or_else(|| {
+            ConfigError(format!(
+                "{flag} {s:?} is not an S3 URL; write it as s3://BUCKET/PREFIX, e.g. s3://legacy-s3/image/"
+            ))
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        validate_bucket(bucket).map_err(|why| {
+            ConfigError(format!("{flag}: bucket name {bucket:?} is not valid: {why}"))
+        })?;
+        if prefix.starts_with('/') {
+            return Err(ConfigError(format!(
+                "{flag}: the prefix {prefix:?} starts with '/'; write s3://{bucket}/{}",
+                prefix.trim_start_matches('/')
+            )));
+        }
+        if let Err(e) = crate::rewrite::validate_source(prefix) {
+            return Err(ConfigError(format!("{flag}: the prefix {prefix:?}: {e}")));
+        }
+        if prefix.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(ConfigError(format!(
+                "{flag}: the prefix {prefix:?} has a '.' or '..' segment"
+            )));
+        }
+        let mut prefix = prefix.to_owned();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(S3Location {
+            bucket: bucket.to_owned(),
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for S3Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// S3 bucket naming rules (the common subset every provider accepts).
+fn validate_bucket(b: &str) -> Result<(), &'static str> {
+    if b.len() < 3 || b.len() > 63 {
+        return Err("it must be 3 to 63 characters long");
+    }
+    if !b
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+    {
+        return Err("only lowercase letters, digits, '-' and '.' are allowed");
+    }
+    let first = b.as_bytes()[0];
+    let last = b.as_bytes()[b.len() - 1];
+    if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+        return Err("it must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+/// A possibly schema-qualified table name, split into its parts the way PostgreSQL reads
+/// it: bare parts fold to lower case, `"quoted"` parts are taken as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let parts = split_identifier(s)?;
+        match parts.as_slice() {
+            [name] => Ok(TableName {
+                schema: None,
+                name: name.clone(),
+            }),
+            [schema, name] => Ok(TableName {
+                schema: Some(schema.clone()),
+                name: name.clone(),
+            }),
+            _ => Err(ConfigError(format!(
+                "--table {s:?} has {} dot-separated parts; write TABLE or SCHEMA.TABLE",
+                parts.len()
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{}.{}", quote_ident(s), quote_ident(&self.name)),
+            None => write!(f, "{}", quote_ident(&self.name)),
+        }
+    }
+}
+
+/// A single column name, parsed like a table-name part.
+pub fn parse_column(flag: &str, s: &str) -> Result<String, ConfigError> {
+    let parts = split_identifier(s).map_err(|e| ConfigError(format!("{flag}: {e}")))?;
+    match parts.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(ConfigError(format!(
+            "{flag} {s:?} must be a single column name"
+        ))),
+    }
+}
+
+/// Split `a.b` / `"a.b"."c"` into identifier parts. Bare parts must be plain SQL
+/// identifiers; anything else has to be quoted, so a typo never turns into SQL.
+fn split_identifier(s: &str) -> Result<Vec<String>, ConfigError> {
+    let mut parts = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => {
+                        return Err(ConfigError(format!(
+                            "identifier {s:?} has an unterminated quote"
+                        )))
+                    }
+                }
+            }
+            if part.is_empty() {
+                return Err(ConfigError(format!("identifier {s:?} has an empty part")));
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                part.push(c);
+                chars.next();
+            }
+            let plain = part
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+            if !plain {
+                return Err(ConfigError(format!(
+                    "{part:?} (in {s:?}) is not a plain SQL identifier; if that really is the name, \
+                     quote it: '\"{}\"'",
+                    part.replace('"', "\"\"")
+                )));
+            }
+            part = part.to_lowercase();
+        }
+        if part.len() > 63 {
+            return Err(ConfigError(format!(
+                "identifier {part:?} is longer than PostgreSQL's 63 bytes"
+            )));
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => continue,
+            Some(c) => {
+                return Err(ConfigError(format!(
+                    "unexpected {c:?} after a quoted identifier in {s:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// Quote an identifier for SQL: always double-quoted, inner quotes doubled.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The DATABASE_URL, with the password kept out of every `Debug`/`Display`.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(s: &str) -> Result<Self, ConfigError> {
+        s.parse::<tokio_postgres::Config>().map_err(|e| {
+            ConfigError(format!(
+                "--database-url / DATABASE_URL {} is not a valid PostgreSQL URL ({e}); \
+                 expected postgres://USER:PASSWORD@HOST:PORT/DBNAME",
+                redact_url(s)
+            ))
+        })?;
+        Ok(DatabaseUrl(s.to_owned()))
+    }
+
+    /// The real URL, for the connection only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", redact_url(&self.0))
+    }
+}
+
+/// Replace the password of a URL (or of a `password=` keyword) with `***`.
+pub fn redact_url(s: &str) -> String {
+    if let Ok(mut u) = url::Url::parse(s) {
+        if u.password().is_some() {
+            let _ = u.set_password(Some("***"));
+        }
+        let mut pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        if !pairs.is_empty() {
+            u.query_pairs_mut().clear().extend_pairs(pairs.drain(..));
+        }
+        return u.to_string();
+    }
+    // key=value form: blank out password=...
+    let re = Regex::new(r"(?i)(password\s*=\s*)('[^']*'|\S+)").expect("static regex");
+    re.replace_all(s, "${1}***").into_owned()
+}
+
+/// S3 client settings, validated.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub endpoint_url: Option<String>,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+}
+
+impl S3Settings {
+    pub fn from_args(a: &S3Args) -> Result<Self, ConfigError> {
+        if let Some(e) = &a.endpoint_url {
+            let u = url::Url::parse(e).map_err(|err| {
+                ConfigError(format!(
+                    "--endpoint-url / AWS_ENDPOINT_URL {e:?} is not a URL ({err}); e.g. http://127.0.0.1:9000"
+                ))
+            })?;
+            if u.scheme() != "http" && u.scheme() != "https" {
+                return Err(ConfigError(format!(
+                    "--endpoint-url {e:?} must start with http:// or https://"
+                )));
+            }
+        }
+        if a.s3_timeout == 0 {
+            return Err(ConfigError("--s3-timeout must be at least 1 second".into()));
+        }
+        if a.s3_max_attempts == 0 {
+            return Err(ConfigError("--s3-max-attempts must be at least 1".into()));
+        }
+        Ok(S3Settings {
+            endpoint_url: a.endpoint_url.clone().filter(|s| !s.is_empty()),
+            timeout: Duration::from_secs(a.s3_timeout),
+            max_attempts: a.s3_max_attempts,
+        })
+    }
+}
+
+/// Everything a job command needs, validated. Built once in `main`, passed by reference.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub database_url: DatabaseUrl,
+    pub table: TableName,
+    pub id_column: String,
+    pub path_column: String,
+    pub source: S3Location,
+    pub dest: S3Location,
+    pub rewrite: Rewrite,
+    /// The `--rewrite`/`--to` pair as typed, for the job's fingerprint in the ledger.
+    pub rewrite_spec: Option<(String, String)>,
+    pub batch_size: usize,
+    pub concurrency: usize,
+    pub s3: S3Settings,
+}
+
+impl JobConfig {
+    pub fn from_args(a: &JobArgs) -> Result<Self, ConfigError> {
+        let database_url = DatabaseUrl::new(&a.database_url)?;
+        let table = TableName::parse(&a.table).map_err(|e| ConfigError(format!("--table: {e}")))?;
+        let id_column = parse_column("--id-column", &a.id_column)?;
+        let path_column = parse_column("--path-column", &a.path_column)?;
+        if id_column == path_column {
+            return Err(ConfigError(
+                "--id-column and --path-column name the same column".into(),
+            ));
+        }
+        let source = S3Location::parse("--source", &a.source)?;
+        let dest = S3Location::parse("--dest", &a.dest)?;
+        check_locations(&source, &dest)?;
+        let rule = match (&a.rewrite, &a.to) {
+            (Some(re), Some(to)) => {
+                let compiled = Regex::new(re).map_err(|e| {
+                    ConfigError(format!("--rewrite {re:?} is not a valid regex:\n{e}"))
+                })?;
+                check_template(&compiled, to)?;
+                Some((compiled, to.clone()))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError(
+                    "--rewrite and --to go together: give both or neither".into(),
+                ))
+            }
+        };
+        if a.batch_size == 0 || a.batch_size > 100_000 {
+            return Err(ConfigError(format!(
+                "--batch-size {} is out of range; use 1 to 100000 (default 1000)",
+                a.batch_size
+            )));
+        }
+        if a.concurrency == 0 || a.concurrency > 4096 {
+            return Err(ConfigError(format!(
+                "--concurrency {} is out of range; use 1 to 4096 (default 64)",
+                a.concurrency
+            )));
+        }
+        Ok(JobConfig {
+            database_url,
+            table,
+            id_column,
+            path_column,
+            rewrite: Rewrite::new(&source.prefix, &dest.prefix, rule),
+            rewrite_spec: a.rewrite.clone().zip(a.to.clone()),
+            source,
+            dest,
+            batch_size: a.batch_size,
+            concurrency: a.concurrency,
+            s3: S3Settings::from_args(&a.s3)?,
+        })
+    }
+
+    /// Identifies "the same job" across reruns, so an interrupted run is resumed.
+    pub fn fingerprint(&self) -> String {
+        let (re, to) = self
+            .rewrite_spec
+            .clone()
+            .unwrap_or_else(|| (String::new(), String::new()));
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.table, self.id_column, self.path_column, self.source, self.dest, re, to
+        )
+    }
+}
+
+/// Refuse moves a rerun would repeat: the same location, or, within one bucket, one
+/// prefix inside the other (moved keys would be selected again, or sources would collide
+/// with destinations).
+fn check_locations(src: &S3Location, dst: &S3Location) -> Result<(), ConfigError> {
+    if src == dst {
+        return Err(ConfigError(format!(
+            "--source and --dest are both {src}; nothing would move and the cleanup would delete \
+             what the rows point at. Give a different destination"
+        )));
+    }
+    if src.bucket == dst.bucket
+        && (dst.prefix.starts_with(&src.prefix) || src.prefix.starts_with(&dst.prefix))
+    {
+        return Err(ConfigError(format!(
+            "--dest {dst} and --source {src} are in the same bucket and one prefix contains \
+             the other, so moved keys would be selected again. Choose non-overlapping prefixes"
+        )));
+    }
+    Ok(())
+}
+
+/// Catch `$2` in a template whose regex has one group before any row is touched.
+fn check_template(re: &Regex, to: &str) -> Result<(), ConfigError> {
+    let group_ref = Regex::new(r"\$(?:\{([^}]*)\}|([A-Za-z0-9_]+))").expect("static regex");
+    for cap in group_ref.captures_iter(to) {
+        let name = cap
+            .get(1)
+            .or_else(|| cap.get(2))
+            .map(|m| m.as_str())
+            .unwrap_or("");
+        let known = match name.parse::<usize>() {
+            Ok(n) => n < re.captures_len(),
+            Err(_) => re.capture_names().flatten().any(|n| n == name),
+        };
+        if !known {
+            return Err(ConfigError(format!(
+                "--to {to:?} refers to ${name}, which --rewrite {:?} does not capture \
+                 (write ${{1}}x rather than $1x when a name follows)",
+                re.as_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls_normalise_the_prefix() {
+        let l = S3Location::parse("--source", "s3://legacy-s3/image").unwrap();
+        assert_eq!(l.prefix, "image/");
+        assert_eq!(l.to_string(), "s3://legacy-s3/image/");
+        let whole = S3Location::parse("--source", "s3://legacy-s3").unwrap();
+        assert_eq!(whole.prefix, "");
+        assert!(S3Location::parse("--source", "legacy-s3/image/").is_err());
+        assert!(S3Location::parse("--source", "s3://Legacy_S3/image/").is_err());
+        assert!(S3Location::parse("--source", "s3://legacy-s3//image/").is_err());
+        assert!(S3Location::parse("--source", "s3://legacy-s3/../x/").is_err());
+    }
+
+    #[test]
+    fn same_or_nested_locations_are_refused() {
+        let loc = |s| S3Location::parse("x", s).unwrap();
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/")).is_err());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/new/")).is_err());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b")).is_err());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/avatar/")).is_ok());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/image/")).is_ok());
+    }
+
+    #[test]
+    fn identifiers_are_parsed_like_postgres() {
+        assert_eq!(
+            TableName::parse("App.Avatars").unwrap(),
+            TableName {
+                schema: Some("app".into()),
+                name: "avatars".into()
+            }
+        );
+        let weird = TableName::parse(r#""we""ird"."na.me""#).unwrap();
+        assert_eq!(weird.schema.as_deref(), Some("we\"ird"));
+        assert_eq!(weird.name, "na.me");
+        assert_eq!(weird.to_string(), r#""we""ird"."na.me""#);
+        let err = TableName::parse("avatars; DROP TABLE x").unwrap_err();
+        assert!(err.to_string().contains("quote it"), "{err}");
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse("\"open").is_err());
+        assert!(parse_column("--id-column", "a.b").is_err());
+    }
+
+    #[test]
+    fn templates_may_only_use_captured_groups() {
+        let re = Regex::new(r"^(\d+)-(?P<name>.*)$").unwrap();
+        assert!(check_template(&re, "$1/${name}").is_ok());
+        assert!(check_template(&re, "$3").is_err());
+        assert!(check_template(&re, "${other}").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let r = redact_url("postgres://bob:s3cret@db:5432/app?sslmode=require");
+        assert!(!r.contains("s3cret"));
+        assert!(r.contains("bob"));
+        let r = redact_url("postgres://bob@db/app?password=s3cret");
+        assert!(!r.contains("s3cret"), "{r}");
+        let r = redact_url("host=db user=bob password=s3cret dbname=app");
+        assert!(!r.contains("s3cret"), "{r}");
+        let url = DatabaseUrl::new("postgres://bob:s3cret@db/app").unwrap();
+        assert!(!format!("{url:?} {url}").contains("s3cret"));
+    }
+}

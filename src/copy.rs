@@ -1,0 +1,170 @@
+//! The copy stage: make each destination object exist, byte-identical, without ever
+//! overwriting a different one. Copies in flight are bounded by `--concurrency`.
+//!
+//! Invariant enforced here: *a different object already at the destination is never
+//! overwritten* — [`copy_pair`] copies only after HEAD found the destination key free.
+
+use anyhow::{anyhow, Result};
+use aws_sdk_s3::Client;
+use futures::{stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::config::JobConfig;
+use crate::s3::{self, ObjectInfo, S3Error};
+
+/// What the copy stage found or did for one (source, destination) pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairResult {
+    /// The destination holds the source's bytes. `created`: relocator made this copy
+    /// (false: an identical object was already there).
+    Ready { created: bool, size: i64 },
+    MissingSource,
+    /// A different object is at the destination.
+    Conflict(String),
+    /// The destination belongs to another row's (different) source. Decided by the job
+    /// from the ledger or the plan, never by this stage.
+    Collision(String),
+    /// S3 refused this object only (access denied, source changed mid-copy, ...).
+    Rejected(String),
+}
+
+/// Copy every pair, at most `cfg.concurrency` at once, results in input order.
+/// `dry_run` only looks (HEAD) and reports what a real run would do.
+/// Returns `Ok(None)` when cancelled: nothing of the batch is committed then.
+pub async fn copy_all(
+    client: &Client,
+    cfg: &JobConfig,
+    pairs: &[(String, String)],
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<PairResult>>> {
+    let results: Vec<Result<PairResult>> = stream::iter(pairs)
+        .map(|(src, dst)| copy_pair(client, cfg, src, dst, dry_run))
+        .buffered(cfg.concurrency)
+        .take_until(cancel.cancelled())
+        .collect()
+        .await;
+    if results.len() < pairs.len() {
+        return Ok(None);
+    }
+    results.into_iter().collect::<Result<Vec<_>>>().map(Some)
+}
+
+async fn copy_pair(
+    client: &Client,
+    cfg: &JobConfig,
+    src_key: &str,
+    dst_key: &str,
+    dry_run: bool,
+) -> Result<PairResult> {
+    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
+    let src = match s3::head(client, sb, src_key).await {
+        Ok(Some(info)) => info,
+        Ok(None) => return Ok(PairResult::MissingSource),
+        Err(e) => return per_object(e),
+    };
+    match s3::head(client, db, dst_key).await {
+        Ok(Some(existing)) => return Ok(compare_existing(&src, &existing)),
+        Ok(None) => {}
+        Err(e) => return per_object(e),
+    }
+    if dry_run {
+        return Ok(PairResult::Ready {
+            created: true,
+            size: src.size,
+        });
+    }
+    match s3::copy(client, sb, src_key, &src, db, dst_key).await {
+        Ok(_) if src.is_multipart() => {
+            // A multipart source's ETag is not comparable; confirm the size instead.
+            match s3::head(client, db, dst_key).await {
+                Ok(Some(d)) if d.size == src.size => {}
+                Ok(other) => {
+                    return Err(anyhow!(
+                        "copy of s3://{sb}/{src_key} to s3://{db}/{dst_key} not confirmed: \
+                         destination is {other:?}, source size {}",
+                        src.size
+                    ))
+                }
+                Err(e) => return per_object(e),
+            }
+        }
+        Ok(_) => {}
+        Err(S3Error::NotFound) => return Ok(PairResult::MissingSource),
+        Err(S3Error::PreconditionFailed) => {
+            return Ok(PairResult::Rejected(
+                "the source object changed during the copy; rerun to pick up the new version"
+                    .into(),
+            ))
+        }
+        Err(e) => return per_object(e),
+    }
+    debug!(src = %src_key, dst = %dst_key, size = src.size, "copied");
+    Ok(PairResult::Ready {
+        created: true,
+        size: src.size,
+    })
+}
+
+/// An existing destination object counts as copied only if it is the same object.
+fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo) -> PairResult {
+    let same = if src.is_multipart() || existing.is_multipart() {
+        // ETags of multipart uploads and of their copies differ by construction;
+        // the size is the strongest cheap evidence left.
+        src.size == existing.size
+    } else {
+        src.same_content(existing)
+    };
+    if same {
+        PairResult::Ready {
+            created: false,
+            size: src.size,
+        }
+    } else {
+        PairResult::Conflict(format!(
+            "a different object is already at the destination (ETag {} size {}; source ETag {} size {}); \
+             nothing was overwritten",
+            existing.etag, existing.size, src.etag, src.size
+        ))
+    }
+}
+
+/// Object-level refusals become a row outcome; anything else stops the run (exit 1).
+fn per_object(e: S3Error) -> Result<PairResult> {
+    match e {
+        S3Error::Rejected(m) => Ok(PairResult::Rejected(m)),
+        other => Err(anyhow!(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(etag: &str, size: i64) -> ObjectInfo {
+        ObjectInfo {
+            etag: etag.into(),
+            size,
+        }
+    }
+
+    #[test]
+    fn identical_destination_counts_as_copied_different_one_is_a_conflict() {
+        assert_eq!(
+            compare_existing(&info("abc", 5), &info("abc", 5)),
+            PairResult::Ready {
+                created: false,
+                size: 5
+            }
+        );
+        assert!(matches!(
+            compare_existing(&info("abc", 5), &info("abd", 5)),
+            PairResult::Conflict(_)
+        ));
+        assert!(matches!(
+            compare_existing(&info("abc", 5), &info("abc", 6)),
+            PairResult::Conflict(_)
+        ));
+    }
+}

@@ -1,0 +1,314 @@
+//! Thin PostgreSQL adapter: the pool, the table checked against the catalog, relocator's
+//! ledger, and every SQL statement relocator sends (user identifiers always quoted and
+//! checked against the catalog, values always bound).
+
+use anyhow::{Context, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::config::{config_error, quote_ident, DatabaseUrl, JobConfig};
+
+/// The ledger's DDL, applied idempotently on first use.
+const LEDGER_SQL: &str = include_str!("../sql/ledger.sql");
+
+/// A pool of at most `size` connections.
+pub fn pool(url: &DatabaseUrl, size: usize) -> Result<Pool> {
+    let cfg: tokio_postgres::Config = url
+        .expose()
+        .parse()
+        .map_err(|e| config_error(format!("DATABASE_URL {url} is not valid: {e}")))?;
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(size.max(1))
+        .build()
+        .context("building the PostgreSQL pool")
+}
+
+/// First connection: a failure here is a configuration problem (exit 2), worded so.
+pub async fn connect_checked(pool: &Pool, url: &DatabaseUrl) -> Result<deadpool_postgres::Object> {
+    pool.get().await.map_err(|e| {
+        let inner = match &e {
+            deadpool_postgres::PoolError::Backend(be) => be.to_string(),
+            other => other.to_string(),
+        };
+        config_error(format!(
+            "cannot connect to PostgreSQL at {url}: {inner}. Check --database-url / DATABASE_URL \
+             and that the server is running (locally: scripts/stack.sh up)"
+        ))
+    })
+}
+
+/// The table as found in the catalog, with ready-quoted identifiers.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// `"schema"."table"`, quoted.
+    pub qualified: String,
+    /// Human form for reports and the ledger: schema.table, unquoted.
+    pub display: String,
+    pub id_col: String,
+    pub path_col: String,
+    /// The id column's type as SQL (from a fixed allow-list, never from input).
+    pub id_type: &'static str,
+    /// Whether an index leads with the path column (reference checks are then cheap).
+    pub path_indexed: bool,
+}
+
+/// Id types relocator can page through and cast from text.
+fn id_type_sql(pg_type: &str) -> Option<&'static str> {
+    match pg_type {
+        "integer" => Some("integer"),
+        "bigint" => Some("bigint"),
+        "smallint" => Some("smallint"),
+        "uuid" => Some("uuid"),
+        "text" => Some("text"),
+        t if t.starts_with("character varying") => Some("text"),
+        _ => None,
+    }
+}
+
+impl TableInfo {
+    /// Resolve `--table`, `--id-column`, `--path-column` against the catalog. Every
+    /// mismatch is a [`crate::config::ConfigError`] naming the fix.
+    pub async fn resolve(client: &tokio_postgres::Client, cfg: &JobConfig) -> Result<TableInfo> {
+        let t = &cfg.table;
+        let row = client
+            .query_opt(
+                "SELECT c.oid, n.nspname, c.relname
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relname = $1
+                    AND c.relkind IN ('r', 'p')
+                    AND CASE WHEN $2::text IS NULL
+                             THEN n.nspname = ANY (current_schemas(false))
+                             ELSE n.nspname = $2::text END
+                  ORDER BY array_position(current_schemas(false), n.nspname::text)
+                  LIMIT 1",
+                &[&t.name, &t.schema],
+            )
+            .await
+            .context("looking up the table in the catalog")?;
+        let Some(row) = row else {
+            return Err(config_error(format!(
+                "table {t} does not exist (or this role cannot see it){}; check --table",
+                if t.schema.is_none() {
+                    " in the search_path"
+                } else {
+                    ""
+                }
+            )));
+        };
+        let oid: u32 = row.get(0);
+        let schema: String = row.get(1);
+        let name: String = row.get(2);
+        let display = format!("{schema}.{name}");
+
+        let column = |col: &str| {
+            let col = col.to_owned();
+            async move {
+                client
+                    .query_opt(
+                        "SELECT a.attnum, format_type(a.atttypid, a.atttypmod)
+                           FROM pg_attribute a
+                          WHERE a.attrelid = $1 AND a.attname = $2
+                            AND a.attnum > 0 AND NOT a.attisdropped",
+                        &[&oid, &col],
+                    )
+                    .await
+            }
+        };
+        let id = column(&cfg.id_column)
+            .await?
+            .ok_or_else(|| {
+                config_error(format!(
+                    "table {display} has no column {:?}; check --id-column",
+                    cfg.id_column
+                ))
+            })?;
+        let path = column(&cfg.path_column)
+            .await?
+            .ok_or_else(|| {
+                config_error(format!(
+                    "table {display} has no column {:?}; check --path-column",
+                    cfg.path_column
+                ))
+            })?;
+        let id_attnum: i16 = id.get(0);
+        let id_pg_type: String = id.get(1);
+        let path_attnum: i16 = path.get(0);
+        let path_pg_type: String = path.get(1);
+        let id_type = id_type_sql(&id_pg_type).ok_or_else(|| {
+            config_error(format!(
+                "--id-column {:?} is of type {id_pg_type}; relocator pages through integer, \
+                 bigint, uuid or text keys. Name such a unique column with --id-column",
+                cfg.id_column
+            ))
+        })?;
+        if !(path_pg_type == "text" || path_pg_type.starts_with("character varying")) {
+            return Err(config_error(format!(
+                "--path-column {:?} is of type {path_pg_type}; it must be text or varchar",
+                cfg.path_column
+            )));
+        }
+        let unique: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i
+                                 WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL
+                                   AND i.indnkeyatts = 1 AND i.indkey[0] = $2)",
+                &[&oid, &id_attnum],
+            )
+            .await?
+            .get(0);
+        if !unique {
+            return Err(config_error(format!(
+                "--id-column {:?} of {display} has no unique index, so rows cannot be addressed \
+                 one by one; name the primary key with --id-column",
+                cfg.id_column
+            )));
+        }
+        let path_indexed: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i
+                                 WHERE i.indrelid = $1 AND i.indpred IS NULL
+                                   AND i.indkey[0] = $2)",
+                &[&oid, &path_attnum],
+            )
+            .await?
+            .get(0);
+        Ok(TableInfo {
+            qualified: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+            display,
+            id_col: quote_ident(&cfg.id_column),
+            path_col: quote_ident(&cfg.path_column),
+            id_type,
+            path_indexed,
+        })
+    }
+}
+
+/// Every statement relocator sends for one table, built once from the quoted identifiers.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    /// $1 prefix, $2 limit: the first batch.
+    pub scan_first: String,
+    /// $1 last id (text), $2 prefix, $3 limit: every following batch (keyset, never OFFSET).
+    pub scan_next: String,
+    /// The guarded rewrite + ledger rows + keyset position, one statement. See
+    /// [`crate::commit`].
+    pub commit: String,
+    /// $1 keys: which of them some row still references.
+    pub referenced: String,
+}
+
+impl Queries {
+    pub fn new(t: &TableInfo) -> Queries {
+        let (tbl, id, path, ty) = (&t.qualified, &t.id_col, &t.path_col, t.id_type);
+        Queries {
+            scan_first: format!(
+                "SELECT {id}::text, {path}::text FROM {tbl}
+                  WHERE starts_with({path}, $1)
+                  ORDER BY {id} LIMIT $2"
+            ),
+            scan_next: format!(
+                "SELECT {id}::text, {path}::text FROM {tbl}
+                  WHERE {id} > $1::text::{ty} AND starts_with({path}, $2)
+                  ORDER BY {id} LIMIT $3"
+            ),
+            commit: format!(
+                "WITH u AS (
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
+                              AS u(id, old_path, new_path, copied)
+                 ), upd AS (
+                     UPDATE {tbl} AS t SET {path} = u.new_path
+                       FROM u
+                      WHERE t.{id} = u.id::{ty} AND t.{path} = u.old_path
+                  RETURNING u.id, u.old_path, u.new_path, u.copied
+                 ), led AS (
+                     INSERT INTO relocator.moves
+                            (run_id, table_name, row_id, old_path, new_path,
+                             src_bucket, dst_bucket, copied)
+                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied FROM upd
+                  RETURNING move_id, row_id
+                 ), pos AS (
+                     UPDATE relocator.runs SET last_id = COALESCE($9, last_id), updated_at = now()
+                      WHERE run_id = $5
+                 )
+                 SELECT move_id, row_id FROM led"
+            ),
+            referenced: format!(
+                "SELECT DISTINCT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
+            ),
+        }
+    }
+}
+
+/// Apply the ledger DDL once; concurrent workers serialise on an advisory lock.
+pub async fn ensure_ledger(client: &mut tokio_postgres::Client) -> Result<()> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('relocator.ledger'))", &[])
+        .await?;
+    let have_schema: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'relocator')",
+            &[],
+        )
+        .await?
+        .get(0);
+    let ddl = if have_schema {
+        // The schema may have been created by an administrator (sql/roles.sql) for a role
+        // that may not CREATE SCHEMA; skip that statement then.
+        LEDGER_SQL.replace("CREATE SCHEMA IF NOT EXISTS relocator;", "")
+    } else {
+        LEDGER_SQL.to_owned()
+    };
+    tx.batch_execute(&ddl).await.map_err(|e| {
+        config_error(format!(
+            "cannot create relocator's ledger (schema \"relocator\"): {e}. Let an administrator \
+             run sql/roles.sql, or grant this role CREATE on the database"
+        ))
+    })?;
+    tx.commit().await.context("committing the ledger schema")?;
+    Ok(())
+}
+
+/// Whether the ledger exists (plan reads it if so, and never creates it).
+pub async fn ledger_exists(client: &tokio_postgres::Client) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT to_regclass('relocator.moves') IS NOT NULL", &[])
+        .await?
+        .get(0))
+}
+
+/// A row as the scan returns it: id and path, both as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub id: String,
+    pub path: String,
+}
+
+/// One keyset batch of selected rows after `after` (exclusive).
+pub async fn scan(
+    client: &tokio_postgres::Client,
+    q: &Queries,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Row>> {
+    let limit = limit as i64;
+    let rows = match after {
+        None => client.query(&q.scan_first, &[&prefix, &limit]).await,
+        Some(last) => client.query(&q.scan_next, &[&last, &prefix, &limit]).await,
+    }
+    .context("scanning the next batch of rows")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Row {
+            id: r.get(0),
+            path: r.get(1),
+        })
+        .collect())
+}

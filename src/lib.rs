@@ -1,0 +1,81 @@
+//! relocator moves the S3 objects a PostgreSQL table points at, rewrites each row to the
+//! new key, and deletes the old object — safely on a live table, resumably at any instant.
+//!
+//! # The promises, each enforced in one place
+//!
+//! 1. **A source object is deleted only after the row rewrite that stops referencing it
+//!    has committed, and only when no row still references that key** —
+//!    [`cleanup::delete_sources`], fed only from ledger rows written in the rewrite's own
+//!    transaction.
+//! 2. **A different object already at the destination is never overwritten** —
+//!    [`copy`]: the copy is made only after HEAD found the destination free; an identical
+//!    object (same ETag and size) counts as copied, a different one is a `conflict`.
+//! 3. **A row the application changed meanwhile is not rewritten** — [`commit`]: the
+//!    UPDATE is guarded by the old value (compare-and-swap); a copy made for such a row is
+//!    taken back only if relocator created it and nothing references it.
+//! 4. **Kill it at any instant, rerun it, and it converges** — the ledger
+//!    (`relocator.moves`) is written in the same transaction as the rewrite, so after a
+//!    crash a rerun first finishes the cleanups the ledger says are pending, then resumes
+//!    the keyset scan at the run's last committed id. Moved rows no longer match the source
+//!    prefix, so nothing is copied twice.
+//! 5. **Bad input changes nothing** — [`config`] validates arguments, then the catalog
+//!    and the buckets are checked before the first write; all of it maps to exit code 2.
+//!    Secrets (the database password, AWS keys) are never logged: see
+//!    [`config::DatabaseUrl`].
+//!
+//! # Layout
+//!
+//! - [`cli`] the command line as typed → [`config`] validated once, passed by reference.
+//! - [`job`] orchestrates the stages per keyset batch:
+//!   [`plan`] (pure: destination keys, collisions) → [`copy`] (S3) → [`commit`]
+//!   (one transaction) → [`cleanup`] (delete after commit).
+//! - [`db`] and [`s3`] are thin adapters; all SQL is in [`db`] and the stage modules.
+//! - [`rewrite`] is the pure key arithmetic; [`report`] the outcomes, CSV and summary;
+//!   [`seed`] the demo data.
+
+pub mod cleanup;
+pub mod cli;
+pub mod commit;
+pub mod config;
+pub mod copy;
+pub mod db;
+pub mod job;
+pub mod plan;
+pub mod report;
+pub mod rewrite;
+pub mod s3;
+pub mod seed;
+
+/// Process exit codes, as documented in `--help` and the README.
+pub mod exit {
+    /// Everything selected was relocated, or there was nothing to do.
+    pub const OK: i32 = 0;
+    /// Failed; rerun to resume.
+    pub const FAILED: i32 = 1;
+    /// Usage or configuration error; nothing was changed.
+    pub const USAGE: i32 = 2;
+    /// Finished, but some rows need attention (see the report).
+    pub const ATTENTION: i32 = 3;
+    /// Interrupted by SIGINT/SIGTERM; rerun to resume.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// The exit code for a finished command's summary.
+pub fn exit_code(summary: &report::Summary) -> i32 {
+    if summary.interrupted {
+        exit::INTERRUPTED
+    } else if summary.needs_attention() {
+        exit::ATTENTION
+    } else {
+        exit::OK
+    }
+}
+
+/// The exit code for an error: configuration problems are 2, everything else 1.
+pub fn error_exit_code(err: &anyhow::Error) -> i32 {
+    if err.chain().any(|e| e.is::<config::ConfigError>()) {
+        exit::USAGE
+    } else {
+        exit::FAILED
+    }
+}

@@ -1,0 +1,111 @@
+//! The `relocator` binary: parse the command line, start logging, wire SIGINT/SIGTERM to
+//! a cancellation token, call the library, map the result to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use relocator::cli::{Cli, Command, LogFormat};
+use relocator::config::JobConfig;
+use relocator::job::{self, RunOptions};
+use relocator::report::Summary;
+use relocator::seed::{self, SeedConfig};
+use relocator::{error_exit_code, exit, exit_code};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relocator: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED as u8);
+        }
+    };
+    let code = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        tokio::spawn(on_signal(cancel.clone()));
+        match dispatch(cli.command, cancel).await {
+            Ok(code) => code,
+            Err(e) => {
+                let code = error_exit_code(&e);
+                eprintln!("relocator: error: {e:#}");
+                if code == exit::FAILED {
+                    eprintln!("relocator: rerun the same command to resume");
+                }
+                code
+            }
+        }
+    });
+    ExitCode::from(code as u8)
+}
+
+async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Run(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let opts = RunOptions {
+                report: a.report.as_deref(),
+            };
+            let summary = job::run(&cfg, &opts, cancel).await?;
+            finish(&summary, a.summary_json.as_deref())
+        }
+        Command::Plan(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let summary = job::plan(&cfg, &a.out, cancel).await?;
+            finish(&summary, a.summary_json.as_deref())
+        }
+        Command::Seed(a) => {
+            let cfg = SeedConfig::from_args(&a)?;
+            let s = seed::seed(&cfg).await?;
+            eprintln!(
+                "seeded {} rows, {} objects ({} bytes) into {} and {}",
+                s.rows, s.objects, s.bytes, cfg.table, cfg.target
+            );
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn finish(summary: &Summary, json: Option<&std::path::Path>) -> anyhow::Result<i32> {
+    if let Some(p) = json {
+        summary.write_json(p)?;
+    }
+    eprintln!("{}", summary.one_line());
+    let code = exit_code(summary);
+    match code {
+        exit::ATTENTION => eprintln!("some rows need attention: see the report (exit 3)"),
+        exit::INTERRUPTED => eprintln!("interrupted: rerun the same command to resume (exit 130)"),
+        _ => {}
+    }
+    Ok(code)
+}
+
+/// SIGINT or SIGTERM: stop taking new batches; the batch in hand finishes or is dropped
+/// before its commit.
+async fn on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("signal received: finishing the batch in hand, then stopping");
+    cancel.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

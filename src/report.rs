@@ -1,0 +1,223 @@
+//! Outcomes, the per-row CSV report and the final summary.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// What happened to (or, for `plan`, would happen to) one selected row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Rewritten; its object is at the new key (copied now, or an identical object was
+    /// already there).
+    Moved,
+    /// Rewritten by an earlier, interrupted run; this run finished its cleanup.
+    AlreadyMoved,
+    /// The row's object is not in the source bucket. Row left unchanged.
+    MissingSource,
+    /// A different object already sits at the destination key. Nothing overwritten.
+    Conflict,
+    /// Another row with a different source maps to the same destination key.
+    Collision,
+    /// The application changed the row while it was being moved. Left as the app wrote it.
+    ChangedByApp,
+    /// `--rewrite` does not match this path. Row left unchanged.
+    Unmatched,
+    /// The source path or the destination key is not a usable key.
+    InvalidKey,
+    /// S3 refused this object (e.g. access denied), or the copy could not be confirmed.
+    Error,
+}
+
+impl Outcome {
+    /// Whether this outcome makes the run finish with exit code 3.
+    pub fn needs_attention(self) -> bool {
+        !matches!(self, Outcome::Moved | Outcome::AlreadyMoved)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Moved => "moved",
+            Outcome::AlreadyMoved => "already_moved",
+            Outcome::MissingSource => "missing_source",
+            Outcome::Conflict => "conflict",
+            Outcome::Collision => "collision",
+            Outcome::ChangedByApp => "changed_by_app",
+            Outcome::Unmatched => "unmatched",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportLine {
+    pub id: String,
+    pub old_path: String,
+    pub new_path: String,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+/// Counters a run keeps besides the outcomes.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters {
+    /// CopyObject requests that created a destination object.
+    pub s3_copies: u64,
+    /// Source objects deleted after their rows committed.
+    pub sources_deleted: u64,
+    /// Sources kept because some row still references them.
+    pub sources_kept_referenced: u64,
+    /// Source deletes S3 refused; the ledger keeps them pending for the next run.
+    pub delete_failures: u64,
+    /// Copies relocator made and took back (their row was changed by the app).
+    pub copies_removed: u64,
+    pub batches: u64,
+    pub bytes_copied: u64,
+}
+
+/// The final summary, also written as JSON with `--summary-json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub command: &'static str,
+    pub run_id: Option<i64>,
+    pub outcomes: BTreeMap<Outcome, u64>,
+    pub counters: Counters,
+    pub rows_seen: u64,
+    pub duration_secs: f64,
+    pub rows_per_sec: f64,
+    pub interrupted: bool,
+}
+
+impl Summary {
+    pub fn needs_attention(&self) -> bool {
+        self.counters.delete_failures > 0
+            || self
+                .outcomes
+                .iter()
+                .any(|(o, n)| *n > 0 && o.needs_attention())
+    }
+
+    pub fn count(&self, o: Outcome) -> u64 {
+        self.outcomes.get(&o).copied().unwrap_or(0)
+    }
+
+    /// The one line printed at the end.
+    pub fn one_line(&self) -> String {
+        let outcomes = self
+            .outcomes
+            .iter()
+            .map(|(o, n)| format!("{}={n}", o.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!(
+            "{}{}: {} rows in {:.1}s ({:.0} rows/s); {}; copies={} deleted={} kept_referenced={} delete_failures={}",
+            self.command,
+            self.run_id.map(|r| format!(" (run {r})")).unwrap_or_default(),
+            self.rows_seen,
+            self.duration_secs,
+            self.rows_per_sec,
+            if outcomes.is_empty() { "nothing to do".to_owned() } else { outcomes },
+            self.counters.s3_copies,
+            self.counters.sources_deleted,
+            self.counters.sources_kept_referenced,
+            self.counters.delete_failures,
+        )
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let f = File::create(path)
+            .with_context(|| format!("creating the summary file {}", path.display()))?;
+        serde_json::to_writer_pretty(f, self)
+            .with_context(|| format!("writing the summary file {}", path.display()))
+    }
+}
+
+/// Collects outcomes as they happen and streams the CSV (constant memory).
+pub struct Report {
+    command: &'static str,
+    csv: Option<csv::Writer<File>>,
+    outcomes: BTreeMap<Outcome, u64>,
+    pub counters: Counters,
+    started: Instant,
+    rows_seen: u64,
+}
+
+impl Report {
+    pub fn new(command: &'static str, csv_path: Option<&Path>) -> Result<Report> {
+        let csv = match csv_path {
+            Some(p) => {
+                let mut w = csv::Writer::from_path(p)
+                    .with_context(|| format!("creating the report {}", p.display()))?;
+                w.write_record(["id", "old_path", "new_path", "outcome", "detail"])?;
+                w.flush()?;
+                Some(w)
+            }
+            None => None,
+        };
+        Ok(Report {
+            command,
+            csv,
+            outcomes: BTreeMap::new(),
+            counters: Counters::default(),
+            started: Instant::now(),
+            rows_seen: 0,
+        })
+    }
+
+    pub fn record(&mut self, line: ReportLine) -> Result<()> {
+        *self.outcomes.entry(line.outcome).or_default() += 1;
+        self.rows_seen += 1;
+        if let Some(w) = &mut self.csv {
+            w.write_record([
+                line.id.as_str(),
+                line.old_path.as_str(),
+                line.new_path.as_str(),
+                line.outcome.as_str(),
+                line.detail.as_str(),
+            ])
+            .context("writing the report")?;
+        }
+        Ok(())
+    }
+
+    /// Flush after each batch so a killed run leaves a report of what it committed.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(w) = &mut self.csv {
+            w.flush().context("writing the report")?;
+        }
+        Ok(())
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn rows_seen(&self) -> u64 {
+        self.rows_seen
+    }
+
+    pub fn finish(mut self, run_id: Option<i64>, interrupted: bool) -> Result<Summary> {
+        self.flush()?;
+        let secs = self.started.elapsed().as_secs_f64();
+        Ok(Summary {
+            command: self.command,
+            run_id,
+            rows_per_sec: if secs > 0.0 {
+                self.rows_seen as f64 / secs
+            } else {
+                0.0
+            },
+            outcomes: self.outcomes,
+            counters: self.counters,
+            rows_seen: self.rows_seen,
+            duration_secs: secs,
+            interrupted,
+        })
+    }
+}

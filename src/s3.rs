@@ -1,0 +1,341 @@
+//! Thin S3 adapter: one shared client per endpoint, the handful of calls relocator makes,
+//! and the S3 error codes callers branch on mapped to [`S3Error`].
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use crate::config::S3Settings;
+
+/// DeleteObjects takes at most this many keys per request.
+pub const DELETE_BATCH: usize = 1000;
+
+/// What callers branch on. Everything else is `Other`, with the S3 code and message.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("not found")]
+    NotFound,
+    /// A conditional request's condition failed (e.g. the source changed during the copy).
+    #[error("precondition failed")]
+    PreconditionFailed,
+    /// The server refused this object for a reason that concerns only it (4xx): the row
+    /// is reported, the run goes on.
+    #[error("{0}")]
+    Rejected(String),
+    /// Network, 5xx after retries, throttling after retries: the run stops, rerun later.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// An object's identity as far as relocator compares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The ETag without quotes.
+    pub etag: String,
+    pub size: i64,
+}
+
+impl ObjectInfo {
+    /// Same bytes, as far as S3 tells without reading them: ETag (MD5 for single-part
+    /// uploads) and size both equal.
+    pub fn same_content(&self, other: &ObjectInfo) -> bool {
+        self.etag == other.etag && self.size == other.size
+    }
+
+    /// A multipart upload's ETag (`md5-of-md5s-N`) is not an MD5 of the bytes, and a copy
+    /// of such an object gets a different one; only the size can be compared then.
+    pub fn is_multipart(&self) -> bool {
+        self.etag.contains('-')
+    }
+}
+
+/// Build the shared client. Credentials and region come from the standard AWS chain;
+/// the endpoint, when given, switches to path-style addressing (MinIO, Garage).
+pub async fn client(settings: &S3Settings) -> Client {
+    let shared = aws_config::from_env().load().await;
+    let mut b = aws_sdk_s3::config::Builder::from(&shared)
+        // Recent SDKs add CRC checksums to every upload by default. S3-compatible servers
+        // vary in what they accept; only send/validate checksums where the API requires
+        // them (DeleteObjects), which every server handles.
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(settings.max_attempts)
+                .with_initial_backoff(Duration::from_millis(100))
+                .with_max_backoff(Duration::from_secs(10)),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(settings.timeout)
+                .build(),
+        );
+    if let Some(endpoint) = &settings.endpoint_url {
+        b = b.endpoint_url(endpoint).force_path_style(true);
+    }
+    Client::from_conf(b.build())
+}
+
+/// Characters left as they are in an `x-amz-copy-source` value: RFC 3986 unreserved ones
+/// and `/`. Everything else (space, `+`, `%`, `#`, `?`, non-ASCII) is percent-encoded,
+/// as S3 requires.
+const COPY_SOURCE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// The `x-amz-copy-source` header value for `bucket/key`.
+pub fn copy_source(bucket: &str, key: &str) -> String {
+    format!("{bucket}/{}", utf8_percent_encode(key, COPY_SOURCE))
+}
+
+fn strip_quotes(etag: &str) -> String {
+    etag.trim_matches('"').to_owned()
+}
+
+/// Map an SDK error: 404 and 412 to their variants, other 4xx to `Rejected`, the rest to
+/// `Other`. The message carries the S3 code and message, never credentials.
+fn classify<E>(what: &str, err: SdkError<E>) -> S3Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    match &err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let code = e.code().unwrap_or("unknown");
+            let msg = e.message().unwrap_or("");
+            match status {
+                Some(404) => S3Error::NotFound,
+                Some(412) => S3Error::PreconditionFailed,
+                Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
+                    S3Error::Rejected(format!("{what}: {code} (HTTP {s}) {msg}"))
+                }
+                Some(s) => S3Error::Other(format!("{what}: {code} (HTTP {s}) {msg}")),
+                None => S3Error::Other(format!("{what}: {code} {msg}")),
+            }
+        }
+        _ => S3Error::Other(format!(
+            "{what}: {}",
+            aws_smithy_types::error::display::DisplayErrorContext(&err)
+        )),
+    }
+}
+
+/// HEAD an object: `Ok(None)` when it does not exist.
+pub async fn head(client: &Client, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
+    match client.head_object().bucket(bucket).key(key).send().await {
+        Ok(out) => Ok(Some(ObjectInfo {
+            etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
+            size: out.content_length().unwrap_or(0),
+        })),
+        Err(e) => match classify(&format!("HEAD s3://{bucket}/{key}"), e) {
+            S3Error::NotFound => Ok(None),
+            other => Err(other),
+        },
+    }
+}
+
+/// Server-side copy of `src` (which must still have `src_etag`) to `dst`, keeping its
+/// metadata. The result is checked: a response without an ETag — including a `200 OK`
+/// whose body is an `<Error>` — is a failure, and the new ETag must match the source's
+/// unless the source was a multipart upload (then the size is checked by the caller).
+pub async fn copy(
+    client: &Client,
+    src_bucket: &str,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_bucket: &str,
+    dst_key: &str,
+) -> Result<ObjectInfo, S3Error> {
+    let what = format!("COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
+    let out = client
+        .copy_object()
+        .copy_source(copy_source(src_bucket, src_key))
+        .copy_source_if_match(format!("\"{}\"", src.etag))
+        .bucket(dst_bucket)
+        .key(dst_key)
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?;
+    let etag = out
+        .copy_object_result()
+        .and_then(|r| r.e_tag())
+        .map(strip_quotes)
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| S3Error::Other(format!("{what}: the response carried no ETag; the copy is not confirmed")))?;
+    if !src.is_multipart() && etag != src.etag {
+        return Err(S3Error::Other(format!(
+            "{what}: the copy's ETag {etag} differs from the source's {}",
+            src.etag
+        )));
+    }
+    Ok(ObjectInfo {
+        etag,
+        size: src.size,
+    })
+}
+
+/// Delete up to [`DELETE_BATCH`] keys in one request. Returns the keys S3 reported as not
+/// deleted, with the reason (the per-key errors inside a `200` response). A key that does
+/// not exist counts as deleted, which makes a repeated cleanup harmless.
+pub async fn delete_many(
+    client: &Client,
+    bucket: &str,
+    keys: &[String],
+) -> Result<Vec<(String, String)>, S3Error> {
+    debug_assert!(keys.len() <= DELETE_BATCH);
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let objects = keys
+        .iter()
+        .map(|k| ObjectIdentifier::builder().key(k).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| S3Error::Other(format!("building DeleteObjects: {e}")))?;
+    let delete = Delete::builder()
+        .set_objects(Some(objects))
+        .quiet(true)
+        .build()
+        .map_err(|e| S3Error::Other(format!("building DeleteObjects: {e}")))?;
+    let out = client
+        .delete_objects()
+        .bucket(bucket)
+        .delete(delete)
+        .send()
+        .await
+        .map_err(|e| classify(&format!("DELETE {} keys in s3://{bucket}", keys.len()), e))?;
+    Ok(out
+        .errors()
+        .iter()
+        .map(|e| {
+            (
+                e.key().unwrap_or_default().to_owned(),
+                format!(
+                    "{} {}",
+                    e.code().unwrap_or("unknown"),
+                    e.message().unwrap_or("")
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Delete one object (used for copies relocator made and must take back).
+pub async fn delete_one(client: &Client, bucket: &str, key: &str) -> Result<(), S3Error> {
+    client
+        .delete_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| classify(&format!("DELETE s3://{bucket}/{key}"), e))?;
+    Ok(())
+}
+
+/// Upload a small object (seeding, probes, tests).
+pub async fn put(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    body: Vec<u8>,
+    content_type: &str,
+) -> Result<(), S3Error> {
+    client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .content_type(content_type)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map_err(|e| classify(&format!("PUT s3://{bucket}/{key}"), e))?;
+    Ok(())
+}
+
+/// Check that a bucket exists and these credentials reach it. Errors are worded for a
+/// person: which bucket, what S3 said, what to check.
+pub async fn check_bucket(client: &Client, flag: &str, bucket: &str) -> Result<()> {
+    match client.head_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let detail = aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+            let why = match status {
+                Some(404) => format!("bucket {bucket:?} does not exist; create it or fix {flag}"),
+                Some(403) => format!(
+                    "access to bucket {bucket:?} is denied; check AWS_ACCESS_KEY_ID / AWS_PROFILE \
+                     and the key's permissions on that bucket"
+                ),
+                Some(400) | Some(301) => format!(
+                    "bucket {bucket:?} answered HTTP {}; check AWS_REGION (the bucket's region) \
+                     and the endpoint",
+                    status.unwrap_or(0)
+                ),
+                Some(s) => format!("bucket {bucket:?} answered HTTP {s}: {detail}"),
+                None => format!(
+                    "cannot reach S3 for bucket {bucket:?}: {detail}. Check --endpoint-url / \
+                     AWS_ENDPOINT_URL, AWS_REGION and the credentials"
+                ),
+            };
+            Err(crate::config::config_error(format!("{flag}: {why}")))
+        }
+    }
+}
+
+/// Read a whole object (tests and verification of small objects).
+pub async fn get_bytes(client: &Client, bucket: &str, key: &str) -> Result<Vec<u8>> {
+    let out = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| anyhow!(classify(&format!("GET s3://{bucket}/{key}"), e)))?;
+    let bytes = out
+        .body
+        .collect()
+        .await
+        .with_context(|| format!("reading s3://{bucket}/{key}"))?;
+    Ok(bytes.into_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_source_encodes_awkward_keys() {
+        assert_eq!(copy_source("b", "image/a b.png"), "b/image/a%20b.png");
+        assert_eq!(copy_source("b", "image/a+b.png"), "b/image/a%2Bb.png");
+        assert_eq!(copy_source("b", "image/100%.png"), "b/image/100%25.png");
+        assert_eq!(copy_source("b", "image/#1?.png"), "b/image/%231%3F.png");
+        assert_eq!(copy_source("b", "image/é.png"), "b/image/%C3%A9.png");
+        assert_eq!(copy_source("b", "a-b_c.d~e/f"), "b/a-b_c.d~e/f");
+    }
+
+    #[test]
+    fn multipart_etags_are_recognised() {
+        let single = ObjectInfo {
+            etag: "d41d8cd98f00b204e9800998ecf8427e".into(),
+            size: 0,
+        };
+        let multi = ObjectInfo {
+            etag: "9b2cf535f27731c974343645a3985328-3".into(),
+            size: 0,
+        };
+        assert!(!single.is_multipart());
+        assert!(multi.is_multipart());
+    }
+}

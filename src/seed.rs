@@ -1,0 +1,227 @@
+//! Demo and test data: N rows in the application's table and their objects in the source
+//! bucket, uploaded concurrently. Deterministic: the same `--seed` gives the same keys,
+//! and an object's bytes are a function of (seed, key) alone, so a check can recompute
+//! what any object must contain.
+
+use std::ops::Range;
+
+use anyhow::{Context, Result};
+use aws_sdk_s3::Client;
+use futures::{stream, StreamExt, TryStreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use tracing::info;
+
+use crate::config::{ConfigError, DatabaseUrl, S3Location, S3Settings, TableName};
+use crate::db;
+use crate::s3;
+
+const AWKWARD: &str = include_str!("../seeds/awkward-keys.txt");
+
+/// Every this-many rows, one points at the shared default avatar.
+const SHARED_EVERY: usize = 50;
+
+#[derive(Debug, Clone)]
+pub struct SeedConfig {
+    pub database_url: DatabaseUrl,
+    pub table: TableName,
+    pub target: S3Location,
+    pub rows: usize,
+    pub missing: usize,
+    pub seed: u64,
+    pub sizes: Range<usize>,
+    pub concurrency: usize,
+    pub s3: S3Settings,
+}
+
+impl SeedConfig {
+    pub fn from_args(a: &crate::cli::SeedArgs) -> Result<Self, ConfigError> {
+        let sizes = parse_sizes(&a.sizes)?;
+        if a.missing > a.rows {
+            return Err(ConfigError(format!(
+                "--missing {} is more than --rows {}",
+                a.missing, a.rows
+            )));
+        }
+        Ok(SeedConfig {
+            database_url: DatabaseUrl::new(&a.database_url)?,
+            table: TableName::parse(&a.table)?,
+            target: S3Location::parse("--target", &a.target)?,
+            rows: a.rows,
+            missing: a.missing,
+            seed: a.seed,
+            sizes,
+            concurrency: a.concurrency.clamp(1, 1024),
+            s3: S3Settings::from_args(&a.s3)?,
+        })
+    }
+}
+
+fn parse_sizes(s: &str) -> Result<Range<usize>, ConfigError> {
+    let bad = || ConfigError(format!("--sizes {s:?} must be MIN..MAX bytes, e.g. 200..8192"));
+    let (a, b) = s.split_once("..").ok_or_else(bad)?;
+    let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a >= b {
+        return Err(bad());
+    }
+    Ok(a..b)
+}
+
+/// One seeded row: its path, and whether its object exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedRow {
+    pub path: String,
+    pub has_object: bool,
+}
+
+/// The rows `seed` creates, in insertion (id) order. Pure.
+pub fn rows(prefix: &str, n: usize, missing: usize, seed: u64) -> Vec<SeedRow> {
+    let awkward: Vec<&str> = AWKWARD
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    let exts = ["png", "jpg", "gif", "webp"];
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let path = if i % SHARED_EVERY == 7 {
+                format!("{prefix}default.png")
+            } else if i >= n - missing {
+                format!("{prefix}missing-{i}.png")
+            } else if i % 10 == 3 {
+                let t = awkward[(i / 10) % awkward.len()];
+                format!("{prefix}{}", t.replace("{i}", &i.to_string()))
+            } else {
+                let ext = exts[rng.random_range(0..exts.len())];
+                format!("{prefix}avatar-{i}.{ext}")
+            };
+            let has_object = !(i >= n - missing && i % SHARED_EVERY != 7);
+            SeedRow { path, has_object }
+        })
+        .collect()
+}
+
+/// The bytes of the object at `key`: a function of (seed, key, sizes) only.
+pub fn object_bytes(seed: u64, key: &str, sizes: &Range<usize>) -> Vec<u8> {
+    let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for b in key.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut rng = StdRng::seed_from_u64(h);
+    let len = rng.random_range(sizes.clone());
+    let mut buf = vec![0u8; len];
+    rng.fill_bytes(&mut buf);
+    buf
+}
+
+/// Content-Type by extension, as an upload form would set it.
+pub fn content_type(key: &str) -> &'static str {
+    match key.rsplit('.').next().unwrap_or("") {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        _ => "application/octet-stream",
+    }
+}
+
+/// What seeding made.
+#[derive(Debug, Clone, Default)]
+pub struct Seeded {
+    pub rows: usize,
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+/// Create the table if needed, insert the rows, upload their objects.
+pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
+    let pool = db::pool(&cfg.database_url, 1)?;
+    let client = db::connect_checked(&pool, &cfg.database_url).await?;
+    if let Some(schema) = &cfg.table.schema {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                crate::config::quote_ident(schema)
+            ))
+            .await
+            .context("creating the table's schema")?;
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (id serial PRIMARY KEY, path varchar)",
+            cfg.table
+        ))
+        .await
+        .with_context(|| format!("creating table {}", cfg.table))?;
+
+    let s3c = s3::client(&cfg.s3).await;
+    s3::check_bucket(&s3c, "--target", &cfg.target.bucket).await?;
+    let all = rows(&cfg.target.prefix, cfg.rows, cfg.missing, cfg.seed);
+    let mut keys: Vec<&str> = all
+        .iter()
+        .filter(|r| r.has_object)
+        .map(|r| r.path.as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let bytes = upload(&s3c, cfg, &keys).await?;
+
+    let insert = format!("INSERT INTO {} (path) SELECT unnest($1::text[])", cfg.table);
+    for chunk in all.chunks(5000) {
+        let paths: Vec<&str> = chunk.iter().map(|r| r.path.as_str()).collect();
+        client
+            .execute(&insert, &[&paths])
+            .await
+            .with_context(|| format!("inserting rows into {}", cfg.table))?;
+    }
+    info!(rows = all.len(), objects = keys.len(), bytes, "seeded");
+    Ok(Seeded {
+        rows: all.len(),
+        objects: keys.len(),
+        bytes,
+    })
+}
+
+async fn upload(s3c: &Client, cfg: &SeedConfig, keys: &[&str]) -> Result<u64> {
+    let bucket = &cfg.target.bucket;
+    let sizes: Vec<u64> = stream::iter(keys)
+        .map(|key| async move {
+            let body = object_bytes(cfg.seed, key, &cfg.sizes);
+            let len = body.len() as u64;
+            s3::put(s3c, bucket, key, body, content_type(key))
+                .await
+                .with_context(|| format!("uploading seed object {key:?}"))?;
+            Ok::<_, anyhow::Error>(len)
+        })
+        .buffer_unordered(cfg.concurrency)
+        .try_collect()
+        .await?;
+    Ok(sizes.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_rows_are_deterministic_and_include_the_awkward_cases() {
+        let a = rows("image/", 1000, 10, 7);
+        assert_eq!(a, rows("image/", 1000, 10, 7));
+        let paths: Vec<&str> = a.iter().map(|r| r.path.as_str()).collect();
+        for needle in [" ", "+", "%", "#", "ü", "?"] {
+            assert!(paths.iter().any(|p| p.contains(needle)), "no key with {needle:?}");
+        }
+        let shared = paths.iter().filter(|p| **p == "image/default.png").count();
+        assert!(shared >= 2, "the default avatar is shared");
+        assert_eq!(a.iter().filter(|r| !r.has_object).count(), 10);
+    }
+
+    #[test]
+    fn object_bytes_depend_on_seed_and_key_only() {
+        let s = 10..100;
+        assert_eq!(object_bytes(1, "k", &s), object_bytes(1, "k", &s));
+        assert_ne!(object_bytes(1, "k", &s), object_bytes(2, "k", &s));
+        assert_ne!(object_bytes(1, "k", &s), object_bytes(1, "j", &s));
+        assert!(s.contains(&object_bytes(1, "k", &s).len()));
+    }
+}
