@@ -193,7 +193,8 @@ impl TableInfo {
 /// Every statement relocator sends for one table, built once from the quoted identifiers.
 #[derive(Debug, Clone)]
 pub struct Queries {
-    /// $1 prefix, $2 limit: the first batch.
+    /// $1 prefix, $2 limit: the first batch. The sort key is qualified (`t.id`): a bare
+    /// `ORDER BY id` would sort by the `id::text` output column, i.e. as strings.
     pub scan_first: String,
     /// $1 last id (text), $2 prefix, $3 limit: every following batch (keyset, never OFFSET).
     pub scan_next: String,
@@ -209,14 +210,14 @@ impl Queries {
         let (tbl, id, path, ty) = (&t.qualified, &t.id_col, &t.path_col, t.id_type);
         Queries {
             scan_first: format!(
-                "SELECT {id}::text, {path}::text FROM {tbl}
-                  WHERE starts_with({path}, $1)
-                  ORDER BY {id} LIMIT $2"
+                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
+                  WHERE starts_with(t.{path}, $1)
+                  ORDER BY t.{id} LIMIT $2"
             ),
             scan_next: format!(
-                "SELECT {id}::text, {path}::text FROM {tbl}
-                  WHERE {id} > $1::text::{ty} AND starts_with({path}, $2)
-                  ORDER BY {id} LIMIT $3"
+                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
+                  WHERE t.{id} > $1::text::{ty} AND starts_with(t.{path}, $2)
+                  ORDER BY t.{id} LIMIT $3"
             ),
             commit: format!(
                 "WITH u AS (

@@ -1,0 +1,366 @@
+//! Shared test harness: every test gets a fresh database and fresh, uniquely named
+//! buckets on the running local stack, dropped afterwards. A test that cannot reach the
+//! stack fails and says how to start it — it never skips.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use aws_sdk_s3::Client;
+use relocator::config::{DatabaseUrl, S3Location, S3Settings, TableName};
+use relocator::s3;
+use relocator::seed::{self, SeedConfig};
+
+pub const HOW_TO_START: &str =
+    "the local stack is not reachable: start it with `scripts/stack.sh up` (the README's test \
+     command does this for you)";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The stack's settings: from the environment when `eval "$(scripts/stack.sh env)"` was
+/// done, else read from `scripts/stack.sh env` directly.
+pub fn stack_env() -> &'static HashMap<String, String> {
+    static ENV: OnceLock<HashMap<String, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let names = [
+            "DATABASE_URL",
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+            "RELOCATOR_TEST_READONLY_KEY_ID",
+            "RELOCATOR_TEST_READONLY_SECRET",
+            "RELOCATOR_TEST_SECOND_ENDPOINT",
+            "RELOCATOR_TEST_SECOND_KEY_ID",
+            "RELOCATOR_TEST_SECOND_SECRET",
+        ];
+        let mut m = HashMap::new();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let out = Command::new("bash").arg(&script).arg("env").output();
+        if let Ok(out) = out {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                    m.insert(k.to_owned(), v.trim_matches('\'').to_owned());
+                }
+            }
+        }
+        for n in names {
+            if let Ok(v) = std::env::var(n) {
+                m.entry(n.to_owned()).or_insert(v);
+            }
+        }
+        assert!(
+            m.contains_key("DATABASE_URL") && m.contains_key("AWS_ENDPOINT_URL"),
+            "{HOW_TO_START}"
+        );
+        m
+    })
+}
+
+pub fn var(name: &str) -> String {
+    stack_env()
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} is not set: {HOW_TO_START}"))
+}
+
+/// The URL of another database on the same server.
+pub fn url_for_db(base: &str, db: &str) -> String {
+    let mut u = url::Url::parse(base).expect("DATABASE_URL is a URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+pub async fn admin() -> tokio_postgres::Client {
+    connect(&var("DATABASE_URL")).await
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}. {HOW_TO_START}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub fn s3_settings() -> S3Settings {
+    S3Settings {
+        endpoint_url: Some(var("AWS_ENDPOINT_URL")),
+        timeout: std::time::Duration::from_secs(30),
+        max_attempts: 3,
+    }
+}
+
+/// A client with the stack's main key (the same the binary gets through the env).
+pub async fn s3_client() -> Client {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID")),
+        ("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY")),
+        ("AWS_REGION", var("AWS_REGION")),
+    ] {
+        // Tests in one binary share the process env; every test sets the same values.
+        std::env::set_var(k, v);
+    }
+    std::env::remove_var("AWS_CA_BUNDLE");
+    s3::client(&s3_settings()).await
+}
+
+/// One test's private world: database, source bucket, destination bucket.
+pub struct TestEnv {
+    pub name: String,
+    pub database_url: String,
+    pub src_bucket: String,
+    pub dst_bucket: String,
+    pub s3: Client,
+    pub dir: PathBuf,
+    pub seed: u64,
+}
+
+impl TestEnv {
+    pub async fn new(tag: &str) -> TestEnv {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!(
+            "t{}-{}-{}",
+            std::process::id(),
+            n,
+            tag.replace('_', "-")
+        )
+        .to_lowercase();
+        let name: String = name.chars().take(40).collect();
+        let db = format!("reloc_{}", name.replace('-', "_"));
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await
+            .expect("drop old test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .await
+            .unwrap_or_else(|e| panic!("creating the test database: {e}. {HOW_TO_START}"));
+        let s3 = s3_client().await;
+        let src_bucket = format!("{name}-src");
+        let dst_bucket = format!("{name}-dst");
+        for b in [&src_bucket, &dst_bucket] {
+            s3.create_bucket()
+                .bucket(b)
+                .send()
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "creating bucket {b}: {}. {HOW_TO_START}",
+                        aws_smithy_types::error::display::DisplayErrorContext(&e)
+                    )
+                });
+        }
+        let dir = std::env::temp_dir().join(format!("relocator-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TestEnv {
+            database_url: url_for_db(&var("DATABASE_URL"), &db),
+            name,
+            src_bucket,
+            dst_bucket,
+            s3,
+            dir,
+            seed: 42,
+        }
+    }
+
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(&self.database_url).await
+    }
+
+    pub fn source(&self) -> String {
+        format!("s3://{}/image/", self.src_bucket)
+    }
+
+    pub fn dest(&self) -> String {
+        format!("s3://{}/avatar/", self.dst_bucket)
+    }
+
+    /// Seed `rows` avatars (with `missing` of them lacking their object) into `avatars`.
+    pub async fn seed(&self, rows: usize, missing: usize) -> Vec<seed::SeedRow> {
+        let cfg = SeedConfig {
+            database_url: DatabaseUrl::new(&self.database_url).unwrap(),
+            table: TableName::parse("avatars").unwrap(),
+            target: S3Location::parse("--target", &self.source()).unwrap(),
+            rows,
+            missing,
+            seed: self.seed,
+            sizes: 100..4096,
+            concurrency: 32,
+            s3: s3_settings(),
+        };
+        seed::seed(&cfg).await.expect("seeding");
+        seed::rows("image/", rows, missing, self.seed)
+    }
+
+    /// The real binary, with this test's database and the stack's S3 settings.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("relocator"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.database_url)
+            .env("AWS_ENDPOINT_URL", var("AWS_ENDPOINT_URL"))
+            .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
+            .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
+            .env("AWS_REGION", var("AWS_REGION"))
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    /// `relocator run` with the test's source and destination, plus `extra`.
+    pub fn run_cmd(&self, extra: &[&str]) -> Command {
+        let mut c = self.cmd();
+        c.args(["run", "--source", &self.source(), "--dest", &self.dest()])
+            .args(extra);
+        c
+    }
+
+    /// Run the binary to completion; returns (exit code, stderr).
+    pub fn run(&self, extra: &[&str]) -> (i32, String) {
+        let out = self.run_cmd(extra).output().expect("running relocator");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+
+    /// All (id, path) rows of `avatars`, by id.
+    pub async fn rows(&self) -> Vec<(i32, String)> {
+        self.db()
+            .await
+            .query("SELECT id, path FROM avatars ORDER BY id", &[])
+            .await
+            .expect("reading avatars")
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// Keys under `prefix` in `bucket`.
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.expect("listing");
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+        }
+        keys
+    }
+
+    /// The bucket a path lives in, by its prefix.
+    pub fn bucket_of(&self, path: &str) -> &str {
+        if path.starts_with("avatar/") {
+            &self.dst_bucket
+        } else {
+            &self.src_bucket
+        }
+    }
+
+    /// Every row points at an existing object whose bytes are `expected(row's original
+    /// key)`; and nothing is left under the legacy prefix for moved rows.
+    pub async fn assert_converged(&self, seeded: &[seed::SeedRow]) {
+        let rows = self.rows().await;
+        assert_eq!(rows.len(), seeded.len());
+        for ((id, path), s) in rows.iter().zip(seeded) {
+            if !s.has_object {
+                assert_eq!(path, &s.path, "row {id} without an object must stay");
+                continue;
+            }
+            let expect_new = format!("avatar/{}", s.path.strip_prefix("image/").unwrap());
+            assert_eq!(path, &expect_new, "row {id} was not moved");
+            let bytes = s3::get_bytes(&self.s3, &self.dst_bucket, path)
+                .await
+                .unwrap_or_else(|e| panic!("row {id} points at a missing object {path}: {e:#}"));
+            assert_eq!(
+                bytes,
+                seed::object_bytes(self.seed, &s.path, &(100..4096)),
+                "row {id}: bytes differ at {path}"
+            );
+        }
+        let left = self.keys(&self.src_bucket, "image/").await;
+        assert!(left.is_empty(), "legacy objects left: {left:?}");
+    }
+
+    async fn cleanup(name: String, src: String, dst: String, dir: PathBuf) {
+        let s3 = s3_client().await;
+        for b in [&src, &dst] {
+            let mut pages = s3.list_objects_v2().bucket(b).into_paginator().send();
+            while let Some(Ok(page)) = pages.next().await {
+                for o in page.contents() {
+                    if let Some(k) = o.key() {
+                        let _ = s3.delete_object().bucket(b).key(k).send().await;
+                    }
+                }
+            }
+            let _ = s3.delete_bucket().bucket(b).send().await;
+        }
+        let db = format!("reloc_{}", name.replace('-', "_"));
+        if let Ok((client, conn)) =
+            tokio_postgres::connect(&var("DATABASE_URL"), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .await;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let (name, src, dst, dir) = (
+            self.name.clone(),
+            self.src_bucket.clone(),
+            self.dst_bucket.clone(),
+            self.dir.clone(),
+        );
+        // Drop cannot be async: clean up on a runtime of its own, on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(TestEnv::cleanup(name, src, dst, dir));
+            }
+        })
+        .join();
+    }
+}
+
+/// Read a report/plan CSV as id → (outcome, new_path).
+pub fn read_outcomes(path: &str) -> HashMap<String, (String, String)> {
+    let mut r = csv::Reader::from_path(path).expect("report exists");
+    r.records()
+        .map(|rec| {
+            let rec = rec.expect("csv record");
+            (
+                rec[0].to_owned(),
+                (rec[3].to_owned(), rec[2].to_owned()),
+            )
+        })
+        .collect()
+}
+
+pub fn read_summary(path: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("summary exists")).expect("json")
+}
