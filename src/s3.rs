@@ -62,9 +62,11 @@ impl ObjectInfo {
 pub async fn client(settings: &S3Settings) -> Client {
     let shared = aws_config::from_env().load().await;
     let mut b = aws_sdk_s3::config::Builder::from(&shared)
-        // Recent SDKs add CRC checksums to every upload by default. S3-compatible servers
-        // vary in what they accept; only send/validate checksums where the API requires
-        // them (DeleteObjects), which every server handles.
+        // Recent SDKs add CRC32 checksums (trailers) to every upload by default. Garage
+        // 2.5 accepts them (checked against the local stack), but some S3-compatible
+        // providers reject them (OVH, UpCloud, older gateways), so send and validate
+        // checksums only where the API requires them (DeleteObjects). Copies are checked
+        // by ETag and size instead.
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .retry_config(

@@ -1,0 +1,143 @@
+//! Crashes and a live application, against the real binary and the real stack.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::TestEnv;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use relocator::s3;
+
+/// At any instant, every row points at an object that exists (legacy or new bucket).
+async fn assert_no_row_dangles(env: &TestEnv) {
+    let src: HashSet<String> = env.keys(&env.src_bucket, "").await.into_iter().collect();
+    let dst: HashSet<String> = env.keys(&env.dst_bucket, "").await.into_iter().collect();
+    for (id, path) in env.rows().await {
+        let exists = if path.starts_with("avatar/") {
+            dst.contains(&path)
+        } else {
+            src.contains(&path)
+        };
+        assert!(exists, "row {id} points at a missing object {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice() {
+    let env = TestEnv::new("kill9").await;
+    let seeded = env.seed(2000, 0).await;
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut kills = 0;
+    for _ in 0..14 {
+        let mut child = env
+            .run_cmd(&["--batch-size", "40", "--concurrency", "16"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn relocator");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(40..600))).await;
+        if child.try_wait().unwrap().is_some() {
+            break; // finished before the kill
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        assert_no_row_dangles(&env).await;
+    }
+    assert!(kills >= 10, "only {kills} kills landed before the job finished");
+
+    let (code, err) = env.run(&["--summary-json", &env.path("final.json")]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_converged(&seeded).await;
+
+    let db = env.db().await;
+    let twice: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT row_id FROM relocator.moves GROUP BY row_id HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 0, "no row was rewritten twice");
+    let pending: i64 = db
+        .query_one("SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0, "every committed move was cleaned up");
+}
+
+/// While the job runs, "the application" rewrites 10% of the rows to new uploads (some
+/// back under image/, some already under avatar/). No application write is lost and
+/// every row ends up pointing at an existing object with the application's bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_application_writes_are_never_lost() {
+    let env = TestEnv::new("live").await;
+    let seeded = env.seed(2000, 0).await;
+    let mut child = env
+        .run_cmd(&["--batch-size", "40", "--concurrency", "8"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn relocator");
+
+    let db = env.db().await;
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut app: HashMap<i32, String> = HashMap::new();
+    while app.len() < 200 {
+        let id: i32 = rng.random_range(1..=2000);
+        if app.contains_key(&id) {
+            continue;
+        }
+        let (bucket, key) = if app.len() % 2 == 0 {
+            (&env.src_bucket, format!("image/app-upload-{id}.png"))
+        } else {
+            (&env.dst_bucket, format!("avatar/app-upload-{id}.png"))
+        };
+        s3::put(&env.s3, bucket, &key, format!("app-{id}").into_bytes(), "image/png")
+            .await
+            .unwrap();
+        db.execute("UPDATE avatars SET path = $1 WHERE id = $2", &[&key, &id])
+            .await
+            .unwrap();
+        app.insert(id, key);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        matches!(status.code(), Some(0) | Some(3)),
+        "first run: {status:?}"
+    );
+    // Uploads the scan had already passed are picked up by a rerun.
+    let (code, err) = env.run(&["--report", &env.path("r2.csv")]);
+    assert_eq!(code, 0, "{err}");
+
+    for (id, path) in env.rows().await {
+        let bytes = s3::get_bytes(&env.s3, env.bucket_of(&path), &path)
+            .await
+            .unwrap_or_else(|e| panic!("row {id} points at a missing object {path}: {e:#}"));
+        match app.get(&id) {
+            Some(written) => {
+                let relocated = written.replacen("image/", "avatar/", 1);
+                assert!(
+                    path == *written || path == relocated,
+                    "row {id}: the application wrote {written}, the row holds {path}"
+                );
+                assert_eq!(bytes, format!("app-{id}").into_bytes(), "row {id}");
+            }
+            None => {
+                let s = &seeded[(id - 1) as usize];
+                assert_eq!(path, s.path.replacen("image/", "avatar/", 1), "row {id}");
+                assert_eq!(
+                    bytes,
+                    relocator::seed::object_bytes(env.seed, &s.path, &(100..4096)),
+                    "row {id}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The real binary on bad input: a clear error naming the problem, exit 2, nothing
+//! changed; and secrets never printed.
+
+mod common;
+
+use common::TestEnv;
+
+/// Run with `args` (after `run`) and expect exit 2 with `needle` in the message, and no
+/// change: rows as before, no ledger schema, destination bucket empty.
+async fn refused(env: &TestEnv, args: &[&str], needle: &str) {
+    let before = env.rows().await;
+    let out = env.cmd().arg("run").args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: {err}");
+    assert!(err.contains(needle), "args {args:?}: expected {needle:?} in: {err}");
+    assert_eq!(env.rows().await, before, "args {args:?} changed rows");
+    let ledger: bool = env
+        .db()
+        .await
+        .query_one("SELECT to_regclass('relocator.moves') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ledger, "args {args:?} created the ledger");
+    assert!(env.keys(&env.dst_bucket, "").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
+    let env = TestEnv::new("badinput").await;
+    env.seed(20, 0).await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE nopk (id int, path text);
+         CREATE TABLE intpath (id int PRIMARY KEY, path int);",
+    )
+    .await
+    .unwrap();
+    let (src, dst) = (env.source(), env.dest());
+    let same_bucket_nested = format!("s3://{}/image/new/", env.src_bucket);
+    let missing_bucket = "s3://no-such-bucket-relocator/avatar/".to_string();
+    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (s(&["--source", &src, "--dest", &src]), "--source and --dest are both"),
+        (s(&["--source", &src, "--dest", &same_bucket_nested]), "one prefix contains"),
+        (s(&["--source", "legacy/image", "--dest", &dst]), "not an S3 URL"),
+        (s(&["--source", &src, "--dest", &dst, "--table", "missing"]), "does not exist"),
+        (
+            s(&["--source", &src, "--dest", &dst, "--table", "avatars; DROP TABLE x"]),
+            "quote it",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--table", "\"weird\".\"name\""]),
+            "does not exist",
+        ),
+        (s(&["--source", &src, "--dest", &dst, "--path-column", "url"]), "no column \"url\""),
+        (s(&["--source", &src, "--dest", &dst, "--id-column", "nope"]), "no column \"nope\""),
+        (s(&["--source", &src, "--dest", &dst, "--table", "nopk"]), "no unique index"),
+        (s(&["--source", &src, "--dest", &dst, "--table", "intpath"]), "must be text or varchar"),
+        (s(&["--source", &src, "--dest", &dst, "--rewrite", "([a-", "--to", "x"]), "not a valid regex"),
+        (s(&["--source", &src, "--dest", &dst, "--rewrite", "(a)", "--to", "$2"]), "does not capture"),
+        (s(&["--source", &src, "--dest", &missing_bucket]), "does not exist"),
+        (s(&["--source", &src, "--dest", &dst, "--batch-size", "0"]), "--batch-size"),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--database-url",
+                "postgres://relocator:relocator@127.0.0.1:1/none",
+            ]),
+            "cannot connect to PostgreSQL",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--endpoint-url", "http://127.0.0.1:1"]),
+            "cannot reach S3",
+        ),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&env, &args, needle).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_appear_in_output_even_at_trace_level() {
+    let env = TestEnv::new("secrets").await;
+    env.seed(10, 0).await;
+    let password = "relocator"; // the stack's password, in DATABASE_URL
+    let secret = common::var("AWS_SECRET_ACCESS_KEY");
+    // A failing run (wrong database password) and a full run at trace level.
+    let wrong = env.database_url.replace(":relocator@", ":Wr0ngPassw0rd@");
+    let out = env
+        .cmd()
+        .env("DATABASE_URL", &wrong)
+        .args(["run", "--source", &env.source(), "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("Wr0ngPassw0rd"), "{err}");
+    assert!(err.contains("***") || err.contains("cannot connect"), "{err}");
+
+    let out = env
+        .run_cmd(&["--report", &env.path("r.csv"), "--summary-json", &env.path("s.json")])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let mut all = String::from_utf8_lossy(&out.stderr).into_owned();
+    all += &std::fs::read_to_string(env.path("r.csv")).unwrap();
+    all += &std::fs::read_to_string(env.path("s.json")).unwrap();
+    assert!(!all.contains(&secret), "the AWS secret leaked");
+    assert!(
+        !all.contains(&format!(":{password}@")),
+        "the database password leaked"
+    );
+
+    let help = env.cmd().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(!help.contains(&secret) && !help.contains(&env.database_url));
+    assert!(help.contains("130") && help.contains("rerun"), "exit codes documented");
+}
