@@ -42,6 +42,9 @@ pub enum Command {
     /// Dry run: compute exactly what `run` would do, change nothing.
     #[command(after_help = EXIT_CODES)]
     Plan(PlanArgs),
+    /// Check that every row points at an existing object (ok / still_legacy / missing /
+    /// legacy_leftover, and orphans with --orphans). Exit 0 when all rows are ok, 3 if not.
+    Verify(VerifyArgs),
     /// Create demo rows and their objects in the source bucket.
     Seed(SeedArgs),
 }
@@ -137,6 +140,24 @@ pub struct PlanArgs {
     pub out: PathBuf,
 
     /// Write the predicted counts as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// One CSV line per row and per object found wanting: id, bucket, key, check.
+    #[arg(long, value_name = "FILE.csv")]
+    pub out: Option<PathBuf>,
+
+    /// Also list objects under either prefix that no row references.
+    #[arg(long)]
+    pub orphans: bool,
+
+    /// Write the counts as JSON.
     #[arg(long, value_name = "FILE.json")]
     pub summary_json: Option<PathBuf>,
 }

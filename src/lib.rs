@@ -31,7 +31,7 @@
 //!   (one transaction) → [`cleanup`] (delete after commit).
 //! - [`db`] and [`s3`] are thin adapters; all SQL is in [`db`] and the stage modules.
 //! - [`rewrite`] is the pure key arithmetic; [`report`] the outcomes, CSV and summary;
-//!   [`seed`] the demo data.
+//!   [`seed`] the demo data; [`verify`] checks every row against the buckets.
 
 pub mod cleanup;
 pub mod cli;
@@ -45,6 +45,7 @@ pub mod report;
 pub mod rewrite;
 pub mod s3;
 pub mod seed;
+pub mod verify;
 
 /// Process exit codes, as documented in `--help` and the README.
 pub mod exit {

@@ -56,6 +56,16 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
             let summary = job::plan(&cfg, &a.out, cancel).await?;
             finish(&summary, a.summary_json.as_deref())
         }
+        Command::Verify(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let s = relocator::verify::verify(&cfg, a.out.as_deref(), a.orphans).await?;
+            if let Some(p) = &a.summary_json {
+                let f = std::fs::File::create(p)?;
+                serde_json::to_writer_pretty(f, &s)?;
+            }
+            eprintln!("{}", s.one_line());
+            Ok(if s.all_ok() { exit::OK } else { exit::ATTENTION })
+        }
         Command::Seed(a) => {
             let cfg = SeedConfig::from_args(&a)?;
             let s = seed::seed(&cfg).await?;
