@@ -35,7 +35,10 @@ pub async fn commit_batch(
     let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.path.as_str()).collect();
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
     let copied: Vec<bool> = b.moves.iter().map(|(_, c)| *c).collect();
-    let tx = client.transaction().await.context("starting the batch transaction")?;
+    let tx = client
+        .transaction()
+        .await
+        .context("starting the batch transaction")?;
     let rows = tx
         .query(
             &q.commit,

@@ -39,7 +39,9 @@ impl S3Location {
         })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         validate_bucket(bucket).map_err(|why| {
-            ConfigError(format!("{flag}: bucket name {bucket:?} is not valid: {why}"))
+            ConfigError(format!(
+                "{flag}: bucket name {bucket:?} is not valid: {why}"
+            ))
         })?;
         if prefix.starts_with('/') {
             return Err(ConfigError(format!(

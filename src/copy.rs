@@ -18,7 +18,10 @@ use crate::s3::{self, ObjectInfo, S3Error};
 pub enum PairResult {
     /// The destination holds the source's bytes. `created`: relocator made this copy
     /// (false: an identical object was already there).
-    Ready { created: bool, size: i64 },
+    Ready {
+        created: bool,
+        size: i64,
+    },
     MissingSource,
     /// A different object is at the destination.
     Conflict(String),

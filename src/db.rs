@@ -121,22 +121,18 @@ impl TableInfo {
                     .await
             }
         };
-        let id = column(&cfg.id_column)
-            .await?
-            .ok_or_else(|| {
-                config_error(format!(
-                    "table {display} has no column {:?}; check --id-column",
-                    cfg.id_column
-                ))
-            })?;
-        let path = column(&cfg.path_column)
-            .await?
-            .ok_or_else(|| {
-                config_error(format!(
-                    "table {display} has no column {:?}; check --path-column",
-                    cfg.path_column
-                ))
-            })?;
+        let id = column(&cfg.id_column).await?.ok_or_else(|| {
+            config_error(format!(
+                "table {display} has no column {:?}; check --id-column",
+                cfg.id_column
+            ))
+        })?;
+        let path = column(&cfg.path_column).await?.ok_or_else(|| {
+            config_error(format!(
+                "table {display} has no column {:?}; check --path-column",
+                cfg.path_column
+            ))
+        })?;
         let id_attnum: i16 = id.get(0);
         let id_pg_type: String = id.get(1);
         let path_attnum: i16 = path.get(0);
@@ -250,8 +246,11 @@ impl Queries {
 /// Apply the ledger DDL once; concurrent workers serialise on an advisory lock.
 pub async fn ensure_ledger(client: &mut tokio_postgres::Client) -> Result<()> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('relocator.ledger'))", &[])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('relocator.ledger'))",
+        &[],
+    )
+    .await?;
     let have_schema: bool = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'relocator')",

@@ -64,7 +64,11 @@ async fn open(cfg: &JobConfig) -> Result<Ctx<'_>> {
 
 /// `relocator run`.
 #[instrument(skip_all, fields(table = %cfg.table))]
-pub async fn run(cfg: &JobConfig, opts: &RunOptions<'_>, cancel: CancellationToken) -> Result<Summary> {
+pub async fn run(
+    cfg: &JobConfig,
+    opts: &RunOptions<'_>,
+    cancel: CancellationToken,
+) -> Result<Summary> {
     let mut ctx = open(cfg).await?;
     db::ensure_ledger(&mut ctx.db).await?;
     let mut report = Report::new("run", opts.report)?;
@@ -158,7 +162,10 @@ async fn finish_earlier_cleanups(ctx: &mut Ctx<'_>, report: &mut Report) -> Resu
             return Ok(());
         };
         after = last.move_id;
-        info!(count = pending.len(), "finishing the cleanup of an earlier run");
+        info!(
+            count = pending.len(),
+            "finishing the cleanup of an earlier run"
+        );
         cleanup::delete_sources(&ctx.db, &ctx.s3, &ctx.q, &pending, &mut report.counters).await?;
         for p in pending {
             report.record(ReportLine {
@@ -224,9 +231,9 @@ async fn batches(
                 _ => None,
             };
             let r = match claimant {
-                Some(other) => PairResult::Collision(format!(
-                    "{other:?} maps to the same destination key"
-                )),
+                Some(other) => {
+                    PairResult::Collision(format!("{other:?} maps to the same destination key"))
+                }
                 None => r,
             };
             if let PairResult::Ready { created, size } = r {
@@ -352,10 +359,14 @@ async fn commit_and_clean(
                 old_path: m.row.path.clone(),
                 new_path: m.dst_key.clone(),
                 outcome: Outcome::ChangedByApp,
-                detail: "the row changed before the rewrite committed; left as the application wrote it"
-                    .into(),
+                detail:
+                    "the row changed before the rewrite committed; left as the application wrote it"
+                        .into(),
             })?;
-            if *created && !used_dsts.contains(m.dst_key.as_str()) && !take_back.contains(&m.dst_key.as_str()) {
+            if *created
+                && !used_dsts.contains(m.dst_key.as_str())
+                && !take_back.contains(&m.dst_key.as_str())
+            {
                 take_back.push(&m.dst_key);
             }
         }

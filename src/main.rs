@@ -64,7 +64,11 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
                 serde_json::to_writer_pretty(f, &s)?;
             }
             eprintln!("{}", s.one_line());
-            Ok(if s.all_ok() { exit::OK } else { exit::ATTENTION })
+            Ok(if s.all_ok() {
+                exit::OK
+            } else {
+                exit::ATTENTION
+            })
         }
         Command::Seed(a) => {
             let cfg = SeedConfig::from_args(&a)?;
@@ -96,8 +100,10 @@ fn finish(summary: &Summary, json: Option<&std::path::Path>) -> anyhow::Result<i
 /// before its commit.
 async fn on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         return;
     };
     tokio::select! {

@@ -106,11 +106,18 @@ mod tests {
         let re = Regex::new(r"^.*\.(png|jpg)$").unwrap();
         let rw = Rewrite::new("image/", "avatar/", Some((re, "same.$1".into())));
         let p = plan_batch(
-            vec![row(1, "image/a.png"), row(2, "image/b.png"), row(3, "image/c.jpg")],
+            vec![
+                row(1, "image/a.png"),
+                row(2, "image/b.png"),
+                row(3, "image/c.jpg"),
+            ],
             &rw,
         );
         assert_eq!(
-            p.moves.iter().map(|m| m.row.id.as_str()).collect::<Vec<_>>(),
+            p.moves
+                .iter()
+                .map(|m| m.row.id.as_str())
+                .collect::<Vec<_>>(),
             ["1", "3"]
         );
         assert_eq!(p.skipped.len(), 1);
@@ -123,7 +130,11 @@ mod tests {
         let re = Regex::new(r"^keep-(.*)$").unwrap();
         let rw = Rewrite::new("image/", "avatar/", Some((re, "$1".into())));
         let p = plan_batch(
-            vec![row(1, "image/keep-a"), row(2, "image/other"), row(3, "image/keep-")],
+            vec![
+                row(1, "image/keep-a"),
+                row(2, "image/other"),
+                row(3, "image/keep-"),
+            ],
             &rw,
         );
         assert_eq!(p.moves.len(), 1);

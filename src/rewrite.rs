@@ -158,7 +158,11 @@ mod tests {
     #[test]
     fn regex_rewrite_expands_groups() {
         let re = Regex::new(r"^avatar-(?P<n>\d+)\.png$").unwrap();
-        let r = Rewrite::new("image/", "avatar/", Some((re, "u/${n}/original.png".into())));
+        let r = Rewrite::new(
+            "image/",
+            "avatar/",
+            Some((re, "u/${n}/original.png".into())),
+        );
         assert_eq!(
             r.map("image/avatar-42.png"),
             Mapped::To("avatar/u/42/original.png".into())
@@ -171,7 +175,11 @@ mod tests {
         let re = Regex::new(r"^.*$").unwrap();
         let empty = Rewrite::new("image/", "avatar/", Some((re.clone(), String::new())));
         assert_eq!(empty.map("image/a"), Mapped::Invalid(KeyError::Empty));
-        let up = Rewrite::new("image/", "avatar/", Some((re.clone(), "../image/$0".into())));
+        let up = Rewrite::new(
+            "image/",
+            "avatar/",
+            Some((re.clone(), "../image/$0".into())),
+        );
         assert_eq!(up.map("image/a"), Mapped::Invalid(KeyError::DotSegment));
         let dot = Rewrite::new("image/", "avatar/", Some((re, "x/./y".into())));
         assert_eq!(dot.map("image/a"), Mapped::Invalid(KeyError::DotSegment));
@@ -223,6 +231,9 @@ mod tests {
         );
         let whole = Rewrite::new("", "avatar/", None);
         assert_eq!(whole.map("/etc/x"), Mapped::Invalid(KeyError::LeadingSlash));
-        assert_eq!(swap().map("image//x"), Mapped::Invalid(KeyError::LeadingSlash));
+        assert_eq!(
+            swap().map("image//x"),
+            Mapped::Invalid(KeyError::LeadingSlash)
+        );
     }
 }

@@ -176,7 +176,11 @@ pub async fn copy(
         .and_then(|r| r.e_tag())
         .map(strip_quotes)
         .filter(|e| !e.is_empty())
-        .ok_or_else(|| S3Error::Other(format!("{what}: the response carried no ETag; the copy is not confirmed")))?;
+        .ok_or_else(|| {
+            S3Error::Other(format!(
+                "{what}: the response carried no ETag; the copy is not confirmed"
+            ))
+        })?;
     if !src.is_multipart() && etag != src.etag {
         return Err(S3Error::Other(format!(
             "{what}: the copy's ETag {etag} differs from the source's {}",

@@ -58,7 +58,11 @@ impl SeedConfig {
 }
 
 fn parse_sizes(s: &str) -> Result<Range<usize>, ConfigError> {
-    let bad = || ConfigError(format!("--sizes {s:?} must be MIN..MAX bytes, e.g. 200..8192"));
+    let bad = || {
+        ConfigError(format!(
+            "--sizes {s:?} must be MIN..MAX bytes, e.g. 200..8192"
+        ))
+    };
     let (a, b) = s.split_once("..").ok_or_else(bad)?;
     let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
     if a >= b {
@@ -209,7 +213,10 @@ mod tests {
         assert_eq!(a, rows("image/", 1000, 10, 7));
         let paths: Vec<&str> = a.iter().map(|r| r.path.as_str()).collect();
         for needle in [" ", "+", "%", "#", "ü", "?"] {
-            assert!(paths.iter().any(|p| p.contains(needle)), "no key with {needle:?}");
+            assert!(
+                paths.iter().any(|p| p.contains(needle)),
+                "no key with {needle:?}"
+            );
         }
         let shared = paths.iter().filter(|p| **p == "image/default.png").count();
         assert!(shared >= 2, "the default avatar is shared");

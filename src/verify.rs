@@ -107,9 +107,16 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     };
     // Destination side: rows present → ok, absent → missing; unreferenced → orphan.
     let mut unreferenced = Vec::new();
-    merge_side(&client, &table, &s3c, &cfg.dest.bucket, &cfg.dest.prefix, Check::Ok, &mut o, &mut |k| {
-        unreferenced.push(k)
-    })
+    merge_side(
+        &client,
+        &table,
+        &s3c,
+        &cfg.dest.bucket,
+        &cfg.dest.prefix,
+        Check::Ok,
+        &mut o,
+        &mut |k| unreferenced.push(k),
+    )
     .await?;
     if orphans {
         for k in unreferenced.drain(..) {
@@ -259,8 +266,11 @@ impl Listing<'_> {
                         aws_smithy_types::error::display::DisplayErrorContext(&e)
                     )
                 })?;
-            self.buf
-                .extend(out.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+            self.buf.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
             self.token = out.next_continuation_token().map(str::to_owned);
             self.done = !out.is_truncated().unwrap_or(false) || self.token.is_none();
         }

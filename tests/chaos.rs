@@ -1,4 +1,5 @@
 //! Crashes and a live application, against the real binary and the real stack.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -47,7 +48,10 @@ async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice(
         kills += 1;
         assert_no_row_dangles(&env).await;
     }
-    assert!(kills >= 10, "only {kills} kills landed before the job finished");
+    assert!(
+        kills >= 10,
+        "only {kills} kills landed before the job finished"
+    );
 
     let (code, err) = env.run(&["--summary-json", &env.path("final.json")]);
     assert_eq!(code, 0, "{err}");
@@ -64,7 +68,10 @@ async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice(
         .get(0);
     assert_eq!(twice, 0, "no row was rewritten twice");
     let pending: i64 = db
-        .query_one("SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -93,14 +100,20 @@ async fn live_application_writes_are_never_lost() {
         if app.contains_key(&id) {
             continue;
         }
-        let (bucket, key) = if app.len() % 2 == 0 {
+        let (bucket, key) = if app.len().is_multiple_of(2) {
             (&env.src_bucket, format!("image/app-upload-{id}.png"))
         } else {
             (&env.dst_bucket, format!("avatar/app-upload-{id}.png"))
         };
-        s3::put(&env.s3, bucket, &key, format!("app-{id}").into_bytes(), "image/png")
-            .await
-            .unwrap();
+        s3::put(
+            &env.s3,
+            bucket,
+            &key,
+            format!("app-{id}").into_bytes(),
+            "image/png",
+        )
+        .await
+        .unwrap();
         db.execute("UPDATE avatars SET path = $1 WHERE id = $2", &[&key, &id])
             .await
             .unwrap();

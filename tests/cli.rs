@@ -1,5 +1,6 @@
 //! The real binary on bad input: a clear error naming the problem, exit 2, nothing
 //! changed; and secrets never printed.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -12,7 +13,10 @@ async fn refused(env: &TestEnv, args: &[&str], needle: &str) {
     let out = env.cmd().arg("run").args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "args {args:?}: {err}");
-    assert!(err.contains(needle), "args {args:?}: expected {needle:?} in: {err}");
+    assert!(
+        err.contains(needle),
+        "args {args:?}: expected {needle:?} in: {err}"
+    );
     assert_eq!(env.rows().await, before, "args {args:?} changed rows");
     let ledger: bool = env
         .db()
@@ -41,26 +45,94 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
     let missing_bucket = "s3://no-such-bucket-relocator/avatar/".to_string();
     let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (s(&["--source", &src, "--dest", &src]), "--source and --dest are both"),
-        (s(&["--source", &src, "--dest", &same_bucket_nested]), "one prefix contains"),
-        (s(&["--source", "legacy/image", "--dest", &dst]), "not an S3 URL"),
-        (s(&["--source", &src, "--dest", &dst, "--table", "missing"]), "does not exist"),
         (
-            s(&["--source", &src, "--dest", &dst, "--table", "avatars; DROP TABLE x"]),
+            s(&["--source", &src, "--dest", &src]),
+            "--source and --dest are both",
+        ),
+        (
+            s(&["--source", &src, "--dest", &same_bucket_nested]),
+            "one prefix contains",
+        ),
+        (
+            s(&["--source", "legacy/image", "--dest", &dst]),
+            "not an S3 URL",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--table", "missing"]),
+            "does not exist",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--table",
+                "avatars; DROP TABLE x",
+            ]),
             "quote it",
         ),
         (
-            s(&["--source", &src, "--dest", &dst, "--table", "\"weird\".\"name\""]),
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--table",
+                "\"weird\".\"name\"",
+            ]),
             "does not exist",
         ),
-        (s(&["--source", &src, "--dest", &dst, "--path-column", "url"]), "no column \"url\""),
-        (s(&["--source", &src, "--dest", &dst, "--id-column", "nope"]), "no column \"nope\""),
-        (s(&["--source", &src, "--dest", &dst, "--table", "nopk"]), "no unique index"),
-        (s(&["--source", &src, "--dest", &dst, "--table", "intpath"]), "must be text or varchar"),
-        (s(&["--source", &src, "--dest", &dst, "--rewrite", "([a-", "--to", "x"]), "not a valid regex"),
-        (s(&["--source", &src, "--dest", &dst, "--rewrite", "(a)", "--to", "$2"]), "does not capture"),
-        (s(&["--source", &src, "--dest", &missing_bucket]), "does not exist"),
-        (s(&["--source", &src, "--dest", &dst, "--batch-size", "0"]), "--batch-size"),
+        (
+            s(&["--source", &src, "--dest", &dst, "--path-column", "url"]),
+            "no column \"url\"",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--id-column", "nope"]),
+            "no column \"nope\"",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--table", "nopk"]),
+            "no unique index",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--table", "intpath"]),
+            "must be text or varchar",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--rewrite",
+                "([a-",
+                "--to",
+                "x",
+            ]),
+            "not a valid regex",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--rewrite",
+                "(a)",
+                "--to",
+                "$2",
+            ]),
+            "does not capture",
+        ),
+        (
+            s(&["--source", &src, "--dest", &missing_bucket]),
+            "does not exist",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--batch-size", "0"]),
+            "--batch-size",
+        ),
         (
             s(&[
                 "--source",
@@ -73,7 +145,14 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             "cannot connect to PostgreSQL",
         ),
         (
-            s(&["--source", &src, "--dest", &dst, "--endpoint-url", "http://127.0.0.1:1"]),
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--endpoint-url",
+                "http://127.0.0.1:1",
+            ]),
             "cannot reach S3",
         ),
     ];
@@ -100,10 +179,18 @@ async fn secrets_never_appear_in_output_even_at_trace_level() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("Wr0ngPassw0rd"), "{err}");
-    assert!(err.contains("***") || err.contains("cannot connect"), "{err}");
+    assert!(
+        err.contains("***") || err.contains("cannot connect"),
+        "{err}"
+    );
 
     let out = env
-        .run_cmd(&["--report", &env.path("r.csv"), "--summary-json", &env.path("s.json")])
+        .run_cmd(&[
+            "--report",
+            &env.path("r.csv"),
+            "--summary-json",
+            &env.path("s.json"),
+        ])
         .env("RUST_LOG", "trace")
         .output()
         .unwrap();
@@ -120,5 +207,8 @@ async fn secrets_never_appear_in_output_even_at_trace_level() {
     let help = env.cmd().args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(!help.contains(&secret) && !help.contains(&env.database_url));
-    assert!(help.contains("130") && help.contains("rerun"), "exit codes documented");
+    assert!(
+        help.contains("130") && help.contains("rerun"),
+        "exit codes documented"
+    );
 }

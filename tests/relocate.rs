@@ -1,5 +1,6 @@
 //! The relocation job against the real stack: happy path, attention cases, plan ==
 //! run, guarded rewrite, and the committed-but-not-cleaned resume.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -45,7 +46,11 @@ async fn moves_2000_awkward_avatars_byte_identical_then_rerun_does_nothing() {
 
     let s1 = read_summary(&env.path("s1.json"));
     let distinct: HashSet<&str> = seeded.iter().map(|r| r.path.as_str()).collect();
-    assert_eq!(s1["counters"]["s3_copies"], distinct.len() as u64, "one copy per object");
+    assert_eq!(
+        s1["counters"]["s3_copies"],
+        distinct.len() as u64,
+        "one copy per object"
+    );
     assert_eq!(s1["outcomes"]["moved"], 2000);
 
     let (code, err) = env.run(&["--summary-json", &env.path("s2.json")]);
@@ -64,9 +69,15 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
     let db = env.db().await;
     // Two rows whose objects collide under the rewrite below.
     for k in ["image/coll-a.png", "image/coll-b.png"] {
-        s3::put(&env.s3, &env.src_bucket, k, k.as_bytes().to_vec(), "image/png")
-            .await
-            .unwrap();
+        s3::put(
+            &env.s3,
+            &env.src_bucket,
+            k,
+            k.as_bytes().to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
         db.execute("INSERT INTO avatars (path) VALUES ($1)", &[&k])
             .await
             .unwrap();
@@ -74,9 +85,15 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
     // A different object already where row 2 would go.
     let victim = &seeded[1].path;
     let victim_dst = format!("avatar/{}", victim.strip_prefix("image/").unwrap());
-    s3::put(&env.s3, &env.dst_bucket, &victim_dst, b"someone else's".to_vec(), "text/plain")
-        .await
-        .unwrap();
+    s3::put(
+        &env.s3,
+        &env.dst_bucket,
+        &victim_dst,
+        b"someone else's".to_vec(),
+        "text/plain",
+    )
+    .await
+    .unwrap();
     let rewrite = [
         "--rewrite",
         r"^(?:(?P<c>coll)-[ab](?P<e>\.png)|(?P<rest>.+))$",
@@ -92,15 +109,27 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
         .args(["--out", &env.path("plan.csv")])
         .args(rewrite);
     let out = plan.output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(env.rows().await, before, "plan changed nothing in the table");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.rows().await,
+        before,
+        "plan changed nothing in the table"
+    );
     let ledger: bool = db
         .query_one("SELECT to_regclass('relocator.moves') IS NOT NULL", &[])
         .await
         .unwrap()
         .get(0);
     assert!(!ledger, "plan created no ledger");
-    assert_eq!(env.keys(&env.dst_bucket, "").await, vec![victim_dst.clone()]);
+    assert_eq!(
+        env.keys(&env.dst_bucket, "").await,
+        vec![victim_dst.clone()]
+    );
 
     let (code, err) = env.run(&[&["--report", &env.path("run.csv")][..], &rewrite[..]].concat());
     assert_eq!(code, 3, "{err}");
@@ -116,16 +145,32 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
     assert_eq!(count("moved"), 300 - 3 - 1 + 1);
 
     // The foreign object is untouched, its row and its source too.
-    let bytes = s3::get_bytes(&env.s3, &env.dst_bucket, &victim_dst).await.unwrap();
+    let bytes = s3::get_bytes(&env.s3, &env.dst_bucket, &victim_dst)
+        .await
+        .unwrap();
     assert_eq!(bytes, b"someone else's");
     let rows = env.rows().await;
     assert_eq!(&rows[1].1, victim);
-    assert!(s3::head(&env.s3, &env.src_bucket, victim).await.unwrap().is_some());
+    assert!(s3::head(&env.s3, &env.src_bucket, victim)
+        .await
+        .unwrap()
+        .is_some());
     // The collision loser keeps its row and its object.
-    let loser = rows.iter().find(|(_, p)| p.starts_with("image/coll-")).unwrap();
-    assert!(s3::head(&env.s3, &env.src_bucket, &loser.1).await.unwrap().is_some());
+    let loser = rows
+        .iter()
+        .find(|(_, p)| p.starts_with("image/coll-"))
+        .unwrap();
+    assert!(s3::head(&env.s3, &env.src_bucket, &loser.1)
+        .await
+        .unwrap()
+        .is_some());
     // Missing-source rows are unchanged.
-    assert_eq!(rows.iter().filter(|(_, p)| p.starts_with("image/missing-")).count(), 3);
+    assert_eq!(
+        rows.iter()
+            .filter(|(_, p)| p.starts_with("image/missing-"))
+            .count(),
+        3
+    );
 }
 
 /// The compare-and-swap: a row the application changes between copy and commit is not
@@ -165,7 +210,9 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         .await
         .unwrap()
         .get(0);
-    let rows = relocator::db::scan(&db, &q, "image/", None, 10).await.unwrap();
+    let rows = relocator::db::scan(&db, &q, "image/", None, 10)
+        .await
+        .unwrap();
     let moves: Vec<Move> = rows
         .iter()
         .map(|r: &Row| Move {
@@ -174,9 +221,12 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         })
         .collect();
     // The application rewrites row 2 after relocator read it.
-    db.execute("UPDATE avatars SET path = 'image/app-new.png' WHERE id = 2", &[])
-        .await
-        .unwrap();
+    db.execute(
+        "UPDATE avatars SET path = 'image/app-new.png' WHERE id = 2",
+        &[],
+    )
+    .await
+    .unwrap();
     let batch = relocator::commit::CommitBatch {
         run_id,
         table: &table,
@@ -185,12 +235,20 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         moves: moves.iter().map(|m| (m, true)).collect(),
         last_id: Some("5"),
     };
-    let committed = relocator::commit::commit_batch(&mut db, &q, &batch).await.unwrap();
+    let committed = relocator::commit::commit_batch(&mut db, &q, &batch)
+        .await
+        .unwrap();
     assert_eq!(committed.len(), 4);
     assert!(!committed.contains_key("2"));
     let rows = env.rows().await;
-    assert_eq!(rows[1].1, "image/app-new.png", "the application's write is kept");
-    assert!(rows.iter().filter(|(id, _)| *id != 2).all(|(_, p)| p.starts_with("avatar/")));
+    assert_eq!(
+        rows[1].1, "image/app-new.png",
+        "the application's write is kept"
+    );
+    assert!(rows
+        .iter()
+        .filter(|(id, _)| *id != 2)
+        .all(|(_, p)| p.starts_with("avatar/")));
     let ledger: i64 = db
         .query_one("SELECT count(*) FROM relocator.moves", &[])
         .await
@@ -224,7 +282,9 @@ async fn a_rerun_finishes_pending_cleanups_and_recopies_nothing() {
         let k: String = r.get(0);
         if restored.insert(k.clone()) {
             let body = relocator::seed::object_bytes(env.seed, &k, &(100..4096));
-            s3::put(&env.s3, &env.src_bucket, &k, body, "image/png").await.unwrap();
+            s3::put(&env.s3, &env.src_bucket, &k, body, "image/png")
+                .await
+                .unwrap();
         }
     }
     let (code, err) = env.run(&["--summary-json", &env.path("s.json")]);

@@ -1,5 +1,6 @@
 //! `verify` against a prepared mess: some rows moved, some not, one missing object, one
 //! leftover legacy object, one orphan.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -14,7 +15,10 @@ async fn verify_classifies_a_prepared_mess() {
     let (code, err) = env.run(&["--rewrite", "^(avatar-1.*)$", "--to", "$1"]);
     assert_eq!(code, 3, "unmatched rows need attention: {err}");
     let rows = env.rows().await;
-    let moved: Vec<&(i32, String)> = rows.iter().filter(|(_, p)| p.starts_with("avatar/")).collect();
+    let moved: Vec<&(i32, String)> = rows
+        .iter()
+        .filter(|(_, p)| p.starts_with("avatar/"))
+        .collect();
     assert!(moved.len() >= 5, "some rows moved");
     let distinct_legacy: std::collections::HashSet<&str> = rows
         .iter()
@@ -24,21 +28,52 @@ async fn verify_classifies_a_prepared_mess() {
 
     // One moved row loses its object; another gets its old source back; one orphan.
     let (gone_id, gone) = moved[0];
-    env.s3.delete_object().bucket(&env.dst_bucket).key(gone).send().await.unwrap();
-    let (left_id, _) = moved[1];
-    let old = &seeded[(*left_id - 1) as usize].path;
-    s3::put(&env.s3, &env.src_bucket, old, b"old".to_vec(), "image/png").await.unwrap();
-    s3::put(&env.s3, &env.dst_bucket, "avatar/orphan.png", b"x".to_vec(), "image/png")
+    env.s3
+        .delete_object()
+        .bucket(&env.dst_bucket)
+        .key(gone)
+        .send()
         .await
         .unwrap();
+    let (left_id, _) = moved[1];
+    let old = &seeded[(*left_id - 1) as usize].path;
+    s3::put(&env.s3, &env.src_bucket, old, b"old".to_vec(), "image/png")
+        .await
+        .unwrap();
+    s3::put(
+        &env.s3,
+        &env.dst_bucket,
+        "avatar/orphan.png",
+        b"x".to_vec(),
+        "image/png",
+    )
+    .await
+    .unwrap();
 
     let out = env
         .cmd()
-        .args(["verify", "--source", &env.source(), "--dest", &env.dest(), "--orphans"])
-        .args(["--out", &env.path("v.csv"), "--summary-json", &env.path("v.json")])
+        .args([
+            "verify",
+            "--source",
+            &env.source(),
+            "--dest",
+            &env.dest(),
+            "--orphans",
+        ])
+        .args([
+            "--out",
+            &env.path("v.csv"),
+            "--summary-json",
+            &env.path("v.json"),
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = read_summary(&env.path("v.json"));
     let c = &s["counts"];
     assert_eq!(c["ok"], (moved.len() - 1) as u64);
@@ -50,7 +85,13 @@ async fn verify_classifies_a_prepared_mess() {
 
     let csv = std::fs::read_to_string(env.path("v.csv")).unwrap();
     assert!(csv.contains(&format!("{gone_id},{},{gone},missing", env.dst_bucket)));
-    assert!(csv.contains(&format!("{left_id},{},{old},legacy_leftover", env.src_bucket)), "{csv}");
+    assert!(
+        csv.contains(&format!(
+            "{left_id},{},{old},legacy_leftover",
+            env.src_bucket
+        )),
+        "{csv}"
+    );
     assert!(csv.contains("avatar/orphan.png,orphan"));
 
     // After a clean run on fresh data, verify says all ok (exit 0).
@@ -59,8 +100,20 @@ async fn verify_classifies_a_prepared_mess() {
     assert_eq!(env2.run(&[]).0, 0);
     let out = env2
         .cmd()
-        .args(["verify", "--source", &env2.source(), "--dest", &env2.dest(), "--orphans"])
+        .args([
+            "verify",
+            "--source",
+            &env2.source(),
+            "--dest",
+            &env2.dest(),
+            "--orphans",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -124,13 +124,8 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new(tag: &str) -> TestEnv {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!(
-            "t{}-{}-{}",
-            std::process::id(),
-            n,
-            tag.replace('_', "-")
-        )
-        .to_lowercase();
+        let name =
+            format!("t{}-{}-{}", std::process::id(), n, tag.replace('_', "-")).to_lowercase();
         let name: String = name.chars().take(40).collect();
         let db = format!("reloc_{}", name.replace('-', "_"));
         let admin = admin().await;
@@ -259,7 +254,11 @@ impl TestEnv {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.expect("listing");
-            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
         }
         keys
     }
@@ -353,10 +352,7 @@ pub fn read_outcomes(path: &str) -> HashMap<String, (String, String)> {
     r.records()
         .map(|rec| {
             let rec = rec.expect("csv record");
-            (
-                rec[0].to_owned(),
-                (rec[3].to_owned(), rec[2].to_owned()),
-            )
+            (rec[0].to_owned(), (rec[3].to_owned(), rec[2].to_owned()))
         })
         .collect()
 }
