@@ -154,3 +154,59 @@ async fn live_application_writes_are_never_lost() {
         }
     }
 }
+
+/// SIGTERM: the batch in hand is finished or dropped, exit 130; the rerun completes and
+/// copies nothing that was already copied and committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_with_130_and_the_rerun_recopies_nothing() {
+    let env = TestEnv::new("sigterm").await;
+    let seeded = env.seed(1500, 0).await;
+    let child = env
+        .run_cmd(&["--batch-size", "50", "--summary-json", &env.path("s1.json")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Signal once at least one batch has committed (the ledger has rows), whatever the
+    // machine's speed.
+    let db = env.db().await;
+    for _ in 0..600 {
+        let n = db
+            .query_one("SELECT count(*) FROM relocator.moves", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0);
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("rerun"), "{err}");
+    let s1 = common::read_summary(&env.path("s1.json"));
+    assert_eq!(s1["interrupted"], true);
+    let moved1 = s1["outcomes"]["moved"].as_u64().unwrap_or(0);
+    assert!(moved1 > 0 && moved1 < 1500, "interrupted mid-way: {moved1}");
+    assert_no_row_dangles(&env).await;
+
+    let (code, err) = env.run(&["--summary-json", &env.path("s2.json")]);
+    assert_eq!(code, 0, "{err}");
+    let s2 = common::read_summary(&env.path("s2.json"));
+    env.assert_converged(&seeded).await;
+    let distinct: HashSet<&str> = seeded.iter().map(|r| r.path.as_str()).collect();
+    let copies = s1["counters"]["s3_copies"].as_u64().unwrap()
+        + s2["counters"]["s3_copies"].as_u64().unwrap();
+    assert!(
+        copies <= distinct.len() as u64,
+        "{copies} copies for {} objects: something was copied twice",
+        distinct.len()
+    );
+    assert_eq!(moved1 + s2["outcomes"]["moved"].as_u64().unwrap(), 1500);
+}

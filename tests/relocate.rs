@@ -294,3 +294,97 @@ async fn a_rerun_finishes_pending_cleanups_and_recopies_nothing() {
     assert_eq!(s["outcomes"]["already_moved"], 100);
     env.assert_converged(&seeded).await;
 }
+
+/// A schema-qualified table with uuid ids and a text path column: the keyset scan pages
+/// through uuids and the guarded UPDATE casts them back.
+#[tokio::test(flavor = "multi_thread")]
+async fn uuid_ids_in_a_schema_qualified_table() {
+    let env = TestEnv::new("uuid").await;
+    let seeded = env.seed(250, 0).await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.\"User Pics\" (pic_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), url text);
+         INSERT INTO app.\"User Pics\" (url) SELECT path FROM avatars;
+         DROP TABLE avatars;",
+    )
+    .await
+    .unwrap();
+    let (code, err) = env.run(&[
+        "--table",
+        "app.\"User Pics\"",
+        "--id-column",
+        "pic_id",
+        "--path-column",
+        "url",
+        "--batch-size",
+        "40",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM app.\"User Pics\" WHERE url NOT LIKE 'avatar/%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "every row moved");
+    let distinct: HashSet<&str> = seeded.iter().map(|r| r.path.as_str()).collect();
+    assert!(
+        env.keys(&env.src_bucket, "image/").await.is_empty(),
+        "sources deleted"
+    );
+    assert_eq!(
+        env.keys(&env.dst_bucket, "avatar/").await.len(),
+        distinct.len()
+    );
+}
+
+/// The whole run works as the least-privilege role of sql/roles.sql.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_works_as_the_least_privilege_role() {
+    let env = TestEnv::new("roles").await;
+    let seeded = env.seed(120, 0).await;
+    let roles = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql");
+    let out = std::process::Command::new("psql")
+        .arg(&env.database_url)
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "password='job-pw'",
+            "-qf",
+            roles,
+        ])
+        .output()
+        .expect("psql is installed with the stack");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut url = url::Url::parse(&env.database_url).unwrap();
+    url.set_username("relocator_job").unwrap();
+    url.set_password(Some("job-pw")).unwrap();
+    let (code, err) = {
+        let out = env
+            .run_cmd(&[])
+            .env("DATABASE_URL", url.as_str())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0), "{err}");
+    env.assert_converged(&seeded).await;
+    // And it really is limited: no DELETE on the table.
+    let job = common::connect(url.as_str()).await;
+    let denied = job.execute("DELETE FROM avatars", &[]).await;
+    assert!(
+        denied.is_err(),
+        "relocator_job must not be able to delete rows"
+    );
+}
