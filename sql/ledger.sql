@@ -18,6 +18,34 @@ CREATE TABLE IF NOT EXISTS relocator.runs (
     -- Keyset position: the last id of the last committed batch (text form of the id).
     last_id     text
 );
+-- Work is handed out as leases on id ranges, carved from this frontier.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS frontier text;
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS frontier_end boolean NOT NULL DEFAULT false;
+
+-- A lease: the id range (lo, hi] of one run that one worker processes. A worker holds a
+-- session advisory lock on its lease while alive, so a dead worker's lease is taken over
+-- at once; a hung one's after its heartbeat expires. Rows are rewritten only by the
+-- lease's current owner (checked in the rewrite's own statement).
+CREATE TABLE IF NOT EXISTS relocator.leases (
+    lease_id  bigserial PRIMARY KEY,
+    run_id    bigint      NOT NULL REFERENCES relocator.runs (run_id),
+    lo        text,        -- exclusive; NULL: from the first id
+    hi        text,        -- inclusive; NULL: to the last id
+    owner     text        NOT NULL,
+    heartbeat timestamptz NOT NULL DEFAULT now(),
+    last_id   text,        -- progress: the last id of the lease's last committed batch
+    done      boolean     NOT NULL DEFAULT false
+);
+CREATE INDEX IF NOT EXISTS leases_open_idx ON relocator.leases (run_id) WHERE NOT done;
+
+-- With --rewrite, several sources may map to one destination key. Claims make the first
+-- one win atomically even with many workers: (run, destination) is unique.
+CREATE TABLE IF NOT EXISTS relocator.claims (
+    run_id  bigint NOT NULL,
+    dst_key text   NOT NULL,
+    src_key text   NOT NULL,
+    PRIMARY KEY (run_id, dst_key)
+);
 
 CREATE TABLE IF NOT EXISTS relocator.moves (
     move_id      bigserial PRIMARY KEY,
@@ -30,6 +58,7 @@ CREATE TABLE IF NOT EXISTS relocator.moves (
     dst_bucket   text        NOT NULL,
     -- true when relocator created the destination object (false: it was already there)
     copied       boolean     NOT NULL,
+    lease_id     bigint,
     committed_at timestamptz NOT NULL DEFAULT now(),
     -- Set once the source has been dealt with after the commit:
     -- deleted | still_referenced
@@ -37,6 +66,7 @@ CREATE TABLE IF NOT EXISTS relocator.moves (
     cleanup      text
 );
 
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS lease_id bigint;
 CREATE INDEX IF NOT EXISTS moves_pending_idx
     ON relocator.moves (table_name, move_id) WHERE cleaned_at IS NULL;
 CREATE INDEX IF NOT EXISTS moves_new_path_idx

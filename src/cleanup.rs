@@ -9,12 +9,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context, Result};
-use aws_sdk_s3::Client;
 use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{self, DELETE_BATCH};
+use crate::s3::{self, DELETE_BATCH, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -28,15 +27,16 @@ pub struct Pending {
 
 /// Which keys among `keys` some row of the table still references.
 pub async fn still_referenced(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::Client,
     q: &Queries,
     keys: &[&str],
 ) -> Result<HashSet<String>> {
     if keys.is_empty() {
         return Ok(HashSet::new());
     }
+    let stmt = client.prepare_cached(&q.referenced).await?;
     let rows = client
-        .query(&q.referenced, &[&keys])
+        .query(&stmt, &[&keys])
         .await
         .context("checking which source keys rows still reference")?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
@@ -45,8 +45,8 @@ pub async fn still_referenced(
 /// Delete the sources of these committed moves where no row references them any more,
 /// then mark the ledger. Keys S3 refuses to delete stay pending (a rerun retries them).
 pub async fn delete_sources(
-    db: &tokio_postgres::Client,
-    s3c: &Client,
+    db: &deadpool_postgres::Client,
+    s3c: &S3,
     q: &Queries,
     pending: &[Pending],
     counters: &mut Counters,
@@ -78,7 +78,8 @@ pub async fn delete_sources(
     let mut failed: HashSet<(String, String)> = HashSet::new();
     for (bucket, keys) in &by_bucket {
         for chunk in keys.chunks(DELETE_BATCH) {
-            let errors = s3::delete_many(s3c, bucket, chunk)
+            s3c.ready().await;
+            let errors = s3::delete_many(&s3c.client, bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("deleting sources in s3://{bucket}"))?;
@@ -104,31 +105,41 @@ pub async fn delete_sources(
             outcomes.push("deleted");
         }
     }
-    db.execute(
-        "UPDATE relocator.moves m SET cleaned_at = now(), cleanup = u.outcome
-           FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
-          WHERE m.move_id = u.move_id",
-        &[&ids, &outcomes],
-    )
-    .await
-    .context("marking cleaned-up moves in the ledger")?;
+    let mark = db
+        .prepare_cached(
+            "UPDATE relocator.moves m SET cleaned_at = now(), cleanup = u.outcome
+               FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
+              WHERE m.move_id = u.move_id",
+        )
+        .await?;
+    db.execute(&mark, &[&ids, &outcomes])
+        .await
+        .context("marking cleaned-up moves in the ledger")?;
     Ok(())
 }
 
-/// Ledger entries of this table whose cleanup an earlier run did not finish, after
-/// `after` (keyset on move_id), at most `limit`.
+/// Ledger entries of this table whose cleanup was not finished and whose lease no live
+/// worker holds (its process died between COMMIT and cleanup), after `after` (keyset on
+/// move_id), at most `limit`.
 pub async fn pending_after(
-    db: &tokio_postgres::Client,
+    db: &deadpool_postgres::Client,
     table: &str,
     after: i64,
     limit: i64,
 ) -> Result<Vec<Pending>> {
     let rows = db
         .query(
-            "SELECT move_id, row_id, old_path, new_path, src_bucket FROM relocator.moves
-              WHERE table_name = $1 AND cleaned_at IS NULL AND move_id > $2
-              ORDER BY move_id LIMIT $3",
-            &[&table, &after, &limit],
+            "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket
+               FROM relocator.moves m
+              WHERE m.table_name = $1 AND m.cleaned_at IS NULL AND m.move_id > $2
+                AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                                 WHERE l.locktype = 'advisory' AND l.granted
+                                   AND l.database = (SELECT oid FROM pg_database
+                                                      WHERE datname = current_database())
+                                   AND l.classid = $4::bigint::oid AND l.objsubid = 2
+                                   AND l.objid = m.lease_id::oid)
+              ORDER BY m.move_id LIMIT $3",
+            &[&table, &after, &limit, &crate::lease::LOCK_CLASS_I64],
         )
         .await
         .context("reading unfinished cleanups from the ledger")?;
@@ -147,8 +158,8 @@ pub async fn pending_after(
 /// Remove copies relocator created for rows the application changed before the commit,
 /// unless some row references the destination key after all.
 pub async fn take_back_copies(
-    db: &tokio_postgres::Client,
-    s3c: &Client,
+    db: &deadpool_postgres::Client,
+    s3c: &S3,
     q: &Queries,
     bucket: &str,
     keys: &[&str],
@@ -156,7 +167,8 @@ pub async fn take_back_copies(
 ) -> Result<()> {
     let referenced = still_referenced(db, q, keys).await?;
     for key in keys.iter().filter(|k| !referenced.contains(**k)) {
-        s3::delete_one(s3c, bucket, key)
+        s3c.ready().await;
+        s3::delete_one(&s3c.client, bucket, key)
             .await
             .map_err(anyhow::Error::from)
             .with_context(|| format!("removing the unused copy s3://{bucket}/{key}"))?;

@@ -88,7 +88,7 @@ pub struct JobArgs {
     pub to: Option<String>,
 
     /// Rows per batch: one keyset query, one transaction, one cleanup each.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 2000)]
     pub batch_size: usize,
 
     /// S3 requests in flight at once.
@@ -111,15 +111,31 @@ pub struct S3Args {
     #[arg(long, default_value_t = 60)]
     pub s3_timeout: u64,
 
-    /// Attempts per S3 request before giving up (exponential backoff between them).
+    /// Attempts per S3 request before giving up (exponential backoff between them;
+    /// throttling answers also slow the client down adaptively).
     #[arg(long, default_value_t = 6)]
     pub s3_max_attempts: u32,
+
+    /// Cap on S3 requests per second for this process (all kinds, all workers).
+    #[arg(long, value_name = "N")]
+    pub max_rps: Option<u32>,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub job: JobArgs,
+
+    /// Pipelines in this process. Several processes (on any machines) pointed at the same
+    /// table and job also share the work: each takes leases on id ranges.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+
+    /// Seconds without progress after which another worker may take over a lease whose
+    /// owner still holds its database session (a hung worker). A worker whose process
+    /// died loses its lease at once.
+    #[arg(long, default_value_t = 120)]
+    pub lease_ttl: u64,
 
     /// Write one CSV line per row acted on or needing attention.
     #[arg(long, value_name = "FILE.csv")]

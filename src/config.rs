@@ -282,6 +282,7 @@ pub struct S3Settings {
     pub endpoint_url: Option<String>,
     pub timeout: Duration,
     pub max_attempts: u32,
+    pub max_rps: Option<std::num::NonZeroU32>,
 }
 
 impl S3Settings {
@@ -304,10 +305,17 @@ impl S3Settings {
         if a.s3_max_attempts == 0 {
             return Err(ConfigError("--s3-max-attempts must be at least 1".into()));
         }
+        let max_rps = match a.max_rps {
+            None => None,
+            Some(n) => Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
+                ConfigError("--max-rps must be at least 1 (leave it out for no cap)".into())
+            })?),
+        };
         Ok(S3Settings {
             endpoint_url: a.endpoint_url.clone().filter(|s| !s.is_empty()),
             timeout: Duration::from_secs(a.s3_timeout),
             max_attempts: a.s3_max_attempts,
+            max_rps,
         })
     }
 }
@@ -360,7 +368,7 @@ impl JobConfig {
         };
         if a.batch_size == 0 || a.batch_size > 100_000 {
             return Err(ConfigError(format!(
-                "--batch-size {} is out of range; use 1 to 100000 (default 1000)",
+                "--batch-size {} is out of range; use 1 to 100000 (default 2000)",
                 a.batch_size
             )));
         }

@@ -5,13 +5,12 @@
 //! overwritten* — [`copy_pair`] copies only after HEAD found the destination key free.
 
 use anyhow::{anyhow, Result};
-use aws_sdk_s3::Client;
 use futures::{stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::JobConfig;
-use crate::s3::{self, ObjectInfo, S3Error};
+use crate::s3::{self, ObjectInfo, S3Error, S3};
 
 /// What the copy stage found or did for one (source, destination) pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,19 +31,20 @@ pub enum PairResult {
     Rejected(String),
 }
 
-/// Copy every pair, at most `cfg.concurrency` at once, results in input order.
+/// Copy every pair, at most `concurrency` at once, results in input order.
 /// `dry_run` only looks (HEAD) and reports what a real run would do.
 /// Returns `Ok(None)` when cancelled: nothing of the batch is committed then.
 pub async fn copy_all(
-    client: &Client,
+    s3c: &S3,
     cfg: &JobConfig,
     pairs: &[(String, String)],
     dry_run: bool,
+    concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
     let results: Vec<Result<PairResult>> = stream::iter(pairs)
-        .map(|(src, dst)| copy_pair(client, cfg, src, dst, dry_run))
-        .buffered(cfg.concurrency)
+        .map(|(src, dst)| copy_pair(s3c, cfg, src, dst, dry_run))
+        .buffered(concurrency.max(1))
         .take_until(cancel.cancelled())
         .collect()
         .await;
@@ -55,18 +55,21 @@ pub async fn copy_all(
 }
 
 async fn copy_pair(
-    client: &Client,
+    s3c: &S3,
     cfg: &JobConfig,
     src_key: &str,
     dst_key: &str,
     dry_run: bool,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
+    let client = &s3c.client;
+    s3c.ready().await;
     let src = match s3::head(client, sb, src_key).await {
         Ok(Some(info)) => info,
         Ok(None) => return Ok(PairResult::MissingSource),
         Err(e) => return per_object(e),
     };
+    s3c.ready().await;
     match s3::head(client, db, dst_key).await {
         Ok(Some(existing)) => return Ok(compare_existing(&src, &existing)),
         Ok(None) => {}
@@ -78,9 +81,11 @@ async fn copy_pair(
             size: src.size,
         });
     }
+    s3c.ready().await;
     match s3::copy(client, sb, src_key, &src, db, dst_key).await {
         Ok(_) if src.is_multipart() => {
             // A multipart source's ETag is not comparable; confirm the size instead.
+            s3c.ready().await;
             match s3::head(client, db, dst_key).await {
                 Ok(Some(d)) if d.size == src.size => {}
                 Ok(other) => {

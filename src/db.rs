@@ -189,12 +189,16 @@ impl TableInfo {
 /// Every statement relocator sends for one table, built once from the quoted identifiers.
 #[derive(Debug, Clone)]
 pub struct Queries {
-    /// $1 prefix, $2 limit: the first batch. The sort key is qualified (`t.id`): a bare
-    /// `ORDER BY id` would sort by the `id::text` output column, i.e. as strings.
-    pub scan_first: String,
-    /// $1 last id (text), $2 prefix, $3 limit: every following batch (keyset, never OFFSET).
-    pub scan_next: String,
-    /// The guarded rewrite + ledger rows + keyset position, one statement. See
+    /// Keyset scans, indexed by [`Queries::scan`]: with/without a lower bound (exclusive,
+    /// the last id seen) and an upper bound (inclusive, the lease's end). Parameters: the
+    /// bounds present (as text), then the prefix, then the limit. The sort key is
+    /// qualified (`t.id`): a bare `ORDER BY id` would sort by the `id::text` output
+    /// column, i.e. as strings.
+    scans: [String; 4],
+    /// The id `$n` selected rows after the frontier: a new lease's upper bound. With and
+    /// without a lower bound.
+    lease_end: [String; 2],
+    /// The guarded rewrite + ledger rows + lease progress, one statement. See
     /// [`crate::commit`].
     pub commit: String,
     /// $1 keys: which of them some row still references.
@@ -204,21 +208,54 @@ pub struct Queries {
 impl Queries {
     pub fn new(t: &TableInfo) -> Queries {
         let (tbl, id, path, ty) = (&t.qualified, &t.id_col, &t.path_col, t.id_type);
+        let scan = |lower: bool, upper: bool| {
+            let mut n = 0;
+            let mut next = || {
+                n += 1;
+                format!("${n}")
+            };
+            let mut conds = Vec::new();
+            if lower {
+                conds.push(format!("t.{id} > {}::text::{ty}", next()));
+            }
+            if upper {
+                conds.push(format!("t.{id} <= {}::text::{ty}", next()));
+            }
+            conds.push(format!("starts_with(t.{path}, {})", next()));
+            format!(
+                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t WHERE {} ORDER BY t.{id} LIMIT {}",
+                conds.join(" AND "),
+                next()
+            )
+        };
+        let lease_end = |lower: bool| {
+            let (cond, p, o) = if lower {
+                (format!("t.{id} > $1::text::{ty} AND "), "$2", "$3")
+            } else {
+                (String::new(), "$1", "$2")
+            };
+            format!(
+                "SELECT t.{id}::text FROM {tbl} AS t WHERE {cond}starts_with(t.{path}, {p})
+                  ORDER BY t.{id} OFFSET {o} LIMIT 1"
+            )
+        };
         Queries {
-            scan_first: format!(
-                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
-                  WHERE starts_with(t.{path}, $1)
-                  ORDER BY t.{id} LIMIT $2"
-            ),
-            scan_next: format!(
-                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
-                  WHERE t.{id} > $1::text::{ty} AND starts_with(t.{path}, $2)
-                  ORDER BY t.{id} LIMIT $3"
-            ),
+            scans: [
+                scan(false, false),
+                scan(true, false),
+                scan(false, true),
+                scan(true, true),
+            ],
+            lease_end: [lease_end(false), lease_end(true)],
             commit: format!(
-                "WITH u AS (
+                "WITH lease AS (
+                     UPDATE relocator.leases SET last_id = $9, heartbeat = now()
+                      WHERE lease_id = $10 AND owner = $11
+                  RETURNING lease_id
+                 ), u AS (
                      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
                               AS u(id, old_path, new_path, copied)
+                      WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
                      UPDATE {tbl} AS t SET {path} = u.new_path
                        FROM u
@@ -227,19 +264,25 @@ impl Queries {
                  ), led AS (
                      INSERT INTO relocator.moves
                             (run_id, table_name, row_id, old_path, new_path,
-                             src_bucket, dst_bucket, copied)
-                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied FROM upd
+                             src_bucket, dst_bucket, copied, lease_id)
+                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10 FROM upd
                   RETURNING move_id, row_id
-                 ), pos AS (
-                     UPDATE relocator.runs SET last_id = COALESCE($9, last_id), updated_at = now()
-                      WHERE run_id = $5
                  )
-                 SELECT move_id, row_id FROM led"
+                 SELECT l.lease_id, led.move_id, led.row_id FROM lease l LEFT JOIN led ON true"
             ),
             referenced: format!(
                 "SELECT DISTINCT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
             ),
         }
+    }
+
+    /// The scan statement for these bounds.
+    pub fn scan(&self, lower: bool, upper: bool) -> &str {
+        &self.scans[usize::from(lower) + 2 * usize::from(upper)]
+    }
+
+    pub fn lease_end(&self, lower: bool) -> &str {
+        &self.lease_end[usize::from(lower)]
     }
 }
 
@@ -290,20 +333,34 @@ pub struct Row {
     pub path: String,
 }
 
-/// One keyset batch of selected rows after `after` (exclusive).
+/// One keyset batch of selected rows after `after` (exclusive) and up to `upto`
+/// (inclusive), in id order.
 pub async fn scan(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::Client,
     q: &Queries,
     prefix: &str,
     after: Option<&str>,
+    upto: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Row>> {
     let limit = limit as i64;
-    let rows = match after {
-        None => client.query(&q.scan_first, &[&prefix, &limit]).await,
-        Some(last) => client.query(&q.scan_next, &[&last, &prefix, &limit]).await,
+    let stmt = client
+        .prepare_cached(q.scan(after.is_some(), upto.is_some()))
+        .await
+        .context("preparing the keyset scan")?;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    if let Some(a) = &after {
+        params.push(a);
     }
-    .context("scanning the next batch of rows")?;
+    if let Some(u) = &upto {
+        params.push(u);
+    }
+    params.push(&prefix);
+    params.push(&limit);
+    let rows = client
+        .query(&stmt, &params)
+        .await
+        .context("scanning the next batch of rows")?;
     Ok(rows
         .into_iter()
         .map(|r| Row {

@@ -1,46 +1,89 @@
-//! The relocation job: finish what an earlier run left committed-but-not-cleaned, then
-//! scan → plan → copy → commit → cleanup, one keyset batch at a time. `plan` runs the same
-//! loop with the copy stage only looking and no commit.
+//! The relocation job. `run`: finish what earlier runs left committed-but-not-cleaned,
+//! then each worker takes leases ([`crate::lease`]) and pushes their keyset batches
+//! through a three-stage pipeline — copy → commit → cleanup, joined by bounded channels —
+//! so S3 never waits on the database and the database never waits on S3. `plan` runs
+//! the same planning and checks batch by batch, only looking.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use aws_sdk_s3::Client;
+use anyhow::{anyhow, Context, Result};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
 use crate::cleanup::{self, Pending};
-use crate::commit::{self, CommitBatch};
+use crate::commit::{self, CommitBatch, Committed};
 use crate::config::JobConfig;
 use crate::copy::{self, PairResult};
-use crate::db::{self, Queries, TableInfo};
+use crate::db::{self, Queries, Row, TableInfo};
+use crate::lease::{self, Take};
 use crate::plan::{self, Move};
 use crate::report::{Outcome, Report, ReportLine, Summary};
-use crate::s3;
+use crate::s3::{self, S3};
 
 /// Options of `run` beyond the job itself.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct RunOptions<'a> {
     pub report: Option<&'a Path>,
+    /// Pipelines in this process.
+    pub workers: usize,
+    /// Heartbeat age after which a lease whose owner still holds its session is taken.
+    pub lease_ttl: Duration,
 }
 
-/// Everything a job holds open while it runs.
-struct Ctx<'a> {
+impl Default for RunOptions<'_> {
+    fn default() -> Self {
+        RunOptions {
+            report: None,
+            workers: 1,
+            lease_ttl: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Batches per lease: large enough that taking leases costs nothing, small enough that
+/// many workers share a table evenly.
+const BATCHES_PER_LEASE: i64 = 10;
+
+/// Everything a job shares among its workers.
+struct Shared<'a> {
     cfg: &'a JobConfig,
-    db: deadpool_postgres::Object,
-    s3: Client,
+    pool: deadpool_postgres::Pool,
+    s3: S3,
     table: TableInfo,
     q: Queries,
+    report: Mutex<Report>,
+    /// Copies in flight per worker (the `--concurrency` budget split among workers).
+    concurrency: usize,
+}
+
+impl Shared<'_> {
+    fn report(&self) -> std::sync::MutexGuard<'_, Report> {
+        // A poisoned report only means another stage panicked; its counts are still
+        // the best there is.
+        self.report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn conn(&self) -> Result<deadpool_postgres::Client> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| anyhow!("getting a PostgreSQL connection: {e}"))
+    }
 }
 
 /// Connect, check the table against the catalog and both buckets: every failure here is
 /// a configuration error (exit 2) and nothing has been changed yet.
-async fn open(cfg: &JobConfig) -> Result<Ctx<'_>> {
-    let pool = db::pool(&cfg.database_url, 2)?;
+async fn open<'a>(cfg: &'a JobConfig, pool_size: usize, report: Report) -> Result<Shared<'a>> {
+    let pool = db::pool(&cfg.database_url, pool_size)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
+    drop(client);
     if !table.path_indexed {
         warn!(
             table = %table.display,
@@ -49,16 +92,18 @@ async fn open(cfg: &JobConfig) -> Result<Ctx<'_>> {
             table.qualified, table.path_col
         );
     }
-    let s3c = s3::client(&cfg.s3).await;
-    s3::check_bucket(&s3c, "--source", &cfg.source.bucket).await?;
-    s3::check_bucket(&s3c, "--dest", &cfg.dest.bucket).await?;
+    let client = s3::client(&cfg.s3).await;
+    s3::check_bucket(&client, "--source", &cfg.source.bucket).await?;
+    s3::check_bucket(&client, "--dest", &cfg.dest.bucket).await?;
     let q = Queries::new(&table);
-    Ok(Ctx {
+    Ok(Shared {
         cfg,
-        db: client,
-        s3: s3c,
+        pool,
+        s3: S3::new(client, cfg.s3.max_rps),
         table,
         q,
+        report: Mutex::new(report),
+        concurrency: cfg.concurrency,
     })
 }
 
@@ -69,95 +114,63 @@ pub async fn run(
     opts: &RunOptions<'_>,
     cancel: CancellationToken,
 ) -> Result<Summary> {
-    let mut ctx = open(cfg).await?;
-    db::ensure_ledger(&mut ctx.db).await?;
-    let mut report = Report::new("run", opts.report)?;
-    let (run_id, mut last_id) = begin_run(&ctx).await?;
-    info!(run_id, resume_after = ?last_id, source = %cfg.source, dest = %cfg.dest, "run started");
+    let workers = opts.workers.max(1);
+    // Per worker: lease, scan, commit and cleanup connections; one more for bookkeeping.
+    let mut sh = open(cfg, workers * 4 + 1, Report::new("run", opts.report)?).await?;
+    sh.concurrency = (cfg.concurrency / workers).max(1);
+    let mut main = sh.conn().await?;
+    db::ensure_ledger(&mut main).await?;
+    let (run_id, resumed) = lease::begin_run(&mut main, cfg, &sh.table).await?;
+    info!(run_id, resumed, workers, source = %cfg.source, dest = %cfg.dest, "run started");
 
     let result = async {
-        finish_earlier_cleanups(&mut ctx, &mut report).await?;
-        batches(&mut ctx, run_id, &mut last_id, &mut report, false, &cancel).await
+        finish_earlier_cleanups(&sh, &main).await?;
+        let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let all = (0..workers).map(|n| {
+            let me = format!("{tag}-{n}");
+            let sh = &sh;
+            let cancel = cancel.clone();
+            async move { worker(sh, run_id, &me, opts.lease_ttl, &cancel).await }
+        });
+        futures::future::try_join_all(all).await?;
+        lease::finish_run_if_complete(&main, run_id).await
     }
     .await;
+    let interrupted = cancel.is_cancelled();
     let status = match &result {
-        Ok(true) => "interrupted",
-        Ok(false) => "finished",
+        Ok(true) => "finished",
+        Ok(false) if interrupted => "interrupted",
+        Ok(false) => "running",
         Err(_) => "failed",
     };
-    if let Err(e) = end_run(&ctx, run_id, status).await {
-        warn!(error = %format!("{e:#}"), "could not record the run's status");
+    if status != "finished" && status != "running" {
+        if let Err(e) = main
+            .execute(
+                "UPDATE relocator.runs SET status = $2, updated_at = now()
+                  WHERE run_id = $1 AND status <> 'finished'",
+                &[&run_id, &status],
+            )
+            .await
+        {
+            warn!(error = %format!("{e:#}"), "could not record the run's status");
+        }
     }
-    let interrupted = result?;
+    result?;
+    let report = sh
+        .report
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let summary = report.finish(Some(run_id), interrupted)?;
     info!(run_id, status, "{}", summary.one_line());
     Ok(summary)
 }
 
-/// `relocator plan`: the dry run. Writes nothing to PostgreSQL or S3.
-#[instrument(skip_all, fields(table = %cfg.table))]
-pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
-    let mut ctx = open(cfg).await?;
-    let mut report = Report::new("plan", Some(out))?;
-    let mut last_id = None;
-    let interrupted = batches(&mut ctx, 0, &mut last_id, &mut report, true, &cancel).await?;
-    let summary = report.finish(None, interrupted)?;
-    info!("{}", summary.one_line());
-    Ok(summary)
-}
-
-/// Resume the newest unfinished run of the same job, or start a new one.
-async fn begin_run(ctx: &Ctx<'_>) -> Result<(i64, Option<String>)> {
-    let job = ctx.cfg.fingerprint();
-    let row = ctx
-        .db
-        .query_opt(
-            "UPDATE relocator.runs SET status = 'running', updated_at = now()
-              WHERE run_id = (SELECT run_id FROM relocator.runs
-                               WHERE job = $1 AND status <> 'finished'
-                               ORDER BY run_id DESC LIMIT 1)
-          RETURNING run_id, last_id",
-            &[&job],
-        )
-        .await
-        .context("looking for an unfinished run to resume")?;
-    if let Some(r) = row {
-        return Ok((r.get(0), r.get(1)));
-    }
-    let r = ctx
-        .db
-        .query_one(
-            "INSERT INTO relocator.runs (job, table_name, source, dest)
-             VALUES ($1, $2, $3, $4) RETURNING run_id",
-            &[
-                &job,
-                &ctx.table.display,
-                &ctx.cfg.source.to_string(),
-                &ctx.cfg.dest.to_string(),
-            ],
-        )
-        .await
-        .context("registering the run in the ledger")?;
-    Ok((r.get(0), None))
-}
-
-async fn end_run(ctx: &Ctx<'_>, run_id: i64, status: &str) -> Result<()> {
-    ctx.db
-        .execute(
-            "UPDATE relocator.runs SET status = $2, updated_at = now(),
-                    finished_at = CASE WHEN $2 = 'finished' THEN now() END
-              WHERE run_id = $1",
-            &[&run_id, &status],
-        )
-        .await?;
-    Ok(())
-}
-
-/// Before scanning: sources whose rows an earlier run committed but did not clean up.
-async fn finish_earlier_cleanups(ctx: &mut Ctx<'_>, report: &mut Report) -> Result<()> {
+/// Before any lease: sources whose rows were committed by a worker that died before
+/// cleaning up (their lease's lock is free).
+async fn finish_earlier_cleanups(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
     let mut after = 0;
     loop {
-        let pending = cleanup::pending_after(&ctx.db, &ctx.table.display, after, 1000).await?;
+        let pending = cleanup::pending_after(db, &sh.table.display, after, 1000).await?;
         let Some(last) = pending.last() else {
             return Ok(());
         };
@@ -166,7 +179,11 @@ async fn finish_earlier_cleanups(ctx: &mut Ctx<'_>, report: &mut Report) -> Resu
             count = pending.len(),
             "finishing the cleanup of an earlier run"
         );
-        cleanup::delete_sources(&ctx.db, &ctx.s3, &ctx.q, &pending, &mut report.counters).await?;
+        let mut counters = std::mem::take(&mut sh.report().counters);
+        let r = cleanup::delete_sources(db, &sh.s3, &sh.q, &pending, &mut counters).await;
+        let mut report = sh.report();
+        report.counters = counters;
+        r?;
         for p in pending {
             report.record(ReportLine {
                 id: p.row_id,
@@ -180,124 +197,397 @@ async fn finish_earlier_cleanups(ctx: &mut Ctx<'_>, report: &mut Report) -> Resu
     }
 }
 
-/// The batch loop. Returns whether it was interrupted. `dry_run`: look, don't touch.
-async fn batches(
-    ctx: &mut Ctx<'_>,
+/// A batch whose copies are done, on its way to the commit stage.
+struct Copied {
+    lease: i64,
+    last_id: String,
+    ready: Vec<(Move, bool)>,
+    rows: usize,
+}
+
+/// What flows from the copy stage to the commit stage.
+enum ToCommit {
+    Batch(Copied),
+    /// Every batch of this lease has been sent.
+    LeaseEnd(i64),
+}
+
+/// A committed batch, on its way to the cleanup stage.
+struct ToClean {
+    pending: Vec<Pending>,
+    take_back: Vec<String>,
+}
+
+/// One worker: take leases until the run is done, push their batches through the
+/// pipeline. Returns when the run has no more leases, or on cancellation.
+async fn worker(
+    sh: &Shared<'_>,
     run_id: i64,
-    last_id: &mut Option<String>,
-    report: &mut Report,
-    dry_run: bool,
+    me: &str,
+    ttl: Duration,
     cancel: &CancellationToken,
-) -> Result<bool> {
-    // plan only: destinations earlier batches would have filled, to predict collisions
-    // across batches the way run detects them (destination exists and differs).
-    let mut planned_claims: HashMap<String, String> = HashMap::new();
-    let mut progress = Progress::new();
-    loop {
+) -> Result<()> {
+    let lease_conn = tokio::sync::Mutex::new(sh.conn().await?);
+    let lost: Mutex<HashSet<i64>> = Mutex::new(HashSet::new());
+    let (to_commit, commit_rx) = mpsc::channel::<ToCommit>(1);
+    let (to_clean, clean_rx) = mpsc::channel::<ToClean>(1);
+    tokio::try_join!(
+        copy_stage(sh, run_id, me, ttl, &lease_conn, &lost, to_commit, cancel),
+        commit_stage(sh, run_id, me, &lease_conn, &lost, commit_rx, to_clean),
+        cleanup_stage(sh, clean_rx),
+    )?;
+    Ok(())
+}
+
+/// Stage 1: take leases, scan their batches, plan them, make the destination objects.
+#[allow(clippy::too_many_arguments)]
+async fn copy_stage(
+    sh: &Shared<'_>,
+    run_id: i64,
+    me: &str,
+    ttl: Duration,
+    lease_conn: &tokio::sync::Mutex<deadpool_postgres::Client>,
+    lost: &Mutex<HashSet<i64>>,
+    out: mpsc::Sender<ToCommit>,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let cfg = sh.cfg;
+    let scan_conn = sh.conn().await?;
+    let lease_rows = cfg.batch_size as i64 * BATCHES_PER_LEASE;
+    let claims = cfg.rewrite_spec.is_some();
+    'leases: loop {
         if cancel.is_cancelled() {
-            return Ok(true);
+            return Ok(());
         }
-        let rows = db::scan(
-            &ctx.db,
-            &ctx.q,
-            &ctx.cfg.source.prefix,
-            last_id.as_deref(),
-            ctx.cfg.batch_size,
-        )
-        .await?;
-        let Some(last) = rows.last() else {
-            return Ok(false);
+        let taken = {
+            let mut c = lease_conn.lock().await;
+            lease::take(&mut c, &sh.q, cfg, run_id, me, lease_rows, ttl).await?
         };
-        let batch_last = last.id.clone();
-        let n_rows = rows.len();
-        let batch = plan::plan_batch(rows, &ctx.cfg.rewrite);
-        for line in batch.skipped {
-            report.record(line)?;
-        }
-        let pairs = plan::distinct_pairs(&batch.moves);
-        let Some(results) = copy::copy_all(&ctx.s3, ctx.cfg, &pairs, dry_run, cancel).await? else {
-            info!("interrupted during the copy stage; nothing of this batch was committed");
-            return Ok(true);
-        };
-        let mut by_pair: HashMap<(&str, &str), PairResult> = HashMap::new();
-        for ((src, dst), r) in pairs.iter().zip(results) {
-            let claimant = match &r {
-                // plan: would an earlier batch have filled this destination from another source?
-                PairResult::Ready { .. } | PairResult::Conflict(_) if dry_run => {
-                    planned_claims.get(dst).filter(|o| *o != src).cloned()
-                }
-                // run: a differing destination that the ledger says another source moved to.
-                PairResult::Conflict(_) => earlier_claimant(ctx, dst, src).await?,
-                _ => None,
-            };
-            let r = match claimant {
-                Some(other) => {
-                    PairResult::Collision(format!("{other:?} maps to the same destination key"))
-                }
-                None => r,
-            };
-            if let PairResult::Ready { created, size } = r {
-                if dry_run {
-                    planned_claims.insert(dst.clone(), src.clone());
-                } else if created {
-                    report.counters.s3_copies += 1;
-                    report.counters.bytes_copied += size as u64;
+        let lease = match taken {
+            Take::Lease(l) => l,
+            Take::Done => return Ok(()),
+            Take::Wait => {
+                // Another worker is on the remaining leases; if it dies, take over.
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
-            by_pair.insert((src.as_str(), dst.as_str()), r);
-        }
-
-        let mut ready: Vec<(&Move, bool)> = Vec::new();
-        for m in &batch.moves {
-            let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
-                PairResult::Ready { created, .. } => {
-                    ready.push((m, *created));
-                    continue;
-                }
-                PairResult::MissingSource => (
-                    Outcome::MissingSource,
-                    format!("no object s3://{}/{}", ctx.cfg.source.bucket, m.row.path),
-                ),
-                PairResult::Conflict(d) => (Outcome::Conflict, d.clone()),
-                PairResult::Collision(d) => (Outcome::Collision, d.clone()),
-                PairResult::Rejected(d) => (Outcome::Error, d.clone()),
-            };
-            report.record(ReportLine {
-                id: m.row.id.clone(),
-                old_path: m.row.path.clone(),
-                new_path: m.dst_key.clone(),
-                outcome,
-                detail,
-            })?;
-        }
-
-        if dry_run {
-            for (m, created) in &ready {
-                report.record(moved_line(m, *created, true))?;
+        };
+        let mut pos = lease.pos.clone();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
             }
-        } else {
-            commit_and_clean(ctx, run_id, &ready, &batch_last, report).await?;
+            if lost.lock().map(|l| l.contains(&lease.id)).unwrap_or(true) {
+                continue 'leases;
+            }
+            let rows = db::scan(
+                &scan_conn,
+                &sh.q,
+                &cfg.source.prefix,
+                pos.as_deref(),
+                lease.hi.as_deref(),
+                cfg.batch_size,
+            )
+            .await?;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            let last_id = last.id.clone();
+            let n = rows.len();
+            let Some(ready) = copy_batch(sh, &scan_conn, run_id, rows, claims, cancel).await?
+            else {
+                info!("interrupted during the copy stage; nothing of this batch was committed");
+                return Ok(());
+            };
+            pos = Some(last_id.clone());
+            let batch = Copied {
+                lease: lease.id,
+                last_id,
+                ready,
+                rows: n,
+            };
+            if out.send(ToCommit::Batch(batch)).await.is_err() {
+                return Ok(()); // the commit stage stopped; its error is reported
+            }
         }
-        *last_id = Some(batch_last);
-        report.counters.batches += 1;
-        report.flush()?;
-        progress.tick(report, n_rows);
+        if out.send(ToCommit::LeaseEnd(lease.id)).await.is_err() {
+            return Ok(());
+        }
     }
 }
 
-/// Run only: a destination that exists and differs, and which the ledger says another
-/// source was moved to, is a collision rather than a foreign object.
-async fn earlier_claimant(ctx: &Ctx<'_>, dst: &str, src: &str) -> Result<Option<String>> {
-    let row = ctx
-        .db
+/// Plan one batch and make its destination objects. Rows that cannot move are reported
+/// here; the rest come back ready to commit. `None` when cancelled.
+async fn copy_batch(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    run_id: i64,
+    rows: Vec<Row>,
+    claims: bool,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<(Move, bool)>>> {
+    let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    let mut lines = batch.skipped;
+    let mut moves = batch.moves;
+    if claims {
+        // Several sources may map to one destination under --rewrite: the first claim
+        // in PostgreSQL wins, whichever worker makes it.
+        let lost = claim_destinations(db, run_id, &moves).await?;
+        moves.retain(|m| match lost.get(&m.dst_key) {
+            Some(other) => {
+                lines.push(attention(
+                    m,
+                    Outcome::Collision,
+                    format!("{other:?} maps to the same destination key"),
+                ));
+                false
+            }
+            None => true,
+        });
+    }
+    let pairs = plan::distinct_pairs(&moves);
+    let Some(results) =
+        copy::copy_all(&sh.s3, sh.cfg, &pairs, false, sh.concurrency, cancel).await?
+    else {
+        return Ok(None);
+    };
+    let mut by_pair: HashMap<(&str, &str), PairResult> = HashMap::new();
+    let mut copies = (0u64, 0u64);
+    for ((src, dst), r) in pairs.iter().zip(results) {
+        let r = match r {
+            PairResult::Conflict(d) => match earlier_claimant(sh, db, dst, src).await? {
+                Some(other) => {
+                    PairResult::Collision(format!("{other:?} maps to the same destination key"))
+                }
+                None => PairResult::Conflict(d),
+            },
+            other => other,
+        };
+        if let PairResult::Ready {
+            created: true,
+            size,
+        } = r
+        {
+            copies.0 += 1;
+            copies.1 += size as u64;
+        }
+        by_pair.insert((src.as_str(), dst.as_str()), r);
+    }
+    let (ready, more) = split_ready(&moves, &by_pair, &sh.cfg.source.bucket);
+    lines.extend(more);
+    let ready = ready.into_iter().map(|(m, c)| (m.clone(), c)).collect();
+    let mut report = sh.report();
+    report.counters.s3_copies += copies.0;
+    report.counters.bytes_copied += copies.1;
+    for l in lines {
+        report.record(l)?;
+    }
+    Ok(Some(ready))
+}
+
+/// Rows whose pair is ready, with whether relocator created the copy; report lines for
+/// the others. Shared by `run` and `plan`, so both classify alike.
+fn split_ready<'m>(
+    moves: &'m [Move],
+    by_pair: &HashMap<(&str, &str), PairResult>,
+    src_bucket: &str,
+) -> (Vec<(&'m Move, bool)>, Vec<ReportLine>) {
+    let mut ready = Vec::new();
+    let mut lines = Vec::new();
+    for m in moves {
+        let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
+            PairResult::Ready { created, .. } => {
+                ready.push((m, *created));
+                continue;
+            }
+            PairResult::MissingSource => (
+                Outcome::MissingSource,
+                format!("no object s3://{src_bucket}/{}", m.row.path),
+            ),
+            PairResult::Conflict(d) => (Outcome::Conflict, d.clone()),
+            PairResult::Collision(d) => (Outcome::Collision, d.clone()),
+            PairResult::Rejected(d) => (Outcome::Error, d.clone()),
+        };
+        lines.push(attention(m, outcome, detail));
+    }
+    (ready, lines)
+}
+
+fn attention(m: &Move, outcome: Outcome, detail: String) -> ReportLine {
+    ReportLine {
+        id: m.row.id.clone(),
+        old_path: m.row.path.clone(),
+        new_path: m.dst_key.clone(),
+        outcome,
+        detail,
+    }
+}
+
+/// Insert this batch's destination claims; returns the destinations already claimed by
+/// a different source (in this run).
+async fn claim_destinations(
+    db: &deadpool_postgres::Client,
+    run_id: i64,
+    moves: &[Move],
+) -> Result<HashMap<String, String>> {
+    let dsts: Vec<&str> = moves.iter().map(|m| m.dst_key.as_str()).collect();
+    let srcs: Vec<&str> = moves.iter().map(|m| m.row.path.as_str()).collect();
+    let stmt = db
+        .prepare_cached(
+            "WITH c AS (
+                 INSERT INTO relocator.claims (run_id, dst_key, src_key)
+                 SELECT DISTINCT ON (d) $1, d, s FROM unnest($2::text[], $3::text[]) AS u(d, s)
+                 ON CONFLICT DO NOTHING
+             )
+             SELECT c.dst_key, c.src_key FROM relocator.claims c
+               JOIN unnest($2::text[], $3::text[]) AS u(d, s) ON c.dst_key = u.d AND c.src_key <> u.s
+              WHERE c.run_id = $1",
+        )
+        .await?;
+    let rows = db
+        .query(&stmt, &[&run_id, &dsts, &srcs])
+        .await
+        .context("claiming destination keys")?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A destination that exists and differs, and which the ledger says another source was
+/// moved to, is a collision rather than a foreign object.
+async fn earlier_claimant(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    dst: &str,
+    src: &str,
+) -> Result<Option<String>> {
+    let row = db
         .query_opt(
             "SELECT old_path FROM relocator.moves
               WHERE table_name = $1 AND new_path = $2 AND old_path <> $3 LIMIT 1",
-            &[&ctx.table.display, &dst, &src],
+            &[&sh.table.display, &dst, &src],
         )
         .await
         .context("looking up who moved to a conflicting destination")?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// Stage 2: commit each batch (only while owning its lease), report its rows, hand the
+/// committed moves to the cleanup stage. Never interrupted mid-commit: it drains what
+/// the copy stage sent before stopping.
+async fn commit_stage(
+    sh: &Shared<'_>,
+    run_id: i64,
+    me: &str,
+    lease_conn: &tokio::sync::Mutex<deadpool_postgres::Client>,
+    lost: &Mutex<HashSet<i64>>,
+    mut rx: mpsc::Receiver<ToCommit>,
+    out: mpsc::Sender<ToClean>,
+) -> Result<()> {
+    let db = sh.conn().await?;
+    let mut progress = Progress::new();
+    while let Some(msg) = rx.recv().await {
+        let b = match msg {
+            ToCommit::LeaseEnd(id) => {
+                let c = lease_conn.lock().await;
+                if lost.lock().map(|l| l.contains(&id)).unwrap_or(false) {
+                    lease::release(&c, id).await?;
+                } else {
+                    lease::finish(&c, id, me).await?;
+                }
+                continue;
+            }
+            ToCommit::Batch(b) => b,
+        };
+        let batch = CommitBatch {
+            run_id,
+            lease_id: b.lease,
+            owner: me,
+            table: &sh.table,
+            src_bucket: &sh.cfg.source.bucket,
+            dst_bucket: &sh.cfg.dest.bucket,
+            moves: b.ready.iter().map(|(m, c)| (m, *c)).collect(),
+            last_id: &b.last_id,
+        };
+        let committed = match commit::commit_batch(&db, &sh.q, &batch).await? {
+            Committed::Rows(rows) => rows,
+            Committed::LeaseLost => {
+                warn!(
+                    lease = b.lease,
+                    "another worker took this lease over; leaving it to them"
+                );
+                if let Ok(mut l) = lost.lock() {
+                    l.insert(b.lease);
+                }
+                continue;
+            }
+        };
+        let mut clean = ToClean {
+            pending: Vec::with_capacity(committed.len()),
+            take_back: Vec::new(),
+        };
+        let mut used: HashSet<&str> = HashSet::new();
+        for (m, _) in &b.ready {
+            if let Some(move_id) = committed.get(&m.row.id) {
+                used.insert(&m.dst_key);
+                clean.pending.push(Pending {
+                    move_id: *move_id,
+                    row_id: m.row.id.clone(),
+                    old_path: m.row.path.clone(),
+                    new_path: m.dst_key.clone(),
+                    src_bucket: sh.cfg.source.bucket.clone(),
+                });
+            }
+        }
+        {
+            let mut report = sh.report();
+            for (m, created) in &b.ready {
+                if committed.contains_key(&m.row.id) {
+                    report.record(moved_line(m, *created, false))?;
+                } else {
+                    report.record(attention(
+                        m,
+                        Outcome::ChangedByApp,
+                        "the row changed before the rewrite committed; left as the application wrote it".into(),
+                    ))?;
+                    if *created
+                        && !used.contains(m.dst_key.as_str())
+                        && !clean.take_back.contains(&m.dst_key)
+                    {
+                        clean.take_back.push(m.dst_key.clone());
+                    }
+                }
+            }
+            report.counters.batches += 1;
+            report.flush()?;
+            progress.tick(&report, b.rows);
+        }
+        if out.send(clean).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Stage 3: delete the sources of committed moves, take back unused copies.
+async fn cleanup_stage(sh: &Shared<'_>, mut rx: mpsc::Receiver<ToClean>) -> Result<()> {
+    let db = sh.conn().await?;
+    while let Some(c) = rx.recv().await {
+        let mut counters = crate::report::Counters::default();
+        cleanup::delete_sources(&db, &sh.s3, &sh.q, &c.pending, &mut counters).await?;
+        let keys: Vec<&str> = c.take_back.iter().map(String::as_str).collect();
+        cleanup::take_back_copies(
+            &db,
+            &sh.s3,
+            &sh.q,
+            &sh.cfg.dest.bucket,
+            &keys,
+            &mut counters,
+        )
+        .await?;
+        sh.report().counters.add(&counters);
+    }
+    Ok(())
 }
 
 fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
@@ -316,72 +606,75 @@ fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
     }
 }
 
-/// Commit the ready rows (and the keyset position), then clean up. The commit is never
-/// interrupted: cancellation is only looked at between batches.
-async fn commit_and_clean(
-    ctx: &mut Ctx<'_>,
-    run_id: i64,
-    ready: &[(&Move, bool)],
-    batch_last: &str,
-    report: &mut Report,
-) -> Result<()> {
-    let batch = CommitBatch {
-        run_id,
-        table: &ctx.table,
-        src_bucket: &ctx.cfg.source.bucket,
-        dst_bucket: &ctx.cfg.dest.bucket,
-        moves: ready.to_vec(),
-        last_id: Some(batch_last),
-    };
-    let committed = commit::commit_batch(&mut ctx.db, &ctx.q, &batch).await?;
-
-    let mut pending = Vec::with_capacity(committed.len());
-    let mut used_dsts: HashSet<&str> = HashSet::new();
-    for (m, _) in ready {
-        if let Some(move_id) = committed.get(&m.row.id) {
-            used_dsts.insert(&m.dst_key);
-            pending.push(Pending {
-                move_id: *move_id,
-                row_id: m.row.id.clone(),
-                old_path: m.row.path.clone(),
-                new_path: m.dst_key.clone(),
-                src_bucket: ctx.cfg.source.bucket.clone(),
-            });
+/// `relocator plan`: the dry run. Writes nothing to PostgreSQL or S3.
+#[instrument(skip_all, fields(table = %cfg.table))]
+pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
+    let sh = open(cfg, 1, Report::new("plan", Some(out))?).await?;
+    let db = sh.conn().await?;
+    // Destinations earlier batches would have filled, to predict collisions across
+    // batches the way run detects them (destination exists and differs, ledger says who).
+    let mut claimed: HashMap<String, String> = HashMap::new();
+    let mut last_id: Option<String> = None;
+    let mut interrupted = false;
+    loop {
+        if cancel.is_cancelled() {
+            interrupted = true;
+            break;
         }
-    }
-    let mut take_back: Vec<&str> = Vec::new();
-    for (m, created) in ready {
-        if committed.contains_key(&m.row.id) {
-            report.record(moved_line(m, *created, false))?;
-        } else {
-            report.record(ReportLine {
-                id: m.row.id.clone(),
-                old_path: m.row.path.clone(),
-                new_path: m.dst_key.clone(),
-                outcome: Outcome::ChangedByApp,
-                detail:
-                    "the row changed before the rewrite committed; left as the application wrote it"
-                        .into(),
-            })?;
-            if *created
-                && !used_dsts.contains(m.dst_key.as_str())
-                && !take_back.contains(&m.dst_key.as_str())
-            {
-                take_back.push(&m.dst_key);
+        let rows = db::scan(
+            &db,
+            &sh.q,
+            &cfg.source.prefix,
+            last_id.as_deref(),
+            None,
+            cfg.batch_size,
+        )
+        .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        last_id = Some(last.id.clone());
+        let batch = plan::plan_batch(rows, &cfg.rewrite);
+        let pairs = plan::distinct_pairs(&batch.moves);
+        let Some(results) =
+            copy::copy_all(&sh.s3, cfg, &pairs, true, cfg.concurrency, &cancel).await?
+        else {
+            interrupted = true;
+            break;
+        };
+        let mut by_pair = HashMap::new();
+        for ((src, dst), r) in pairs.iter().zip(results) {
+            let r = match (claimed.get(dst), r) {
+                (Some(other), PairResult::Ready { .. } | PairResult::Conflict(_))
+                    if other != src =>
+                {
+                    PairResult::Collision(format!("{other:?} maps to the same destination key"))
+                }
+                (_, r) => r,
+            };
+            if matches!(r, PairResult::Ready { .. }) {
+                claimed.insert(dst.clone(), src.clone());
             }
+            by_pair.insert((src.as_str(), dst.as_str()), r);
         }
+        let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
+        let mut report = sh.report();
+        for l in batch.skipped.into_iter().chain(lines) {
+            report.record(l)?;
+        }
+        for (m, created) in ready {
+            report.record(moved_line(m, created, true))?;
+        }
+        report.counters.batches += 1;
+        report.flush()?;
     }
-    cleanup::delete_sources(&ctx.db, &ctx.s3, &ctx.q, &pending, &mut report.counters).await?;
-    cleanup::take_back_copies(
-        &ctx.db,
-        &ctx.s3,
-        &ctx.q,
-        &ctx.cfg.dest.bucket,
-        &take_back,
-        &mut report.counters,
-    )
-    .await?;
-    Ok(())
+    let report = sh
+        .report
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let summary = report.finish(None, interrupted)?;
+    info!("{}", summary.one_line());
+    Ok(summary)
 }
 
 /// A log line every few seconds (the progress bar comes with the runbook commands).

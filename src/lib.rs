@@ -29,6 +29,7 @@
 //! - [`job`] orchestrates the stages per keyset batch:
 //!   [`plan`] (pure: destination keys, collisions) → [`copy`] (S3) → [`commit`]
 //!   (one transaction) → [`cleanup`] (delete after commit).
+//! - [`lease`] shares a run among workers and processes (leases on id ranges).
 //! - [`db`] and [`s3`] are thin adapters; all SQL is in [`db`] and the stage modules.
 //! - [`rewrite`] is the pure key arithmetic; [`report`] the outcomes, CSV and summary;
 //!   [`seed`] the demo data; [`verify`] checks every row against the buckets.
@@ -40,6 +41,7 @@ pub mod config;
 pub mod copy;
 pub mod db;
 pub mod job;
+pub mod lease;
 pub mod plan;
 pub mod report;
 pub mod rewrite;

@@ -45,8 +45,16 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
     match cmd {
         Command::Run(a) => {
             let cfg = JobConfig::from_args(&a.job)?;
+            if a.workers == 0 || a.workers > 256 {
+                return Err(relocator::config::config_error(format!(
+                    "--workers {} is out of range; use 1 to 256",
+                    a.workers
+                )));
+            }
             let opts = RunOptions {
                 report: a.report.as_deref(),
+                workers: a.workers,
+                lease_ttl: std::time::Duration::from_secs(a.lease_ttl.max(1)),
             };
             let summary = job::run(&cfg, &opts, cancel).await?;
             finish(&summary, a.summary_json.as_deref())

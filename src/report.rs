@@ -81,6 +81,19 @@ pub struct Counters {
     pub bytes_copied: u64,
 }
 
+impl Counters {
+    /// Add another stage's counts.
+    pub fn add(&mut self, o: &Counters) {
+        self.s3_copies += o.s3_copies;
+        self.sources_deleted += o.sources_deleted;
+        self.sources_kept_referenced += o.sources_kept_referenced;
+        self.delete_failures += o.delete_failures;
+        self.copies_removed += o.copies_removed;
+        self.batches += o.batches;
+        self.bytes_copied += o.bytes_copied;
+    }
+}
+
 /// The final summary, also written as JSON with `--summary-json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {

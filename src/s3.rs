@@ -69,8 +69,11 @@ pub async fn client(settings: &S3Settings) -> Client {
         // by ETag and size instead.
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        // Adaptive mode: on throttling answers (503 SlowDown, 429) the SDK's client-side
+        // token bucket cuts the request rate and grows it back slowly, on top of the
+        // exponential backoff of each retry.
         .retry_config(
-            RetryConfig::standard()
+            RetryConfig::adaptive()
                 .with_max_attempts(settings.max_attempts)
                 .with_initial_backoff(Duration::from_millis(100))
                 .with_max_backoff(Duration::from_secs(10)),
@@ -85,6 +88,32 @@ pub async fn client(settings: &S3Settings) -> Client {
         b = b.endpoint_url(endpoint).force_path_style(true);
     }
     Client::from_conf(b.build())
+}
+
+/// The S3 side of a job: the shared client (one per endpoint, cloned cheaply into every
+/// worker) and the optional `--max-rps` cap, which every request of the job waits on.
+#[derive(Clone)]
+pub struct S3 {
+    pub client: Client,
+    limiter: Option<std::sync::Arc<governor::DefaultDirectRateLimiter>>,
+}
+
+impl S3 {
+    pub fn new(client: Client, max_rps: Option<std::num::NonZeroU32>) -> S3 {
+        let limiter = max_rps.map(|n| {
+            std::sync::Arc::new(governor::RateLimiter::direct(
+                governor::Quota::per_second(n).allow_burst(std::num::NonZeroU32::MIN),
+            ))
+        });
+        S3 { client, limiter }
+    }
+
+    /// Wait for the rate cap (if any) to allow one more request.
+    pub async fn ready(&self) {
+        if let Some(l) = &self.limiter {
+            l.until_ready().await;
+        }
+    }
 }
 
 /// Characters left as they are in an `x-amz-copy-source` value: RFC 3986 unreserved ones

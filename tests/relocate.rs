@@ -7,7 +7,8 @@ mod common;
 use std::collections::HashSet;
 
 use common::{read_outcomes, read_summary, TestEnv};
-use relocator::config::{JobConfig, TableName};
+use relocator::commit::Committed;
+use relocator::config::JobConfig;
 use relocator::db::{Queries, Row, TableInfo};
 use relocator::plan::Move;
 use relocator::s3;
@@ -174,13 +175,13 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
 }
 
 /// The compare-and-swap: a row the application changes between copy and commit is not
-/// rewritten, and is reported by the commit stage.
+/// rewritten, and is reported by the commit stage. And a worker that lost its lease
+/// rewrites nothing at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_changed_by_the_application_is_not_rewritten() {
     let env = TestEnv::new("cas").await;
     env.seed(5, 0).await;
-    let mut db = env.db().await;
-    let mut args = relocator::cli::JobArgs {
+    let args = relocator::cli::JobArgs {
         database_url: env.database_url.clone(),
         table: "avatars".into(),
         id_column: "id".into(),
@@ -195,10 +196,12 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
             endpoint_url: Some(common::var("AWS_ENDPOINT_URL")),
             s3_timeout: 30,
             s3_max_attempts: 3,
+            max_rps: None,
         },
     };
-    args.table = TableName::parse("avatars").unwrap().name;
     let cfg = JobConfig::from_args(&args).unwrap();
+    let pool = relocator::db::pool(&cfg.database_url, 2).unwrap();
+    let mut db = pool.get().await.unwrap();
     relocator::db::ensure_ledger(&mut db).await.unwrap();
     let table = TableInfo::resolve(&db, &cfg).await.unwrap();
     let q = Queries::new(&table);
@@ -210,7 +213,15 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         .await
         .unwrap()
         .get(0);
-    let rows = relocator::db::scan(&db, &q, "image/", None, 10)
+    let lease_id: i64 = db
+        .query_one(
+            "INSERT INTO relocator.leases (run_id, owner) VALUES ($1, 'me') RETURNING lease_id",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let rows = relocator::db::scan(&db, &q, "image/", None, None, 10)
         .await
         .unwrap();
     let moves: Vec<Move> = rows
@@ -227,17 +238,33 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     )
     .await
     .unwrap();
-    let batch = relocator::commit::CommitBatch {
+    let batch = |owner: &'static str| relocator::commit::CommitBatch {
         run_id,
+        lease_id,
+        owner,
         table: &table,
         src_bucket: &env.src_bucket,
         dst_bucket: &env.dst_bucket,
         moves: moves.iter().map(|m| (m, true)).collect(),
-        last_id: Some("5"),
+        last_id: "5",
     };
-    let committed = relocator::commit::commit_batch(&mut db, &q, &batch)
+    // Not the lease's owner: nothing is written.
+    let r = relocator::commit::commit_batch(&db, &q, &batch("someone-else"))
         .await
         .unwrap();
+    assert!(matches!(r, Committed::LeaseLost));
+    assert!(env
+        .rows()
+        .await
+        .iter()
+        .all(|(_, p)| p.starts_with("image/")));
+
+    let Committed::Rows(committed) = relocator::commit::commit_batch(&db, &q, &batch("me"))
+        .await
+        .unwrap()
+    else {
+        panic!("the owner's commit went through");
+    };
     assert_eq!(committed.len(), 4);
     assert!(!committed.contains_key("2"));
     let rows = env.rows().await;

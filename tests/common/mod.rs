@@ -93,6 +93,7 @@ pub fn s3_settings() -> S3Settings {
         endpoint_url: Some(var("AWS_ENDPOINT_URL")),
         timeout: std::time::Duration::from_secs(30),
         max_attempts: 3,
+        max_rps: None,
     }
 }
 
