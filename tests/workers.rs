@@ -1,0 +1,157 @@
+//! Many workers on one table: processes and threads share a run through leases, no row
+//! is processed twice, a killed worker's lease is finished by another; and the request
+//! rate cap holds.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{read_outcomes, TestEnv};
+
+async fn ledger_i64(env: &TestEnv, sql: &str) -> i64 {
+    env.db().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_with_two_workers_each_share_the_table_without_double_processing() {
+    let env = TestEnv::new("workers").await;
+    let seeded = env.seed(3000, 0).await;
+    let spawn = |n: usize| {
+        env.run_cmd(&[
+            "--workers",
+            "2",
+            "--batch-size",
+            "50",
+            "--report",
+            &env.path(&format!("r{n}.csv")),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (spawn(1), spawn(2));
+    for p in [a, b] {
+        let out = p.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    env.assert_converged(&seeded).await;
+
+    let moves = ledger_i64(&env, "SELECT count(*) FROM relocator.moves").await;
+    let distinct = ledger_i64(&env, "SELECT count(DISTINCT row_id) FROM relocator.moves").await;
+    assert_eq!(
+        (moves, distinct),
+        (3000, 3000),
+        "every row rewritten exactly once"
+    );
+    let owners = ledger_i64(&env, "SELECT count(DISTINCT owner) FROM relocator.leases").await;
+    assert!(
+        owners >= 3,
+        "the work was shared: {owners} workers took leases"
+    );
+    let (r1, r2) = (
+        read_outcomes(&env.path("r1.csv")),
+        read_outcomes(&env.path("r2.csv")),
+    );
+    assert!(
+        !r1.is_empty() && !r2.is_empty(),
+        "both processes did part of the work"
+    );
+    for (id, (outcome, _)) in r1.iter().chain(r2.iter()) {
+        assert_eq!(outcome, "moved", "row {id}");
+    }
+    assert_eq!(r1.len() + r2.len(), 3000, "no row reported by both");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_workers_lease_is_finished_by_another() {
+    let env = TestEnv::new("takeover").await;
+    let seeded = env.seed(600, 0).await;
+    // A slow worker (rate-capped) with leases of 200 rows: kill it mid-lease.
+    let mut slow = env
+        .run_cmd(&["--batch-size", "20", "--max-rps", "150"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let n = env
+            .db()
+            .await
+            .query_one("SELECT count(*) FROM relocator.moves", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0);
+        if n >= 40 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the slow worker made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    let (lease, owner): (i64, String) = {
+        let r = env
+            .db()
+            .await
+            .query_one(
+                "SELECT lease_id, owner FROM relocator.leases WHERE NOT done ORDER BY lease_id LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+
+    let out = env.run_cmd(&[]).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("took over a lease"), "{err}");
+    let r = env
+        .db()
+        .await
+        .query_one(
+            "SELECT owner, done FROM relocator.leases WHERE lease_id = $1",
+            &[&lease],
+        )
+        .await
+        .unwrap();
+    let (new_owner, done): (String, bool) = (r.get(0), r.get(1));
+    assert_ne!(new_owner, owner, "the lease changed hands");
+    assert!(done, "and was finished");
+    env.assert_converged(&seeded).await;
+    let twice = ledger_i64(
+        &env,
+        "SELECT count(*) FROM (SELECT row_id FROM relocator.moves GROUP BY 1 HAVING count(*) > 1) d",
+    )
+    .await;
+    assert_eq!(twice, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_rps_caps_the_request_rate() {
+    let env = TestEnv::new("maxrps").await;
+    let seeded = env.seed(30, 0).await;
+    // 30 objects: HEAD source, HEAD destination, COPY each, plus one DeleteObjects:
+    // 91 requests. At 30 per second that cannot take less than 3 seconds.
+    let started = Instant::now();
+    let (code, err) = env.run(&["--max-rps", "30"]);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        took >= Duration::from_millis(2900),
+        "91 requests at 30/s took only {took:?}"
+    );
+    env.assert_converged(&seeded).await;
+}
