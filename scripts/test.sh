@@ -24,5 +24,5 @@ echo "test.sh: stack up/up/down/up ok" >&2
 
 eval "$(scripts/stack.sh env)"
 cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --all-features --locked -- -D warnings
 cargo test --locked

@@ -18,11 +18,15 @@ CREATE TABLE IF NOT EXISTS relocator.runs (
     -- Keyset position: the last id of the last committed batch (text form of the id).
     last_id     text
 );
--- Work is handed out as leases on id ranges, carved from this frontier.
+-- Work is handed out as leases carved from two frontiers: phase 1 walks the source
+-- listing (key ranges), phase 2 then sweeps the table by id (id ranges).
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS frontier text;
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS frontier_end boolean NOT NULL DEFAULT false;
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS key_frontier text;
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS key_frontier_end boolean NOT NULL DEFAULT false;
 
--- A lease: the id range (lo, hi] of one run that one worker processes. A worker holds a
+-- A lease: the range (lo, hi] of one run that one worker processes: source keys in
+-- phase 1, ids in phase 2. A worker holds a
 -- session advisory lock on its lease while alive, so a dead worker's lease is taken over
 -- at once; a hung one's after its heartbeat expires. Rows are rewritten only by the
 -- lease's current owner (checked in the rewrite's own statement).
@@ -36,6 +40,7 @@ CREATE TABLE IF NOT EXISTS relocator.leases (
     last_id   text,        -- progress: the last id of the lease's last committed batch
     done      boolean     NOT NULL DEFAULT false
 );
+ALTER TABLE relocator.leases ADD COLUMN IF NOT EXISTS phase smallint NOT NULL DEFAULT 2;
 CREATE INDEX IF NOT EXISTS leases_open_idx ON relocator.leases (run_id) WHERE NOT done;
 
 -- With --rewrite, several sources may map to one destination key. Claims make the first

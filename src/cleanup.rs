@@ -35,6 +35,7 @@ pub async fn still_referenced(
         return Ok(HashSet::new());
     }
     let stmt = client.prepare_cached(&q.referenced).await?;
+    crate::db::rt(1);
     let rows = client
         .query(&stmt, &[&keys])
         .await
@@ -78,7 +79,7 @@ pub async fn delete_sources(
     let mut failed: HashSet<(String, String)> = HashSet::new();
     for (bucket, keys) in &by_bucket {
         for chunk in keys.chunks(DELETE_BATCH) {
-            s3c.ready().await;
+            s3c.ready_write().await;
             let errors = s3::delete_many(&s3c.client, bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
@@ -112,6 +113,7 @@ pub async fn delete_sources(
               WHERE m.move_id = u.move_id",
         )
         .await?;
+    crate::db::rt(1);
     db.execute(&mark, &[&ids, &outcomes])
         .await
         .context("marking cleaned-up moves in the ledger")?;
@@ -127,6 +129,7 @@ pub async fn pending_after(
     after: i64,
     limit: i64,
 ) -> Result<Vec<Pending>> {
+    crate::db::rt(1);
     let rows = db
         .query(
             "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket
@@ -167,7 +170,7 @@ pub async fn take_back_copies(
 ) -> Result<()> {
     let referenced = still_referenced(db, q, keys).await?;
     for key in keys.iter().filter(|k| !referenced.contains(**k)) {
-        s3c.ready().await;
+        s3c.ready_write().await;
         s3::delete_one(&s3c.client, bucket, key)
             .await
             .map_err(anyhow::Error::from)

@@ -53,6 +53,7 @@ pub async fn commit_batch(
         .prepare_cached(&q.commit)
         .await
         .context("preparing the batch rewrite")?;
+    crate::db::rt(1);
     let rows = client
         .query(
             &stmt,

@@ -2,7 +2,11 @@
 //! overwriting a different one. Copies in flight are bounded by `--concurrency`.
 //!
 //! Invariant enforced here: *a different object already at the destination is never
-//! overwritten* — [`copy_pair`] copies only after HEAD found the destination key free.
+//! overwritten* — [`copy_known`] copies only when the destination key was found free, by
+//! a HEAD (phase 2, plan) or a listing of the batch's key range taken just before its
+//! copies (phase 1). S3-compatible servers differ on conditional copies (Garage ignores
+//! `If-None-Match` on CopyObject, see tests/s3_semantics.rs), so relocator never relies
+//! on one.
 
 use anyhow::{anyhow, Result};
 use futures::{stream, StreamExt};
@@ -54,6 +58,30 @@ pub async fn copy_all(
     results.into_iter().collect::<Result<Vec<_>>>().map(Some)
 }
 
+/// Phase 1: copy pairs whose source and destination state a listing taken just before
+/// already gives (`src`; `dst` None = the key was free). No HEAD per object.
+pub async fn copy_all_known(
+    s3c: &S3,
+    cfg: &JobConfig,
+    pairs: &[(String, ObjectInfo, String, Option<ObjectInfo>)],
+    concurrency: usize,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<PairResult>>> {
+    let results: Vec<Result<PairResult>> = stream::iter(pairs)
+        .map(|(src_key, src, dst_key, dst)| {
+            copy_known(s3c, cfg, src_key, src, dst_key, dst.as_ref(), false)
+        })
+        .buffered(concurrency.max(1))
+        .take_until(cancel.cancelled())
+        .collect()
+        .await;
+    if results.len() < pairs.len() {
+        return Ok(None);
+    }
+    results.into_iter().collect::<Result<Vec<_>>>().map(Some)
+}
+
+/// Phase 2 and plan: HEAD the source and the destination, then act on what they say.
 async fn copy_pair(
     s3c: &S3,
     cfg: &JobConfig,
@@ -62,18 +90,35 @@ async fn copy_pair(
     dry_run: bool,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
-    let client = &s3c.client;
-    s3c.ready().await;
-    let src = match s3::head(client, sb, src_key).await {
+    s3c.ready_read().await;
+    let src = match s3::head(&s3c.client, sb, src_key).await {
         Ok(Some(info)) => info,
         Ok(None) => return Ok(PairResult::MissingSource),
         Err(e) => return per_object(e),
     };
-    s3c.ready().await;
-    match s3::head(client, db, dst_key).await {
-        Ok(Some(existing)) => return Ok(compare_existing(&src, &existing)),
-        Ok(None) => {}
+    s3c.ready_read().await;
+    let dst = match s3::head(&s3c.client, db, dst_key).await {
+        Ok(d) => d,
         Err(e) => return per_object(e),
+    };
+    copy_known(s3c, cfg, src_key, &src, dst_key, dst.as_ref(), dry_run).await
+}
+
+/// The one place a destination object is created: only when the destination was found
+/// free (`dst` None), from a source that must still have the ETag it was seen with.
+async fn copy_known(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_key: &str,
+    dst: Option<&ObjectInfo>,
+    dry_run: bool,
+) -> Result<PairResult> {
+    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
+    let client = &s3c.client;
+    if let Some(existing) = dst {
+        return Ok(compare_existing(src, existing));
     }
     if dry_run {
         return Ok(PairResult::Ready {
@@ -81,11 +126,11 @@ async fn copy_pair(
             size: src.size,
         });
     }
-    s3c.ready().await;
-    match s3::copy(client, sb, src_key, &src, db, dst_key).await {
+    s3c.ready_write().await;
+    match s3::copy(client, sb, src_key, src, db, dst_key).await {
         Ok(_) if src.is_multipart() => {
             // A multipart source's ETag is not comparable; confirm the size instead.
-            s3c.ready().await;
+            s3c.ready_read().await;
             match s3::head(client, db, dst_key).await {
                 Ok(Some(d)) if d.size == src.size => {}
                 Ok(other) => {
@@ -100,12 +145,10 @@ async fn copy_pair(
         }
         Ok(_) => {}
         Err(S3Error::NotFound) => return Ok(PairResult::MissingSource),
-        Err(S3Error::PreconditionFailed) => {
-            return Ok(PairResult::Rejected(
-                "the source object changed during the copy; rerun to pick up the new version"
-                    .into(),
-            ))
-        }
+        Err(S3Error::PreconditionFailed) => return Ok(PairResult::Rejected(
+            "the source object changed since it was looked at; rerun to pick up the new version"
+                .into(),
+        )),
         Err(e) => return per_object(e),
     }
     debug!(src = %src_key, dst = %dst_key, size = src.size, "copied");

@@ -8,6 +8,15 @@ use tokio_postgres::NoTls;
 
 use crate::config::{config_error, quote_ident, DatabaseUrl, JobConfig};
 
+/// Round trips to PostgreSQL made by the job path (process-wide; for the summary and
+/// the benchmark). Each statement relocator sends counts one.
+pub static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Count `n` round trips.
+pub fn rt(n: u64) {
+    ROUND_TRIPS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The ledger's DDL, applied idempotently on first use.
 const LEDGER_SQL: &str = include_str!("../sql/ledger.sql");
 
@@ -203,6 +212,8 @@ pub struct Queries {
     pub commit: String,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
+    /// $1 keys: the rows referencing them, in id order (phase 1; uses the path index).
+    pub lookup: String,
 }
 
 impl Queries {
@@ -272,6 +283,10 @@ impl Queries {
             ),
             referenced: format!(
                 "SELECT DISTINCT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
+            ),
+            lookup: format!(
+                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
+                  WHERE t.{path} = ANY ($1::text[]) ORDER BY t.{id}"
             ),
         }
     }
@@ -357,6 +372,7 @@ pub async fn scan(
     }
     params.push(&prefix);
     params.push(&limit);
+    rt(1);
     let rows = client
         .query(&stmt, &params)
         .await

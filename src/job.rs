@@ -44,10 +44,6 @@ impl Default for RunOptions<'_> {
     }
 }
 
-/// Batches per lease: large enough that taking leases costs nothing, small enough that
-/// many workers share a table evenly.
-const BATCHES_PER_LEASE: i64 = 10;
-
 /// Everything a job shares among its workers.
 struct Shared<'a> {
     cfg: &'a JobConfig,
@@ -253,17 +249,30 @@ async fn copy_stage(
 ) -> Result<()> {
     let cfg = sh.cfg;
     let scan_conn = sh.conn().await?;
-    let lease_rows = cfg.batch_size as i64 * BATCHES_PER_LEASE;
     let claims = cfg.rewrite_spec.is_some();
+    // Phase 1 (listing-driven, no HEAD per object) needs the prefix swap to keep key
+    // order (no --rewrite) and an index to find rows by key.
+    let phase1 = sh.table.path_indexed && !claims;
     'leases: loop {
         if cancel.is_cancelled() {
             return Ok(());
         }
         let taken = {
-            let mut c = lease_conn.lock().await;
-            lease::take(&mut c, &sh.q, cfg, run_id, me, lease_rows, ttl).await?
+            let c = lease_conn.lock().await;
+            lease::take(
+                &c,
+                &sh.q,
+                &sh.s3,
+                cfg,
+                run_id,
+                me,
+                cfg.batch_size,
+                ttl,
+                phase1,
+            )
+            .await?
         };
-        let lease = match taken {
+        let mut lease = match taken {
             Take::Lease(l) => l,
             Take::Done => return Ok(()),
             Take::Wait => {
@@ -274,6 +283,35 @@ async fn copy_stage(
                 }
             }
         };
+        if lease.phase == 1 {
+            let objects = match lease.objects.take() {
+                Some(o) => o,
+                None => relist(sh, lease.pos.as_deref(), lease.hi.as_deref()).await?,
+            };
+            if let Some((last, _)) = objects.last() {
+                let last_id = last.clone();
+                let n = objects.len();
+                let Some(ready) =
+                    key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, cancel).await?
+                else {
+                    info!("interrupted during the copy stage; nothing of this batch was committed");
+                    return Ok(());
+                };
+                let batch = Copied {
+                    lease: lease.id,
+                    last_id,
+                    ready,
+                    rows: n,
+                };
+                if out.send(ToCommit::Batch(batch)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if out.send(ToCommit::LeaseEnd(lease.id)).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         let mut pos = lease.pos.clone();
         loop {
             if cancel.is_cancelled() {
@@ -353,6 +391,148 @@ async fn copy_batch(
     else {
         return Ok(None);
     };
+    settle(sh, db, moves, &pairs, results, lines)
+        .await
+        .map(Some)
+}
+
+/// Phase 1: a page range of the source listing. The rows referencing those keys are
+/// found through the path index; the destination range is listed just before the copies
+/// (the prefix swap keeps key order, so it is one contiguous range): no HEAD per object.
+async fn key_batch(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    after: Option<&str>,
+    objects: Vec<(String, s3::ObjectInfo)>,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<(Move, bool)>>> {
+    let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
+    db::rt(1);
+    let stmt = db.prepare_cached(&sh.q.lookup).await?;
+    let rows: Vec<Row> = db
+        .query(&stmt, &[&keys])
+        .await
+        .context("finding the rows that reference a page of source keys")?
+        .into_iter()
+        .map(|r| Row {
+            id: r.get(0),
+            path: r.get(1),
+        })
+        .collect();
+    let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    let swap = |k: &str| match sh.cfg.rewrite.map(k) {
+        crate::rewrite::Mapped::To(d) => Some(d),
+        _ => None,
+    };
+    let Some((last, _)) = objects.last() else {
+        return Ok(Some(Vec::new()));
+    };
+    let dst_from = after.and_then(swap);
+    let dst_to = swap(last).unwrap_or_default();
+    let existing = list_range(
+        sh,
+        &sh.cfg.dest.bucket,
+        &sh.cfg.dest.prefix,
+        dst_from,
+        &dst_to,
+    )
+    .await?;
+    let src_info: HashMap<&str, &s3::ObjectInfo> =
+        objects.iter().map(|(k, i)| (k.as_str(), i)).collect();
+    let pairs = plan::distinct_pairs(&batch.moves);
+    let known: Vec<(String, s3::ObjectInfo, String, Option<s3::ObjectInfo>)> = pairs
+        .iter()
+        .filter_map(|(src, dst)| {
+            let info = src_info.get(src.as_str())?;
+            Some((
+                src.clone(),
+                (*info).clone(),
+                dst.clone(),
+                existing.get(dst).cloned(),
+            ))
+        })
+        .collect();
+    let Some(results) =
+        copy::copy_all_known(&sh.s3, sh.cfg, &known, sh.concurrency, cancel).await?
+    else {
+        return Ok(None);
+    };
+    settle(sh, db, batch.moves, &pairs, results, batch.skipped)
+        .await
+        .map(Some)
+}
+
+/// The keys of `bucket` under `prefix` in (from, to], with their identity.
+async fn list_range(
+    sh: &Shared<'_>,
+    bucket: &str,
+    prefix: &str,
+    from: Option<String>,
+    to: &str,
+) -> Result<HashMap<String, s3::ObjectInfo>> {
+    let mut found = HashMap::new();
+    let mut after = from;
+    loop {
+        let (page, more) = s3::list_page(&sh.s3, bucket, prefix, after.as_deref(), 1000)
+            .await
+            .map_err(anyhow::Error::from)
+            .context("listing the destination")?;
+        let Some((last, _)) = page.last() else {
+            return Ok(found);
+        };
+        let past = last.as_str() >= to;
+        after = Some(last.clone());
+        found.extend(page.into_iter().filter(|(k, _)| k.as_str() <= to));
+        if past || !more {
+            return Ok(found);
+        }
+    }
+}
+
+/// After a takeover: the source objects of a phase-1 lease still to do, (after, hi].
+async fn relist(
+    sh: &Shared<'_>,
+    after: Option<&str>,
+    hi: Option<&str>,
+) -> Result<Vec<(String, s3::ObjectInfo)>> {
+    let Some(hi) = hi else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut after = after.map(str::to_owned);
+    loop {
+        let (page, more) = s3::list_page(
+            &sh.s3,
+            &sh.cfg.source.bucket,
+            &sh.cfg.source.prefix,
+            after.as_deref(),
+            1000,
+        )
+        .await
+        .map_err(anyhow::Error::from)
+        .context("listing the source")?;
+        let Some((last, _)) = page.last() else {
+            return Ok(out);
+        };
+        let past = last.as_str() >= hi;
+        after = Some(last.clone());
+        out.extend(page.into_iter().filter(|(k, _)| k.as_str() <= hi));
+        if past || !more {
+            return Ok(out);
+        }
+    }
+}
+
+/// Classify a batch's copy results (conflicts the ledger explains become collisions),
+/// count the copies, report the rows that cannot move; the rest are ready to commit.
+async fn settle(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    moves: Vec<Move>,
+    pairs: &[(String, String)],
+    results: Vec<PairResult>,
+    mut lines: Vec<ReportLine>,
+) -> Result<Vec<(Move, bool)>> {
     let mut by_pair: HashMap<(&str, &str), PairResult> = HashMap::new();
     let mut copies = (0u64, 0u64);
     for ((src, dst), r) in pairs.iter().zip(results) {
@@ -384,7 +564,7 @@ async fn copy_batch(
     for l in lines {
         report.record(l)?;
     }
-    Ok(Some(ready))
+    Ok(ready)
 }
 
 /// Rows whose pair is ready, with whether relocator created the copy; report lines for
@@ -446,6 +626,7 @@ async fn claim_destinations(
               WHERE c.run_id = $1",
         )
         .await?;
+    db::rt(1);
     let rows = db
         .query(&stmt, &[&run_id, &dsts, &srcs])
         .await
@@ -461,6 +642,7 @@ async fn earlier_claimant(
     dst: &str,
     src: &str,
 ) -> Result<Option<String>> {
+    db::rt(1);
     let row = db
         .query_opt(
             "SELECT old_path FROM relocator.moves

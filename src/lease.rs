@@ -1,7 +1,7 @@
 //! Sharing one run among many workers (threads of one process, or processes on many
-//! machines) through PostgreSQL: the run's id space is handed out as leases on id ranges
-//! carved from a frontier, and each worker holds a session advisory lock on the lease it
-//! works on.
+//! machines) through PostgreSQL: the work is handed out as leases carved from frontiers —
+//! phase 1: page ranges of the source listing; phase 2: id ranges of the table — and each
+//! worker holds a session advisory lock on the lease it works on.
 //!
 //! - A worker whose process dies loses its database session, and with it the advisory
 //!   lock: the next worker that looks takes the lease over at once, resuming at the
@@ -15,20 +15,25 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::JobConfig;
-use crate::db::{Queries, TableInfo};
+use crate::db::{rt, Queries, TableInfo};
+use crate::s3::{self, ObjectInfo, S3};
 
 /// First key of relocator's advisory locks ("relo"); the second is the lease id.
 pub const LOCK_CLASS: i32 = 0x7265_6c6f;
 /// The same, typed for comparisons with `pg_locks.classid`.
 pub const LOCK_CLASS_I64: i64 = LOCK_CLASS as i64;
 
-/// A lease: rows with `lo < id <= hi` of one run, resumed after `pos`.
+/// A lease: in phase 1, source keys in (lo, hi]; in phase 2, rows with lo < id <= hi.
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub id: i64,
+    pub phase: i16,
     pub hi: Option<String>,
-    /// Where to continue: the last committed id, or the lease's lower bound.
+    /// Where to continue: the last committed key/id, or the lease's lower bound.
     pub pos: Option<String>,
+    /// Phase 1, freshly carved: the source objects the carving listing returned, so the
+    /// worker need not list them again.
+    pub objects: Option<Vec<(String, ObjectInfo)>>,
 }
 
 /// What [`take`] found.
@@ -36,7 +41,7 @@ pub struct Lease {
 pub enum Take {
     Lease(Lease),
     /// No lease free now, but others are still being worked on: look again later (their
-    /// owner may die).
+    /// owner may die, or phase 2 waits for phase 1 to end).
     Wait,
     /// Every lease of the run is done.
     Done,
@@ -88,126 +93,267 @@ pub async fn begin_run(
 }
 
 /// Take a lease of `run_id` for worker `me`: first one whose owner is gone (its lock is
-/// free) or hung (heartbeat older than `ttl`), else a new one of `rows` selected rows
-/// carved from the frontier. Runs on the worker's own connection, which keeps the
-/// session advisory lock on the lease it returns.
+/// free) or hung (heartbeat older than `ttl`); else a new one carved from the run's
+/// frontiers — phase 1 (a page range of the source listing, `batch` keys) while
+/// `phase1` is allowed and the listing is not exhausted, then phase 2 (`batch` rows of
+/// ids) once every phase-1 lease is done. Carving is optimistic: the frontier moves only
+/// if nobody moved it meanwhile, so nothing is locked while the listing runs. The lease
+/// connection keeps the session advisory lock on the lease returned.
+#[allow(clippy::too_many_arguments)]
 pub async fn take(
-    lease_conn: &mut deadpool_postgres::Client,
+    lease_conn: &deadpool_postgres::Client,
     q: &Queries,
+    s3c: &S3,
     cfg: &JobConfig,
     run_id: i64,
     me: &str,
-    rows: i64,
+    batch: usize,
     ttl: Duration,
+    phase1: bool,
 ) -> Result<Take> {
-    let tx = lease_conn.transaction().await?;
-    let open = tx
-        .query(
-            "SELECT lease_id, hi, COALESCE(last_id, lo),
-                    heartbeat < now() - make_interval(secs => $3::float8)
-               FROM relocator.leases
-              WHERE run_id = $1 AND NOT done AND owner <> $2
-              ORDER BY lease_id
-                FOR UPDATE SKIP LOCKED",
-            &[&run_id, &me, &ttl.as_secs_f64()],
-        )
-        .await
-        .context("looking for leases to take over")?;
-    for r in open {
-        let id: i64 = r.get(0);
-        let expired: bool = r.get(3);
-        let free: bool = tx
+    if let Some(l) = take_over(lease_conn, run_id, me, ttl).await? {
+        return Ok(Take::Lease(l));
+    }
+    loop {
+        rt(1);
+        let run = lease_conn
             .query_one(
-                "SELECT pg_try_advisory_lock($1, $2::bigint::int)",
-                &[&LOCK_CLASS, &id],
+                "SELECT key_frontier, key_frontier_end, frontier, frontier_end,
+                        (SELECT count(*) FROM relocator.leases
+                          WHERE run_id = $1 AND NOT done AND phase = 1),
+                        (SELECT count(*) FROM relocator.leases WHERE run_id = $1 AND NOT done)
+                   FROM relocator.runs WHERE run_id = $1",
+                &[&run_id],
             )
-            .await?
-            .get(0);
-        if free || expired {
-            tx.execute(
-                "UPDATE relocator.leases SET owner = $2, heartbeat = now() WHERE lease_id = $1",
-                &[&id, &me],
+            .await
+            .context("reading the run's frontiers")?;
+        let (key_frontier, key_end): (Option<String>, bool) = (run.get(0), run.get(1));
+        let (frontier, id_end): (Option<String>, bool) = (run.get(2), run.get(3));
+        let (open_phase1, open_all): (i64, i64) = (run.get(4), run.get(5));
+
+        if phase1 && !key_end {
+            let objects = list_keys(s3c, cfg, key_frontier.as_deref(), batch).await?;
+            let hi = objects.last().map(|(k, _)| k.clone());
+            let end = objects.len() < batch;
+            let carved = carve(
+                lease_conn,
+                run_id,
+                me,
+                1,
+                key_frontier.as_deref(),
+                hi.as_deref(),
+                end,
             )
             .await?;
-            tx.commit().await?;
-            tracing::info!(lease = id, "took over a lease whose worker is gone");
+            match (carved, hi) {
+                (Carved::Lease(id), Some(hi)) => {
+                    return Ok(Take::Lease(Lease {
+                        id,
+                        phase: 1,
+                        hi: Some(hi),
+                        pos: key_frontier,
+                        objects: Some(objects),
+                    }))
+                }
+                // Lost the race for the frontier, or the listing was empty: look again.
+                _ => continue,
+            }
+        }
+        if open_phase1 > 0 {
+            // Phase 2 sweeps rows phase 1 may still be moving: wait for it to end.
+            return Ok(Take::Wait);
+        }
+        if id_end {
+            return Ok(if open_all > 0 { Take::Wait } else { Take::Done });
+        }
+        let offset = batch as i64 * PHASE2_BATCHES - 1;
+        let prefix = cfg.source.prefix.as_str();
+        rt(1);
+        let hi: Option<String> = match &frontier {
+            None => {
+                lease_conn
+                    .query_opt(q.lease_end(false), &[&prefix, &offset])
+                    .await?
+            }
+            Some(f) => {
+                lease_conn
+                    .query_opt(q.lease_end(true), &[f, &prefix, &offset])
+                    .await?
+            }
+        }
+        .map(|r| r.get(0));
+        let end = hi.is_none();
+        if let Carved::Lease(id) = carve(
+            lease_conn,
+            run_id,
+            me,
+            2,
+            frontier.as_deref(),
+            hi.as_deref(),
+            end,
+        )
+        .await?
+        {
             return Ok(Take::Lease(Lease {
                 id,
-                hi: r.get(1),
-                pos: r.get(2),
+                phase: 2,
+                hi,
+                pos: frontier,
+                objects: None,
             }));
         }
     }
-
-    let run = tx
-        .query_one(
-            "SELECT frontier, frontier_end FROM relocator.runs WHERE run_id = $1 FOR UPDATE",
-            &[&run_id],
-        )
-        .await
-        .context("reading the run's frontier")?;
-    let frontier: Option<String> = run.get(0);
-    if run.get::<_, bool>(1) {
-        let open: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM relocator.leases WHERE run_id = $1 AND NOT done",
-                &[&run_id],
-            )
-            .await?
-            .get(0);
-        tx.commit().await?;
-        return Ok(if open > 0 { Take::Wait } else { Take::Done });
-    }
-    let offset = rows - 1;
-    let prefix = cfg.source.prefix.as_str();
-    let hi: Option<String> = match &frontier {
-        None => tx
-            .query_opt(q.lease_end(false), &[&prefix, &offset])
-            .await?
-            .map(|r| r.get(0)),
-        Some(f) => tx
-            .query_opt(q.lease_end(true), &[f, &prefix, &offset])
-            .await?
-            .map(|r| r.get(0)),
-    };
-    let id: i64 = tx
-        .query_one(
-            "INSERT INTO relocator.leases (run_id, lo, hi, owner) VALUES ($1, $2, $3, $4)
-             RETURNING lease_id",
-            &[&run_id, &frontier, &hi, &me],
-        )
-        .await?
-        .get(0);
-    tx.execute(
-        "UPDATE relocator.runs SET frontier = $2::text, frontier_end = ($2::text IS NULL), updated_at = now()
-          WHERE run_id = $1",
-        &[&run_id, &hi],
-    )
-    .await?;
-    tx.query_one(
-        "SELECT pg_try_advisory_lock($1, $2::bigint::int)",
-        &[&LOCK_CLASS, &id],
-    )
-    .await?;
-    tx.commit().await.context("carving a new lease")?;
-    Ok(Take::Lease(Lease {
-        id,
-        hi,
-        pos: frontier,
-    }))
 }
 
-/// The lease is finished: mark it done and let go of its lock.
+/// Phase-2 leases span this many batches (id ranges are cheap to carve).
+const PHASE2_BATCHES: i64 = 10;
+
+/// Up to `n` source objects after `after`, in listing order.
+async fn list_keys(
+    s3c: &S3,
+    cfg: &JobConfig,
+    after: Option<&str>,
+    n: usize,
+) -> Result<Vec<(String, ObjectInfo)>> {
+    let mut objects: Vec<(String, ObjectInfo)> = Vec::with_capacity(n);
+    let mut after = after.map(str::to_owned);
+    while objects.len() < n {
+        let want = (n - objects.len()).min(1000) as i32;
+        let (page, more) = s3::list_page(
+            s3c,
+            &cfg.source.bucket,
+            &cfg.source.prefix,
+            after.as_deref(),
+            want,
+        )
+        .await
+        .map_err(anyhow::Error::from)
+        .context("listing the source")?;
+        after = page.last().map(|(k, _)| k.clone());
+        objects.extend(page);
+        if !more || after.is_none() {
+            break;
+        }
+    }
+    Ok(objects)
+}
+
+enum Carved {
+    Lease(i64),
+    /// The frontier moved (another worker carved first), or there was nothing to carve.
+    No,
+}
+
+/// Move a frontier from `lo` to `hi` (and mark its end) and insert the lease (lo, hi] —
+/// one statement, so only if nobody moved the frontier since it was read.
+#[allow(clippy::too_many_arguments)]
+async fn carve(
+    c: &deadpool_postgres::Client,
+    run_id: i64,
+    me: &str,
+    phase: i16,
+    lo: Option<&str>,
+    hi: Option<&str>,
+    end: bool,
+) -> Result<Carved> {
+    let (col, end_col) = if phase == 1 {
+        ("key_frontier", "key_frontier_end")
+    } else {
+        ("frontier", "frontier_end")
+    };
+    rt(1);
+    let row = c
+        .query_opt(
+            &format!(
+                "WITH f AS (
+                     UPDATE relocator.runs SET {col} = COALESCE($3::text, {col}), {end_col} = $4,
+                            updated_at = now()
+                      WHERE run_id = $1 AND {col} IS NOT DISTINCT FROM $2::text AND NOT {end_col}
+                  RETURNING run_id
+                 ), l AS (
+                     INSERT INTO relocator.leases (run_id, phase, lo, hi, owner)
+                     SELECT $1, $5::smallint, $2::text, $3::text, $6 FROM f WHERE $3::text IS NOT NULL OR $5::smallint = 2
+                  RETURNING lease_id
+                 )
+                 SELECT (SELECT count(*) FROM f),
+                        (SELECT lease_id FROM l),
+                        (SELECT pg_try_advisory_lock($7, lease_id::int) FROM l)"
+            ),
+            &[&run_id, &lo, &hi, &end, &phase, &me, &LOCK_CLASS],
+        )
+        .await
+        .context("carving a new lease")?;
+    let lease: Option<i64> = row.and_then(|r| r.get(1));
+    Ok(match lease {
+        Some(id) => Carved::Lease(id),
+        None => Carved::No,
+    })
+}
+
+/// A lease of this run whose owner is gone (its advisory lock is free) or hung.
+async fn take_over(
+    c: &deadpool_postgres::Client,
+    run_id: i64,
+    me: &str,
+    ttl: Duration,
+) -> Result<Option<Lease>> {
+    rt(1);
+    let candidates = c
+        .query(
+            "SELECT l.lease_id, l.owner FROM relocator.leases l
+              WHERE l.run_id = $1 AND NOT l.done AND l.owner <> $2
+                AND (l.heartbeat < now() - make_interval(secs => $3::float8)
+                     OR NOT EXISTS (SELECT 1 FROM pg_locks k
+                                     WHERE k.locktype = 'advisory' AND k.granted
+                                       AND k.database = (SELECT oid FROM pg_database
+                                                          WHERE datname = current_database())
+                                       AND k.classid = $4::bigint::oid AND k.objsubid = 2
+                                       AND k.objid = l.lease_id::oid))
+              ORDER BY l.lease_id",
+            &[&run_id, &me, &ttl.as_secs_f64(), &LOCK_CLASS_I64],
+        )
+        .await
+        .context("looking for leases to take over")?;
+    for r in candidates {
+        let (id, owner): (i64, String) = (r.get(0), r.get(1));
+        rt(1);
+        let taken = c
+            .query_opt(
+                "UPDATE relocator.leases SET owner = $2, heartbeat = now()
+                  WHERE lease_id = $1 AND owner = $3 AND NOT done
+                    AND (pg_try_advisory_lock($4, $1::bigint::int)
+                         OR heartbeat < now() - make_interval(secs => $5::float8))
+              RETURNING phase, hi, COALESCE(last_id, lo)",
+                &[&id, &me, &owner, &LOCK_CLASS, &ttl.as_secs_f64()],
+            )
+            .await?;
+        if let Some(t) = taken {
+            tracing::info!(lease = id, "took over a lease whose worker is gone");
+            return Ok(Some(Lease {
+                id,
+                phase: t.get(0),
+                hi: t.get(1),
+                pos: t.get(2),
+                objects: None,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The lease is finished: mark it done and let go of its lock, in one statement.
 pub async fn finish(lease_conn: &deadpool_postgres::Client, lease: i64, me: &str) -> Result<()> {
+    rt(1);
     lease_conn
-        .execute(
-            "UPDATE relocator.leases SET done = true, heartbeat = now()
-              WHERE lease_id = $1 AND owner = $2",
-            &[&lease, &me],
+        .query_one(
+            "WITH d AS (UPDATE relocator.leases SET done = true, heartbeat = now()
+                         WHERE lease_id = $1 AND owner = $2)
+             SELECT pg_advisory_unlock($3, $1::bigint::int)",
+            &[&lease, &me, &LOCK_CLASS],
         )
         .await
         .context("marking a lease done")?;
-    release(lease_conn, lease).await
+    Ok(())
 }
 
 /// Let go of a lease's advisory lock (finished, or lost to another worker).

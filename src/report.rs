@@ -79,6 +79,11 @@ pub struct Counters {
     pub copies_removed: u64,
     pub batches: u64,
     pub bytes_copied: u64,
+    /// S3 read requests (HEAD) and write requests (COPY, DELETE) sent.
+    pub s3_reads: u64,
+    pub s3_writes: u64,
+    /// Statements sent to PostgreSQL.
+    pub db_round_trips: u64,
 }
 
 impl Counters {
@@ -91,6 +96,9 @@ impl Counters {
         self.copies_removed += o.copies_removed;
         self.batches += o.batches;
         self.bytes_copied += o.bytes_copied;
+        self.s3_reads += o.s3_reads;
+        self.s3_writes += o.s3_writes;
+        self.db_round_trips += o.db_round_trips;
     }
 }
 
@@ -217,6 +225,9 @@ impl Report {
 
     pub fn finish(mut self, run_id: Option<i64>, interrupted: bool) -> Result<Summary> {
         self.flush()?;
+        (self.counters.s3_reads, self.counters.s3_writes) = crate::s3::REQUESTS.get();
+        self.counters.db_round_trips =
+            crate::db::ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64();
         Ok(Summary {
             command: self.command,

@@ -1,6 +1,7 @@
 //! Thin S3 adapter: one shared client per endpoint, the handful of calls relocator makes,
 //! and the S3 error codes callers branch on mapped to [`S3Error`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -108,11 +109,43 @@ impl S3 {
         S3 { client, limiter }
     }
 
-    /// Wait for the rate cap (if any) to allow one more request.
-    pub async fn ready(&self) {
+    /// Before a read request (HEAD, GET, LIST): wait for the rate cap, count it.
+    pub async fn ready_read(&self) {
+        REQUESTS.reads.fetch_add(1, Ordering::Relaxed);
+        self.wait().await;
+    }
+
+    /// Before a write request (COPY, PUT, DELETE): wait for the rate cap, count it.
+    pub async fn ready_write(&self) {
+        REQUESTS.writes.fetch_add(1, Ordering::Relaxed);
+        self.wait().await;
+    }
+
+    async fn wait(&self) {
         if let Some(l) = &self.limiter {
             l.until_ready().await;
         }
+    }
+}
+
+/// S3 requests a job sent, by kind (process-wide; for the summary and the benchmark).
+pub struct RequestCounts {
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+pub static REQUESTS: RequestCounts = RequestCounts {
+    reads: AtomicU64::new(0),
+    writes: AtomicU64::new(0),
+};
+
+impl RequestCounts {
+    /// (reads, writes) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.reads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -220,6 +253,42 @@ pub async fn copy(
         etag,
         size: src.size,
     })
+}
+
+/// One ListObjectsV2 page under `prefix`, after `start_after` (exclusive), in S3's byte
+/// order: (key, identity) pairs, and whether more follow.
+pub async fn list_page(
+    s3c: &S3,
+    bucket: &str,
+    prefix: &str,
+    start_after: Option<&str>,
+    max_keys: i32,
+) -> Result<(Vec<(String, ObjectInfo)>, bool), S3Error> {
+    s3c.ready_read().await;
+    let out = s3c
+        .client
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .set_start_after(start_after.map(str::to_owned))
+        .max_keys(max_keys)
+        .send()
+        .await
+        .map_err(|e| classify(&format!("LIST s3://{bucket}/{prefix}"), e))?;
+    let objects = out
+        .contents()
+        .iter()
+        .filter_map(|o| {
+            Some((
+                o.key()?.to_owned(),
+                ObjectInfo {
+                    etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
+                    size: o.size().unwrap_or(0),
+                },
+            ))
+        })
+        .collect();
+    Ok((objects, out.is_truncated().unwrap_or(false)))
 }
 
 /// Delete up to [`DELETE_BATCH`] keys in one request. Returns the keys S3 reported as not

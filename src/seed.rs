@@ -157,6 +157,16 @@ pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
         ))
         .await
         .with_context(|| format!("creating table {}", cfg.table))?;
+    // A well-kept application table has an index on the path column; relocator uses it to
+    // find rows by key (phase 1) and to check references before deleting a source.
+    client
+        .batch_execute(&format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {} (path)",
+            crate::config::quote_ident(&format!("{}_path_idx", cfg.table.name)),
+            cfg.table
+        ))
+        .await
+        .with_context(|| format!("indexing {}", cfg.table))?;
 
     let s3c = s3::client(&cfg.s3).await;
     s3::check_bucket(&s3c, "--target", &cfg.target.bucket).await?;

@@ -142,16 +142,23 @@ async fn a_killed_workers_lease_is_finished_by_another() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_rps_caps_the_request_rate() {
     let env = TestEnv::new("maxrps").await;
-    let seeded = env.seed(30, 0).await;
-    // 30 objects: HEAD source, HEAD destination, COPY each, plus one DeleteObjects:
-    // 91 requests. At 30 per second that cannot take less than 3 seconds.
+    let seeded = env.seed(60, 0).await;
     let started = Instant::now();
-    let (code, err) = env.run(&["--max-rps", "30"]);
+    let (code, err) = env.run(&["--max-rps", "20", "--summary-json", &env.path("s.json")]);
     let took = started.elapsed();
     assert_eq!(code, 0, "{err}");
+    let s = common::read_summary(&env.path("s.json"));
+    let requests =
+        s["counters"]["s3_reads"].as_u64().unwrap() + s["counters"]["s3_writes"].as_u64().unwrap();
     assert!(
-        took >= Duration::from_millis(2900),
-        "91 requests at 30/s took only {took:?}"
+        requests >= 60,
+        "at least one request per object: {requests}"
+    );
+    // At 20 requests per second, R requests cannot take less than (R - 1) / 20 seconds.
+    let floor = Duration::from_secs_f64((requests - 1) as f64 / 20.0);
+    assert!(
+        took >= floor,
+        "{requests} requests at 20/s took only {took:?}"
     );
     env.assert_converged(&seeded).await;
 }
