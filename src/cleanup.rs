@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context, Result};
+use futures::{stream, StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
 use crate::db::Queries;
@@ -24,6 +25,9 @@ pub struct Pending {
     pub new_path: String,
     pub src_bucket: String,
 }
+
+/// One DeleteObjects answer: bucket, keys sent, keys S3 did not delete (with why).
+type DeleteAnswer<'a> = (&'a str, usize, Vec<(String, String)>);
 
 /// Which keys among `keys` some row of the table still references.
 pub async fn still_referenced(
@@ -76,19 +80,30 @@ pub async fn delete_sources(
                 .push(p.old_path.clone());
         }
     }
-    let mut failed: HashSet<(String, String)> = HashSet::new();
-    for (bucket, keys) in &by_bucket {
-        for chunk in keys.chunks(DELETE_BATCH) {
+    // The DeleteObjects requests of a batch go out together (at most 8 at once): the
+    // last batch's cleanup otherwise runs alone at the end of a run.
+    let requests: Vec<(&str, &[String])> = by_bucket
+        .iter()
+        .flat_map(|(bucket, keys)| keys.chunks(DELETE_BATCH).map(move |c| (*bucket, c)))
+        .collect();
+    let answers: Vec<DeleteAnswer<'_>> = stream::iter(requests)
+        .map(|(bucket, chunk)| async move {
             s3c.ready_write().await;
             let errors = s3::delete_many(&s3c.client, bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("deleting sources in s3://{bucket}"))?;
-            counters.sources_deleted += (chunk.len() - errors.len()) as u64;
-            for (key, why) in errors {
-                warn!(bucket = %bucket, key = %key, error = %why, "source not deleted; a rerun retries it");
-                failed.insert((bucket.to_string(), key));
-            }
+            Ok::<_, anyhow::Error>((bucket, chunk.len(), errors))
+        })
+        .buffer_unordered(8)
+        .try_collect()
+        .await?;
+    let mut failed: HashSet<(String, String)> = HashSet::new();
+    for (bucket, n, errors) in answers {
+        counters.sources_deleted += (n - errors.len()) as u64;
+        for (key, why) in errors {
+            warn!(bucket = %bucket, key = %key, error = %why, "source not deleted; a rerun retries it");
+            failed.insert((bucket.to_string(), key));
         }
     }
 

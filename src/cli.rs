@@ -87,8 +87,9 @@ pub struct JobArgs {
     #[arg(long, value_name = "TEMPLATE", requires = "rewrite")]
     pub to: Option<String>,
 
-    /// Rows per batch: one keyset query, one transaction, one cleanup each.
-    #[arg(long, default_value_t = 2000)]
+    /// Rows (or source keys) per batch: one lookup, one rewrite statement, one cleanup
+    /// each.
+    #[arg(long, default_value_t = 5000)]
     pub batch_size: usize,
 
     /// S3 requests in flight at once.

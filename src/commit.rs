@@ -26,6 +26,8 @@ pub struct CommitBatch<'a> {
     pub moves: Vec<(&'a Move, bool)>,
     /// The lease's new progress position (the batch's last id).
     pub last_id: &'a str,
+    /// This batch is the lease's last: mark it done in the same statement.
+    pub ends_lease: bool,
 }
 
 /// What the commit did.
@@ -69,6 +71,7 @@ pub async fn commit_batch(
                 &b.last_id,
                 &b.lease_id,
                 &b.owner,
+                &b.ends_lease,
             ],
         )
         .await

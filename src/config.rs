@@ -368,7 +368,7 @@ impl JobConfig {
         };
         if a.batch_size == 0 || a.batch_size > 100_000 {
             return Err(ConfigError(format!(
-                "--batch-size {} is out of range; use 1 to 100000 (default 2000)",
+                "--batch-size {} is out of range; use 1 to 100000 (default 5000)",
                 a.batch_size
             )));
         }

@@ -260,7 +260,7 @@ impl Queries {
             lease_end: [lease_end(false), lease_end(true)],
             commit: format!(
                 "WITH lease AS (
-                     UPDATE relocator.leases SET last_id = $9, heartbeat = now()
+                     UPDATE relocator.leases SET last_id = $9, heartbeat = now(), done = $12
                       WHERE lease_id = $10 AND owner = $11
                   RETURNING lease_id
                  ), u AS (

@@ -196,6 +196,8 @@ async fn finish_earlier_cleanups(sh: &Shared<'_>, db: &deadpool_postgres::Client
 /// A batch whose copies are done, on its way to the commit stage.
 struct Copied {
     lease: i64,
+    /// The lease's last batch (phase 1: its only one): the commit marks it done.
+    ends_lease: bool,
     last_id: String,
     ready: Vec<(Move, bool)>,
     rows: usize,
@@ -214,6 +216,16 @@ struct ToClean {
     take_back: Vec<String>,
 }
 
+/// A worker's hold on its leases, shared by its stages.
+struct WorkerLeases {
+    /// The session that holds the advisory locks of the worker's leases.
+    conn: tokio::sync::Mutex<deadpool_postgres::Client>,
+    /// Leases another worker took over: their remaining batches are dropped.
+    lost: Mutex<HashSet<i64>>,
+    /// Leases whose locks can go, released with the next lease request (no extra trip).
+    released: Mutex<Vec<i64>>,
+}
+
 /// One worker: take leases until the run is done, push their batches through the
 /// pipeline. Returns when the run has no more leases, or on cancellation.
 async fn worker(
@@ -223,27 +235,35 @@ async fn worker(
     ttl: Duration,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let lease_conn = tokio::sync::Mutex::new(sh.conn().await?);
-    let lost: Mutex<HashSet<i64>> = Mutex::new(HashSet::new());
+    let leases = WorkerLeases {
+        conn: tokio::sync::Mutex::new(sh.conn().await?),
+        lost: Mutex::new(HashSet::new()),
+        released: Mutex::new(Vec::new()),
+    };
     let (to_commit, commit_rx) = mpsc::channel::<ToCommit>(1);
     let (to_clean, clean_rx) = mpsc::channel::<ToClean>(1);
     tokio::try_join!(
-        copy_stage(sh, run_id, me, ttl, &lease_conn, &lost, to_commit, cancel),
-        commit_stage(sh, run_id, me, &lease_conn, &lost, commit_rx, to_clean),
+        copy_stage(sh, run_id, me, ttl, &leases, to_commit, cancel),
+        commit_stage(sh, run_id, me, &leases, commit_rx, to_clean),
         cleanup_stage(sh, clean_rx),
     )?;
+    // The connection goes back to the pool: it must not keep any lease's lock.
+    leases
+        .conn
+        .lock()
+        .await
+        .execute("SELECT pg_advisory_unlock_all()", &[])
+        .await?;
     Ok(())
 }
 
 /// Stage 1: take leases, scan their batches, plan them, make the destination objects.
-#[allow(clippy::too_many_arguments)]
 async fn copy_stage(
     sh: &Shared<'_>,
     run_id: i64,
     me: &str,
     ttl: Duration,
-    lease_conn: &tokio::sync::Mutex<deadpool_postgres::Client>,
-    lost: &Mutex<HashSet<i64>>,
+    leases: &WorkerLeases,
     out: mpsc::Sender<ToCommit>,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -258,7 +278,12 @@ async fn copy_stage(
             return Ok(());
         }
         let taken = {
-            let c = lease_conn.lock().await;
+            let c = leases.conn.lock().await;
+            let mut done = leases
+                .released
+                .lock()
+                .map(|mut r| std::mem::take(&mut *r))
+                .unwrap_or_default();
             lease::take(
                 &c,
                 &sh.q,
@@ -269,6 +294,7 @@ async fn copy_stage(
                 cfg.batch_size,
                 ttl,
                 phase1,
+                &mut done,
             )
             .await?
         };
@@ -299,6 +325,7 @@ async fn copy_stage(
                 };
                 let batch = Copied {
                     lease: lease.id,
+                    ends_lease: true,
                     last_id,
                     ready,
                     rows: n,
@@ -306,8 +333,7 @@ async fn copy_stage(
                 if out.send(ToCommit::Batch(batch)).await.is_err() {
                     return Ok(());
                 }
-            }
-            if out.send(ToCommit::LeaseEnd(lease.id)).await.is_err() {
+            } else if out.send(ToCommit::LeaseEnd(lease.id)).await.is_err() {
                 return Ok(());
             }
             continue;
@@ -317,7 +343,12 @@ async fn copy_stage(
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            if lost.lock().map(|l| l.contains(&lease.id)).unwrap_or(true) {
+            if leases
+                .lost
+                .lock()
+                .map(|l| l.contains(&lease.id))
+                .unwrap_or(true)
+            {
                 continue 'leases;
             }
             let rows = db::scan(
@@ -342,6 +373,7 @@ async fn copy_stage(
             pos = Some(last_id.clone());
             let batch = Copied {
                 lease: lease.id,
+                ends_lease: false,
                 last_id,
                 ready,
                 rows: n,
@@ -661,8 +693,7 @@ async fn commit_stage(
     sh: &Shared<'_>,
     run_id: i64,
     me: &str,
-    lease_conn: &tokio::sync::Mutex<deadpool_postgres::Client>,
-    lost: &Mutex<HashSet<i64>>,
+    leases: &WorkerLeases,
     mut rx: mpsc::Receiver<ToCommit>,
     out: mpsc::Sender<ToClean>,
 ) -> Result<()> {
@@ -671,8 +702,8 @@ async fn commit_stage(
     while let Some(msg) = rx.recv().await {
         let b = match msg {
             ToCommit::LeaseEnd(id) => {
-                let c = lease_conn.lock().await;
-                if lost.lock().map(|l| l.contains(&id)).unwrap_or(false) {
+                let c = leases.conn.lock().await;
+                if leases.lost.lock().map(|l| l.contains(&id)).unwrap_or(false) {
                     lease::release(&c, id).await?;
                 } else {
                     lease::finish(&c, id, me).await?;
@@ -690,16 +721,29 @@ async fn commit_stage(
             dst_bucket: &sh.cfg.dest.bucket,
             moves: b.ready.iter().map(|(m, c)| (m, *c)).collect(),
             last_id: &b.last_id,
+            ends_lease: b.ends_lease,
         };
         let committed = match commit::commit_batch(&db, &sh.q, &batch).await? {
-            Committed::Rows(rows) => rows,
+            Committed::Rows(rows) => {
+                if b.ends_lease {
+                    if let Ok(mut r) = leases.released.lock() {
+                        r.push(b.lease);
+                    }
+                }
+                rows
+            }
             Committed::LeaseLost => {
                 warn!(
                     lease = b.lease,
                     "another worker took this lease over; leaving it to them"
                 );
-                if let Ok(mut l) = lost.lock() {
+                if let Ok(mut l) = leases.lost.lock() {
                     l.insert(b.lease);
+                }
+                if b.ends_lease {
+                    if let Ok(mut r) = leases.released.lock() {
+                        r.push(b.lease);
+                    }
                 }
                 continue;
             }

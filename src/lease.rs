@@ -110,23 +110,51 @@ pub async fn take(
     batch: usize,
     ttl: Duration,
     phase1: bool,
+    release: &mut Vec<i64>,
 ) -> Result<Take> {
-    if let Some(l) = take_over(lease_conn, run_id, me, ttl).await? {
-        return Ok(Take::Lease(l));
-    }
     loop {
+        // One statement: let go of finished leases' locks, find leases to take over,
+        // read the frontiers.
         rt(1);
         let run = lease_conn
             .query_one(
-                "SELECT key_frontier, key_frontier_end, frontier, frontier_end,
+                "WITH released AS (
+                     SELECT pg_advisory_unlock($6, x::int) FROM unnest($5::bigint[]) AS x
+                 )
+                 SELECT key_frontier, key_frontier_end, frontier, frontier_end,
                         (SELECT count(*) FROM relocator.leases
                           WHERE run_id = $1 AND NOT done AND phase = 1),
-                        (SELECT count(*) FROM relocator.leases WHERE run_id = $1 AND NOT done)
+                        (SELECT count(*) FROM relocator.leases WHERE run_id = $1 AND NOT done),
+                        (SELECT array_agg(l.lease_id ORDER BY l.lease_id) FROM relocator.leases l
+                          WHERE l.run_id = $1 AND NOT l.done AND l.owner <> $2
+                            AND (l.heartbeat < now() - make_interval(secs => $3::float8)
+                                 OR NOT EXISTS (
+                                     SELECT 1 FROM pg_locks k
+                                      WHERE k.locktype = 'advisory' AND k.granted
+                                        AND k.database = (SELECT oid FROM pg_database
+                                                           WHERE datname = current_database())
+                                        AND k.classid = $4::bigint::oid AND k.objsubid = 2
+                                        AND k.objid = l.lease_id::oid))),
+                        (SELECT count(*) FROM released)
                    FROM relocator.runs WHERE run_id = $1",
-                &[&run_id],
+                &[
+                    &run_id,
+                    &me,
+                    &ttl.as_secs_f64(),
+                    &LOCK_CLASS_I64,
+                    &*release,
+                    &LOCK_CLASS,
+                ],
             )
             .await
             .context("reading the run's frontiers")?;
+        release.clear();
+        let candidates: Option<Vec<i64>> = run.get(6);
+        for id in candidates.unwrap_or_default() {
+            if let Some(l) = take_over(lease_conn, id, me, ttl).await? {
+                return Ok(Take::Lease(l));
+            }
+        }
         let (key_frontier, key_end): (Option<String>, bool) = (run.get(0), run.get(1));
         let (frontier, id_end): (Option<String>, bool) = (run.get(2), run.get(3));
         let (open_phase1, open_all): (i64, i64) = (run.get(4), run.get(5));
@@ -290,55 +318,34 @@ async fn carve(
     })
 }
 
-/// A lease of this run whose owner is gone (its advisory lock is free) or hung.
+/// Take lease `id` over if its owner is still gone (its advisory lock is free) or hung.
 async fn take_over(
     c: &deadpool_postgres::Client,
-    run_id: i64,
+    id: i64,
     me: &str,
     ttl: Duration,
 ) -> Result<Option<Lease>> {
     rt(1);
-    let candidates = c
-        .query(
-            "SELECT l.lease_id, l.owner FROM relocator.leases l
-              WHERE l.run_id = $1 AND NOT l.done AND l.owner <> $2
-                AND (l.heartbeat < now() - make_interval(secs => $3::float8)
-                     OR NOT EXISTS (SELECT 1 FROM pg_locks k
-                                     WHERE k.locktype = 'advisory' AND k.granted
-                                       AND k.database = (SELECT oid FROM pg_database
-                                                          WHERE datname = current_database())
-                                       AND k.classid = $4::bigint::oid AND k.objsubid = 2
-                                       AND k.objid = l.lease_id::oid))
-              ORDER BY l.lease_id",
-            &[&run_id, &me, &ttl.as_secs_f64(), &LOCK_CLASS_I64],
+    let taken = c
+        .query_opt(
+            "UPDATE relocator.leases SET owner = $2, heartbeat = now()
+              WHERE lease_id = $1 AND NOT done AND owner <> $2
+                AND (heartbeat < now() - make_interval(secs => $4::float8)
+                     OR pg_try_advisory_lock($3, $1::bigint::int))
+          RETURNING phase, hi, COALESCE(last_id, lo)",
+            &[&id, &me, &LOCK_CLASS, &ttl.as_secs_f64()],
         )
-        .await
-        .context("looking for leases to take over")?;
-    for r in candidates {
-        let (id, owner): (i64, String) = (r.get(0), r.get(1));
-        rt(1);
-        let taken = c
-            .query_opt(
-                "UPDATE relocator.leases SET owner = $2, heartbeat = now()
-                  WHERE lease_id = $1 AND owner = $3 AND NOT done
-                    AND (pg_try_advisory_lock($4, $1::bigint::int)
-                         OR heartbeat < now() - make_interval(secs => $5::float8))
-              RETURNING phase, hi, COALESCE(last_id, lo)",
-                &[&id, &me, &owner, &LOCK_CLASS, &ttl.as_secs_f64()],
-            )
-            .await?;
-        if let Some(t) = taken {
-            tracing::info!(lease = id, "took over a lease whose worker is gone");
-            return Ok(Some(Lease {
-                id,
-                phase: t.get(0),
-                hi: t.get(1),
-                pos: t.get(2),
-                objects: None,
-            }));
+        .await?;
+    Ok(taken.map(|t| {
+        tracing::info!(lease = id, "took over a lease whose worker is gone");
+        Lease {
+            id,
+            phase: t.get(0),
+            hi: t.get(1),
+            pos: t.get(2),
+            objects: None,
         }
-    }
-    Ok(None)
+    }))
 }
 
 /// The lease is finished: mark it done and let go of its lock, in one statement.

@@ -247,6 +247,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         dst_bucket: &env.dst_bucket,
         moves: moves.iter().map(|m| (m, true)).collect(),
         last_id: "5",
+        ends_lease: false,
     };
     // Not the lease's owner: nothing is written.
     let r = relocator::commit::commit_batch(&db, &q, &batch("someone-else"))

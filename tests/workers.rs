@@ -71,48 +71,69 @@ async fn two_processes_with_two_workers_each_share_the_table_without_double_proc
 }
 
 #[tokio::test(flavor = "multi_thread")]
+// A panic in the loop ends the test process; the child is killed or reaped with it.
+#[allow(clippy::zombie_processes)]
 async fn a_killed_workers_lease_is_finished_by_another() {
     let env = TestEnv::new("takeover").await;
     let seeded = env.seed(600, 0).await;
-    // A slow worker (rate-capped) with leases of 200 rows: kill it mid-lease.
-    let mut slow = env
-        .run_cmd(&["--batch-size", "20", "--max-rps", "150"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // A slow worker (rate-capped, 20-key leases): kill it while it holds a lease it has
+    // not finished. If the kill lands just after a commit, try again with a new one.
+    let db = env.db().await;
     let started = Instant::now();
-    loop {
-        let n = env
-            .db()
-            .await
-            .query_one("SELECT count(*) FROM relocator.moves", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or(0);
-        if n >= 40 {
-            break;
-        }
+    let mut found = None;
+    while found.is_none() {
         assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the slow worker made no progress"
+            started.elapsed() < Duration::from_secs(120),
+            "never caught a worker mid-lease"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    slow.kill().unwrap();
-    slow.wait().unwrap();
-    let (lease, owner): (i64, String) = {
-        let r = env
-            .db()
-            .await
-            .query_one(
-                "SELECT lease_id, owner FROM relocator.leases WHERE NOT done ORDER BY lease_id LIMIT 1",
-                &[],
-            )
-            .await
+        let mut slow = env
+            .run_cmd(&["--batch-size", "20", "--max-rps", "25"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
             .unwrap();
-        (r.get(0), r.get(1))
-    };
+        loop {
+            let moved: i64 = db
+                .query_one("SELECT count(*) FROM relocator.moves", &[])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            let open = if moved >= 40 {
+                db.query_opt(
+                    "SELECT lease_id, owner FROM relocator.leases WHERE NOT done ORDER BY lease_id LIMIT 1",
+                    &[],
+                )
+                .await
+                .unwrap()
+            } else {
+                None
+            };
+            if let Some(r) = open {
+                slow.kill().unwrap();
+                slow.wait().unwrap();
+                let id: i64 = r.get(0);
+                let still: bool = db
+                    .query_one(
+                        "SELECT NOT done FROM relocator.leases WHERE lease_id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if still {
+                    found = Some((id, r.get::<_, String>(1)));
+                }
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                slow.kill().ok();
+                slow.wait().ok();
+                panic!("the slow worker made no progress");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (lease, owner) = found.unwrap();
 
     let out = env.run_cmd(&[]).env("RUST_LOG", "info").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
