@@ -387,6 +387,13 @@ pub async fn check_bucket(client: &Client, flag: &str, bucket: &str) -> Result<(
                      and the endpoint",
                     status.unwrap_or(0)
                 ),
+                Some(s) if s >= 500 => {
+                    // Not bad input: the server is failing or throttling. Exit 1, rerun.
+                    return Err(anyhow!(
+                        "{flag}: bucket {bucket:?} answered HTTP {s} after retries (the S3 \
+                         server is failing or throttling); nothing was changed, rerun later"
+                    ));
+                }
                 Some(s) => format!("bucket {bucket:?} answered HTTP {s}: {detail}"),
                 None => format!(
                     "cannot reach S3 for bucket {bucket:?}: {detail}. Check --endpoint-url / \

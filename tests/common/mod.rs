@@ -3,6 +3,8 @@
 //! stack fails and says how to start it — it never skips.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

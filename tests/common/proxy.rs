@@ -1,0 +1,217 @@
+//! A fault-injecting HTTP proxy between relocator and the S3 server, for tests: it
+//! forwards requests unchanged (Host header included, so SigV4 signatures stay valid)
+//! and, as the test's plan says, answers some of them itself with a fault instead.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// What the proxy does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Forward,
+    /// 500 InternalError.
+    Internal,
+    /// 503 SlowDown, as S3 throttles.
+    SlowDown,
+    /// Close the connection without answering.
+    Reset,
+    /// Answer nothing for this long (past the client's timeout).
+    Stall(Duration),
+    /// Forward, but turn a `200` into `200` with an `<Error>` body (CopyObject's trap).
+    ErrorIn200,
+}
+
+/// Decides the fault for the n-th request (0-based) with this method and path.
+pub type Plan = Box<dyn Fn(u64, &str, &str) -> Fault + Send + Sync>;
+
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+    /// Faults served, by kind.
+    pub faults: Arc<Mutex<Vec<Fault>>>,
+    plan: Arc<Mutex<Plan>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Start a proxy to `upstream` (e.g. http://127.0.0.1:39000) following `plan`.
+    pub async fn start(upstream: &str, plan: Plan) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let upstream: hyper::Uri = upstream.parse().expect("upstream URI");
+        let client: Client<_, Incoming> = Client::builder(TokioExecutor::new()).build_http();
+        let requests = Arc::new(AtomicU64::new(0));
+        let faults = Arc::new(Mutex::new(Vec::new()));
+        let plan = Arc::new(Mutex::new(plan));
+        let (r, f, p) = (requests.clone(), faults.clone(), plan.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (client, upstream, r, f, p) = (
+                    client.clone(),
+                    upstream.clone(),
+                    r.clone(),
+                    f.clone(),
+                    p.clone(),
+                );
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (client, upstream, r, f, p) = (
+                            client.clone(),
+                            upstream.clone(),
+                            r.clone(),
+                            f.clone(),
+                            p.clone(),
+                        );
+                        async move { handle(req, client, upstream, r, f, p).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FaultProxy {
+            addr,
+            requests,
+            faults,
+            plan,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Change the plan (e.g. heal the network).
+    pub fn set_plan(&self, plan: Plan) {
+        *self.plan.lock().expect("plan lock") = plan;
+    }
+
+    pub fn faults_served(&self) -> usize {
+        self.faults.lock().expect("faults lock").len()
+    }
+
+    /// A plan failing a random `share` of requests with a random fault (seeded).
+    pub fn random(share: f64, seed: u64) -> Plan {
+        let rng = Mutex::new(StdRng::seed_from_u64(seed));
+        Box::new(move |_, method, _| {
+            let mut rng = rng.lock().expect("rng lock");
+            if !rng.random_bool(share) {
+                return Fault::Forward;
+            }
+            match rng.random_range(0..5) {
+                0 => Fault::Internal,
+                1 => Fault::SlowDown,
+                2 => Fault::Reset,
+                3 => Fault::Stall(Duration::from_secs(3)),
+                _ if method == "PUT" => Fault::ErrorIn200,
+                _ => Fault::SlowDown,
+            }
+        })
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The service's "error": makes hyper close the connection without a response.
+#[derive(Debug)]
+pub struct ResetConnection;
+
+impl std::fmt::Display for ResetConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset by the fault proxy")
+    }
+}
+
+impl std::error::Error for ResetConnection {}
+
+fn full(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/xml"),
+    );
+    r
+}
+
+const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+const INTERNAL: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>";
+
+async fn handle(
+    req: Request<Incoming>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Incoming>,
+    upstream: hyper::Uri,
+    requests: Arc<AtomicU64>,
+    faults: Arc<Mutex<Vec<Fault>>>,
+    plan: Arc<Mutex<Plan>>,
+) -> Result<Response<Body>, ResetConnection> {
+    let n = requests.fetch_add(1, Ordering::SeqCst);
+    let fault = (plan.lock().expect("plan lock"))(n, req.method().as_str(), req.uri().path());
+    if fault != Fault::Forward {
+        faults.lock().expect("faults lock").push(fault);
+    }
+    match fault {
+        Fault::Internal => return Ok(full(StatusCode::INTERNAL_SERVER_ERROR, INTERNAL)),
+        Fault::SlowDown => return Ok(full(StatusCode::SERVICE_UNAVAILABLE, SLOW_DOWN)),
+        // hyper drops the connection, unanswered, when the service fails.
+        Fault::Reset => return Err(ResetConnection),
+        Fault::Stall(d) => {
+            tokio::time::sleep(d).await;
+            return Ok(full(StatusCode::SERVICE_UNAVAILABLE, SLOW_DOWN));
+        }
+        Fault::Forward | Fault::ErrorIn200 => {}
+    }
+    let (mut parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    parts.uri = format!(
+        "{}://{}{}",
+        upstream.scheme_str().unwrap_or("http"),
+        upstream.authority().map(|a| a.as_str()).unwrap_or(""),
+        pq
+    )
+    .parse()
+    .expect("upstream URI");
+    let resp = match client.request(Request::from_parts(parts, body)).await {
+        Ok(r) => r,
+        Err(_) => return Ok(full(StatusCode::BAD_GATEWAY, INTERNAL)),
+    };
+    if fault == Fault::ErrorIn200 && resp.status() == StatusCode::OK {
+        // The copy may well have happened; the answer says it failed, as S3 does when a
+        // copy fails midway.
+        return Ok(full(StatusCode::OK, INTERNAL));
+    }
+    Ok(resp.map(|b| b.boxed()))
+}

@@ -1,0 +1,143 @@
+//! Real faults between relocator and the S3 server, injected by a proxy: throttling,
+//! errors, resets, stalls and `200` answers carrying an `<Error>`.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::proxy::{Fault, FaultProxy};
+use common::TestEnv;
+
+/// Every row points at an object that exists, in the bucket its prefix implies.
+async fn assert_no_row_dangles(env: &TestEnv) {
+    let src: HashSet<String> = env.keys(&env.src_bucket, "").await.into_iter().collect();
+    let dst: HashSet<String> = env.keys(&env.dst_bucket, "").await.into_iter().collect();
+    for (id, path) in env.rows().await {
+        let ok = if path.starts_with("avatar/") {
+            dst.contains(&path)
+        } else {
+            src.contains(&path)
+        };
+        assert!(ok, "row {id} points at a missing object {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slowdown_for_a_while_is_backed_off_and_the_run_completes() {
+    let env = TestEnv::new("slowdown").await;
+    let seeded = env.seed(300, 0).await;
+    // After the start-up checks, 40 requests in a row are throttled, whatever they are.
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|n, _, _| {
+            if (4..44).contains(&n) {
+                Fault::SlowDown
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&[
+            "--s3-max-attempts",
+            "10",
+            "--summary-json",
+            &env.path("s.json"),
+        ])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(proxy.faults_served(), 40, "the throttling was seen");
+    env.assert_converged(&seeded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_percent_faults_complete_with_zero_loss() {
+    let env = TestEnv::new("faults10").await;
+    let seeded = env.seed(2000, 0).await;
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        FaultProxy::random(0.10, 7),
+    )
+    .await;
+    let out = env
+        .run_cmd(&[
+            "--s3-timeout",
+            "2",
+            "--s3-max-attempts",
+            "10",
+            "--batch-size",
+            "500",
+        ])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let faults = proxy.faults.lock().unwrap().clone();
+    eprintln!(
+        "10% faults: {} requests, {} faults ({} in-200 errors, {} resets, {} stalls)",
+        proxy.requests.load(std::sync::atomic::Ordering::SeqCst),
+        faults.len(),
+        faults.iter().filter(|f| **f == Fault::ErrorIn200).count(),
+        faults.iter().filter(|f| **f == Fault::Reset).count(),
+        faults
+            .iter()
+            .filter(|f| matches!(f, Fault::Stall(_)))
+            .count(),
+    );
+    assert!(faults.len() > 50, "faults were injected");
+    env.assert_converged(&seeded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_total_outage_stops_with_exit_1_and_a_rerun_completes() {
+    let env = TestEnv::new("outage").await;
+    let seeded = env.seed(600, 0).await;
+    // Healthy for the start-up checks and a little work, then every request fails.
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|n, _, _| {
+            if n < 120 {
+                Fault::Forward
+            } else {
+                Fault::Internal
+            }
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--batch-size", "100", "--s3-max-attempts", "3"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("InternalError") && err.contains("rerun"),
+        "a clear message: {err}"
+    );
+    assert_no_row_dangles(&env).await;
+
+    proxy.set_plan(Box::new(|_, _, _| Fault::Forward));
+    let out = env
+        .run_cmd(&[])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.assert_converged(&seeded).await;
+}
