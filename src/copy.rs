@@ -46,16 +46,10 @@ pub async fn copy_all(
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
-    let results: Vec<Result<PairResult>> = stream::iter(pairs)
-        .map(|(src, dst)| copy_pair(s3c, cfg, src, dst, dry_run))
-        .buffered(concurrency.max(1))
-        .take_until(cancel.cancelled())
-        .collect()
-        .await;
-    if results.len() < pairs.len() {
-        return Ok(None);
-    }
-    results.into_iter().collect::<Result<Vec<_>>>().map(Some)
+    let copies = pairs
+        .iter()
+        .map(|(src, dst)| copy_pair(s3c, cfg, src, dst, dry_run));
+    bounded(copies, concurrency, cancel).await
 }
 
 /// Phase 1: copy pairs whose source and destination state a listing taken just before
@@ -67,15 +61,29 @@ pub async fn copy_all_known(
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
-    let results: Vec<Result<PairResult>> = stream::iter(pairs)
-        .map(|(src_key, src, dst_key, dst)| {
-            copy_known(s3c, cfg, src_key, src, dst_key, dst.as_ref(), false)
-        })
+    let copies = pairs.iter().map(|(src_key, src, dst_key, dst)| {
+        copy_known(s3c, cfg, src_key, src, dst_key, dst.as_ref(), false)
+    });
+    bounded(copies, concurrency, cancel).await
+}
+
+/// The one place copies are driven: at most `concurrency` in flight, results in input
+/// order; `None` when cancelled before all were done (the batch is then not committed).
+async fn bounded<F>(
+    copies: impl ExactSizeIterator<Item = F>,
+    concurrency: usize,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<PairResult>>>
+where
+    F: std::future::Future<Output = Result<PairResult>>,
+{
+    let n = copies.len();
+    let results: Vec<Result<PairResult>> = stream::iter(copies)
         .buffered(concurrency.max(1))
         .take_until(cancel.cancelled())
         .collect()
         .await;
-    if results.len() < pairs.len() {
+    if results.len() < n {
         return Ok(None);
     }
     results.into_iter().collect::<Result<Vec<_>>>().map(Some)

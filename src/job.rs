@@ -461,14 +461,16 @@ async fn key_batch(
     };
     let dst_from = after.and_then(swap);
     let dst_to = swap(last).unwrap_or_default();
-    let existing = list_range(
+    let existing: HashMap<String, s3::ObjectInfo> = list_until(
         sh,
         &sh.cfg.dest.bucket,
         &sh.cfg.dest.prefix,
         dst_from,
         &dst_to,
     )
-    .await?;
+    .await?
+    .into_iter()
+    .collect();
     let src_info: HashMap<&str, &s3::ObjectInfo> =
         objects.iter().map(|(k, i)| (k.as_str(), i)).collect();
     let pairs = plan::distinct_pairs(&batch.moves);
@@ -494,21 +496,21 @@ async fn key_batch(
         .map(Some)
 }
 
-/// The keys of `bucket` under `prefix` in (from, to], with their identity.
-async fn list_range(
+/// The keys of `bucket` under `prefix` in (after, to], with their identity, in order.
+async fn list_until(
     sh: &Shared<'_>,
     bucket: &str,
     prefix: &str,
-    from: Option<String>,
+    after: Option<String>,
     to: &str,
-) -> Result<HashMap<String, s3::ObjectInfo>> {
-    let mut found = HashMap::new();
-    let mut after = from;
+) -> Result<Vec<(String, s3::ObjectInfo)>> {
+    let mut found = Vec::new();
+    let mut after = after;
     loop {
         let (page, more) = s3::list_page(&sh.s3, bucket, prefix, after.as_deref(), 1000)
             .await
             .map_err(anyhow::Error::from)
-            .context("listing the destination")?;
+            .with_context(|| format!("listing s3://{bucket}/{prefix}"))?;
         let Some((last, _)) = page.last() else {
             return Ok(found);
         };
@@ -527,31 +529,12 @@ async fn relist(
     after: Option<&str>,
     hi: Option<&str>,
 ) -> Result<Vec<(String, s3::ObjectInfo)>> {
-    let Some(hi) = hi else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    let mut after = after.map(str::to_owned);
-    loop {
-        let (page, more) = s3::list_page(
-            &sh.s3,
-            &sh.cfg.source.bucket,
-            &sh.cfg.source.prefix,
-            after.as_deref(),
-            1000,
-        )
-        .await
-        .map_err(anyhow::Error::from)
-        .context("listing the source")?;
-        let Some((last, _)) = page.last() else {
-            return Ok(out);
-        };
-        let past = last.as_str() >= hi;
-        after = Some(last.clone());
-        out.extend(page.into_iter().filter(|(k, _)| k.as_str() <= hi));
-        if past || !more {
-            return Ok(out);
+    match hi {
+        Some(hi) => {
+            let (bucket, prefix) = (&sh.cfg.source.bucket, &sh.cfg.source.prefix);
+            list_until(sh, bucket, prefix, after.map(str::to_owned), hi).await
         }
+        None => Ok(Vec::new()),
     }
 }
 

@@ -12,20 +12,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use relocator::s3;
 
-/// At any instant, every row points at an object that exists (legacy or new bucket).
-async fn assert_no_row_dangles(env: &TestEnv) {
-    let src: HashSet<String> = env.keys(&env.src_bucket, "").await.into_iter().collect();
-    let dst: HashSet<String> = env.keys(&env.dst_bucket, "").await.into_iter().collect();
-    for (id, path) in env.rows().await {
-        let exists = if path.starts_with("avatar/") {
-            dst.contains(&path)
-        } else {
-            src.contains(&path)
-        };
-        assert!(exists, "row {id} points at a missing object {path}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice() {
     let env = TestEnv::new("kill9").await;
@@ -46,7 +32,7 @@ async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice(
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        assert_no_row_dangles(&env).await;
+        env.assert_no_row_dangles().await;
     }
     assert!(
         kills >= 10,
@@ -194,7 +180,7 @@ async fn sigterm_stops_with_130_and_the_rerun_recopies_nothing() {
     assert_eq!(s1["interrupted"], true);
     let moved1 = s1["outcomes"]["moved"].as_u64().unwrap_or(0);
     assert!(moved1 > 0 && moved1 < 1500, "interrupted mid-way: {moved1}");
-    assert_no_row_dangles(&env).await;
+    env.assert_no_row_dangles().await;
 
     let (code, err) = env.run(&["--summary-json", &env.path("s2.json")]);
     assert_eq!(code, 0, "{err}");

@@ -4,24 +4,8 @@
 
 mod common;
 
-use std::collections::HashSet;
-
 use common::proxy::{Fault, FaultProxy};
 use common::TestEnv;
-
-/// Every row points at an object that exists, in the bucket its prefix implies.
-async fn assert_no_row_dangles(env: &TestEnv) {
-    let src: HashSet<String> = env.keys(&env.src_bucket, "").await.into_iter().collect();
-    let dst: HashSet<String> = env.keys(&env.dst_bucket, "").await.into_iter().collect();
-    for (id, path) in env.rows().await {
-        let ok = if path.starts_with("avatar/") {
-            dst.contains(&path)
-        } else {
-            src.contains(&path)
-        };
-        assert!(ok, "row {id} points at a missing object {path}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slowdown_for_a_while_is_backed_off_and_the_run_completes() {
@@ -125,7 +109,7 @@ async fn a_total_outage_stops_with_exit_1_and_a_rerun_completes() {
         err.contains("InternalError") && err.contains("rerun"),
         "a clear message: {err}"
     );
-    assert_no_row_dangles(&env).await;
+    env.assert_no_row_dangles().await;
 
     proxy.set_plan(Box::new(|_, _, _| Fault::Forward));
     let out = env

@@ -300,6 +300,23 @@ impl TestEnv {
         assert!(left.is_empty(), "legacy objects left: {left:?}");
     }
 
+    /// At any instant, every row points at an object that exists, in the bucket its
+    /// prefix implies (promise 4's invariant, checked after kills and faults).
+    pub async fn assert_no_row_dangles(&self) {
+        let src: std::collections::HashSet<String> =
+            self.keys(&self.src_bucket, "").await.into_iter().collect();
+        let dst: std::collections::HashSet<String> =
+            self.keys(&self.dst_bucket, "").await.into_iter().collect();
+        for (id, path) in self.rows().await {
+            let exists = if path.starts_with("avatar/") {
+                dst.contains(&path)
+            } else {
+                src.contains(&path)
+            };
+            assert!(exists, "row {id} points at a missing object {path}");
+        }
+    }
+
     async fn cleanup(name: String, src: String, dst: String, dir: PathBuf) {
         let s3 = s3_client().await;
         for b in [&src, &dst] {
