@@ -45,6 +45,9 @@ pub enum Command {
     /// Check that every row points at an existing object (ok / still_legacy / missing /
     /// legacy_leftover, and orphans with --orphans). Exit 0 when all rows are ok, 3 if not.
     Verify(VerifyArgs),
+    /// What the ledger says about this job: runs, leases, rows moved, cleanups pending,
+    /// rate, rows left, ETA. Read-only.
+    Status(StatusArgs),
     /// Create demo rows and their objects in the source bucket.
     Seed(SeedArgs),
 }
@@ -177,6 +180,16 @@ pub struct VerifyArgs {
     /// Write the counts as JSON.
     #[arg(long, value_name = "FILE.json")]
     pub summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -32,7 +32,8 @@
 //! - [`lease`] shares a run among workers and processes (leases on id ranges).
 //! - [`db`] and [`s3`] are thin adapters; all SQL is in [`db`] and the stage modules.
 //! - [`rewrite`] is the pure key arithmetic; [`report`] the outcomes, CSV and summary;
-//!   [`seed`] the demo data; [`verify`] checks every row against the buckets.
+//!   [`seed`] the demo data; [`verify`] checks every row against the buckets;
+//!   [`status`] reads the ledger.
 
 pub mod cleanup;
 pub mod cli;
@@ -47,6 +48,7 @@ pub mod report;
 pub mod rewrite;
 pub mod s3;
 pub mod seed;
+pub mod status;
 pub mod verify;
 
 /// Process exit codes, as documented in `--help` and the README.

@@ -78,6 +78,16 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
                 exit::ATTENTION
             })
         }
+        Command::Status(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let s = relocator::status::status(&cfg).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.render());
+            }
+            Ok(exit::OK)
+        }
         Command::Seed(a) => {
             let cfg = SeedConfig::from_args(&a)?;
             let s = seed::seed(&cfg).await?;

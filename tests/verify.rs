@@ -117,3 +117,35 @@ async fn verify_classifies_a_prepared_mess() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `status` reads the ledger: the finished run, rows moved, nothing pending, what is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_the_runs_from_the_ledger() {
+    let env = TestEnv::new("status").await;
+    env.seed(200, 4).await;
+    let job = ["--source", &env.source(), "--dest", &env.dest()];
+    let before = env.cmd().arg("status").args(job).output().unwrap();
+    assert_eq!(before.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&before.stdout).contains("no run of this job"));
+
+    assert_eq!(env.run(&["--batch-size", "50"]).0, 3, "4 missing sources");
+    let out = env
+        .cmd()
+        .arg("status")
+        .args(job)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["runs"][0]["status"], "finished");
+    assert_eq!(s["runs"][0]["rows_moved"], 196);
+    assert_eq!(s["runs"][0]["cleanups_pending"], 0);
+    assert_eq!(s["runs"][0]["leases_open"], 0);
+    assert_eq!(s["rows_left"], 4, "the rows without an object are left");
+}
