@@ -226,6 +226,11 @@ pub struct SeedArgs {
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
 
+    /// Demo reruns: first delete every object under this S3 URL (repeatable). Deletes
+    /// data; meant for demo buckets only.
+    #[arg(long, value_name = "S3_URL")]
+    pub clear: Vec<String>,
+
     #[command(flatten)]
     pub s3: S3Args,
 }

@@ -31,6 +31,8 @@ pub struct SeedConfig {
     pub seed: u64,
     pub sizes: Range<usize>,
     pub concurrency: usize,
+    /// Prefixes emptied before seeding (demo reruns).
+    pub clear: Vec<S3Location>,
     pub s3: S3Settings,
 }
 
@@ -52,6 +54,11 @@ impl SeedConfig {
             seed: a.seed,
             sizes,
             concurrency: a.concurrency.clamp(1, 1024),
+            clear: a
+                .clear
+                .iter()
+                .map(|c| S3Location::parse("--clear", c))
+                .collect::<Result<_, _>>()?,
             s3: S3Settings::from_args(&a.s3)?,
         })
     }
@@ -170,6 +177,9 @@ pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
 
     let s3c = s3::client(&cfg.s3).await;
     s3::check_bucket(&s3c, "--target", &cfg.target.bucket).await?;
+    for loc in &cfg.clear {
+        clear(&s3c, loc).await?;
+    }
     let all = rows(&cfg.target.prefix, cfg.rows, cfg.missing, cfg.seed);
     let mut keys: Vec<&str> = all
         .iter()
@@ -194,6 +204,29 @@ pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
         objects: keys.len(),
         bytes,
     })
+}
+
+/// Delete every object under `loc` (demo reruns start from empty prefixes).
+async fn clear(s3c: &Client, loc: &S3Location) -> Result<()> {
+    let wrapped = s3::S3::new(s3c.clone(), None);
+    let mut deleted = 0;
+    loop {
+        let (page, _) = s3::list_page(&wrapped, &loc.bucket, &loc.prefix, None, 1000)
+            .await
+            .with_context(|| format!("listing {loc} to clear it"))?;
+        if page.is_empty() {
+            info!(%loc, deleted, "cleared");
+            return Ok(());
+        }
+        let keys: Vec<String> = page.into_iter().map(|(k, _)| k).collect();
+        let failed = s3::delete_many(s3c, &loc.bucket, &keys)
+            .await
+            .with_context(|| format!("clearing {loc}"))?;
+        if let Some((key, why)) = failed.first() {
+            anyhow::bail!("clearing {loc}: {key:?} was not deleted: {why}");
+        }
+        deleted += keys.len();
+    }
 }
 
 async fn upload(s3c: &Client, cfg: &SeedConfig, keys: &[&str]) -> Result<u64> {

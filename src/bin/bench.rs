@@ -227,6 +227,7 @@ impl Ctx<'_> {
                 seed: 1,
                 sizes: self.sizes.clone(),
                 concurrency: 64,
+                clear: Vec::new(),
                 s3: self.settings.clone(),
             };
             seed::seed(&cfg).await?;

@@ -192,6 +192,7 @@ impl TestEnv {
             seed: self.seed,
             sizes: 100..4096,
             concurrency: 32,
+            clear: Vec::new(),
             s3: s3_settings(),
         };
         seed::seed(&cfg).await.expect("seeding");
