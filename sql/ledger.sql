@@ -78,3 +78,17 @@ CREATE INDEX IF NOT EXISTS moves_new_path_idx
     ON relocator.moves (table_name, new_path);
 CREATE INDEX IF NOT EXISTS runs_job_idx
     ON relocator.runs (job, run_id);
+
+-- Rollback (`relocator rollback`): a move is undone in the same statement that rewrites
+-- its row back, then the new object is removed once nothing references it.
+--   rollback: restored | changed_by_app (the row no longer held new_path; left alone)
+--   rollback_cleanup: deleted | still_referenced | not_ours (relocator did not create it)
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS rolled_back_at timestamptz;
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS rollback text;
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS rollback_cleaned_at timestamptz;
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS rollback_cleanup text;
+CREATE INDEX IF NOT EXISTS moves_rollback_pending_idx
+    ON relocator.moves (table_name, move_id)
+    WHERE rollback = 'restored' AND rollback_cleaned_at IS NULL;
+-- The backup a run follows (`run --backup FILE`): file name, SHA-256, rows.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS backup jsonb;

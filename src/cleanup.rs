@@ -1,10 +1,11 @@
 //! The cleanup stage: delete the sources of committed moves, and take back copies whose
 //! row the application changed.
 //!
-//! Invariant enforced here, in [`delete_sources`] and nowhere else: *a source object is
-//! deleted only after the row rewrite that stops referencing it has committed, and only
-//! when no row still references that key*. Callers pass only ledger entries, which exist
-//! only for committed rewrites; the reference check runs after that commit.
+//! Invariant enforced here, in [`delete_unreferenced`] and nowhere else: *a source object
+//! is deleted only after the row rewrite that stops referencing it has committed, and
+//! only when no row still references that key*. Callers pass only ledger entries, which
+//! exist only for committed rewrites; the reference check runs after that commit. A
+//! rollback removes the new objects through the same function, on the same terms.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -56,14 +57,58 @@ pub async fn delete_sources(
     pending: &[Pending],
     counters: &mut Counters,
 ) -> Result<()> {
-    if pending.is_empty() {
+    let items: Vec<Unreferenced<'_>> = pending
+        .iter()
+        .map(|p| Unreferenced {
+            move_id: p.move_id,
+            bucket: &p.src_bucket,
+            key: &p.old_path,
+        })
+        .collect();
+    delete_unreferenced(db, s3c, q, &items, MARK_CLEANED, counters).await
+}
+
+/// Marks a forward move's source as dealt with.
+const MARK_CLEANED: &str = "UPDATE relocator.moves m SET cleaned_at = now(), cleanup = u.outcome
+                              FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
+                             WHERE m.move_id = u.move_id";
+
+/// Marks an undone move's new object as dealt with ([`crate::rollback`]).
+pub const MARK_ROLLBACK_CLEANED: &str =
+    "UPDATE relocator.moves m SET rollback_cleaned_at = now(), rollback_cleanup = u.outcome
+       FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
+      WHERE m.move_id = u.move_id";
+
+/// A key that is to go once no row references it: the source of a committed move, or
+/// (rollback) the new object of a committed undo.
+#[derive(Debug, Clone, Copy)]
+pub struct Unreferenced<'a> {
+    pub move_id: i64,
+    pub bucket: &'a str,
+    pub key: &'a str,
+}
+
+/// The one place relocator deletes an object a row pointed at: after the commit that
+/// stopped the row pointing at it (callers pass ledger entries only), and only when the
+/// reference check — made now, after that commit — finds no row referencing the key.
+/// `mark` records each move's outcome (`deleted` | `still_referenced`) in the ledger;
+/// keys S3 refuses to delete stay unmarked, so a rerun retries them.
+pub async fn delete_unreferenced(
+    db: &deadpool_postgres::Client,
+    s3c: &S3,
+    q: &Queries,
+    items: &[Unreferenced<'_>],
+    mark: &str,
+    counters: &mut Counters,
+) -> Result<()> {
+    if items.is_empty() {
         return Ok(());
     }
     let keys: Vec<&str> = {
         let mut seen = HashSet::new();
-        pending
+        items
             .iter()
-            .map(|p| p.old_path.as_str())
+            .map(|p| p.key)
             .filter(|k| seen.insert(*k))
             .collect()
     };
@@ -72,12 +117,12 @@ pub async fn delete_sources(
     // Group deletable keys by bucket (a ledger may span jobs with different buckets).
     let mut by_bucket: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut queued = HashSet::new();
-    for p in pending {
-        if !referenced.contains(&p.old_path) && queued.insert((&p.src_bucket, &p.old_path)) {
+    for p in items {
+        if !referenced.contains(p.key) && queued.insert((p.bucket, p.key)) {
             by_bucket
-                .entry(p.src_bucket.as_str())
+                .entry(p.bucket)
                 .or_default()
-                .push(p.old_path.clone());
+                .push(p.key.to_owned());
         }
     }
     // The DeleteObjects requests of a batch go out together (at most 8 at once): the
@@ -92,42 +137,36 @@ pub async fn delete_sources(
             let errors = s3::delete_many(&s3c.client, bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
-                .with_context(|| format!("deleting sources in s3://{bucket}"))?;
+                .with_context(|| format!("deleting objects in s3://{bucket}"))?;
             Ok::<_, anyhow::Error>((bucket, chunk.len(), errors))
         })
         .buffer_unordered(8)
         .try_collect()
         .await?;
-    let mut failed: HashSet<(String, String)> = HashSet::new();
+    let mut failed: HashSet<(&str, String)> = HashSet::new();
     for (bucket, n, errors) in answers {
         counters.sources_deleted += (n - errors.len()) as u64;
         for (key, why) in errors {
-            warn!(bucket = %bucket, key = %key, error = %why, "source not deleted; a rerun retries it");
-            failed.insert((bucket.to_string(), key));
+            warn!(bucket = %bucket, key = %key, error = %why, "object not deleted; a rerun retries it");
+            failed.insert((bucket, key));
         }
     }
 
     let mut ids = Vec::new();
     let mut outcomes = Vec::new();
-    for p in pending {
-        if referenced.contains(&p.old_path) {
+    for p in items {
+        if referenced.contains(p.key) {
             ids.push(p.move_id);
             outcomes.push("still_referenced");
             counters.sources_kept_referenced += 1;
-        } else if failed.contains(&(p.src_bucket.clone(), p.old_path.clone())) {
+        } else if failed.contains(&(p.bucket, p.key.to_owned())) {
             counters.delete_failures += 1;
         } else {
             ids.push(p.move_id);
             outcomes.push("deleted");
         }
     }
-    let mark = db
-        .prepare_cached(
-            "UPDATE relocator.moves m SET cleaned_at = now(), cleanup = u.outcome
-               FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
-              WHERE m.move_id = u.move_id",
-        )
-        .await?;
+    let mark = db.prepare_cached(mark).await?;
     crate::db::rt(1);
     db.execute(&mark, &[&ids, &outcomes])
         .await

@@ -393,6 +393,44 @@ impl JobConfig {
         })
     }
 
+    /// Why this job looks like production — a database or S3 endpoint not on this
+    /// machine — or `None` for a local stack. Such a run must follow a backup.
+    pub fn production_reason(&self) -> Option<String> {
+        let mut remote = Vec::new();
+        if let Ok(pg) = self.database_url.expose().parse::<tokio_postgres::Config>() {
+            for h in pg.get_hosts() {
+                if let tokio_postgres::config::Host::Tcp(name) = h {
+                    if !is_local_host(name) {
+                        remote.push(format!("database host {name}"));
+                    }
+                }
+            }
+        }
+        match &self.s3.endpoint_url {
+            None => remote.push("S3 on AWS (no endpoint URL)".to_owned()),
+            Some(e) => {
+                let host = url::Url::parse(e)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .unwrap_or_default();
+                if !is_local_host(&host) {
+                    remote.push(format!("S3 endpoint {host}"));
+                }
+            }
+        }
+        (!remote.is_empty()).then(|| remote.join(", "))
+    }
+
+    /// The same job with source and destination swapped: what a rollback copies back
+    /// through (the copy stage reads only the two locations).
+    pub fn reversed(&self) -> JobConfig {
+        JobConfig {
+            source: self.dest.clone(),
+            dest: self.source.clone(),
+            ..self.clone()
+        }
+    }
+
     /// Identifies "the same job" across reruns, so an interrupted run is resumed.
     pub fn fingerprint(&self) -> String {
         let (re, to) = self
@@ -404,6 +442,15 @@ impl JobConfig {
             self.table, self.id_column, self.path_column, self.source, self.dest, re, to
         )
     }
+}
+
+/// localhost or a loopback address (IPv6 possibly in brackets).
+fn is_local_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 /// Refuse moves a rerun would repeat: the same location, or, within one bucket, one
@@ -504,6 +551,22 @@ mod tests {
         assert!(check_template(&re, "$1/${name}").is_ok());
         assert!(check_template(&re, "$3").is_err());
         assert!(check_template(&re, "${other}").is_err());
+    }
+
+    #[test]
+    fn local_hosts_are_recognised() {
+        for h in ["localhost", "127.0.0.1", "127.1.2.3", "::1", "[::1]"] {
+            assert!(is_local_host(h), "{h}");
+        }
+        for h in [
+            "db.example.com",
+            "10.0.0.5",
+            "s3.amazonaws.com",
+            "minio",
+            "",
+        ] {
+            assert!(!is_local_host(h), "{h}");
+        }
     }
 
     #[test]

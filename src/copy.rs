@@ -69,7 +69,7 @@ pub async fn copy_all_known(
 
 /// The one place copies are driven: at most `concurrency` in flight, results in input
 /// order; `None` when cancelled before all were done (the batch is then not committed).
-async fn bounded<F>(
+pub(crate) async fn bounded<F>(
     copies: impl ExactSizeIterator<Item = F>,
     concurrency: usize,
     cancel: &CancellationToken,
@@ -114,7 +114,7 @@ async fn copy_pair(
 
 /// The one place a destination object is created: only when the destination was found
 /// free (`dst` None), from a source that must still have the ETag it was seen with.
-async fn copy_known(
+pub(crate) async fn copy_known(
     s3c: &S3,
     cfg: &JobConfig,
     src_key: &str,
@@ -190,7 +190,7 @@ fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo) -> PairResult {
 }
 
 /// Object-level refusals become a row outcome; anything else stops the run (exit 1).
-fn per_object(e: S3Error) -> Result<PairResult> {
+pub(crate) fn per_object(e: S3Error) -> Result<PairResult> {
     match e {
         S3Error::Rejected(m) => Ok(PairResult::Rejected(m)),
         other => Err(anyhow!(other)),

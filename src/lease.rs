@@ -23,6 +23,67 @@ pub const LOCK_CLASS: i32 = 0x7265_6c6f;
 /// The same, typed for comparisons with `pg_locks.classid`.
 pub const LOCK_CLASS_I64: i64 = LOCK_CLASS as i64;
 
+/// First key of the lock on a table's relocations: every `run` holds it shared for its
+/// whole duration, a `rollback` exclusively, so the two never work on a table at once.
+/// The second key is `hashtext` of the table's name.
+const TABLE_LOCK_CLASS: i32 = 0x7265_6c74;
+
+/// Who holds a table's lock: runs share it, a rollback holds it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableLock {
+    Run,
+    Rollback,
+}
+
+/// Take the table's lock on this session (until [`unlock_table`] or the session ends,
+/// so a killed process lets go at once). Fails with the reason when the other kind holds
+/// it.
+pub async fn lock_table(
+    client: &tokio_postgres::Client,
+    table: &TableInfo,
+    kind: TableLock,
+) -> Result<()> {
+    let sql = match kind {
+        TableLock::Run => "SELECT pg_try_advisory_lock_shared($1, hashtext($2))",
+        TableLock::Rollback => "SELECT pg_try_advisory_lock($1, hashtext($2))",
+    };
+    let got: bool = client
+        .query_one(sql, &[&TABLE_LOCK_CLASS, &table.display])
+        .await
+        .context("locking the table's relocations")?
+        .get(0);
+    if got {
+        return Ok(());
+    }
+    Err(match kind {
+        TableLock::Run => anyhow::anyhow!(
+            "a rollback of {} is in progress; let it finish (see relocator status), then rerun",
+            table.display
+        ),
+        TableLock::Rollback => anyhow::anyhow!(
+            "a run or rollback of {} is in progress; stop it or let it finish, then rerun the \
+             rollback",
+            table.display
+        ),
+    })
+}
+
+pub async fn unlock_table(
+    client: &tokio_postgres::Client,
+    table: &TableInfo,
+    kind: TableLock,
+) -> Result<()> {
+    let sql = match kind {
+        TableLock::Run => "SELECT pg_advisory_unlock_shared($1, hashtext($2))",
+        TableLock::Rollback => "SELECT pg_advisory_unlock($1, hashtext($2))",
+    };
+    client
+        .execute(sql, &[&TABLE_LOCK_CLASS, &table.display])
+        .await
+        .context("unlocking the table's relocations")?;
+    Ok(())
+}
+
 /// A lease: in phase 1, source keys in (lo, hi]; in phase 2, rows with lo < id <= hi.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -62,7 +123,8 @@ pub async fn begin_run(
         .query_opt(
             "UPDATE relocator.runs SET status = 'running', updated_at = now()
               WHERE run_id = (SELECT run_id FROM relocator.runs
-                               WHERE job = $1 AND status <> 'finished'
+                               WHERE job = $1
+                                 AND status IN ('running', 'interrupted', 'failed')
                                ORDER BY run_id DESC LIMIT 1)
           RETURNING run_id",
             &[&job],

@@ -31,12 +31,17 @@ pub enum Outcome {
     InvalidKey,
     /// S3 refused this object (e.g. access denied), or the copy could not be confirmed.
     Error,
+    /// `rollback`: the row points at its old key again, whose object exists.
+    RolledBack,
 }
 
 impl Outcome {
     /// Whether this outcome makes the run finish with exit code 3.
     pub fn needs_attention(self) -> bool {
-        !matches!(self, Outcome::Moved | Outcome::AlreadyMoved)
+        !matches!(
+            self,
+            Outcome::Moved | Outcome::AlreadyMoved | Outcome::RolledBack
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +55,7 @@ impl Outcome {
             Outcome::Unmatched => "unmatched",
             Outcome::InvalidKey => "invalid_key",
             Outcome::Error => "error",
+            Outcome::RolledBack => "rolled_back",
         }
     }
 }

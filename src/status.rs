@@ -18,6 +18,10 @@ pub struct RunStatus {
     pub leases_open: i64,
     pub rows_moved: i64,
     pub cleanups_pending: i64,
+    /// Moves of this run undone by `rollback`.
+    pub rows_rolled_back: i64,
+    /// The backup the run followed (`run --backup`): file, rows, bytes, sha256.
+    pub backup: Option<serde_json::Value>,
     /// Rows moved per second between the run's start and its last update.
     pub rows_per_sec: f64,
 }
@@ -42,7 +46,7 @@ impl Status {
         for r in &self.runs {
             out.push_str(&format!(
                 "run {} {}: started {}, last progress {}; leases {} done, {} open; {} rows moved \
-                 ({:.0} rows/s); {} source cleanups pending\n",
+                 ({:.0} rows/s); {} source cleanups pending{}{}\n",
                 r.run_id,
                 r.status,
                 r.started_at,
@@ -51,7 +55,16 @@ impl Status {
                 r.leases_open,
                 r.rows_moved,
                 r.rows_per_sec,
-                r.cleanups_pending
+                r.cleanups_pending,
+                if r.rows_rolled_back > 0 {
+                    format!("; {} rolled back", r.rows_rolled_back)
+                } else {
+                    String::new()
+                },
+                match r.backup.as_ref().and_then(|b| b.get("file")) {
+                    Some(f) => format!("; followed backup {f}"),
+                    None => String::new(),
+                }
             ));
         }
         out.push_str(&format!(
@@ -97,7 +110,10 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
                     (SELECT count(*) FROM relocator.moves m WHERE m.run_id = r.run_id),
                     (SELECT count(*) FROM relocator.moves m
                       WHERE m.run_id = r.run_id AND m.cleaned_at IS NULL),
-                    GREATEST(extract(epoch FROM r.updated_at - r.started_at), 0.001)::float8
+                    GREATEST(extract(epoch FROM r.updated_at - r.started_at), 0.001)::float8,
+                    (SELECT count(*) FROM relocator.moves m
+                      WHERE m.run_id = r.run_id AND m.rollback = 'restored'),
+                    r.backup
                FROM relocator.runs r
               WHERE r.job = $1
               ORDER BY r.run_id DESC",
@@ -119,6 +135,8 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
                 leases_open: r.get(5),
                 rows_moved: moved,
                 cleanups_pending: r.get(7),
+                rows_rolled_back: r.get(9),
+                backup: r.get(10),
                 rows_per_sec: moved as f64 / secs,
             }
         })

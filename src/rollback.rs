@@ -1,0 +1,476 @@
+//! `relocator rollback`: undo a job's moves from the ledger, as carefully as `run` made
+//! them. Per batch of ledger entries:
+//!
+//! 1. **restore** — make the object exist at the old key: it is there already (the
+//!    source was not deleted yet, or an earlier rollback copied it back), or it is copied
+//!    back from the new key through the same copy stage as `run` (never overwriting a
+//!    different object: that row is reported as a `conflict` and left alone);
+//! 2. **commit** — one statement rewrites each row back, guarded by the new value
+//!    (compare-and-swap: a row the application changed since is left as it is), and marks
+//!    the ledger entries in the same transaction;
+//! 3. **clean up** — the new objects relocator created are deleted through
+//!    [`cleanup::delete_unreferenced`], after that commit and only when no row
+//!    references them.
+//!
+//! A killed rollback is rerun like a killed run: it first finishes the cleanups the
+//! ledger says are pending, then goes on with the entries not rolled back yet. While it
+//! works it holds the table's lock exclusively, so no `run` of the table runs meanwhile.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument};
+
+use crate::cleanup::{self, Unreferenced, MARK_ROLLBACK_CLEANED};
+use crate::config::{config_error, JobConfig};
+use crate::copy::{self, PairResult};
+use crate::db;
+use crate::job::{self, Shared};
+use crate::lease::{self, TableLock};
+use crate::progress::Progress;
+use crate::report::{Counters, Outcome, Report, ReportLine, Summary};
+use crate::s3;
+
+/// Options of `rollback` beyond the job itself.
+#[derive(Debug, Clone, Default)]
+pub struct RollbackOptions<'a> {
+    /// Only this run's moves (it must belong to the job); default: every run of the job.
+    pub run: Option<i64>,
+    pub report: Option<&'a Path>,
+}
+
+/// A ledger entry to undo, with the row's current path (None: the row is gone).
+#[derive(Debug, Clone)]
+struct Entry {
+    move_id: i64,
+    row_id: String,
+    old_path: String,
+    new_path: String,
+    /// The forward run created the new object (false: it was there before).
+    copied: bool,
+    current: Option<String>,
+}
+
+/// `relocator rollback`.
+#[instrument(skip_all, fields(table = %cfg.table))]
+pub async fn rollback(
+    cfg: &JobConfig,
+    opts: &RollbackOptions<'_>,
+    cancel: CancellationToken,
+) -> Result<Summary> {
+    let mut sh = job::open(cfg, 2, Report::new("rollback", opts.report)?).await?;
+    let mut main = sh.conn().await?;
+    db::ensure_ledger(&mut main).await?;
+    let runs = select_runs(&main, cfg, opts.run).await?;
+    if runs.is_empty() {
+        info!("the ledger has no run of this job: nothing to roll back");
+        return finish(sh, false);
+    }
+    lease::lock_table(&main, &sh.table, TableLock::Rollback).await?;
+    main.execute(
+        "UPDATE relocator.runs SET status = 'rolling_back', updated_at = now()
+          WHERE run_id = ANY ($1)",
+        &[&runs],
+    )
+    .await
+    .context("marking the runs as being rolled back")?;
+    info!(?runs, "rollback started");
+
+    finish_earlier_cleanups(&sh, &main, &runs).await?;
+    let total: i64 = main
+        .query_one(
+            "SELECT count(*) FROM relocator.moves
+              WHERE run_id = ANY ($1) AND rolled_back_at IS NULL",
+            &[&runs],
+        )
+        .await?
+        .get(0);
+    sh.progress = Progress::new("rollback", Some(total as u64));
+    let fetch = format!(
+        "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text
+           FROM relocator.moves m
+           LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
+          WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
+          ORDER BY m.move_id LIMIT $3",
+        path = sh.table.path_col,
+        tbl = sh.table.qualified,
+        id = sh.table.id_col,
+        ty = sh.table.id_type,
+    );
+    let reversed = cfg.reversed();
+    let mut after = 0i64;
+    let mut interrupted = false;
+    loop {
+        if cancel.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+        let entries: Vec<Entry> = main
+            .query(&fetch, &[&runs, &after, &(cfg.batch_size as i64)])
+            .await
+            .context("reading the next ledger entries to roll back")?
+            .into_iter()
+            .map(|r| Entry {
+                move_id: r.get(0),
+                row_id: r.get(1),
+                old_path: r.get(2),
+                new_path: r.get(3),
+                copied: r.get(4),
+                current: r.get(5),
+            })
+            .collect();
+        let Some(last) = entries.last() else {
+            break;
+        };
+        after = last.move_id;
+        let n = entries.len() as u64;
+        if !undo_batch(&sh, &main, &reversed, entries, &cancel).await? {
+            interrupted = true;
+            break;
+        }
+        sh.progress.inc(n, 0);
+    }
+    sh.progress.finish();
+
+    if !interrupted {
+        main.execute(
+            "UPDATE relocator.runs r SET status = 'rolled_back', updated_at = now()
+              WHERE r.run_id = ANY ($1)
+                AND NOT EXISTS (SELECT 1 FROM relocator.moves m
+                                 WHERE m.run_id = r.run_id AND m.rolled_back_at IS NULL)",
+            &[&runs],
+        )
+        .await
+        .context("marking the runs as rolled back")?;
+    }
+    lease::unlock_table(&main, &sh.table, TableLock::Rollback).await?;
+    drop(main);
+    finish(sh, interrupted)
+}
+
+fn finish(sh: Shared<'_>, interrupted: bool) -> Result<Summary> {
+    let report = sh
+        .report
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let summary = report.finish(None, interrupted)?;
+    info!("{}", summary.one_line());
+    Ok(summary)
+}
+
+/// The runs to undo: `--run N` (which must be this job's), or every run of the job.
+async fn select_runs(
+    db: &tokio_postgres::Client,
+    cfg: &JobConfig,
+    only: Option<i64>,
+) -> Result<Vec<i64>> {
+    let job = cfg.fingerprint();
+    let Some(run_id) = only else {
+        return Ok(db
+            .query(
+                "SELECT run_id FROM relocator.runs WHERE job = $1 ORDER BY run_id",
+                &[&job],
+            )
+            .await
+            .context("reading the job's runs")?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect());
+    };
+    let row = db
+        .query_opt(
+            "SELECT job, source, dest FROM relocator.runs WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .context("looking up the run")?;
+    match row {
+        None => Err(config_error(format!(
+            "--run {run_id}: the ledger has no such run; `relocator status` lists this job's runs"
+        ))),
+        Some(r) if r.get::<_, String>(0) != job => Err(config_error(format!(
+            "--run {run_id} moved {} to {} with other options than given here; give the \
+             same --table, columns, --source, --dest and --rewrite as that run",
+            r.get::<_, String>(1),
+            r.get::<_, String>(2)
+        ))),
+        Some(_) => Ok(vec![run_id]),
+    }
+}
+
+/// Undo one batch of entries. `false` when cancelled before its commit (nothing of the
+/// batch was committed then; copies already made back are found again by the rerun).
+async fn undo_batch(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    reversed: &JobConfig,
+    entries: Vec<Entry>,
+    cancel: &CancellationToken,
+) -> Result<bool> {
+    // Only rows still pointing at the new key are candidates; the others were changed by
+    // the application and are left as they are.
+    let mut pairs: Vec<(String, String)> = entries
+        .iter()
+        .filter(|e| e.current.as_deref() == Some(e.new_path.as_str()))
+        .map(|e| (e.new_path.clone(), e.old_path.clone()))
+        .collect();
+    pairs.sort();
+    pairs.dedup();
+    let restores = pairs
+        .iter()
+        .map(|(new, old)| restore_pair(sh, reversed, new, old));
+    let Some(results) = copy::bounded(restores, sh.concurrency, cancel).await? else {
+        return Ok(false);
+    };
+    let by_pair: HashMap<(&str, &str), PairResult> = pairs
+        .iter()
+        .map(|(n, o)| (n.as_str(), o.as_str()))
+        .zip(results)
+        .collect();
+
+    let mut lines = Vec::new();
+    let mut commit: Vec<(&Entry, bool)> = Vec::new();
+    let mut copied_back: HashMap<&str, bool> = HashMap::new();
+    let mut copies = 0u64;
+    for e in &entries {
+        if e.current.as_deref() != Some(e.new_path.as_str()) {
+            commit.push((e, false));
+            continue;
+        }
+        let (outcome, detail) = match &by_pair[&(e.new_path.as_str(), e.old_path.as_str())] {
+            PairResult::Ready { created, .. } => {
+                if *created && copied_back.insert(&e.old_path, true).is_none() {
+                    copies += 1;
+                }
+                commit.push((e, true));
+                continue;
+            }
+            PairResult::MissingSource => (
+                Outcome::MissingSource,
+                format!(
+                    "neither s3://{}/{} nor s3://{}/{} exists; row left pointing at the new key",
+                    sh.cfg.source.bucket, e.old_path, sh.cfg.dest.bucket, e.new_path
+                ),
+            ),
+            PairResult::Conflict(d) => (
+                Outcome::Conflict,
+                format!("at the old key: {d}; row left pointing at the new key"),
+            ),
+            PairResult::Collision(d) => (Outcome::Collision, d.clone()),
+            PairResult::Rejected(d) => (Outcome::Error, d.clone()),
+        };
+        lines.push(line(e, outcome, detail));
+    }
+
+    let restored = commit_undo(sh, db, &commit).await?;
+    let mut take_back: Vec<&str> = Vec::new();
+    let mut to_delete: Vec<Unreferenced<'_>> = Vec::new();
+    for (e, tried) in &commit {
+        match restored.get(&e.move_id) {
+            Some(true) => {
+                // Only a new object relocator itself created is deleted (the commit marked
+                // the others `not_ours`).
+                if e.copied {
+                    to_delete.push(Unreferenced {
+                        move_id: e.move_id,
+                        bucket: &sh.cfg.dest.bucket,
+                        key: &e.new_path,
+                    });
+                }
+                lines.push(line(e, Outcome::RolledBack, "restored".into()));
+            }
+            _ => {
+                if *tried && copied_back.contains_key(e.old_path.as_str()) {
+                    take_back.push(&e.old_path);
+                }
+                lines.push(line(
+                    e,
+                    Outcome::ChangedByApp,
+                    "the row no longer points at the new key; left as the application wrote it"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let mut counters = Counters {
+        s3_copies: copies,
+        batches: 1,
+        ..Counters::default()
+    };
+    cleanup::delete_unreferenced(
+        db,
+        &sh.s3,
+        &sh.q,
+        &to_delete,
+        MARK_ROLLBACK_CLEANED,
+        &mut counters,
+    )
+    .await?;
+    take_back.sort_unstable();
+    take_back.dedup();
+    cleanup::take_back_copies(
+        db,
+        &sh.s3,
+        &sh.q,
+        &sh.cfg.source.bucket,
+        &take_back,
+        &mut counters,
+    )
+    .await?;
+    let mut report = sh.report();
+    report.counters.add(&counters);
+    for l in lines {
+        report.record(l)?;
+    }
+    report.flush()?;
+    Ok(true)
+}
+
+/// Make the object exist at `old` (source bucket) with the bytes at `new` (destination
+/// bucket). `Ready { created }` when it does; `Conflict` when a different object is at
+/// `old`; `MissingSource` when neither exists.
+async fn restore_pair(
+    sh: &Shared<'_>,
+    reversed: &JobConfig,
+    new: &str,
+    old: &str,
+) -> Result<PairResult> {
+    let client = &sh.s3.client;
+    sh.s3.ready_read().await;
+    let at_old = match s3::head(client, &sh.cfg.source.bucket, old).await {
+        Ok(o) => o,
+        Err(e) => return copy::per_object(e),
+    };
+    sh.s3.ready_read().await;
+    let at_new = match s3::head(client, &sh.cfg.dest.bucket, new).await {
+        Ok(n) => n,
+        Err(e) => return copy::per_object(e),
+    };
+    match (at_new, at_old) {
+        // The row points at a missing object either way; the old key at least exists.
+        (None, Some(o)) => Ok(PairResult::Ready {
+            created: false,
+            size: o.size,
+        }),
+        (None, None) => Ok(PairResult::MissingSource),
+        (Some(n), at_old) => {
+            copy::copy_known(&sh.s3, reversed, new, &n, old, at_old.as_ref(), false).await
+        }
+    }
+}
+
+/// One statement: rewrite the candidate rows back (compare-and-swap on the new path) and
+/// mark every entry of the batch rolled back — `restored`, or `changed_by_app` when the
+/// row did not hold the new path. Returns move id → restored.
+async fn commit_undo(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    commit: &[(&Entry, bool)],
+) -> Result<HashMap<i64, bool>> {
+    if commit.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let move_ids: Vec<i64> = commit.iter().map(|(e, _)| e.move_id).collect();
+    let ids: Vec<&str> = commit.iter().map(|(e, _)| e.row_id.as_str()).collect();
+    let olds: Vec<&str> = commit.iter().map(|(e, _)| e.old_path.as_str()).collect();
+    let news: Vec<&str> = commit.iter().map(|(e, _)| e.new_path.as_str()).collect();
+    let tries: Vec<bool> = commit.iter().map(|(_, t)| *t).collect();
+    let sql = format!(
+        "WITH u AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[])
+                      AS u(move_id, id, old_path, new_path, try)
+         ), upd AS (
+             UPDATE {tbl} AS t SET {path} = u.old_path
+               FROM u
+              WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.new_path
+          RETURNING u.move_id
+         )
+         UPDATE relocator.moves m
+            SET rolled_back_at = now(),
+                rollback = CASE WHEN upd.move_id IS NULL THEN 'changed_by_app' ELSE 'restored' END,
+                -- The forward cleanup no longer applies: the row references the old key.
+                cleaned_at = CASE WHEN upd.move_id IS NOT NULL THEN coalesce(m.cleaned_at, now())
+                                  ELSE m.cleaned_at END,
+                cleanup = CASE WHEN upd.move_id IS NOT NULL AND m.cleaned_at IS NULL
+                               THEN 'rolled_back' ELSE m.cleanup END,
+                -- A new object relocator did not create is not relocator's to delete.
+                rollback_cleaned_at = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
+                                           THEN now() END,
+                rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
+                                        THEN 'not_ours' END
+           FROM u LEFT JOIN upd ON upd.move_id = u.move_id
+          WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL
+      RETURNING m.move_id, m.rollback = 'restored'",
+        tbl = sh.table.qualified,
+        path = sh.table.path_col,
+        id = sh.table.id_col,
+        ty = sh.table.id_type,
+    );
+    db::rt(1);
+    let rows = db
+        .query(&sql, &[&move_ids, &ids, &olds, &news, &tries])
+        .await
+        .context("rewriting the batch's rows back")?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Before anything else: new objects of rows an earlier, killed rollback restored.
+async fn finish_earlier_cleanups(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    runs: &[i64],
+) -> Result<()> {
+    let mut after = 0i64;
+    loop {
+        let rows = db
+            .query(
+                "SELECT move_id, new_path FROM relocator.moves
+                  WHERE run_id = ANY ($1) AND rollback = 'restored'
+                    AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
+                  ORDER BY move_id LIMIT 1000",
+                &[&runs, &after],
+            )
+            .await
+            .context("reading unfinished rollback cleanups from the ledger")?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.get(0);
+        let keys: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let items: Vec<Unreferenced<'_>> = keys
+            .iter()
+            .map(|(id, key)| Unreferenced {
+                move_id: *id,
+                bucket: &sh.cfg.dest.bucket,
+                key,
+            })
+            .collect();
+        info!(
+            count = items.len(),
+            "finishing the cleanup of an earlier rollback"
+        );
+        let mut counters = Counters::default();
+        cleanup::delete_unreferenced(
+            db,
+            &sh.s3,
+            &sh.q,
+            &items,
+            MARK_ROLLBACK_CLEANED,
+            &mut counters,
+        )
+        .await?;
+        sh.report().counters.add(&counters);
+    }
+}
+
+fn line(e: &Entry, outcome: Outcome, detail: String) -> ReportLine {
+    ReportLine {
+        id: e.row_id.clone(),
+        old_path: e.new_path.clone(),
+        new_path: e.old_path.clone(),
+        outcome,
+        detail,
+    }
+}
