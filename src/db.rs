@@ -304,9 +304,17 @@ impl Queries {
 /// Apply the ledger DDL once; concurrent workers serialise on an advisory lock.
 pub async fn ensure_ledger(client: &mut tokio_postgres::Client) -> Result<()> {
     let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('relocator.ledger'))",
-        &[],
+    apply_ledger(&tx).await?;
+    tx.commit().await.context("committing the ledger schema")?;
+    Ok(())
+}
+
+/// The ledger DDL inside `tx` (preflight applies it and rolls back: a dry run of the
+/// privileges it needs).
+pub async fn apply_ledger(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(hashtext('relocator.ledger'));
+         SET LOCAL client_min_messages = warning;",
     )
     .await?;
     let have_schema: bool = tx
@@ -325,12 +333,21 @@ pub async fn ensure_ledger(client: &mut tokio_postgres::Client) -> Result<()> {
     };
     tx.batch_execute(&ddl).await.map_err(|e| {
         config_error(format!(
-            "cannot create relocator's ledger (schema \"relocator\"): {e}. Let an administrator \
-             run sql/roles.sql, or grant this role CREATE on the database"
+            "cannot create relocator's ledger (schema \"relocator\"): {}. Let an administrator \
+             run sql/roles.sql, or grant this role CREATE on the database",
+            pg_message(&e)
         ))
     })?;
-    tx.commit().await.context("committing the ledger schema")?;
     Ok(())
+}
+
+/// The server's own message for an error it sent ("permission denied for ..."), else
+/// the client error.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => d.message().to_owned(),
+        None => e.to_string(),
+    }
 }
 
 /// Whether the ledger exists (plan reads it if so, and never creates it).
@@ -384,4 +401,66 @@ pub async fn scan(
             path: r.get(1),
         })
         .collect())
+}
+
+/// Tables with more rows than this (by the planner's statistics) are not counted exactly
+/// up front: the planner's estimate is used instead.
+const EXACT_COUNT_LIMIT: f64 = 10_000_000.0;
+
+/// Rows whose path starts with `prefix`, for progress totals and estimates: an exact
+/// count on tables up to [`EXACT_COUNT_LIMIT`] rows, the planner's estimate beyond.
+/// Returns (rows, exact).
+pub async fn count_selected(
+    client: &tokio_postgres::Client,
+    table: &TableInfo,
+    prefix: &str,
+) -> Result<(u64, bool)> {
+    let reltuples: f32 = client
+        .query_one(
+            "SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.qualified],
+        )
+        .await
+        .context("reading the table's size from the catalog")?
+        .get(0);
+    if f64::from(reltuples) < EXACT_COUNT_LIMIT {
+        let n: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1)",
+                    table.qualified, table.path_col
+                ),
+                &[&prefix],
+            )
+            .await
+            .context("counting the selected rows")?
+            .get(0);
+        return Ok((n.max(0) as u64, true));
+    }
+    // EXPLAIN takes no parameters: the prefix is quoted by the server (%L).
+    let explain: String = client
+        .query_one(
+            &format!(
+                "SELECT format('EXPLAIN (FORMAT JSON) SELECT 1 FROM {} AS t \
+                 WHERE t.{} LIKE %L', $1::text)",
+                table.qualified, table.path_col
+            ),
+            &[&format!("{}%", like_escape(prefix))],
+        )
+        .await?
+        .get(0);
+    let plan: serde_json::Value = client
+        .query_one(&explain, &[])
+        .await
+        .context("estimating the selected rows")?
+        .get(0);
+    let rows = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0);
+    Ok((rows.max(0.0) as u64, false))
+}
+
+/// `s` as a LIKE pattern matching itself literally.
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }

@@ -47,7 +47,13 @@ impl SeedConfig {
         }
         Ok(SeedConfig {
             database_url: DatabaseUrl::new(&a.database_url)?,
-            table: TableName::parse(&a.table)?,
+            // An unqualified name goes to `public`, not to the first schema of the
+            // search_path (which is relocator's ledger schema for a role named relocator).
+            table: {
+                let mut t = TableName::parse(&a.table)?;
+                t.schema.get_or_insert_with(|| "public".to_owned());
+                t
+            },
             target: S3Location::parse("--target", &a.target)?,
             rows: a.rows,
             missing: a.missing,
