@@ -1,0 +1,472 @@
+//! `relocator preflight`: everything a run needs, checked before anything is touched.
+//! Each check that fails names its fix (the GRANT, the IAM action). The only writes are
+//! probe objects under the destination prefix, removed again, and the ledger's DDL inside
+//! a transaction that is rolled back.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use futures::{stream, StreamExt};
+use serde::Serialize;
+
+use crate::config::{quote_ident, JobConfig};
+use crate::db::{self, TableInfo};
+use crate::s3::{self, ObjectInfo, S3};
+
+/// Copies made to measure the server's copy rate.
+const SAMPLE_COPIES: usize = 64;
+
+/// How a check came out. `Warn`: a run would succeed, but not as well as it could.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One check: how it came out, what was found, how to fix it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// Everything preflight found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    /// Rows under the source prefix (exact, or the planner's estimate on huge tables).
+    pub rows_to_move: Option<u64>,
+    pub rows_exact: bool,
+    /// Server-side copies per second measured with [`SAMPLE_COPIES`] probe copies.
+    pub copies_per_sec: Option<f64>,
+    /// rows_to_move / copies_per_sec: the copy work alone, a lower bound.
+    pub estimate_secs: Option<f64>,
+}
+
+impl Report {
+    /// A run can succeed only if every check passed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.status != Status::Fail)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for c in &self.checks {
+            out.push_str(&format!(
+                "{:<5} {:<16} {}\n",
+                match c.status {
+                    Status::Ok => "ok",
+                    Status::Warn => "warn",
+                    Status::Fail => "FAIL",
+                },
+                c.name,
+                c.detail
+            ));
+            if let Some(fix) = &c.fix {
+                out.push_str(&format!("{:<22} fix: {fix}\n", ""));
+            }
+        }
+        if let (Some(rows), Some(rate), Some(secs)) =
+            (self.rows_to_move, self.copies_per_sec, self.estimate_secs)
+        {
+            out.push_str(&format!(
+                "estimate: {}{rows} rows at about {rate:.0} copies/s (measured with \
+                 {SAMPLE_COPIES} probe copies) → at least {}\n",
+                if self.rows_exact { "" } else { "~" },
+                human_duration(secs)
+            ));
+        }
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count();
+        out.push_str(&if failed == 0 {
+            format!("preflight: all {} checks passed\n", self.checks.len())
+        } else {
+            format!(
+                "preflight: {failed} of {} checks failed; a run would not succeed\n",
+                self.checks.len()
+            )
+        });
+        out
+    }
+
+    fn ok(&mut self, name: &'static str, detail: impl Into<String>) {
+        self.push(name, Status::Ok, detail.into(), None);
+    }
+
+    fn warn(&mut self, name: &'static str, detail: impl Into<String>, fix: String) {
+        self.push(name, Status::Warn, detail.into(), Some(fix));
+    }
+
+    fn fail(&mut self, name: &'static str, detail: impl Into<String>, fix: Option<String>) {
+        self.push(name, Status::Fail, detail.into(), fix);
+    }
+
+    fn push(&mut self, name: &'static str, status: Status, detail: String, fix: Option<String>) {
+        self.checks.push(Check {
+            name,
+            status,
+            detail,
+            fix,
+        });
+    }
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        _ => format!("{:.1} h", s as f64 / 3600.0),
+    }
+}
+
+/// `relocator preflight`.
+pub async fn preflight(cfg: &JobConfig) -> Result<Report> {
+    let mut r = Report {
+        checks: Vec::new(),
+        rows_to_move: None,
+        rows_exact: false,
+        copies_per_sec: None,
+        estimate_secs: None,
+    };
+    database(cfg, &mut r).await?;
+    buckets_and_permissions(cfg, &mut r).await?;
+    Ok(r)
+}
+
+/// PostgreSQL: connection, table and columns, privileges, ledger, row count.
+async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
+    let pool = db::pool(&cfg.database_url, 1)?;
+    let mut client = match db::connect_checked(&pool, &cfg.database_url).await {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail("database", format!("{e:#}"), None);
+            return Ok(());
+        }
+    };
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await?
+        .get(0);
+    r.ok(
+        "database",
+        format!("connected to {} as {user}", cfg.database_url),
+    );
+    let table = match TableInfo::resolve(&client, cfg).await {
+        Ok(t) => t,
+        Err(e) => {
+            r.fail("table", format!("{e:#}"), None);
+            return Ok(());
+        }
+    };
+    r.ok(
+        "table",
+        format!(
+            "{}: id column {} ({}, unique), path column {}",
+            table.display, table.id_col, table.id_type, table.path_col
+        ),
+    );
+    let role = quote_ident(&user);
+    let row = client
+        .query_one(
+            "SELECT has_schema_privilege(c.relnamespace, 'USAGE'),
+                    has_table_privilege(c.oid, 'SELECT'),
+                    has_column_privilege(c.oid, $2::text, 'UPDATE'),
+                    n.nspname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1::text::regclass",
+            &[&table.qualified, &cfg.path_column],
+        )
+        .await?;
+    let (usage, select, update, schema): (bool, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if usage && select {
+        r.ok("select", format!("{user} may read {}", table.display));
+    } else {
+        let mut fix = Vec::new();
+        if !usage {
+            fix.push(format!(
+                "GRANT USAGE ON SCHEMA {} TO {role};",
+                quote_ident(&schema)
+            ));
+        }
+        if !select {
+            fix.push(format!("GRANT SELECT ON {} TO {role};", table.qualified));
+        }
+        r.fail(
+            "select",
+            format!("{user} may not read {}", table.display),
+            Some(fix.join(" ")),
+        );
+    }
+    if update {
+        r.ok(
+            "update",
+            format!("{user} may UPDATE {}.{}", table.display, table.path_col),
+        );
+    } else {
+        r.fail(
+            "update",
+            format!(
+                "{user} may not UPDATE {}.{}, so no row could be rewritten",
+                table.display, table.path_col
+            ),
+            Some(format!(
+                "GRANT UPDATE ({}) ON {} TO {role};",
+                table.path_col, table.qualified
+            )),
+        );
+    }
+    // The ledger's DDL in a transaction that is rolled back: exactly the rights it needs.
+    let tx = client.transaction().await?;
+    match db::apply_ledger(&tx).await {
+        Ok(()) => r.ok(
+            "ledger",
+            format!("{user} may create and use relocator's ledger (schema relocator)"),
+        ),
+        Err(e) => r.fail(
+            "ledger",
+            format!("{e:#}"),
+            Some(format!(
+                "CREATE SCHEMA IF NOT EXISTS relocator AUTHORIZATION {role}; (see sql/roles.sql)"
+            )),
+        ),
+    }
+    tx.rollback().await?;
+    if !table.path_indexed {
+        r.warn(
+            "path index",
+            format!(
+                "no index leads with {}: each batch would look rows up with a table scan",
+                table.path_col
+            ),
+            format!(
+                "CREATE INDEX CONCURRENTLY ON {} ({});",
+                table.qualified, table.path_col
+            ),
+        );
+    }
+    let (rows, exact) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
+    r.rows_to_move = Some(rows);
+    r.rows_exact = exact;
+    r.ok(
+        "rows",
+        format!(
+            "{}{rows} rows under {} to move",
+            if exact { "" } else { "about " },
+            cfg.source
+        ),
+    );
+    Ok(())
+}
+
+/// S3: both buckets, then each permission a run (and a rollback) uses, tried for real.
+async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> {
+    let client = s3::client(&cfg.s3).await;
+    let s3c = S3::new(client.clone(), cfg.s3.max_rps);
+    let (src, dst) = (&cfg.source, &cfg.dest);
+    let mut buckets_ok = true;
+    for (flag, loc) in [("--source", src), ("--dest", dst)] {
+        match s3::check_bucket(&client, flag, &loc.bucket).await {
+            Ok(()) => r.ok(
+                bucket_check(flag),
+                format!("bucket {} reachable", loc.bucket),
+            ),
+            Err(e) => {
+                buckets_ok = false;
+                r.fail(bucket_check(flag), format!("{e:#}"), None)
+            }
+        }
+    }
+    if !buckets_ok {
+        return Ok(());
+    }
+    let arn = |bucket: &str, prefix: &str| format!("arn:aws:s3:::{bucket}/{prefix}*");
+
+    // Source: list, read, delete (a key that does not exist: deleting it changes nothing).
+    let sample: Option<(String, ObjectInfo)> =
+        match s3::list_page(&s3c, &src.bucket, &src.prefix, None, 1).await {
+            Ok((page, _)) => {
+                r.ok("source list", format!("may list {src}"));
+                page.into_iter().next()
+            }
+            Err(e) => {
+                r.fail(
+                    "source list",
+                    e.to_string(),
+                    Some(format!(
+                        "allow s3:ListBucket on arn:aws:s3:::{} (prefix {})",
+                        src.bucket, src.prefix
+                    )),
+                );
+                None
+            }
+        };
+    if let Some((key, _)) = &sample {
+        match s3::head(&client, &src.bucket, key).await {
+            Ok(_) => r.ok("source read", format!("may read objects under {src}")),
+            Err(e) => r.fail(
+                "source read",
+                e.to_string(),
+                Some(format!(
+                    "allow s3:GetObject on {}",
+                    arn(&src.bucket, &src.prefix)
+                )),
+            ),
+        }
+    }
+    let probe = format!(".relocator-preflight-{:016x}", rand::random::<u64>());
+    let src_probe = format!("{}{probe}", src.prefix);
+    match s3::delete_one(&client, &src.bucket, &src_probe).await {
+        Ok(()) => r.ok("source delete", format!("may delete objects under {src}")),
+        Err(e) => r.fail(
+            "source delete",
+            format!("{e}: sources could not be removed after their rows are rewritten"),
+            Some(format!(
+                "allow s3:DeleteObject on {}",
+                arn(&src.bucket, &src.prefix)
+            )),
+        ),
+    }
+
+    // Destination: write a probe, read it, copy into the prefix, delete.
+    let dst_probe = format!("{}{probe}", dst.prefix);
+    let body = b"relocator preflight probe; safe to delete".to_vec();
+    if let Err(e) = s3::put(&client, &dst.bucket, &dst_probe, body, "text/plain").await {
+        r.fail(
+            "dest write",
+            format!("{e}: no object could be copied there"),
+            Some(format!(
+                "allow s3:PutObject on {}",
+                arn(&dst.bucket, &dst.prefix)
+            )),
+        );
+        return Ok(());
+    }
+    r.ok("dest write", format!("may write objects under {dst}"));
+    let probe_info = match s3::head(&client, &dst.bucket, &dst_probe).await {
+        Ok(Some(i)) => {
+            r.ok("dest read", format!("may read objects under {dst}"));
+            Some(i)
+        }
+        Ok(None) => {
+            r.fail(
+                "dest read",
+                format!(
+                    "the probe s3://{}/{dst_probe} is not there after writing it",
+                    dst.bucket
+                ),
+                None,
+            );
+            None
+        }
+        Err(e) => {
+            r.fail(
+                "dest read",
+                e.to_string(),
+                Some(format!(
+                    "allow s3:GetObject on {}",
+                    arn(&dst.bucket, &dst.prefix)
+                )),
+            );
+            None
+        }
+    };
+    // Server-side copies from the source (or, with nothing to move, of the probe): the
+    // permission check and the rate sample in one.
+    let copy_from = match (&sample, &probe_info) {
+        (Some((k, i)), _) => Some((src.bucket.clone(), k.clone(), i.clone())),
+        (None, Some(i)) => Some((dst.bucket.clone(), dst_probe.clone(), i.clone())),
+        (None, None) => None,
+    };
+    let mut written = vec![dst_probe.clone()];
+    if let Some((from_bucket, from_key, info)) = copy_from {
+        let keys: Vec<String> = (0..SAMPLE_COPIES)
+            .map(|i| format!("{dst_probe}-{i:02}"))
+            .collect();
+        let started = Instant::now();
+        let results: Vec<Result<ObjectInfo, s3::S3Error>> = stream::iter(&keys)
+            .map(|k| s3::copy(&client, &from_bucket, &from_key, &info, &dst.bucket, k))
+            .buffered(cfg.concurrency.clamp(1, SAMPLE_COPIES))
+            .collect()
+            .await;
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        written.extend(keys);
+        match results.into_iter().find_map(Result::err) {
+            None => {
+                let rate = SAMPLE_COPIES as f64 / secs;
+                r.copies_per_sec = Some(rate);
+                r.estimate_secs = r.rows_to_move.map(|n| n as f64 / rate);
+                r.ok(
+                    "copy",
+                    format!("may copy s3://{from_bucket}/… into {dst} server-side"),
+                );
+            }
+            Some(e) => r.fail(
+                "copy",
+                e.to_string(),
+                Some(format!(
+                    "allow s3:GetObject on {} and s3:PutObject on {}",
+                    arn(&from_bucket, ""),
+                    arn(&dst.bucket, &dst.prefix)
+                )),
+            ),
+        }
+    }
+    match s3::delete_many(&client, &dst.bucket, &written).await {
+        Ok(errors) if errors.is_empty() => r.ok(
+            "dest delete",
+            format!("may delete objects under {dst} (probes removed)"),
+        ),
+        Ok(errors) => r.fail(
+            "dest delete",
+            format!(
+                "{} probe objects under {dst} could not be deleted ({}); remove them by hand. \
+                 Copies for rows the application changed could not be taken back",
+                errors.len(),
+                errors[0].1
+            ),
+            Some(format!(
+                "allow s3:DeleteObject on {}",
+                arn(&dst.bucket, &dst.prefix)
+            )),
+        ),
+        Err(e) => r.fail(
+            "dest delete",
+            format!("{e}; remove the probes {dst_probe}* by hand"),
+            Some(format!(
+                "allow s3:DeleteObject on {}",
+                arn(&dst.bucket, &dst.prefix)
+            )),
+        ),
+    }
+    Ok(())
+}
+
+fn bucket_check(flag: &str) -> &'static str {
+    if flag == "--source" {
+        "source bucket"
+    } else {
+        "dest bucket"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(42.4), "42 s");
+        assert_eq!(human_duration(600.0), "10 min");
+        assert_eq!(human_duration(5.0 * 3600.0), "5.0 h");
+    }
+}
