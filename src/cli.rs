@@ -48,6 +48,16 @@ pub enum Command {
     /// What the ledger says about this job: runs, leases, rows moved, cleanups pending,
     /// rate, rows left, ETA. Read-only.
     Status(StatusArgs),
+    /// Before a run: check the table, the role's privileges, both buckets and the S3
+    /// permissions (with a probe object removed again), count the rows and estimate the
+    /// duration. Exit 0 only when a run can succeed; each failed check names the fix.
+    Preflight(PreflightArgs),
+    /// Stream (id, path) of the selected rows to a CSV file (COPY); print rows and SHA-256.
+    Backup(BackupArgs),
+    /// Undo a job's moves from the ledger: each object back at its old key, each row
+    /// rewritten back (compare-and-swap), the new objects removed. Resumable like run.
+    #[command(after_help = EXIT_CODES)]
+    Rollback(RollbackArgs),
     /// Create demo rows and their objects in the source bucket.
     Seed(SeedArgs),
 }
@@ -140,6 +150,58 @@ pub struct RunArgs {
     /// died loses its lease at once.
     #[arg(long, default_value_t = 120)]
     pub lease_ttl: u64,
+
+    /// Write one CSV line per row acted on or needing attention.
+    #[arg(long, value_name = "FILE.csv")]
+    pub report: Option<PathBuf>,
+
+    /// Write the final counts as JSON, for automation.
+    #[arg(long, value_name = "FILE.json")]
+    pub summary_json: Option<PathBuf>,
+
+    /// The backup this run follows (made by `relocator backup`): checked and recorded
+    /// in the ledger. A run against a non-local database or S3 endpoint needs this or
+    /// --no-backup.
+    #[arg(long, value_name = "FILE.csv", conflicts_with = "no_backup")]
+    pub backup: Option<PathBuf>,
+
+    /// Run without a backup even though the database or S3 endpoint is not local.
+    #[arg(long)]
+    pub no_backup: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PreflightArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// Write the checks as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// The CSV file to write (written under a temporary name, then renamed).
+    #[arg(long, value_name = "FILE.csv")]
+    pub out: PathBuf,
+
+    /// Write rows, bytes and SHA-256 as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// Undo only this run (see `relocator status`); default: every run of the job.
+    #[arg(long, value_name = "RUN_ID")]
+    pub run: Option<i64>,
 
     /// Write one CSV line per row acted on or needing attention.
     #[arg(long, value_name = "FILE.csv")]

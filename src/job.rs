@@ -7,20 +7,22 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use crate::backup::BackupInfo;
 use crate::cleanup::{self, Pending};
 use crate::commit::{self, CommitBatch, Committed};
 use crate::config::JobConfig;
 use crate::copy::{self, PairResult};
 use crate::db::{self, Queries, Row, TableInfo};
-use crate::lease::{self, Take};
+use crate::lease::{self, TableLock, Take};
 use crate::plan::{self, Move};
+use crate::progress::Progress;
 use crate::report::{Outcome, Report, ReportLine, Summary};
 use crate::s3::{self, S3};
 
@@ -32,6 +34,8 @@ pub struct RunOptions<'a> {
     pub workers: usize,
     /// Heartbeat age after which a lease whose owner still holds its session is taken.
     pub lease_ttl: Duration,
+    /// The backup this run follows, recorded with the run in the ledger.
+    pub backup: Option<BackupInfo>,
 }
 
 impl Default for RunOptions<'_> {
@@ -40,24 +44,26 @@ impl Default for RunOptions<'_> {
             report: None,
             workers: 1,
             lease_ttl: Duration::from_secs(120),
+            backup: None,
         }
     }
 }
 
-/// Everything a job shares among its workers.
-struct Shared<'a> {
-    cfg: &'a JobConfig,
-    pool: deadpool_postgres::Pool,
-    s3: S3,
-    table: TableInfo,
-    q: Queries,
-    report: Mutex<Report>,
+/// Everything a job shares among its workers (and what `rollback` needs too).
+pub(crate) struct Shared<'a> {
+    pub(crate) cfg: &'a JobConfig,
+    pub(crate) pool: deadpool_postgres::Pool,
+    pub(crate) s3: S3,
+    pub(crate) table: TableInfo,
+    pub(crate) q: Queries,
+    pub(crate) report: Mutex<Report>,
     /// Copies in flight per worker (the `--concurrency` budget split among workers).
-    concurrency: usize,
+    pub(crate) concurrency: usize,
+    pub(crate) progress: Progress,
 }
 
 impl Shared<'_> {
-    fn report(&self) -> std::sync::MutexGuard<'_, Report> {
+    pub(crate) fn report(&self) -> std::sync::MutexGuard<'_, Report> {
         // A poisoned report only means another stage panicked; its counts are still
         // the best there is.
         self.report
@@ -65,7 +71,7 @@ impl Shared<'_> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn conn(&self) -> Result<deadpool_postgres::Client> {
+    pub(crate) async fn conn(&self) -> Result<deadpool_postgres::Client> {
         self.pool
             .get()
             .await
@@ -75,7 +81,11 @@ impl Shared<'_> {
 
 /// Connect, check the table against the catalog and both buckets: every failure here is
 /// a configuration error (exit 2) and nothing has been changed yet.
-async fn open<'a>(cfg: &'a JobConfig, pool_size: usize, report: Report) -> Result<Shared<'a>> {
+pub(crate) async fn open<'a>(
+    cfg: &'a JobConfig,
+    pool_size: usize,
+    report: Report,
+) -> Result<Shared<'a>> {
     let pool = db::pool(&cfg.database_url, pool_size)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
@@ -100,6 +110,7 @@ async fn open<'a>(cfg: &'a JobConfig, pool_size: usize, report: Report) -> Resul
         q,
         report: Mutex::new(report),
         concurrency: cfg.concurrency,
+        progress: Progress::silent(),
     })
 }
 
@@ -116,8 +127,20 @@ pub async fn run(
     sh.concurrency = (cfg.concurrency / workers).max(1);
     let mut main = sh.conn().await?;
     db::ensure_ledger(&mut main).await?;
+    lease::lock_table(&main, &sh.table, TableLock::Run).await?;
     let (run_id, resumed) = lease::begin_run(&mut main, cfg, &sh.table).await?;
     info!(run_id, resumed, workers, source = %cfg.source, dest = %cfg.dest, "run started");
+    if let Some(b) = &opts.backup {
+        main.execute(
+            "UPDATE relocator.runs SET backup = $2 WHERE run_id = $1",
+            &[&run_id, &serde_json::to_value(b)?],
+        )
+        .await
+        .context("recording the backup with the run")?;
+        info!(file = %b.file, rows = b.rows, sha256 = %b.sha256, "following backup");
+    }
+    let (total, _) = db::count_selected(&main, &sh.table, &cfg.source.prefix).await?;
+    sh.progress = Progress::new("run", Some(total));
 
     let result = async {
         finish_earlier_cleanups(&sh, &main).await?;
@@ -132,6 +155,7 @@ pub async fn run(
         lease::finish_run_if_complete(&main, run_id).await
     }
     .await;
+    sh.progress.finish();
     let interrupted = cancel.is_cancelled();
     let status = match &result {
         Ok(true) => "finished",
@@ -152,6 +176,7 @@ pub async fn run(
         }
     }
     result?;
+    lease::unlock_table(&main, &sh.table, TableLock::Run).await?;
     let report = sh
         .report
         .into_inner()
@@ -573,6 +598,7 @@ async fn settle(
     let (ready, more) = split_ready(&moves, &by_pair, &sh.cfg.source.bucket);
     lines.extend(more);
     let ready = ready.into_iter().map(|(m, c)| (m.clone(), c)).collect();
+    sh.progress.inc(0, copies.1);
     let mut report = sh.report();
     report.counters.s3_copies += copies.0;
     report.counters.bytes_copied += copies.1;
@@ -681,7 +707,6 @@ async fn commit_stage(
     out: mpsc::Sender<ToClean>,
 ) -> Result<()> {
     let db = sh.conn().await?;
-    let mut progress = Progress::new();
     while let Some(msg) = rx.recv().await {
         let b = match msg {
             ToCommit::LeaseEnd(id) => {
@@ -769,8 +794,8 @@ async fn commit_stage(
             }
             report.counters.batches += 1;
             report.flush()?;
-            progress.tick(&report, b.rows);
         }
+        sh.progress.inc(b.rows as u64, 0);
         if out.send(clean).await.is_err() {
             return Ok(());
         }
@@ -818,8 +843,10 @@ fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
 /// `relocator plan`: the dry run. Writes nothing to PostgreSQL or S3.
 #[instrument(skip_all, fields(table = %cfg.table))]
 pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
-    let sh = open(cfg, 1, Report::new("plan", Some(out))?).await?;
+    let mut sh = open(cfg, 1, Report::new("plan", Some(out))?).await?;
     let db = sh.conn().await?;
+    let (total, _) = db::count_selected(&db, &sh.table, &cfg.source.prefix).await?;
+    sh.progress = Progress::new("plan", Some(total));
     // Destinations earlier batches would have filled, to predict collisions across
     // batches the way run detects them (destination exists and differs, ledger says who).
     let mut claimed: HashMap<String, String> = HashMap::new();
@@ -843,6 +870,7 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             break;
         };
         last_id = Some(last.id.clone());
+        sh.progress.inc(rows.len() as u64, 0);
         let batch = plan::plan_batch(rows, &cfg.rewrite);
         let pairs = plan::distinct_pairs(&batch.moves);
         let Some(results) =
@@ -877,6 +905,7 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         report.counters.batches += 1;
         report.flush()?;
     }
+    sh.progress.finish();
     let report = sh
         .report
         .into_inner()
@@ -884,31 +913,4 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
     let summary = report.finish(None, interrupted)?;
     info!("{}", summary.one_line());
     Ok(summary)
-}
-
-/// A log line every few seconds (the progress bar comes with the runbook commands).
-struct Progress {
-    last: Instant,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            last: Instant::now(),
-        }
-    }
-
-    fn tick(&mut self, report: &Report, _batch_rows: usize) {
-        if self.last.elapsed() >= Duration::from_secs(5) {
-            self.last = Instant::now();
-            let secs = report.elapsed().as_secs_f64().max(0.001);
-            info!(
-                rows = report.rows_seen(),
-                rate = format!("{:.0}/s", report.rows_seen() as f64 / secs),
-                copies = report.counters.s3_copies,
-                deleted = report.counters.sources_deleted,
-                "progress"
-            );
-        }
-    }
 }

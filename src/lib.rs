@@ -35,6 +35,7 @@
 //!   [`seed`] the demo data; [`verify`] checks every row against the buckets;
 //!   [`status`] reads the ledger.
 
+pub mod backup;
 pub mod cleanup;
 pub mod cli;
 pub mod commit;
@@ -44,8 +45,11 @@ pub mod db;
 pub mod job;
 pub mod lease;
 pub mod plan;
+pub mod preflight;
+pub mod progress;
 pub mod report;
 pub mod rewrite;
+pub mod rollback;
 pub mod s3;
 pub mod seed;
 pub mod status;

@@ -45,6 +45,17 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
     match cmd {
         Command::Run(a) => {
             let cfg = JobConfig::from_args(&a.job)?;
+            let backup = match (&a.backup, a.no_backup, cfg.production_reason()) {
+                (Some(path), _, _) => Some(relocator::backup::check(&cfg, path)?),
+                (None, false, Some(why)) => {
+                    return Err(relocator::config::config_error(format!(
+                        "this run looks like production ({why}) and follows no backup. Back up \
+                         the selected rows first with `relocator backup --out FILE.csv` (same \
+                         options), then pass --backup FILE.csv; or say --no-backup"
+                    )))
+                }
+                (None, _, _) => None,
+            };
             if a.workers == 0 || a.workers > 256 {
                 return Err(relocator::config::config_error(format!(
                     "--workers {} is out of range; use 1 to 256",
@@ -55,6 +66,7 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
                 report: a.report.as_deref(),
                 workers: a.workers,
                 lease_ttl: std::time::Duration::from_secs(a.lease_ttl.max(1)),
+                backup,
             };
             let summary = job::run(&cfg, &opts, cancel).await?;
             finish(&summary, a.summary_json.as_deref())
@@ -68,8 +80,7 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
             let cfg = JobConfig::from_args(&a.job)?;
             let s = relocator::verify::verify(&cfg, a.out.as_deref(), a.orphans).await?;
             if let Some(p) = &a.summary_json {
-                let f = std::fs::File::create(p)?;
-                serde_json::to_writer_pretty(f, &s)?;
+                write_json(p, &s)?;
             }
             eprintln!("{}", s.one_line());
             Ok(if s.all_ok() {
@@ -88,6 +99,33 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
             }
             Ok(exit::OK)
         }
+        Command::Preflight(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let r = relocator::preflight::preflight(&cfg).await?;
+            if let Some(p) = &a.summary_json {
+                write_json(p, &r)?;
+            }
+            print!("{}", r.render());
+            Ok(if r.passed() { exit::OK } else { exit::USAGE })
+        }
+        Command::Backup(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let b = relocator::backup::backup(&cfg, &a.out).await?;
+            if let Some(p) = &a.summary_json {
+                write_json(p, &b)?;
+            }
+            println!("{}", b.one_line());
+            Ok(exit::OK)
+        }
+        Command::Rollback(a) => {
+            let cfg = JobConfig::from_args(&a.job)?;
+            let opts = relocator::rollback::RollbackOptions {
+                run: a.run,
+                report: a.report.as_deref(),
+            };
+            let summary = relocator::rollback::rollback(&cfg, &opts, cancel).await?;
+            finish(&summary, a.summary_json.as_deref())
+        }
         Command::Seed(a) => {
             let cfg = SeedConfig::from_args(&a)?;
             let s = seed::seed(&cfg).await?;
@@ -98,6 +136,14 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
             Ok(exit::OK)
         }
     }
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let f = std::fs::File::create(path)
+        .with_context(|| format!("creating the summary file {}", path.display()))?;
+    serde_json::to_writer_pretty(f, value)
+        .with_context(|| format!("writing the summary file {}", path.display()))
 }
 
 fn finish(summary: &Summary, json: Option<&std::path::Path>) -> anyhow::Result<i32> {
@@ -136,7 +182,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| relocator::progress::LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::JobConfig;
 use crate::db::{self, TableInfo};
+use crate::progress::Progress;
 use crate::s3;
 
 /// How a row (or an unreferenced object) stands.
@@ -70,6 +71,7 @@ impl VerifySummary {
 struct Out {
     csv: Option<csv::Writer<std::fs::File>>,
     summary: VerifySummary,
+    progress: Progress,
 }
 
 impl Out {
@@ -92,8 +94,11 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     s3::check_bucket(&s3c, "--source", &cfg.source.bucket).await?;
     s3::check_bucket(&s3c, "--dest", &cfg.dest.bucket).await?;
     let ledger = db::ledger_exists(&client).await?;
+    let (on_dest, _) = db::count_selected(&client, &table, &cfg.dest.prefix).await?;
+    let (on_source, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
 
     let mut o = Out {
+        progress: Progress::new("verify", Some(on_dest + on_source)),
         csv: match out {
             Some(p) => {
                 let mut w = csv::Writer::from_path(p)
@@ -165,6 +170,7 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     if let Some(w) = &mut o.csv {
         w.flush()?;
     }
+    o.progress.finish();
     Ok(o.summary)
 }
 
@@ -208,6 +214,7 @@ async fn merge_side(
     while let Some(row) = rows.next().await {
         let row = row.context("reading rows in key order")?;
         let (id, path): (String, String) = (row.get(0), row.get(1));
+        o.progress.inc(1, 0);
         if last_matched.as_deref() == Some(path.as_str()) {
             o.record(present, &id, bucket, &path)?;
             continue;
