@@ -43,6 +43,8 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
     let (src, dst) = (env.source(), env.dest());
     let same_bucket_nested = format!("s3://{}/image/new/", env.src_bucket);
     let missing_bucket = "s3://no-such-bucket-relocator/avatar/".to_string();
+    let not_a_backup = env.path("not-a-backup.csv");
+    std::fs::write(&not_a_backup, "user,avatar\n1,x\n").unwrap();
     let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -155,6 +157,32 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             ]),
             "cannot reach S3",
         ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--database-url",
+                "postgres://app:pw@db.example.com/app",
+            ]),
+            "looks like production (database host db.example.com)",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--backup",
+                "/no/such/backup.csv",
+            ]),
+            "--backup /no/such/backup.csv",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--backup", &not_a_backup]),
+            "is not a backup of \"avatars\"(id, path)",
+        ),
     ];
     for (args, needle) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -203,6 +231,39 @@ async fn secrets_never_appear_in_output_even_at_trace_level() {
         !all.contains(&format!(":{password}@")),
         "the database password leaked"
     );
+
+    // Every other command, at trace level.
+    let job = [
+        "--source".to_string(),
+        env.source(),
+        "--dest".to_string(),
+        env.dest(),
+    ];
+    for (sub, extra) in [
+        ("preflight", vec![]),
+        ("backup", vec!["--out".to_string(), env.path("b.csv")]),
+        ("verify", vec!["--orphans".to_string()]),
+        ("status", vec![]),
+        ("rollback", vec![]),
+        ("plan", vec!["--out".to_string(), env.path("p.csv")]),
+    ] {
+        let out = env
+            .cmd()
+            .arg(sub)
+            .args(&job)
+            .args(&extra)
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.code().is_some(), "{sub}: {text}");
+        assert!(!text.contains(&secret), "{sub}: the AWS secret leaked");
+        assert!(
+            !text.contains(&format!(":{password}@")),
+            "{sub}: the database password leaked"
+        );
+    }
 
     let help = env.cmd().args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);

@@ -29,6 +29,8 @@ fn compose_services_and_env_line_up_with_relocator() {
         "minio",
         "createbuckets",
         "seed",
+        "preflight",
+        "backup",
         "relocate",
         "verify",
     ] {
@@ -43,7 +45,7 @@ fn compose_services_and_env_line_up_with_relocator() {
         s(&pg["POSTGRES_DB"])
     );
     let buckets = s(&services["createbuckets"]["entrypoint"]).to_owned();
-    for job in ["seed", "relocate", "verify"] {
+    for job in ["seed", "preflight", "backup", "relocate", "verify"] {
         let env = &services[job]["environment"];
         // Exactly the variables relocator reads (clap env + the standard AWS chain).
         let mut names: Vec<&str> = env
@@ -96,4 +98,39 @@ fn compose_services_and_env_line_up_with_relocator() {
             }
         }
     }
+}
+
+/// Compose's database and S3 are not on localhost, so `run` there must follow a backup:
+/// the one the backup service writes, on a volume both services mount.
+#[test]
+fn compose_relocate_follows_the_backup_service() {
+    let c = compose();
+    let args = |svc: &str| -> Vec<String> {
+        c["services"][svc]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| s(a).to_owned())
+            .collect()
+    };
+    let after = |v: &[String], flag: &str| -> String {
+        let i = v
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} missing"));
+        v[i + 1].clone()
+    };
+    let out = after(&args("backup"), "--out");
+    assert_eq!(after(&args("relocate"), "--backup"), out);
+    for svc in ["backup", "relocate"] {
+        let vols = &c["services"][svc]["volumes"];
+        assert!(
+            vols.as_sequence()
+                .unwrap()
+                .iter()
+                .any(|v| s(v) == "backups:/backups"),
+            "{svc} mounts the backups volume"
+        );
+    }
+    assert!(out.starts_with("/backups/"));
 }
