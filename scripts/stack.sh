@@ -7,6 +7,7 @@
 #   scripts/stack.sh env     print `export ...` lines: eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh status  say what runs
 #   scripts/stack.sh reset   down, then delete all state
+#   scripts/stack.sh pg-restart   restart PostgreSQL (fast shutdown: sessions are cut)
 #
 # Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
 # second endpoint takes +10), RELOCATOR_STACK_DIR (.stack), RELOCATOR_CACHE_DIR (where the
@@ -296,13 +297,19 @@ case "$cmd" in
         ;;
     env) print_env ;;
     status) status ;;
+    pg-restart)
+        bin=$(pg_bindir)
+        as_pg "$bin/pg_ctl" -D "$STATE/pg/data" -l "$STATE/pg/server.log" -m fast -w -t 60 restart \
+            >/dev/null || die "PostgreSQL did not restart, see $STATE/pg/server.log"
+        say "PostgreSQL restarted"
+        ;;
     reset)
         "$0" down
         rm -rf "$STATE"
         say "state removed"
         ;;
     *)
-        echo "usage: scripts/stack.sh up|down|env|status|reset" >&2
+        echo "usage: scripts/stack.sh up|down|env|status|reset|pg-restart" >&2
         exit 2
         ;;
 esac

@@ -102,7 +102,7 @@ impl Digester {
 /// `relocator backup --out FILE`. The file appears complete or not at all: it is
 /// written under a temporary name, synced, then renamed.
 pub async fn backup(cfg: &JobConfig, out: &Path) -> Result<BackupInfo> {
-    let pool = db::pool(&cfg.database_url, 1)?;
+    let pool = db::pool(&cfg.database_url, 1, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
     let (total, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;

@@ -109,6 +109,12 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
 
+    /// Seconds one batch may take (its copies; each statement of run and rollback is
+    /// limited to the same through statement_timeout). A batch over it stops the run
+    /// with exit 1 and nothing of the batch committed; rerun to resume.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub batch_timeout: u64,
+
     #[command(flatten)]
     pub s3: S3Args,
 }

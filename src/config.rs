@@ -334,6 +334,8 @@ pub struct JobConfig {
     pub rewrite_spec: Option<(String, String)>,
     pub batch_size: usize,
     pub concurrency: usize,
+    /// See `--batch-timeout`.
+    pub batch_timeout: Duration,
     pub s3: S3Settings,
 }
 
@@ -378,7 +380,13 @@ impl JobConfig {
                 a.concurrency
             )));
         }
+        if a.batch_timeout == 0 {
+            return Err(ConfigError(
+                "--batch-timeout must be at least 1 second (default 600)".into(),
+            ));
+        }
         Ok(JobConfig {
+            batch_timeout: Duration::from_secs(a.batch_timeout),
             database_url,
             table,
             id_column,

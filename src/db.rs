@@ -20,12 +20,33 @@ pub fn rt(n: u64) {
 /// The ledger's DDL, applied idempotently on first use.
 const LEDGER_SQL: &str = include_str!("../sql/ledger.sql");
 
-/// A pool of at most `size` connections.
-pub fn pool(url: &DatabaseUrl, size: usize) -> Result<Pool> {
-    let cfg: tokio_postgres::Config = url
+/// Connecting gives up after this unless DATABASE_URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A pool of at most `size` connections. `statement_timeout`: no statement of these
+/// sessions may run longer (the job path; not the backup's COPY, which may take hours).
+/// TCP keepalives notice a vanished server within about a minute.
+pub fn pool(
+    url: &DatabaseUrl,
+    size: usize,
+    statement_timeout: Option<std::time::Duration>,
+) -> Result<Pool> {
+    let mut cfg: tokio_postgres::Config = url
         .expose()
         .parse()
         .map_err(|e| config_error(format!("DATABASE_URL {url} is not valid: {e}")))?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    cfg.keepalives_idle(std::time::Duration::from_secs(30));
+    if let Some(t) = statement_timeout {
+        let options = format!(
+            "{} -c statement_timeout={}",
+            cfg.get_options().unwrap_or(""),
+            t.as_millis()
+        );
+        cfg.options(options.trim());
+    }
     let mgr = Manager::from_config(
         cfg,
         NoTls,

@@ -86,7 +86,7 @@ pub(crate) async fn open<'a>(
     pool_size: usize,
     report: Report,
 ) -> Result<Shared<'a>> {
-    let pool = db::pool(&cfg.database_url, pool_size)?;
+    let pool = db::pool(&cfg.database_url, pool_size, Some(cfg.batch_timeout))?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
     drop(client);
@@ -342,9 +342,8 @@ async fn copy_stage(
             if let Some((last, _)) = objects.last() {
                 let last_id = last.clone();
                 let n = objects.len();
-                let Some(ready) =
-                    key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, cancel).await?
-                else {
+                let copies = key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, cancel);
+                let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
                     info!("interrupted during the copy stage; nothing of this batch was committed");
                     return Ok(());
                 };
@@ -390,8 +389,8 @@ async fn copy_stage(
             };
             let last_id = last.id.clone();
             let n = rows.len();
-            let Some(ready) = copy_batch(sh, &scan_conn, run_id, rows, claims, cancel).await?
-            else {
+            let copies = copy_batch(sh, &scan_conn, run_id, rows, claims, cancel);
+            let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
                 info!("interrupted during the copy stage; nothing of this batch was committed");
                 return Ok(());
             };
@@ -411,6 +410,24 @@ async fn copy_stage(
             return Ok(());
         }
     }
+}
+
+/// A batch's copy work, bounded by `--batch-timeout`: past it the run stops (exit 1)
+/// with nothing of the batch committed, instead of hanging on a stuck server.
+async fn within_batch_timeout<T>(
+    cfg: &JobConfig,
+    rows: usize,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(cfg.batch_timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow!(
+                "a batch of {rows} rows did not finish within --batch-timeout {}s; nothing of \
+                 it was committed",
+                cfg.batch_timeout.as_secs()
+            ))
+        })
 }
 
 /// Plan one batch and make its destination objects. Rows that cannot move are reported

@@ -144,7 +144,7 @@ pub async fn preflight(cfg: &JobConfig) -> Result<Report> {
 
 /// PostgreSQL: connection, table and columns, privileges, ledger, row count.
 async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
-    let pool = db::pool(&cfg.database_url, 1)?;
+    let pool = db::pool(&cfg.database_url, 1, None)?;
     let mut client = match db::connect_checked(&pool, &cfg.database_url).await {
         Ok(c) => c,
         Err(e) => {

@@ -152,7 +152,7 @@ pub struct Seeded {
 
 /// Create the table if needed, insert the rows, upload their objects.
 pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
-    let pool = db::pool(&cfg.database_url, 1)?;
+    let pool = db::pool(&cfg.database_url, 1, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     if let Some(schema) = &cfg.table.schema {
         client

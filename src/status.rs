@@ -81,7 +81,7 @@ impl Status {
 
 /// `relocator status`.
 pub async fn status(cfg: &JobConfig) -> Result<Status> {
-    let pool = db::pool(&cfg.database_url, 1)?;
+    let pool = db::pool(&cfg.database_url, 1, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
     let left: i64 = client

@@ -87,7 +87,7 @@ impl Out {
 
 /// `relocator verify`.
 pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Result<VerifySummary> {
-    let pool = db::pool(&cfg.database_url, 2)?;
+    let pool = db::pool(&cfg.database_url, 2, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
     let s3c = s3::client(&cfg.s3).await;

@@ -6,6 +6,7 @@ mod common;
 
 use common::proxy::{Fault, FaultProxy};
 use common::TestEnv;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slowdown_for_a_while_is_backed_off_and_the_run_completes() {
@@ -123,5 +124,44 @@ async fn a_total_outage_stops_with_exit_1_and_a_rerun_completes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    env.assert_converged(&seeded).await;
+}
+
+/// A server that stops answering copies mid-run: the batch in hand gives up at
+/// --batch-timeout (not hanging for per-request timeouts × retries), exit 1, nothing of
+/// it committed; the rerun completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_batch_stops_at_the_batch_timeout_and_the_rerun_completes() {
+    let env = TestEnv::new("batch-timeout").await;
+    let seeded = env.seed(300, 0).await;
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|n, method, _| {
+            if n > 60 && method == "PUT" {
+                Fault::Stall(Duration::from_secs(30))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let out = env
+        .run_cmd(&["--batch-size", "50", "--batch-timeout", "3"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--batch-timeout 3s"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "it did not hang"
+    );
+    env.assert_no_row_dangles().await;
+
+    proxy.set_plan(Box::new(|_, _, _| Fault::Forward));
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
     env.assert_converged(&seeded).await;
 }

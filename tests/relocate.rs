@@ -192,6 +192,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         to: None,
         batch_size: 10,
         concurrency: 4,
+        batch_timeout: 600,
         s3: relocator::cli::S3Args {
             endpoint_url: Some(common::var("AWS_ENDPOINT_URL")),
             s3_timeout: 30,
@@ -200,7 +201,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         },
     };
     let cfg = JobConfig::from_args(&args).unwrap();
-    let pool = relocator::db::pool(&cfg.database_url, 2).unwrap();
+    let pool = relocator::db::pool(&cfg.database_url, 2, None).unwrap();
     let mut db = pool.get().await.unwrap();
     relocator::db::ensure_ledger(&mut db).await.unwrap();
     let table = TableInfo::resolve(&db, &cfg).await.unwrap();
