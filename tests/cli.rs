@@ -273,3 +273,64 @@ async fn secrets_never_appear_in_output_even_at_trace_level() {
         "exit codes documented"
     );
 }
+
+/// Path values a careless application could store: control characters, a `..` segment,
+/// a leading `/`, literal percent-escapes. The unusable ones are reported `invalid_key`
+/// and left alone (exit 3); the literal one moves as the literal key it is. NUL bytes and
+/// invalid UTF-8 cannot reach relocator at all: PostgreSQL refuses them in text.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_path_values_are_reported_and_left_alone() {
+    let env = TestEnv::new("hostile-paths").await;
+    env.seed(20, 0).await;
+    let db = env.db().await;
+    let literal = "image/%C3%28 not an escape.png";
+    relocator::s3::put(
+        &env.s3,
+        &env.src_bucket,
+        literal,
+        b"literal".to_vec(),
+        "image/png",
+    )
+    .await
+    .unwrap();
+    let hostile = ["image/ctrl\u{1}char.png", "image/../escape.png", "/leading.png"];
+    for p in hostile.iter().chain([&literal]) {
+        db.execute("INSERT INTO avatars (path) VALUES ($1)", &[p])
+            .await
+            .unwrap();
+    }
+    for bad in [r"E'image/nul\x00byte'", r"E'image/\xC3\x28.png'"] {
+        let refused = db
+            .batch_execute(&format!("INSERT INTO avatars (path) VALUES ({bad})"))
+            .await;
+        assert!(refused.is_err(), "PostgreSQL accepted {bad}");
+    }
+
+    // The whole source bucket is selected, so the leading-slash row is too.
+    let whole = format!("s3://{}", env.src_bucket);
+    let out = env
+        .cmd()
+        .args(["run", "--source", &whole, "--dest", &env.dest()])
+        .args(["--report", &env.path("r.csv")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = common::read_outcomes(&env.path("r.csv"));
+    let rows = env.rows().await;
+    for p in hostile {
+        let (id, path) = rows.iter().find(|(_, path)| path == p).unwrap();
+        assert_eq!(path, p, "row {id} left alone");
+        assert_eq!(report[&id.to_string()].0, "invalid_key", "{p:?}");
+    }
+    let (id, path) = rows.iter().find(|(_, p)| p.contains("%C3%28")).unwrap();
+    assert_eq!(path, &format!("avatar/{literal}"), "row {id}");
+    let bytes = relocator::s3::get_bytes(&env.s3, &env.dst_bucket, path)
+        .await
+        .unwrap();
+    assert_eq!(bytes, b"literal");
+}
