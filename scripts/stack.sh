@@ -205,9 +205,11 @@ garage_up() {
         "${g[@]}" layout apply --version 1 >/dev/null
     fi
     # Keys: "main" may create buckets and owns the demo buckets; "readonly" may only read
-    # (preflight's permission checks are tested with it).
+    # (preflight's permission checks are tested with it); "job" may read and write but not
+    # administer them: Garage's nearest match to the README's IAM policy (the whole job is
+    # tested with it).
     local kname kf
-    for kname in main readonly; do
+    for kname in main readonly job; do
         kf=$(key_file "$name" "$kname")
         # shellcheck disable=SC1090
         . "$kf"
@@ -217,13 +219,15 @@ garage_up() {
     done
     . "$(key_file "$name" main)"
     "${g[@]}" key allow --create-bucket "$KEY_ID" >/dev/null
-    local ro_id
+    local ro_id job_id
     ro_id=$(. "$(key_file "$name" readonly)"; echo "$KEY_ID")
+    job_id=$(. "$(key_file "$name" job)"; echo "$KEY_ID")
     local b
     for b in "${BUCKETS[@]}"; do
         "${g[@]}" bucket info "$b" >/dev/null 2>&1 || "${g[@]}" bucket create "$b" >/dev/null
         "${g[@]}" bucket allow --read --write --owner "$b" --key "$KEY_ID" >/dev/null
         "${g[@]}" bucket allow --read "$b" --key "$ro_id" >/dev/null
+        "${g[@]}" bucket allow --read --write "$b" --key "$job_id" >/dev/null
     done
 }
 
@@ -243,9 +247,10 @@ garage_down() {
 
 print_env() {
     [ -f "$STATE/garage/key-main.env" ] || die "the stack was never started: run scripts/stack.sh up"
-    local main ro second
+    local main ro job second
     main=$(. "$STATE/garage/key-main.env"; echo "$KEY_ID $KEY_SECRET")
     ro=$(. "$STATE/garage/key-readonly.env"; echo "$KEY_ID $KEY_SECRET")
+    job=$(. "$STATE/garage/key-job.env" 2>/dev/null; echo "${KEY_ID:-} ${KEY_SECRET:-}")
     cat <<EOF
 export DATABASE_URL='postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB'
 export AWS_ENDPOINT_URL='http://127.0.0.1:$S3_PORT'
@@ -254,6 +259,8 @@ export AWS_SECRET_ACCESS_KEY='${main#* }'
 export AWS_REGION='$REGION'
 export RELOCATOR_TEST_READONLY_KEY_ID='${ro% *}'
 export RELOCATOR_TEST_READONLY_SECRET='${ro#* }'
+export RELOCATOR_TEST_JOB_KEY_ID='${job% *}'
+export RELOCATOR_TEST_JOB_SECRET='${job#* }'
 unset AWS_CA_BUNDLE
 EOF
     if [ -f "$STATE/garage2/key-main.env" ]; then

@@ -293,7 +293,11 @@ async fn hostile_path_values_are_reported_and_left_alone() {
     )
     .await
     .unwrap();
-    let hostile = ["image/ctrl\u{1}char.png", "image/../escape.png", "/leading.png"];
+    let hostile = [
+        "image/ctrl\u{1}char.png",
+        "image/../escape.png",
+        "/leading.png",
+    ];
     for p in hostile.iter().chain([&literal]) {
         db.execute("INSERT INTO avatars (path) VALUES ($1)", &[p])
             .await

@@ -35,6 +35,8 @@ pub fn stack_env() -> &'static HashMap<String, String> {
             "AWS_REGION",
             "RELOCATOR_TEST_READONLY_KEY_ID",
             "RELOCATOR_TEST_READONLY_SECRET",
+            "RELOCATOR_TEST_JOB_KEY_ID",
+            "RELOCATOR_TEST_JOB_SECRET",
             "RELOCATOR_TEST_SECOND_ENDPOINT",
             "RELOCATOR_TEST_SECOND_KEY_ID",
             "RELOCATOR_TEST_SECOND_SECRET",
@@ -183,10 +185,16 @@ impl TestEnv {
 
     /// Seed `rows` avatars (with `missing` of them lacking their object) into `avatars`.
     pub async fn seed(&self, rows: usize, missing: usize) -> Vec<seed::SeedRow> {
+        self.seed_at(&self.source(), rows, missing).await
+    }
+
+    /// The same, with the objects under `target` (an s3:// URL) instead.
+    pub async fn seed_at(&self, target: &str, rows: usize, missing: usize) -> Vec<seed::SeedRow> {
+        let loc = S3Location::parse("--target", target).unwrap();
         let cfg = SeedConfig {
             database_url: DatabaseUrl::new(&self.database_url).unwrap(),
             table: TableName::parse("avatars").unwrap(),
-            target: S3Location::parse("--target", &self.source()).unwrap(),
+            target: loc.clone(),
             rows,
             missing,
             seed: self.seed,
@@ -196,7 +204,7 @@ impl TestEnv {
             s3: s3_settings(),
         };
         seed::seed(&cfg).await.expect("seeding");
-        seed::rows("image/", rows, missing, self.seed)
+        seed::rows(&loc.prefix, rows, missing, self.seed)
     }
 
     /// The real binary, with this test's database and the stack's S3 settings.
