@@ -25,6 +25,8 @@ pub fn check(data: &[u8]) {
         batch_size: 100,
         concurrency: 4,
         batch_timeout: 600,
+        multipart_threshold: "5GiB".into(),
+        part_size: "256MiB".into(),
         s3: S3Args {
             endpoint_url: None,
             s3_timeout: 60,

@@ -109,6 +109,16 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
 
+    /// Objects larger than this are copied in parts (UploadPartCopy, parts in parallel);
+    /// a single CopyObject is limited to 5 GiB. Bytes, or with a KiB / MiB / GiB suffix.
+    #[arg(long, default_value = "5GiB", value_name = "SIZE")]
+    pub multipart_threshold: String,
+
+    /// Part size of a multipart copy (raised when an object would need more than 10,000
+    /// parts). Bytes, or with a KiB / MiB / GiB suffix.
+    #[arg(long, default_value = "256MiB", value_name = "SIZE")]
+    pub part_size: String,
+
     /// Seconds one batch may take (its copies; each statement of run and rollback is
     /// limited to the same through statement_timeout). A batch over it stops the run
     /// with exit 1 and nothing of the batch committed; rerun to resume.

@@ -336,6 +336,9 @@ pub struct JobConfig {
     pub concurrency: usize,
     /// See `--batch-timeout`.
     pub batch_timeout: Duration,
+    /// Objects larger than this many bytes are copied in parts of `part_size`.
+    pub multipart_threshold: u64,
+    pub part_size: u64,
     pub s3: S3Settings,
 }
 
@@ -385,8 +388,22 @@ impl JobConfig {
                 "--batch-timeout must be at least 1 second (default 600)".into(),
             ));
         }
+        let multipart_threshold = parse_size("--multipart-threshold", &a.multipart_threshold)?;
+        let part_size = parse_size("--part-size", &a.part_size)?;
+        for (flag, v) in [
+            ("--multipart-threshold", multipart_threshold),
+            ("--part-size", part_size),
+        ] {
+            if !(MIN_PART..=MAX_SINGLE_COPY).contains(&v) {
+                return Err(ConfigError(format!(
+                    "{flag} {v} bytes is out of range: S3 parts are 5MiB to 5GiB"
+                )));
+            }
+        }
         Ok(JobConfig {
             batch_timeout: Duration::from_secs(a.batch_timeout),
+            multipart_threshold,
+            part_size,
             database_url,
             table,
             id_column,
@@ -450,6 +467,33 @@ impl JobConfig {
             self.table, self.id_column, self.path_column, self.source, self.dest, re, to
         )
     }
+}
+
+/// S3's smallest part (except the last) and largest single copy.
+const MIN_PART: u64 = 5 << 20;
+const MAX_SINGLE_COPY: u64 = 5 << 30;
+
+/// A size in bytes: `1048576`, `8MiB`, `5GiB`, `512KiB` (also MB/GB/KB, read as binary).
+fn parse_size(flag: &str, s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => 0,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| mult > 0)
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{flag} {s:?} is not a size; write bytes or e.g. 8MiB, 5GiB"
+            ))
+        })
 }
 
 /// localhost or a loopback address (IPv6 possibly in brackets).
@@ -559,6 +603,17 @@ mod tests {
         assert!(check_template(&re, "$1/${name}").is_ok());
         assert!(check_template(&re, "$3").is_err());
         assert!(check_template(&re, "${other}").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("x", "8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_size("x", "5GiB").unwrap(), 5 << 30);
+        assert_eq!(parse_size("x", "1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("x", "64 mb").unwrap(), 64 << 20);
+        assert!(parse_size("x", "lots").is_err());
+        assert!(parse_size("x", "8XB").is_err());
+        assert!(parse_size("x", "99999999999999999999GiB").is_err());
     }
 
     #[test]

@@ -16,6 +16,9 @@ use tracing::debug;
 use crate::config::JobConfig;
 use crate::s3::{self, ObjectInfo, S3Error, S3};
 
+/// Parts of one large object copied at once.
+const PARTS_IN_FLIGHT: usize = 8;
+
 /// What the copy stage found or did for one (source, destination) pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PairResult {
@@ -134,9 +137,20 @@ pub(crate) async fn copy_known(
             size: src.size,
         });
     }
-    s3c.ready_write().await;
-    match s3::copy(client, sb, src_key, src, db, dst_key).await {
-        Ok(_) if src.is_multipart() => {
+    let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold;
+    let copied = if in_parts {
+        let parts = s3::Parts {
+            size: cfg.part_size,
+            parallel: PARTS_IN_FLIGHT,
+        };
+        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts).await
+    } else {
+        s3c.ready_write().await;
+        s3::copy(client, sb, src_key, src, db, dst_key).await
+    };
+    match copied {
+        // copy_multipart confirms the size itself.
+        Ok(_) if src.is_multipart() && !in_parts => {
             // A multipart source's ETag is not comparable; confirm the size instead.
             s3c.ready_read().await;
             match s3::head(client, db, dst_key).await {

@@ -255,6 +255,243 @@ pub async fn copy(
     })
 }
 
+/// The headers of an object that a copy keeps. A single CopyObject keeps them by
+/// itself; a multipart copy must set them on CreateMultipartUpload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    pub content_type: Option<String>,
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    /// As sent (an HTTP date).
+    pub expires: Option<String>,
+    /// x-amz-meta-* (without the prefix).
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// HEAD an object with the headers a copy keeps: `Ok(None)` when it does not exist.
+pub async fn head_headers(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<(ObjectInfo, Headers)>, S3Error> {
+    match client.head_object().bucket(bucket).key(key).send().await {
+        Ok(out) => Ok(Some((
+            ObjectInfo {
+                etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
+                size: out.content_length().unwrap_or(0),
+            },
+            Headers {
+                content_type: out.content_type().map(str::to_owned),
+                cache_control: out.cache_control().map(str::to_owned),
+                content_disposition: out.content_disposition().map(str::to_owned),
+                content_encoding: out.content_encoding().map(str::to_owned),
+                content_language: out.content_language().map(str::to_owned),
+                expires: out.expires_string().map(str::to_owned),
+                metadata: out
+                    .metadata()
+                    .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+            },
+        ))),
+        Err(e) => match classify(&format!("HEAD s3://{bucket}/{key}"), e) {
+            S3Error::NotFound => Ok(None),
+            other => Err(other),
+        },
+    }
+}
+
+/// How a large object is copied in parts.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    /// Bytes per part (raised when the object would need more than 10,000 parts).
+    pub size: u64,
+    /// Parts in flight at once, per object.
+    pub parallel: usize,
+}
+
+/// S3 allows at most this many parts per upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// Server-side copy in parts (UploadPartCopy) of `src`, which must still have the ETag it
+/// was seen with: for objects above the multipart threshold (a single CopyObject is
+/// limited to 5 GiB). The upload gets the source's headers and user metadata; on any
+/// failure it is aborted, so no incomplete upload is left behind. An incomplete upload to
+/// the same key that a killed earlier attempt left is aborted first. The result is checked
+/// by size (a multipart ETag is not comparable).
+pub async fn copy_multipart(
+    s3c: &S3,
+    src_bucket: &str,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_bucket: &str,
+    dst_key: &str,
+    parts: Parts,
+) -> Result<ObjectInfo, S3Error> {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    use futures::{stream, StreamExt, TryStreamExt};
+
+    let client = &s3c.client;
+    let what = format!("multipart COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
+    s3c.ready_read().await;
+    let (now, headers) = head_headers(client, src_bucket, src_key)
+        .await?
+        .ok_or(S3Error::NotFound)?;
+    if now.etag != src.etag {
+        return Err(S3Error::PreconditionFailed);
+    }
+    abort_stale_uploads(client, dst_bucket, dst_key).await?;
+    let expires = headers.expires.as_deref().and_then(|e| {
+        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
+    });
+    s3c.ready_write().await;
+    let upload = client
+        .create_multipart_upload()
+        .bucket(dst_bucket)
+        .key(dst_key)
+        .set_content_type(headers.content_type.clone())
+        .set_cache_control(headers.cache_control.clone())
+        .set_content_disposition(headers.content_disposition.clone())
+        .set_content_encoding(headers.content_encoding.clone())
+        .set_content_language(headers.content_language.clone())
+        .set_expires(expires)
+        .set_metadata(Some(headers.metadata.clone().into_iter().collect()))
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?;
+    let upload_id = upload
+        .upload_id()
+        .ok_or_else(|| S3Error::Other(format!("{what}: no upload id in the answer")))?
+        .to_owned();
+    let size = src.size.max(0) as u64;
+    let part_size = parts.size.max(size.div_ceil(MAX_PARTS)).max(1);
+    let ranges: Vec<(i32, u64, u64)> = (0..size.div_ceil(part_size))
+        .map(|i| {
+            let start = i * part_size;
+            ((i + 1) as i32, start, (start + part_size).min(size) - 1)
+        })
+        .collect();
+    let copied: Result<Vec<CompletedPart>, S3Error> = stream::iter(ranges)
+        .map(|(n, first, last)| {
+            let (what, upload_id) = (&what, &upload_id);
+            async move {
+                s3c.ready_write().await;
+                let out = client
+                    .upload_part_copy()
+                    .bucket(dst_bucket)
+                    .key(dst_key)
+                    .upload_id(upload_id)
+                    .part_number(n)
+                    .copy_source(copy_source(src_bucket, src_key))
+                    .copy_source_if_match(format!("\"{}\"", src.etag))
+                    .copy_source_range(format!("bytes={first}-{last}"))
+                    .send()
+                    .await
+                    .map_err(|e| classify(&format!("{what} part {n}"), e))?;
+                let etag = out
+                    .copy_part_result()
+                    .and_then(|r| r.e_tag())
+                    .ok_or_else(|| S3Error::Other(format!("{what} part {n}: no ETag")))?;
+                Ok(CompletedPart::builder().part_number(n).e_tag(etag).build())
+            }
+        })
+        .buffered(parts.parallel.max(1))
+        .try_collect()
+        .await;
+    let completed = match copied {
+        Ok(parts) => {
+            s3c.ready_write().await;
+            client
+                .complete_multipart_upload()
+                .bucket(dst_bucket)
+                .key(dst_key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| classify(&what, e))
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = completed {
+        // Best effort: a failed abort is found again by the next attempt on this key.
+        let _ = client
+            .abort_multipart_upload()
+            .bucket(dst_bucket)
+            .key(dst_key)
+            .upload_id(&upload_id)
+            .send()
+            .await;
+        return Err(e);
+    }
+    s3c.ready_read().await;
+    match head(client, dst_bucket, dst_key).await? {
+        Some(d) if d.size == src.size => Ok(d),
+        other => Err(S3Error::Other(format!(
+            "{what}: not confirmed, the destination is {other:?}, the source {} bytes",
+            src.size
+        ))),
+    }
+}
+
+/// Abort incomplete multipart uploads to exactly `key` (left by a killed attempt to copy
+/// there: relocator only copies to a key it found free).
+pub async fn abort_stale_uploads(client: &Client, bucket: &str, key: &str) -> Result<(), S3Error> {
+    for (k, id) in list_uploads(client, bucket, key).await? {
+        if k == key {
+            client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(&k)
+                .upload_id(&id)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("ABORT upload to s3://{bucket}/{k}"), e))?;
+            tracing::info!(bucket, key = %k, "aborted an incomplete upload an earlier attempt left");
+        }
+    }
+    Ok(())
+}
+
+/// Incomplete multipart uploads under `prefix`: (key, upload id).
+pub async fn list_uploads(
+    client: &Client,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<(String, String)>, S3Error> {
+    let mut found = Vec::new();
+    let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+    loop {
+        let out = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_key_marker(key_marker.clone())
+            .set_upload_id_marker(id_marker.clone())
+            .send()
+            .await
+            .map_err(|e| classify(&format!("LIST uploads s3://{bucket}/{prefix}"), e))?;
+        found.extend(
+            out.uploads()
+                .iter()
+                .filter_map(|u| Some((u.key()?.to_owned(), u.upload_id()?.to_owned()))),
+        );
+        if !out.is_truncated().unwrap_or(false) {
+            return Ok(found);
+        }
+        key_marker = out.next_key_marker().map(str::to_owned);
+        id_marker = out.next_upload_id_marker().map(str::to_owned);
+        if key_marker.is_none() {
+            return Ok(found);
+        }
+    }
+}
+
 /// One ListObjectsV2 page under `prefix`, after `start_after` (exclusive), in S3's byte
 /// order: (key, identity) pairs, and whether more follow.
 pub async fn list_page(
@@ -348,7 +585,7 @@ pub async fn delete_one(client: &Client, bucket: &str, key: &str) -> Result<(), 
     Ok(())
 }
 
-/// Upload a small object (seeding, probes, tests).
+/// Upload a small object (probes, tests).
 pub async fn put(
     client: &Client,
     bucket: &str,
@@ -356,11 +593,35 @@ pub async fn put(
     body: Vec<u8>,
     content_type: &str,
 ) -> Result<(), S3Error> {
+    let headers = Headers {
+        content_type: Some(content_type.to_owned()),
+        ..Headers::default()
+    };
+    put_with(client, bucket, key, body, &headers).await
+}
+
+/// Upload an object with these headers and user metadata (seeding, tests).
+pub async fn put_with(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    body: Vec<u8>,
+    h: &Headers,
+) -> Result<(), S3Error> {
+    let expires = h.expires.as_deref().and_then(|e| {
+        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
+    });
     client
         .put_object()
         .bucket(bucket)
         .key(key)
-        .content_type(content_type)
+        .set_content_type(h.content_type.clone())
+        .set_cache_control(h.cache_control.clone())
+        .set_content_disposition(h.content_disposition.clone())
+        .set_content_encoding(h.content_encoding.clone())
+        .set_content_language(h.content_language.clone())
+        .set_expires(expires)
+        .set_metadata((!h.metadata.is_empty()).then(|| h.metadata.clone().into_iter().collect()))
         .body(ByteStream::from(body))
         .send()
         .await

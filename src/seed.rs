@@ -131,6 +131,26 @@ pub fn object_bytes(seed: u64, key: &str, sizes: &Range<usize>) -> Vec<u8> {
     buf
 }
 
+/// The headers a seeded object carries: every one a copy must keep (Content-Type,
+/// Cache-Control, Content-Disposition, Content-Encoding, Content-Language, Expires and
+/// user metadata), so tests can check that each survives each copy path.
+pub fn headers(seed: u64, key: &str) -> s3::Headers {
+    s3::Headers {
+        content_type: Some(content_type(key).to_owned()),
+        cache_control: Some("public, max-age=86400".to_owned()),
+        content_disposition: Some("inline".to_owned()),
+        content_encoding: Some("identity".to_owned()),
+        content_language: Some("en".to_owned()),
+        expires: Some("Thu, 01 Jan 2099 00:00:00 GMT".to_owned()),
+        metadata: [
+            ("seed".to_owned(), seed.to_string()),
+            ("uploaded-by".to_owned(), "relocator-seed".to_owned()),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
 /// Content-Type by extension, as an upload form would set it.
 pub fn content_type(key: &str) -> &'static str {
     match key.rsplit('.').next().unwrap_or("") {
@@ -241,7 +261,7 @@ async fn upload(s3c: &Client, cfg: &SeedConfig, keys: &[&str]) -> Result<u64> {
         .map(|key| async move {
             let body = object_bytes(cfg.seed, key, &cfg.sizes);
             let len = body.len() as u64;
-            s3::put(s3c, bucket, key, body, content_type(key))
+            s3::put_with(s3c, bucket, key, body, &headers(cfg.seed, key))
                 .await
                 .with_context(|| format!("uploading seed object {key:?}"))?;
             Ok::<_, anyhow::Error>(len)

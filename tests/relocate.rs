@@ -193,6 +193,8 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         batch_size: 10,
         concurrency: 4,
         batch_timeout: 600,
+        multipart_threshold: "5GiB".into(),
+        part_size: "256MiB".into(),
         s3: relocator::cli::S3Args {
             endpoint_url: Some(common::var("AWS_ENDPOINT_URL")),
             s3_timeout: 30,
