@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{self, DELETE_BATCH, S3};
+use crate::s3::{self, Side, DELETE_BATCH, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ pub async fn delete_sources(
             key: &p.old_path,
         })
         .collect();
-    delete_unreferenced(db, s3c, q, &items, MARK_CLEANED, counters).await
+    delete_unreferenced(db, s3c, Side::Source, q, &items, MARK_CLEANED, counters).await
 }
 
 /// Marks a forward move's source as dealt with.
@@ -93,9 +93,11 @@ pub struct Unreferenced<'a> {
 /// reference check — made now, after that commit — finds no row referencing the key.
 /// `mark` records each move's outcome (`deleted` | `still_referenced`) in the ledger;
 /// keys S3 refuses to delete stay unmarked, so a rerun retries them.
+#[allow(clippy::too_many_arguments)]
 pub async fn delete_unreferenced(
     db: &deadpool_postgres::Client,
     s3c: &S3,
+    side: Side,
     q: &Queries,
     items: &[Unreferenced<'_>],
     mark: &str,
@@ -134,7 +136,7 @@ pub async fn delete_unreferenced(
     let answers: Vec<DeleteAnswer<'_>> = stream::iter(requests)
         .map(|(bucket, chunk)| async move {
             s3c.ready_write().await;
-            let errors = s3::delete_many(&s3c.client, bucket, chunk)
+            let errors = s3::delete_many(s3c.client(side), bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("deleting objects in s3://{bucket}"))?;
@@ -217,6 +219,7 @@ pub async fn pending_after(
 pub async fn take_back_copies(
     db: &deadpool_postgres::Client,
     s3c: &S3,
+    side: Side,
     q: &Queries,
     bucket: &str,
     keys: &[&str],
@@ -225,7 +228,7 @@ pub async fn take_back_copies(
     let referenced = still_referenced(db, q, keys).await?;
     for key in keys.iter().filter(|k| !referenced.contains(**k)) {
         s3c.ready_write().await;
-        s3::delete_one(&s3c.client, bucket, key)
+        s3::delete_one(s3c.client(side), bucket, key)
             .await
             .map_err(anyhow::Error::from)
             .with_context(|| format!("removing the unused copy s3://{bucket}/{key}"))?;

@@ -109,10 +109,41 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
 
-    /// Objects larger than this are copied in parts (UploadPartCopy, parts in parallel);
-    /// a single CopyObject is limited to 5 GiB. Bytes, or with a KiB / MiB / GiB suffix.
-    #[arg(long, default_value = "5GiB", value_name = "SIZE")]
-    pub multipart_threshold: String,
+    /// The source's S3 endpoint, when it is not --endpoint-url. Its credentials: the
+    /// standard chain, --source-profile, or RELOCATOR_SOURCE_AWS_ACCESS_KEY_ID /
+    /// RELOCATOR_SOURCE_AWS_SECRET_ACCESS_KEY. When the two sides differ in endpoint or
+    /// credentials, objects are streamed GET → PUT instead of copied server-side.
+    #[arg(long, env = "RELOCATOR_SOURCE_ENDPOINT_URL", value_name = "URL")]
+    pub source_endpoint_url: Option<String>,
+
+    /// AWS profile for the source side.
+    #[arg(long, value_name = "NAME")]
+    pub source_profile: Option<String>,
+
+    /// Region of the source side.
+    #[arg(long, value_name = "REGION")]
+    pub source_region: Option<String>,
+
+    /// The destination's S3 endpoint, when it is not --endpoint-url. Its credentials: the
+    /// standard chain, --dest-profile, or RELOCATOR_DEST_AWS_ACCESS_KEY_ID /
+    /// RELOCATOR_DEST_AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = "RELOCATOR_DEST_ENDPOINT_URL", value_name = "URL")]
+    pub dest_endpoint_url: Option<String>,
+
+    /// AWS profile for the destination side.
+    #[arg(long, value_name = "NAME")]
+    pub dest_profile: Option<String>,
+
+    /// Region of the destination side.
+    #[arg(long, value_name = "REGION")]
+    pub dest_region: Option<String>,
+
+    /// Objects larger than this are copied in parts, in parallel: UploadPartCopy
+    /// server-side, ranged GET → UploadPart when streaming between endpoints. Default:
+    /// 5GiB server-side (the most one CopyObject may copy), 64MiB streamed (a failure
+    /// then repeats one part, not the object). Bytes, or with a KiB / MiB / GiB suffix.
+    #[arg(long, value_name = "SIZE")]
+    pub multipart_threshold: Option<String>,
 
     /// Part size of a multipart copy (raised when an object would need more than 10,000
     /// parts). Bytes, or with a KiB / MiB / GiB suffix.

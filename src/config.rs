@@ -276,28 +276,40 @@ pub fn redact_url(s: &str) -> String {
     re.replace_all(s, "${1}***").into_owned()
 }
 
-/// S3 client settings, validated.
-#[derive(Debug, Clone)]
+/// S3 client settings, validated: one endpoint with one set of credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Settings {
     pub endpoint_url: Option<String>,
     pub timeout: Duration,
     pub max_attempts: u32,
     pub max_rps: Option<std::num::NonZeroU32>,
+    /// AWS profile (shared config files) instead of the default chain's.
+    pub profile: Option<String>,
+    pub region: Option<String>,
+    /// Credentials from `{prefix}_AWS_ACCESS_KEY_ID` / `{prefix}_AWS_SECRET_ACCESS_KEY`
+    /// (read when the client is built, never kept here), when those are set.
+    pub credentials_env: Option<&'static str>,
+}
+
+/// `flag`'s value must be an http(s) URL.
+fn check_endpoint(flag: &str, e: &str) -> Result<(), ConfigError> {
+    let u = url::Url::parse(e).map_err(|err| {
+        ConfigError(format!(
+            "{flag} {e:?} is not a URL ({err}); e.g. http://127.0.0.1:9000"
+        ))
+    })?;
+    if u.scheme() != "http" && u.scheme() != "https" {
+        return Err(ConfigError(format!(
+            "{flag} {e:?} must start with http:// or https://"
+        )));
+    }
+    Ok(())
 }
 
 impl S3Settings {
     pub fn from_args(a: &S3Args) -> Result<Self, ConfigError> {
         if let Some(e) = &a.endpoint_url {
-            let u = url::Url::parse(e).map_err(|err| {
-                ConfigError(format!(
-                    "--endpoint-url / AWS_ENDPOINT_URL {e:?} is not a URL ({err}); e.g. http://127.0.0.1:9000"
-                ))
-            })?;
-            if u.scheme() != "http" && u.scheme() != "https" {
-                return Err(ConfigError(format!(
-                    "--endpoint-url {e:?} must start with http:// or https://"
-                )));
-            }
+            check_endpoint("--endpoint-url / AWS_ENDPOINT_URL", e)?;
         }
         if a.s3_timeout == 0 {
             return Err(ConfigError("--s3-timeout must be at least 1 second".into()));
@@ -316,6 +328,39 @@ impl S3Settings {
             timeout: Duration::from_secs(a.s3_timeout),
             max_attempts: a.s3_max_attempts,
             max_rps,
+            profile: None,
+            region: None,
+            credentials_env: None,
+        })
+    }
+
+    /// One side of a job: these settings with that side's own endpoint, profile, region
+    /// and credentials where given (`side`: "source" or "dest", for the messages).
+    fn side(
+        &self,
+        side: &str,
+        endpoint: &Option<String>,
+        profile: &Option<String>,
+        region: &Option<String>,
+        credentials_env: &'static str,
+    ) -> Result<S3Settings, ConfigError> {
+        if let Some(e) = endpoint {
+            check_endpoint(&format!("--{side}-endpoint-url"), e)?;
+        }
+        let id = std::env::var_os(format!("{credentials_env}_AWS_ACCESS_KEY_ID"));
+        let secret = std::env::var_os(format!("{credentials_env}_AWS_SECRET_ACCESS_KEY"));
+        if id.is_some() != secret.is_some() {
+            return Err(ConfigError(format!(
+                "set both {credentials_env}_AWS_ACCESS_KEY_ID and \
+                 {credentials_env}_AWS_SECRET_ACCESS_KEY, or neither"
+            )));
+        }
+        Ok(S3Settings {
+            endpoint_url: endpoint.clone().or_else(|| self.endpoint_url.clone()),
+            profile: profile.clone(),
+            region: region.clone(),
+            credentials_env: id.map(|_| credentials_env),
+            ..self.clone()
         })
     }
 }
@@ -334,10 +379,14 @@ pub struct JobConfig {
     pub rewrite_spec: Option<(String, String)>,
     pub batch_size: usize,
     pub concurrency: usize,
+    /// Each side's endpoint and credentials. Equal: one endpoint, one set of
+    /// credentials, so copies are server-side; else they are streamed GET → PUT.
+    pub source_s3: S3Settings,
+    pub dest_s3: S3Settings,
     /// See `--batch-timeout`.
     pub batch_timeout: Duration,
-    /// Objects larger than this many bytes are copied in parts of `part_size`.
-    pub multipart_threshold: u64,
+    /// `--multipart-threshold` if given; see [`JobConfig::multipart_threshold`].
+    pub multipart_threshold: Option<u64>,
     pub part_size: u64,
     pub s3: S3Settings,
 }
@@ -388,10 +437,17 @@ impl JobConfig {
                 "--batch-timeout must be at least 1 second (default 600)".into(),
             ));
         }
-        let multipart_threshold = parse_size("--multipart-threshold", &a.multipart_threshold)?;
+        let multipart_threshold = a
+            .multipart_threshold
+            .as_deref()
+            .map(|t| parse_size("--multipart-threshold", t))
+            .transpose()?;
         let part_size = parse_size("--part-size", &a.part_size)?;
         for (flag, v) in [
-            ("--multipart-threshold", multipart_threshold),
+            (
+                "--multipart-threshold",
+                multipart_threshold.unwrap_or(MIN_PART),
+            ),
             ("--part-size", part_size),
         ] {
             if !(MIN_PART..=MAX_SINGLE_COPY).contains(&v) {
@@ -400,7 +456,24 @@ impl JobConfig {
                 )));
             }
         }
+        let common = S3Settings::from_args(&a.s3)?;
+        let source_s3 = common.side(
+            "source",
+            &a.source_endpoint_url,
+            &a.source_profile,
+            &a.source_region,
+            "RELOCATOR_SOURCE",
+        )?;
+        let dest_s3 = common.side(
+            "dest",
+            &a.dest_endpoint_url,
+            &a.dest_profile,
+            &a.dest_region,
+            "RELOCATOR_DEST",
+        )?;
         Ok(JobConfig {
+            source_s3,
+            dest_s3,
             batch_timeout: Duration::from_secs(a.batch_timeout),
             multipart_threshold,
             part_size,
@@ -414,7 +487,7 @@ impl JobConfig {
             dest,
             batch_size: a.batch_size,
             concurrency: a.concurrency,
-            s3: S3Settings::from_args(&a.s3)?,
+            s3: common,
         })
     }
 
@@ -446,12 +519,24 @@ impl JobConfig {
         (!remote.is_empty()).then(|| remote.join(", "))
     }
 
+    /// Objects larger than this are copied in parts: `--multipart-threshold`, else 5 GiB
+    /// for a server-side copy and 64 MiB for a streamed one.
+    pub fn multipart_threshold(&self, server_side: bool) -> u64 {
+        self.multipart_threshold.unwrap_or(if server_side {
+            MAX_SINGLE_COPY
+        } else {
+            64 << 20
+        })
+    }
+
     /// The same job with source and destination swapped: what a rollback copies back
     /// through (the copy stage reads only the two locations).
     pub fn reversed(&self) -> JobConfig {
         JobConfig {
             source: self.dest.clone(),
             dest: self.source.clone(),
+            source_s3: self.dest_s3.clone(),
+            dest_s3: self.source_s3.clone(),
             ..self.clone()
         }
     }

@@ -102,13 +102,13 @@ async fn copy_pair(
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     s3c.ready_read().await;
-    let src = match s3::head(&s3c.client, sb, src_key).await {
+    let src = match s3::head(&s3c.src, sb, src_key).await {
         Ok(Some(info)) => info,
         Ok(None) => return Ok(PairResult::MissingSource),
         Err(e) => return per_object(e),
     };
     s3c.ready_read().await;
-    let dst = match s3::head(&s3c.client, db, dst_key).await {
+    let dst = match s3::head(&s3c.dst, db, dst_key).await {
         Ok(d) => d,
         Err(e) => return per_object(e),
     };
@@ -127,7 +127,6 @@ pub(crate) async fn copy_known(
     dry_run: bool,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
-    let client = &s3c.client;
     if let Some(existing) = dst {
         return Ok(compare_existing(src, existing));
     }
@@ -137,23 +136,25 @@ pub(crate) async fn copy_known(
             size: src.size,
         });
     }
-    let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold;
+    let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
     let copied = if in_parts {
         let parts = s3::Parts {
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
         s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts).await
+    } else if !s3c.server_side {
+        s3::stream_copy(s3c, sb, src_key, src, db, dst_key).await
     } else {
         s3c.ready_write().await;
-        s3::copy(client, sb, src_key, src, db, dst_key).await
+        s3::copy(&s3c.dst, sb, src_key, src, db, dst_key).await
     };
     match copied {
-        // copy_multipart confirms the size itself.
-        Ok(_) if src.is_multipart() && !in_parts => {
+        // copy_multipart and stream_copy confirm the copy themselves.
+        Ok(_) if src.is_multipart() && !in_parts && s3c.server_side => {
             // A multipart source's ETag is not comparable; confirm the size instead.
             s3c.ready_read().await;
-            match s3::head(client, db, dst_key).await {
+            match s3::head(&s3c.dst, db, dst_key).await {
                 Ok(Some(d)) if d.size == src.size => {}
                 Ok(other) => {
                     return Err(anyhow!(

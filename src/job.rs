@@ -24,7 +24,7 @@ use crate::lease::{self, TableLock, Take};
 use crate::plan::{self, Move};
 use crate::progress::Progress;
 use crate::report::{Outcome, Report, ReportLine, Summary};
-use crate::s3::{self, S3};
+use crate::s3::{self, Side, S3};
 
 /// Options of `run` beyond the job itself.
 #[derive(Debug, Clone)]
@@ -98,14 +98,17 @@ pub(crate) async fn open<'a>(
             table.qualified, table.path_col
         );
     }
-    let client = s3::client(&cfg.s3).await;
-    s3::check_bucket(&client, "--source", &cfg.source.bucket).await?;
-    s3::check_bucket(&client, "--dest", &cfg.dest.bucket).await?;
+    let s3c = S3::for_job(cfg).await;
+    s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
+    s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
+    if !s3c.server_side {
+        info!("source and destination differ in endpoint or credentials: objects are streamed");
+    }
     let q = Queries::new(&table);
     Ok(Shared {
         cfg,
         pool,
-        s3: S3::new(client, cfg.s3.max_rps),
+        s3: s3c,
         table,
         q,
         report: Mutex::new(report),
@@ -503,16 +506,10 @@ async fn key_batch(
     };
     let dst_from = after.and_then(swap);
     let dst_to = swap(last).unwrap_or_default();
-    let existing: HashMap<String, s3::ObjectInfo> = list_until(
-        sh,
-        &sh.cfg.dest.bucket,
-        &sh.cfg.dest.prefix,
-        dst_from,
-        &dst_to,
-    )
-    .await?
-    .into_iter()
-    .collect();
+    let existing: HashMap<String, s3::ObjectInfo> = list_until(sh, Side::Dest, dst_from, &dst_to)
+        .await?
+        .into_iter()
+        .collect();
     let src_info: HashMap<&str, &s3::ObjectInfo> =
         objects.iter().map(|(k, i)| (k.as_str(), i)).collect();
     let pairs = plan::distinct_pairs(&batch.moves);
@@ -538,18 +535,22 @@ async fn key_batch(
         .map(Some)
 }
 
-/// The keys of `bucket` under `prefix` in (after, to], with their identity, in order.
+/// The keys of one side's bucket under its prefix in (after, to], with their identity, in order.
 async fn list_until(
     sh: &Shared<'_>,
-    bucket: &str,
-    prefix: &str,
+    side: Side,
     after: Option<String>,
     to: &str,
 ) -> Result<Vec<(String, s3::ObjectInfo)>> {
+    let loc = match side {
+        Side::Source => &sh.cfg.source,
+        Side::Dest => &sh.cfg.dest,
+    };
+    let (bucket, prefix) = (&loc.bucket, &loc.prefix);
     let mut found = Vec::new();
     let mut after = after;
     loop {
-        let (page, more) = s3::list_page(&sh.s3, bucket, prefix, after.as_deref(), 1000)
+        let (page, more) = s3::list_page(&sh.s3, side, bucket, prefix, after.as_deref(), 1000)
             .await
             .map_err(anyhow::Error::from)
             .with_context(|| format!("listing s3://{bucket}/{prefix}"))?;
@@ -572,10 +573,7 @@ async fn relist(
     hi: Option<&str>,
 ) -> Result<Vec<(String, s3::ObjectInfo)>> {
     match hi {
-        Some(hi) => {
-            let (bucket, prefix) = (&sh.cfg.source.bucket, &sh.cfg.source.prefix);
-            list_until(sh, bucket, prefix, after.map(str::to_owned), hi).await
-        }
+        Some(hi) => list_until(sh, Side::Source, after.map(str::to_owned), hi).await,
         None => Ok(Vec::new()),
     }
 }
@@ -830,6 +828,7 @@ async fn cleanup_stage(sh: &Shared<'_>, mut rx: mpsc::Receiver<ToClean>) -> Resu
         cleanup::take_back_copies(
             &db,
             &sh.s3,
+            Side::Dest,
             &sh.q,
             &sh.cfg.dest.bucket,
             &keys,

@@ -311,6 +311,7 @@ async fn list_keys(
         let want = (n - objects.len()).min(1000) as i32;
         let (page, more) = s3::list_page(
             s3c,
+            s3::Side::Source,
             &cfg.source.bucket,
             &cfg.source.prefix,
             after.as_deref(),

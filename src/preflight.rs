@@ -270,12 +270,12 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
 
 /// S3: both buckets, then each permission a run (and a rollback) uses, tried for real.
 async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> {
-    let client = s3::client(&cfg.s3).await;
-    let s3c = S3::new(client.clone(), cfg.s3.max_rps);
+    let s3c = S3::for_job(cfg).await;
+    let (sc, dc) = (&s3c.src, &s3c.dst);
     let (src, dst) = (&cfg.source, &cfg.dest);
     let mut buckets_ok = true;
-    for (flag, loc) in [("--source", src), ("--dest", dst)] {
-        match s3::check_bucket(&client, flag, &loc.bucket).await {
+    for (flag, loc, c) in [("--source", src, sc), ("--dest", dst, dc)] {
+        match s3::check_bucket(c, flag, &loc.bucket).await {
             Ok(()) => r.ok(
                 bucket_check(flag),
                 format!("bucket {} reachable", loc.bucket),
@@ -293,7 +293,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
 
     // Source: list, read, delete (a key that does not exist: deleting it changes nothing).
     let sample: Option<(String, ObjectInfo)> =
-        match s3::list_page(&s3c, &src.bucket, &src.prefix, None, 1).await {
+        match s3::list_page(&s3c, s3::Side::Source, &src.bucket, &src.prefix, None, 1).await {
             Ok((page, _)) => {
                 r.ok("source list", format!("may list {src}"));
                 page.into_iter().next()
@@ -311,7 +311,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             }
         };
     if let Some((key, _)) = &sample {
-        match s3::head(&client, &src.bucket, key).await {
+        match s3::head(sc, &src.bucket, key).await {
             Ok(_) => r.ok("source read", format!("may read objects under {src}")),
             Err(e) => r.fail(
                 "source read",
@@ -325,7 +325,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     }
     let probe = format!(".relocator-preflight-{:016x}", rand::random::<u64>());
     let src_probe = format!("{}{probe}", src.prefix);
-    match s3::delete_one(&client, &src.bucket, &src_probe).await {
+    match s3::delete_one(sc, &src.bucket, &src_probe).await {
         Ok(()) => r.ok("source delete", format!("may delete objects under {src}")),
         Err(e) => r.fail(
             "source delete",
@@ -340,7 +340,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     // Destination: write a probe, read it, copy into the prefix, delete.
     let dst_probe = format!("{}{probe}", dst.prefix);
     let body = b"relocator preflight probe; safe to delete".to_vec();
-    if let Err(e) = s3::put(&client, &dst.bucket, &dst_probe, body, "text/plain").await {
+    if let Err(e) = s3::put(dc, &dst.bucket, &dst_probe, body, "text/plain").await {
         r.fail(
             "dest write",
             format!("{e}: no object could be copied there"),
@@ -352,7 +352,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
         return Ok(());
     }
     r.ok("dest write", format!("may write objects under {dst}"));
-    let probe_info = match s3::head(&client, &dst.bucket, &dst_probe).await {
+    let probe_info = match s3::head(dc, &dst.bucket, &dst_probe).await {
         Ok(Some(i)) => {
             r.ok("dest read", format!("may read objects under {dst}"));
             Some(i)
@@ -380,21 +380,36 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             None
         }
     };
-    // Server-side copies from the source (or, with nothing to move, of the probe): the
-    // permission check and the rate sample in one.
+    // Copies from the source (or, with nothing to move, of the probe), made the way a run
+    // makes them (server-side, or streamed between endpoints): the permission check and
+    // the rate sample in one.
     let copy_from = match (&sample, &probe_info) {
-        (Some((k, i)), _) => Some((src.bucket.clone(), k.clone(), i.clone())),
-        (None, Some(i)) => Some((dst.bucket.clone(), dst_probe.clone(), i.clone())),
+        (Some((k, i)), _) => Some((src.bucket.clone(), k.clone(), i.clone(), s3c.clone())),
+        (None, Some(i)) => Some((
+            dst.bucket.clone(),
+            dst_probe.clone(),
+            i.clone(),
+            S3::new(dc.clone(), None),
+        )),
         (None, None) => None,
     };
     let mut written = vec![dst_probe.clone()];
-    if let Some((from_bucket, from_key, info)) = copy_from {
+    if let Some((from_bucket, from_key, info, via)) = copy_from {
         let keys: Vec<String> = (0..SAMPLE_COPIES)
             .map(|i| format!("{dst_probe}-{i:02}"))
             .collect();
         let started = Instant::now();
         let results: Vec<Result<ObjectInfo, s3::S3Error>> = stream::iter(&keys)
-            .map(|k| s3::copy(&client, &from_bucket, &from_key, &info, &dst.bucket, k))
+            .map(|k| {
+                let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
+                async move {
+                    if via.server_side {
+                        s3::copy(&via.dst, from_bucket, from_key, info, &dst.bucket, k).await
+                    } else {
+                        s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k).await
+                    }
+                }
+            })
             .buffered(cfg.concurrency.clamp(1, SAMPLE_COPIES))
             .collect()
             .await;
@@ -407,7 +422,14 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
                 r.estimate_secs = r.rows_to_move.map(|n| n as f64 / rate);
                 r.ok(
                     "copy",
-                    format!("may copy s3://{from_bucket}/… into {dst} server-side"),
+                    format!(
+                        "may copy s3://{from_bucket}/… into {dst} {}",
+                        if via.server_side {
+                            "server-side"
+                        } else {
+                            "(streamed between endpoints)"
+                        }
+                    ),
                 );
             }
             Some(e) => r.fail(
@@ -421,7 +443,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             ),
         }
     }
-    match s3::delete_many(&client, &dst.bucket, &written).await {
+    match s3::delete_many(dc, &dst.bucket, &written).await {
         Ok(errors) if errors.is_empty() => r.ok(
             "dest delete",
             format!("may delete objects under {dst} (probes removed)"),

@@ -31,7 +31,7 @@ use crate::job::{self, Shared};
 use crate::lease::{self, TableLock};
 use crate::progress::Progress;
 use crate::report::{Counters, Outcome, Report, ReportLine, Summary};
-use crate::s3;
+use crate::s3::{self, Side, S3};
 
 /// Options of `rollback` beyond the job itself.
 #[derive(Debug, Clone, Default)]
@@ -99,7 +99,8 @@ pub async fn rollback(
         id = sh.table.id_col,
         ty = sh.table.id_type,
     );
-    let reversed = cfg.reversed();
+    // Copies go back: the destination is read, the source written.
+    let reversed = (cfg.reversed(), sh.s3.reversed());
     let mut after = 0i64;
     let mut interrupted = false;
     loop {
@@ -205,7 +206,7 @@ async fn select_runs(
 async fn undo_batch(
     sh: &Shared<'_>,
     db: &deadpool_postgres::Client,
-    reversed: &JobConfig,
+    reversed: &(JobConfig, S3),
     entries: Vec<Entry>,
     cancel: &CancellationToken,
 ) -> Result<bool> {
@@ -302,6 +303,7 @@ async fn undo_batch(
     cleanup::delete_unreferenced(
         db,
         &sh.s3,
+        Side::Dest,
         &sh.q,
         &to_delete,
         MARK_ROLLBACK_CLEANED,
@@ -313,6 +315,7 @@ async fn undo_batch(
     cleanup::take_back_copies(
         db,
         &sh.s3,
+        Side::Source,
         &sh.q,
         &sh.cfg.source.bucket,
         &take_back,
@@ -333,18 +336,17 @@ async fn undo_batch(
 /// `old`; `MissingSource` when neither exists.
 async fn restore_pair(
     sh: &Shared<'_>,
-    reversed: &JobConfig,
+    reversed: &(JobConfig, S3),
     new: &str,
     old: &str,
 ) -> Result<PairResult> {
-    let client = &sh.s3.client;
     sh.s3.ready_read().await;
-    let at_old = match s3::head(client, &sh.cfg.source.bucket, old).await {
+    let at_old = match s3::head(&sh.s3.src, &sh.cfg.source.bucket, old).await {
         Ok(o) => o,
         Err(e) => return copy::per_object(e),
     };
     sh.s3.ready_read().await;
-    let at_new = match s3::head(client, &sh.cfg.dest.bucket, new).await {
+    let at_new = match s3::head(&sh.s3.dst, &sh.cfg.dest.bucket, new).await {
         Ok(n) => n,
         Err(e) => return copy::per_object(e),
     };
@@ -356,7 +358,16 @@ async fn restore_pair(
         }),
         (None, None) => Ok(PairResult::MissingSource),
         (Some(n), at_old) => {
-            copy::copy_known(&sh.s3, reversed, new, &n, old, at_old.as_ref(), false).await
+            copy::copy_known(
+                &reversed.1,
+                &reversed.0,
+                new,
+                &n,
+                old,
+                at_old.as_ref(),
+                false,
+            )
+            .await
         }
     }
 }
@@ -455,6 +466,7 @@ async fn finish_earlier_cleanups(
         cleanup::delete_unreferenced(
             db,
             &sh.s3,
+            Side::Dest,
             &sh.q,
             &items,
             MARK_ROLLBACK_CLEANED,

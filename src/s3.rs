@@ -61,7 +61,24 @@ impl ObjectInfo {
 /// Build the shared client. Credentials and region come from the standard AWS chain;
 /// the endpoint, when given, switches to path-style addressing (MinIO, Garage).
 pub async fn client(settings: &S3Settings) -> Client {
-    let shared = aws_config::from_env().load().await;
+    let mut loader = aws_config::from_env();
+    if let Some(p) = &settings.profile {
+        loader = loader.profile_name(p);
+    }
+    if let Some(r) = &settings.region {
+        loader = loader.region(aws_sdk_s3::config::Region::new(r.clone()));
+    }
+    if let Some(prefix) = settings.credentials_env {
+        let var = |name: &str| std::env::var(format!("{prefix}_{name}")).unwrap_or_default();
+        loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY"),
+            None,
+            None,
+            "relocator-env",
+        ));
+    }
+    let shared = loader.load().await;
     let mut b = aws_sdk_s3::config::Builder::from(&shared)
         // Recent SDKs add CRC32 checksums (trailers) to every upload by default. Garage
         // 2.5 accepts them (checked against the local stack), but some S3-compatible
@@ -91,22 +108,77 @@ pub async fn client(settings: &S3Settings) -> Client {
     Client::from_conf(b.build())
 }
 
-/// The S3 side of a job: the shared client (one per endpoint, cloned cheaply into every
-/// worker) and the optional `--max-rps` cap, which every request of the job waits on.
+/// Which side of a job a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Dest,
+}
+
+/// The S3 side of a job: one shared client per side (the same one when both sides are
+/// one endpoint with one set of credentials; cloned cheaply into every worker) and the
+/// optional `--max-rps` cap, which every request of the job waits on.
 #[derive(Clone)]
 pub struct S3 {
-    pub client: Client,
+    pub src: Client,
+    pub dst: Client,
+    /// Both sides are one endpoint with one set of credentials: copies are server-side
+    /// (CopyObject); else they are streamed GET → PUT.
+    pub server_side: bool,
     limiter: Option<std::sync::Arc<governor::DefaultDirectRateLimiter>>,
 }
 
 impl S3 {
+    /// One endpoint for both sides.
     pub fn new(client: Client, max_rps: Option<std::num::NonZeroU32>) -> S3 {
+        S3::pair(client.clone(), client, true, max_rps)
+    }
+
+    pub fn pair(
+        src: Client,
+        dst: Client,
+        server_side: bool,
+        max_rps: Option<std::num::NonZeroU32>,
+    ) -> S3 {
         let limiter = max_rps.map(|n| {
             std::sync::Arc::new(governor::RateLimiter::direct(
                 governor::Quota::per_second(n).allow_burst(std::num::NonZeroU32::MIN),
             ))
         });
-        S3 { client, limiter }
+        S3 {
+            src,
+            dst,
+            server_side,
+            limiter,
+        }
+    }
+
+    /// Both sides' clients, for a job's settings.
+    pub async fn for_job(cfg: &crate::config::JobConfig) -> S3 {
+        let src = client(&cfg.source_s3).await;
+        let same = cfg.source_s3 == cfg.dest_s3;
+        let dst = if same {
+            src.clone()
+        } else {
+            client(&cfg.dest_s3).await
+        };
+        S3::pair(src, dst, same, cfg.s3.max_rps)
+    }
+
+    pub fn client(&self, side: Side) -> &Client {
+        match side {
+            Side::Source => &self.src,
+            Side::Dest => &self.dst,
+        }
+    }
+
+    /// Source and destination swapped (rollback copies back), sharing the rate cap.
+    pub fn reversed(&self) -> S3 {
+        S3 {
+            src: self.dst.clone(),
+            dst: self.src.clone(),
+            ..self.clone()
+        }
     }
 
     /// Before a read request (HEAD, GET, LIST): wait for the rate cap, count it.
@@ -314,12 +386,13 @@ pub struct Parts {
 /// S3 allows at most this many parts per upload.
 const MAX_PARTS: u64 = 10_000;
 
-/// Server-side copy in parts (UploadPartCopy) of `src`, which must still have the ETag it
-/// was seen with: for objects above the multipart threshold (a single CopyObject is
-/// limited to 5 GiB). The upload gets the source's headers and user metadata; on any
-/// failure it is aborted, so no incomplete upload is left behind. An incomplete upload to
-/// the same key that a killed earlier attempt left is aborted first. The result is checked
-/// by size (a multipart ETag is not comparable).
+/// Copy `src`, which must still have the ETag it was seen with, in parts: for objects
+/// above the multipart threshold. Server-side (UploadPartCopy) when `s3c.server_side`,
+/// else each part streamed from a ranged GET on the source into an UploadPart on the
+/// destination (never a whole part in memory). The upload gets the source's headers and
+/// user metadata; on any failure it is aborted, so no incomplete upload is left behind. An
+/// incomplete upload to the same key that a killed earlier attempt left is aborted first.
+/// The result is checked by size (a multipart ETag is not comparable).
 pub async fn copy_multipart(
     s3c: &S3,
     src_bucket: &str,
@@ -332,10 +405,10 @@ pub async fn copy_multipart(
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
     use futures::{stream, StreamExt, TryStreamExt};
 
-    let client = &s3c.client;
+    let client = &s3c.dst;
     let what = format!("multipart COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     s3c.ready_read().await;
-    let (now, headers) = head_headers(client, src_bucket, src_key)
+    let (now, headers) = head_headers(&s3c.src, src_bucket, src_key)
         .await?
         .ok_or(S3Error::NotFound)?;
     if now.etag != src.etag {
@@ -376,23 +449,52 @@ pub async fn copy_multipart(
         .map(|(n, first, last)| {
             let (what, upload_id) = (&what, &upload_id);
             async move {
-                s3c.ready_write().await;
-                let out = client
-                    .upload_part_copy()
-                    .bucket(dst_bucket)
-                    .key(dst_key)
-                    .upload_id(upload_id)
-                    .part_number(n)
-                    .copy_source(copy_source(src_bucket, src_key))
-                    .copy_source_if_match(format!("\"{}\"", src.etag))
-                    .copy_source_range(format!("bytes={first}-{last}"))
-                    .send()
-                    .await
-                    .map_err(|e| classify(&format!("{what} part {n}"), e))?;
-                let etag = out
-                    .copy_part_result()
-                    .and_then(|r| r.e_tag())
-                    .ok_or_else(|| S3Error::Other(format!("{what} part {n}: no ETag")))?;
+                let range = format!("bytes={first}-{last}");
+                let part_what = format!("{what} part {n}");
+                let etag = if s3c.server_side {
+                    s3c.ready_write().await;
+                    let out = client
+                        .upload_part_copy()
+                        .bucket(dst_bucket)
+                        .key(dst_key)
+                        .upload_id(upload_id)
+                        .part_number(n)
+                        .copy_source(copy_source(src_bucket, src_key))
+                        .copy_source_if_match(format!("\"{}\"", src.etag))
+                        .copy_source_range(range)
+                        .send()
+                        .await
+                        .map_err(|e| classify(&part_what, e))?;
+                    out.copy_part_result()
+                        .and_then(|r| r.e_tag())
+                        .map(str::to_owned)
+                } else {
+                    s3c.ready_read().await;
+                    let got = s3c
+                        .src
+                        .get_object()
+                        .bucket(src_bucket)
+                        .key(src_key)
+                        .if_match(format!("\"{}\"", src.etag))
+                        .range(range)
+                        .send()
+                        .await
+                        .map_err(|e| classify(&part_what, e))?;
+                    s3c.ready_write().await;
+                    let out = client
+                        .upload_part()
+                        .bucket(dst_bucket)
+                        .key(dst_key)
+                        .upload_id(upload_id)
+                        .part_number(n)
+                        .content_length((last - first + 1) as i64)
+                        .body(got.body)
+                        .send()
+                        .await
+                        .map_err(|e| classify(&part_what, e))?;
+                    out.e_tag().map(str::to_owned)
+                };
+                let etag = etag.ok_or_else(|| S3Error::Other(format!("{part_what}: no ETag")))?;
                 Ok(CompletedPart::builder().part_number(n).e_tag(etag).build())
             }
         })
@@ -437,6 +539,75 @@ pub async fn copy_multipart(
             src.size
         ))),
     }
+}
+
+/// Copy across endpoints (or credentials) in one request: GET from the source side, the
+/// body streamed straight into a PUT on the destination side (never held whole), with its
+/// headers and user metadata. Checked like a server-side copy: the new ETag must equal
+/// the source's (the MD5 of the bytes for a single-part source), else the size must; a
+/// copy that fails the check is removed again.
+pub async fn stream_copy(
+    s3c: &S3,
+    src_bucket: &str,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_bucket: &str,
+    dst_key: &str,
+) -> Result<ObjectInfo, S3Error> {
+    let what = format!("streamed COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
+    s3c.ready_read().await;
+    let got = s3c
+        .src
+        .get_object()
+        .bucket(src_bucket)
+        .key(src_key)
+        .if_match(format!("\"{}\"", src.etag))
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?;
+    let expires = got.expires_string().and_then(|e| {
+        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
+    });
+    s3c.ready_write().await;
+    let put = s3c
+        .dst
+        .put_object()
+        .bucket(dst_bucket)
+        .key(dst_key)
+        .content_length(got.content_length().unwrap_or(src.size))
+        .set_content_type(got.content_type().map(str::to_owned))
+        .set_cache_control(got.cache_control().map(str::to_owned))
+        .set_content_disposition(got.content_disposition().map(str::to_owned))
+        .set_content_encoding(got.content_encoding().map(str::to_owned))
+        .set_content_language(got.content_language().map(str::to_owned))
+        .set_expires(expires)
+        .set_metadata(got.metadata().cloned())
+        .body(got.body)
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?;
+    let etag = put.e_tag().map(strip_quotes).unwrap_or_default();
+    let confirmed = if src.is_multipart() {
+        s3c.ready_read().await;
+        head(&s3c.dst, dst_bucket, dst_key)
+            .await?
+            .is_some_and(|d| d.size == src.size)
+    } else {
+        etag == src.etag
+    };
+    if !confirmed {
+        s3c.ready_write().await;
+        let _ = delete_one(&s3c.dst, dst_bucket, dst_key).await;
+        return Err(S3Error::Other(format!(
+            "{what}: the copy (ETag {etag:?}) does not match the source (ETag {}, {} bytes); \
+             it was removed again",
+            src.etag, src.size
+        )));
+    }
+    Ok(ObjectInfo {
+        etag,
+        size: src.size,
+    })
 }
 
 /// Abort incomplete multipart uploads to exactly `key` (left by a killed attempt to copy
@@ -496,6 +667,7 @@ pub async fn list_uploads(
 /// order: (key, identity) pairs, and whether more follow.
 pub async fn list_page(
     s3c: &S3,
+    side: Side,
     bucket: &str,
     prefix: &str,
     start_after: Option<&str>,
@@ -503,7 +675,7 @@ pub async fn list_page(
 ) -> Result<(Vec<(String, ObjectInfo)>, bool), S3Error> {
     s3c.ready_read().await;
     let out = s3c
-        .client
+        .client(side)
         .list_objects_v2()
         .bucket(bucket)
         .prefix(prefix)

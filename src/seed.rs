@@ -237,9 +237,16 @@ async fn clear(s3c: &Client, loc: &S3Location) -> Result<()> {
     let wrapped = s3::S3::new(s3c.clone(), None);
     let mut deleted = 0;
     loop {
-        let (page, _) = s3::list_page(&wrapped, &loc.bucket, &loc.prefix, None, 1000)
-            .await
-            .with_context(|| format!("listing {loc} to clear it"))?;
+        let (page, _) = s3::list_page(
+            &wrapped,
+            s3::Side::Source,
+            &loc.bucket,
+            &loc.prefix,
+            None,
+            1000,
+        )
+        .await
+        .with_context(|| format!("listing {loc} to clear it"))?;
         if page.is_empty() {
             info!(%loc, deleted, "cleared");
             return Ok(());

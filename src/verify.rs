@@ -90,9 +90,9 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     let pool = db::pool(&cfg.database_url, 2, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
-    let s3c = s3::client(&cfg.s3).await;
-    s3::check_bucket(&s3c, "--source", &cfg.source.bucket).await?;
-    s3::check_bucket(&s3c, "--dest", &cfg.dest.bucket).await?;
+    let s3c = s3::S3::for_job(cfg).await;
+    s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
+    s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
     let ledger = db::ledger_exists(&client).await?;
     let (on_dest, _) = db::count_selected(&client, &table, &cfg.dest.prefix).await?;
     let (on_source, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
@@ -115,7 +115,7 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     merge_side(
         &client,
         &table,
-        &s3c,
+        &s3c.dst,
         &cfg.dest.bucket,
         &cfg.dest.prefix,
         Check::Ok,
@@ -134,7 +134,7 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     merge_side(
         &client,
         &table,
-        &s3c,
+        &s3c.src,
         &cfg.source.bucket,
         &cfg.source.prefix,
         Check::StillLegacy,

@@ -76,6 +76,9 @@ async fn main() -> Result<()> {
         timeout: Duration::from_secs(60),
         max_attempts: 6,
         max_rps: None,
+        profile: None,
+        region: None,
+        credentials_env: None,
     };
     let client = s3::client(&settings).await;
     let tag = format!(

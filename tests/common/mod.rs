@@ -98,6 +98,9 @@ pub fn s3_settings() -> S3Settings {
         timeout: std::time::Duration::from_secs(30),
         max_attempts: 3,
         max_rps: None,
+        profile: None,
+        region: None,
+        credentials_env: None,
     }
 }
 
@@ -113,6 +116,25 @@ pub async fn s3_client() -> Client {
     }
     std::env::remove_var("AWS_CA_BUNDLE");
     s3::client(&s3_settings()).await
+}
+
+/// A client for the stack's second, independent S3 endpoint, with its own key.
+pub async fn second_s3_client() -> Client {
+    s3_client().await; // the shared env first
+    std::env::set_var(
+        "RELOCATOR_TEST_SECOND_AWS_ACCESS_KEY_ID",
+        var("RELOCATOR_TEST_SECOND_KEY_ID"),
+    );
+    std::env::set_var(
+        "RELOCATOR_TEST_SECOND_AWS_SECRET_ACCESS_KEY",
+        var("RELOCATOR_TEST_SECOND_SECRET"),
+    );
+    s3::client(&S3Settings {
+        endpoint_url: Some(var("RELOCATOR_TEST_SECOND_ENDPOINT")),
+        credentials_env: Some("RELOCATOR_TEST_SECOND"),
+        ..s3_settings()
+    })
+    .await
 }
 
 /// One test's private world: database, source bucket, destination bucket.

@@ -1,0 +1,157 @@
+//! Two independent S3 endpoints, each with its own credentials (the stack's two Garage
+//! servers): objects are streamed GET → PUT — small ones in one request, large ones as a
+//! multipart upload of ranged GETs — with every header kept, bytes identical, sources
+//! deleted, no incomplete upload left, and memory well below the large object.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{second_s3_client, var, TestEnv};
+use rand::{RngCore, SeedableRng};
+use relocator::{s3, seed};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
+    let env = TestEnv::new("two-endpoints").await;
+    let seeded = env.seed(300, 0).await;
+    let mut big = vec![0u8; 128 << 20];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut big);
+    s3::put_with(
+        &env.s3,
+        &env.src_bucket,
+        "image/big.bin",
+        big.clone(),
+        &seed::headers(env.seed, "image/big.bin"),
+    )
+    .await
+    .unwrap();
+    env.db()
+        .await
+        .execute("INSERT INTO avatars (path) VALUES ('image/big.bin')", &[])
+        .await
+        .unwrap();
+
+    let far = second_s3_client().await;
+    let far_bucket = format!("{}-far", env.name);
+    far.create_bucket()
+        .bucket(&far_bucket)
+        .send()
+        .await
+        .unwrap();
+    // The source's key cannot see the far bucket: the endpoints are independent.
+    assert!(env
+        .s3
+        .head_bucket()
+        .bucket(&far_bucket)
+        .send()
+        .await
+        .is_err());
+
+    let dest = format!("s3://{far_bucket}/avatar/");
+    let mut child = env
+        .cmd()
+        .args(["run", "--source", &env.source(), "--dest", &dest])
+        .args([
+            "--dest-endpoint-url",
+            &var("RELOCATOR_TEST_SECOND_ENDPOINT"),
+        ])
+        .args(["--multipart-threshold", "8MiB", "--part-size", "8MiB"])
+        .env(
+            "RELOCATOR_DEST_AWS_ACCESS_KEY_ID",
+            var("RELOCATOR_TEST_SECOND_KEY_ID"),
+        )
+        .env(
+            "RELOCATOR_DEST_AWS_SECRET_ACCESS_KEY",
+            var("RELOCATOR_TEST_SECOND_SECRET"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb * 1024);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peak
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = child.wait().unwrap();
+    let peak = sampler.join().unwrap();
+    let result = async {
+        assert_eq!(status.code(), Some(0), "{err}");
+        eprintln!("peak RSS of the streamed run: {} MiB", peak >> 20);
+        assert!(
+            peak < 64 << 20,
+            "peak RSS {} MiB is not well below the 128 MiB object",
+            peak >> 20
+        );
+        for ((id, path), s) in env.rows().await.iter().zip(&seeded) {
+            let want = format!("avatar/{}", s.path.strip_prefix("image/").unwrap());
+            assert_eq!(path, &want, "row {id}");
+        }
+        for s in seeded.iter().step_by(37) {
+            let key = format!("avatar/{}", s.path.strip_prefix("image/").unwrap());
+            let bytes = s3::get_bytes(&far, &far_bucket, &key).await.unwrap();
+            assert_eq!(
+                bytes,
+                seed::object_bytes(env.seed, &s.path, &(100..4096)),
+                "{key}"
+            );
+            let (_, h) = s3::head_headers(&far, &far_bucket, &key)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(h, seed::headers(env.seed, &s.path), "{key}");
+        }
+        let copy = s3::get_bytes(&far, &far_bucket, "avatar/big.bin")
+            .await
+            .unwrap();
+        assert!(copy == big, "the 128 MiB object differs");
+        let (info, h) = s3::head_headers(&far, &far_bucket, "avatar/big.bin")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(info.is_multipart(), "streamed in parts: {}", info.etag);
+        assert_eq!(h, seed::headers(env.seed, "image/big.bin"));
+        assert!(s3::list_uploads(&far, &far_bucket, "")
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(
+            env.keys(&env.src_bucket, "image/").await.is_empty(),
+            "sources deleted"
+        );
+    }
+    .await;
+    // The far bucket is not the harness's: empty and remove it either way.
+    let mut pages = far
+        .list_objects_v2()
+        .bucket(&far_bucket)
+        .into_paginator()
+        .send();
+    while let Some(Ok(page)) = pages.next().await {
+        for o in page.contents() {
+            let _ = far
+                .delete_object()
+                .bucket(&far_bucket)
+                .key(o.key().unwrap())
+                .send()
+                .await;
+        }
+    }
+    let _ = far.delete_bucket().bucket(&far_bucket).send().await;
+    result
+}
