@@ -26,6 +26,8 @@ pub fn check(data: &[u8]) {
         concurrency: 4,
         batch_timeout: 600,
         multipart_threshold: None,
+        set_metadata: Vec::new(),
+        verify_content: false,
         part_size: "256MiB".into(),
         source_endpoint_url: None,
         source_profile: None,

@@ -150,6 +150,16 @@ pub struct JobArgs {
     #[arg(long, default_value = "256MiB", value_name = "SIZE")]
     pub part_size: String,
 
+    /// Add (or overwrite) this user metadata (x-amz-meta-KEY) on every object copied;
+    /// repeatable. The other headers are kept.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set_metadata: Vec<String>,
+
+    /// After each copy (and for an identical object found at the destination), read both
+    /// objects back and compare their SHA-256: certainty over speed (doubles the reads).
+    #[arg(long)]
+    pub verify_content: bool,
+
     /// Seconds one batch may take (its copies; each statement of run and rollback is
     /// limited to the same through statement_timeout). A batch over it stops the run
     /// with exit 1 and nothing of the batch committed; rerun to resume.

@@ -385,6 +385,9 @@ pub struct JobConfig {
     pub dest_s3: S3Settings,
     /// See `--batch-timeout`.
     pub batch_timeout: Duration,
+    /// `--set-metadata`, validated.
+    pub set_metadata: crate::s3::Metadata,
+    pub verify_content: bool,
     /// `--multipart-threshold` if given; see [`JobConfig::multipart_threshold`].
     pub multipart_threshold: Option<u64>,
     pub part_size: u64,
@@ -471,7 +474,14 @@ impl JobConfig {
             &a.dest_region,
             "RELOCATOR_DEST",
         )?;
+        let set_metadata = a
+            .set_metadata
+            .iter()
+            .map(|kv| parse_metadata(kv))
+            .collect::<Result<_, _>>()?;
         Ok(JobConfig {
+            set_metadata,
+            verify_content: a.verify_content,
             source_s3,
             dest_s3,
             batch_timeout: Duration::from_secs(a.batch_timeout),
@@ -552,6 +562,26 @@ impl JobConfig {
             self.table, self.id_column, self.path_column, self.source, self.dest, re, to
         )
     }
+}
+
+/// `KEY=VALUE` for x-amz-meta-KEY: the key a lower-case HTTP token, the value printable
+/// ASCII (what every S3 implementation stores unchanged).
+fn parse_metadata(kv: &str) -> Result<(String, String), ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "--set-metadata {kv:?}: write KEY=VALUE, the key of letters, digits and '-' \
+             (stored as x-amz-meta-KEY), the value printable ASCII"
+        ))
+    };
+    let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+    let key_ok = !k.is_empty()
+        && k.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let value_ok = v.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if !key_ok || !value_ok {
+        return Err(bad());
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// S3's smallest part (except the last) and largest single copy.
@@ -688,6 +718,18 @@ mod tests {
         assert!(check_template(&re, "$1/${name}").is_ok());
         assert!(check_template(&re, "$3").is_err());
         assert!(check_template(&re, "${other}").is_err());
+    }
+
+    #[test]
+    fn metadata_pairs_are_checked() {
+        assert_eq!(
+            parse_metadata("migrated-by=relocator 1.0").unwrap(),
+            ("migrated-by".into(), "relocator 1.0".into())
+        );
+        assert!(parse_metadata("novalue").is_err());
+        assert!(parse_metadata("Upper=x").is_err());
+        assert!(parse_metadata("a=\u{e9}").is_err());
+        assert!(parse_metadata("=x").is_err());
     }
 
     #[test]

@@ -116,8 +116,66 @@ async fn copy_pair(
 }
 
 /// The one place a destination object is created: only when the destination was found
-/// free (`dst` None), from a source that must still have the ETag it was seen with.
+/// free (`dst` None), from a source that must still have the ETag it was seen with. With
+/// `--verify-content` the result is then read back on both sides and compared.
 pub(crate) async fn copy_known(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_key: &str,
+    dst: Option<&ObjectInfo>,
+    dry_run: bool,
+) -> Result<PairResult> {
+    let result = make_copy(s3c, cfg, src_key, src, dst_key, dst, dry_run).await?;
+    match result {
+        PairResult::Ready { created, .. } if cfg.verify_content && !dry_run => {
+            verify_content(s3c, cfg, src_key, dst_key, created, result).await
+        }
+        other => Ok(other),
+    }
+}
+
+/// `--verify-content`: SHA-256 of both objects. A copy relocator made that differs is
+/// removed again and the row reported; an existing object that differs is a conflict.
+async fn verify_content(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    dst_key: &str,
+    created: bool,
+    ready: PairResult,
+) -> Result<PairResult> {
+    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
+    s3c.ready_read().await;
+    s3c.ready_read().await;
+    let (a, b) = futures::join!(
+        s3::sha256(&s3c.src, sb, src_key),
+        s3::sha256(&s3c.dst, db, dst_key)
+    );
+    let (a, b) = match (a, b) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return per_object(e),
+    };
+    if a == b {
+        return Ok(ready);
+    }
+    if !created {
+        return Ok(PairResult::Conflict(
+            "the object at the destination has the same ETag and size but other bytes \
+             (--verify-content); nothing was overwritten"
+                .into(),
+        ));
+    }
+    s3c.ready_write().await;
+    s3::delete_one(&s3c.dst, db, dst_key).await?;
+    Ok(PairResult::Rejected(format!(
+        "the copy at s3://{db}/{dst_key} read back with other bytes than the source \
+         (--verify-content); it was removed again"
+    )))
+}
+
+async fn make_copy(
     s3c: &S3,
     cfg: &JobConfig,
     src_key: &str,
@@ -142,12 +200,12 @@ pub(crate) async fn copy_known(
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
-        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts).await
+        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.set_metadata).await
     } else if !s3c.server_side {
-        s3::stream_copy(s3c, sb, src_key, src, db, dst_key).await
+        s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.set_metadata).await
     } else {
         s3c.ready_write().await;
-        s3::copy(&s3c.dst, sb, src_key, src, db, dst_key).await
+        s3::copy(&s3c.dst, sb, src_key, src, db, dst_key, &cfg.set_metadata).await
     };
     match copied {
         // copy_multipart and stream_copy confirm the copy themselves.

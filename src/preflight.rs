@@ -404,9 +404,12 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
                     if via.server_side {
-                        s3::copy(&via.dst, from_bucket, from_key, info, &dst.bucket, k).await
+                        let none = s3::Metadata::new();
+                        s3::copy(&via.dst, from_bucket, from_key, info, &dst.bucket, k, &none).await
                     } else {
-                        s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k).await
+                        let none = s3::Metadata::new();
+                        s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k, &none)
+                            .await
                     }
                 }
             })

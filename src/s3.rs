@@ -284,7 +284,9 @@ pub async fn head(client: &Client, bucket: &str, key: &str) -> Result<Option<Obj
 }
 
 /// Server-side copy of `src` (which must still have `src_etag`) to `dst`, keeping its
-/// metadata. The result is checked: a response without an ETag — including a `200 OK`
+/// metadata; with `extra` metadata, the source's headers are read and the copy's
+/// replaced by them plus `extra` (S3 copies metadata as is, or replaces all of it). The
+/// result is checked: a response without an ETag — including a `200 OK`
 /// whose body is an `<Error>` — is a failure, and the new ETag must match the source's
 /// unless the source was a multipart upload (then the size is checked by the caller).
 pub async fn copy(
@@ -294,17 +296,31 @@ pub async fn copy(
     src: &ObjectInfo,
     dst_bucket: &str,
     dst_key: &str,
+    extra: &Metadata,
 ) -> Result<ObjectInfo, S3Error> {
     let what = format!("COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
-    let out = client
+    let mut req = client
         .copy_object()
         .copy_source(copy_source(src_bucket, src_key))
         .copy_source_if_match(format!("\"{}\"", src.etag))
         .bucket(dst_bucket)
-        .key(dst_key)
-        .send()
-        .await
-        .map_err(|e| classify(&what, e))?;
+        .key(dst_key);
+    if !extra.is_empty() {
+        let (_, h) = head_headers(client, src_bucket, src_key)
+            .await?
+            .ok_or(S3Error::NotFound)?;
+        let h = h.with(extra);
+        req = req
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .set_content_type(h.content_type)
+            .set_cache_control(h.cache_control)
+            .set_content_disposition(h.content_disposition)
+            .set_content_encoding(h.content_encoding)
+            .set_content_language(h.content_language)
+            .set_expires(http_date(h.expires.as_deref()))
+            .set_metadata(Some(h.metadata.into_iter().collect()));
+    }
+    let out = req.send().await.map_err(|e| classify(&what, e))?;
     let etag = out
         .copy_object_result()
         .and_then(|r| r.e_tag())
@@ -340,6 +356,25 @@ pub struct Headers {
     pub expires: Option<String>,
     /// x-amz-meta-* (without the prefix).
     pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// User metadata (x-amz-meta-*, without the prefix).
+pub type Metadata = std::collections::BTreeMap<String, String>;
+
+impl Headers {
+    /// These headers with `extra` user metadata added (replacing same-named entries).
+    pub fn with(mut self, extra: &Metadata) -> Headers {
+        self.metadata
+            .extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self
+    }
+}
+
+/// An HTTP date header as the SDK takes it (None if absent or unreadable).
+fn http_date(s: Option<&str>) -> Option<aws_smithy_types::DateTime> {
+    s.and_then(|e| {
+        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
+    })
 }
 
 /// HEAD an object with the headers a copy keeps: `Ok(None)` when it does not exist.
@@ -393,6 +428,7 @@ const MAX_PARTS: u64 = 10_000;
 /// user metadata; on any failure it is aborted, so no incomplete upload is left behind. An
 /// incomplete upload to the same key that a killed earlier attempt left is aborted first.
 /// The result is checked by size (a multipart ETag is not comparable).
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_multipart(
     s3c: &S3,
     src_bucket: &str,
@@ -401,6 +437,7 @@ pub async fn copy_multipart(
     dst_bucket: &str,
     dst_key: &str,
     parts: Parts,
+    extra: &Metadata,
 ) -> Result<ObjectInfo, S3Error> {
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
     use futures::{stream, StreamExt, TryStreamExt};
@@ -411,13 +448,12 @@ pub async fn copy_multipart(
     let (now, headers) = head_headers(&s3c.src, src_bucket, src_key)
         .await?
         .ok_or(S3Error::NotFound)?;
+    let headers = headers.with(extra);
     if now.etag != src.etag {
         return Err(S3Error::PreconditionFailed);
     }
     abort_stale_uploads(client, dst_bucket, dst_key).await?;
-    let expires = headers.expires.as_deref().and_then(|e| {
-        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
-    });
+    let expires = http_date(headers.expires.as_deref());
     s3c.ready_write().await;
     let upload = client
         .create_multipart_upload()
@@ -553,6 +589,7 @@ pub async fn stream_copy(
     src: &ObjectInfo,
     dst_bucket: &str,
     dst_key: &str,
+    extra: &Metadata,
 ) -> Result<ObjectInfo, S3Error> {
     let what = format!("streamed COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     s3c.ready_read().await;
@@ -565,9 +602,9 @@ pub async fn stream_copy(
         .send()
         .await
         .map_err(|e| classify(&what, e))?;
-    let expires = got.expires_string().and_then(|e| {
-        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
-    });
+    let expires = http_date(got.expires_string());
+    let mut metadata = got.metadata().cloned().unwrap_or_default();
+    metadata.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     s3c.ready_write().await;
     let put = s3c
         .dst
@@ -581,7 +618,7 @@ pub async fn stream_copy(
         .set_content_encoding(got.content_encoding().map(str::to_owned))
         .set_content_language(got.content_language().map(str::to_owned))
         .set_expires(expires)
-        .set_metadata(got.metadata().cloned())
+        .set_metadata(Some(metadata))
         .body(got.body)
         .send()
         .await
@@ -608,6 +645,26 @@ pub async fn stream_copy(
         etag,
         size: src.size,
     })
+}
+
+/// SHA-256 of an object's bytes, read as a stream (`--verify-content`).
+pub async fn sha256(client: &Client, bucket: &str, key: &str) -> Result<[u8; 32], S3Error> {
+    use sha2::Digest;
+    let what = format!("GET s3://{bucket}/{key}");
+    let mut body = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?
+        .body;
+    let mut h = sha2::Sha256::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| S3Error::Other(format!("{what}: {e}")))?;
+        h.update(&chunk);
+    }
+    Ok(h.finalize().into())
 }
 
 /// Abort incomplete multipart uploads to exactly `key` (left by a killed attempt to copy
@@ -780,9 +837,7 @@ pub async fn put_with(
     body: Vec<u8>,
     h: &Headers,
 ) -> Result<(), S3Error> {
-    let expires = h.expires.as_deref().and_then(|e| {
-        aws_smithy_types::DateTime::from_str(e, aws_smithy_types::date_time::Format::HttpDate).ok()
-    });
+    let expires = http_date(h.expires.as_deref());
     client
         .put_object()
         .bucket(bucket)

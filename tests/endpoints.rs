@@ -59,6 +59,7 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
             &var("RELOCATOR_TEST_SECOND_ENDPOINT"),
         ])
         .args(["--multipart-threshold", "8MiB", "--part-size", "8MiB"])
+        .args(["--set-metadata", "migrated-by=relocator"])
         .env(
             "RELOCATOR_DEST_AWS_ACCESS_KEY_ID",
             var("RELOCATOR_TEST_SECOND_KEY_ID"),
@@ -90,6 +91,7 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     let status = child.wait().unwrap();
     let peak = sampler.join().unwrap();
+    let extra: s3::Metadata = [("migrated-by".to_owned(), "relocator".to_owned())].into();
     let result = async {
         assert_eq!(status.code(), Some(0), "{err}");
         eprintln!("peak RSS of the streamed run: {} MiB", peak >> 20);
@@ -114,7 +116,7 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(h, seed::headers(env.seed, &s.path), "{key}");
+            assert_eq!(h, seed::headers(env.seed, &s.path).with(&extra), "{key}");
         }
         let copy = s3::get_bytes(&far, &far_bucket, "avatar/big.bin")
             .await
@@ -125,7 +127,7 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
             .unwrap()
             .unwrap();
         assert!(info.is_multipart(), "streamed in parts: {}", info.etag);
-        assert_eq!(h, seed::headers(env.seed, "image/big.bin"));
+        assert_eq!(h, seed::headers(env.seed, "image/big.bin").with(&extra));
         assert!(s3::list_uploads(&far, &far_bucket, "")
             .await
             .unwrap()

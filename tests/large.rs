@@ -14,6 +14,13 @@ use relocator::{s3, seed};
 
 const BIG: usize = 64 << 20;
 const PARTS: [&str; 4] = ["--multipart-threshold", "8MiB", "--part-size", "8MiB"];
+const EXTRA: [&str; 2] = ["--set-metadata", "migrated-by=relocator"];
+
+/// The seed's headers plus the metadata EXTRA adds.
+fn expected(env: &TestEnv, key: &str) -> s3::Headers {
+    let extra: s3::Metadata = [("migrated-by".to_owned(), "relocator".to_owned())].into();
+    seed::headers(env.seed, key).with(&extra)
+}
 
 fn big_body() -> Vec<u8> {
     let mut body = vec![0u8; BIG];
@@ -63,13 +70,20 @@ fn wait_peak_rss(child: &mut Child) -> (i32, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept() {
+async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified() {
     let env = TestEnv::new("multipart").await;
     env.seed(30, 0).await;
     let body = big_row(&env, "image/big one.bin").await;
 
     let mut child = env
-        .run_cmd(&PARTS)
+        .run_cmd(
+            &[
+                &PARTS[..],
+                &EXTRA,
+                &["--verify-content", "--summary-json", &env.path("s.json")],
+            ]
+            .concat(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -82,6 +96,15 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept() {
         peak >> 20
     );
     eprintln!("peak RSS of the run: {} MiB", peak >> 20);
+    let summary = common::read_summary(&env.path("s.json"));
+    let (reads, copies) = (
+        summary["counters"]["s3_reads"].as_u64().unwrap(),
+        summary["counters"]["s3_copies"].as_u64().unwrap(),
+    );
+    assert!(
+        reads >= 2 * copies,
+        "--verify-content read both sides: {summary}"
+    );
 
     let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big one.bin")
         .await
@@ -96,7 +119,7 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept() {
         "it was copied in parts: ETag {}",
         info.etag
     );
-    assert_eq!(headers, seed::headers(env.seed, "image/big one.bin"));
+    assert_eq!(headers, expected(&env, "image/big one.bin"));
     // The single-CopyObject path keeps them too.
     let small = env
         .rows()
@@ -110,7 +133,7 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept() {
         .unwrap()
         .unwrap();
     let original = format!("image/{}", small.strip_prefix("avatar/").unwrap());
-    assert_eq!(small_headers, seed::headers(env.seed, &original));
+    assert_eq!(small_headers, expected(&env, &original));
     assert!(s3::list_uploads(&env.s3, &env.dst_bucket, "")
         .await
         .unwrap()

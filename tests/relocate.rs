@@ -194,6 +194,8 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         concurrency: 4,
         batch_timeout: 600,
         multipart_threshold: None,
+        set_metadata: Vec::new(),
+        verify_content: false,
         part_size: "256MiB".into(),
         source_endpoint_url: None,
         source_profile: None,
