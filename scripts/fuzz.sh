@@ -13,4 +13,4 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     exit 2
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-cargo +nightly fuzz run rewrite_key -- -max_total_time="$secs" -max_len=512
+cargo +nightly fuzz run rewrite_key -- -max_total_time="$secs" -max_len=512 -len_control=0

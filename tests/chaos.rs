@@ -18,14 +18,23 @@ async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice(
     let seeded = env.seed(2000, 0).await;
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut kills = 0;
-    for _ in 0..14 {
+    // --max-rps stretches the job so that 20+ kills land at random moments across all of
+    // it: planning, copying, committing, deleting.
+    for _ in 0..30 {
         let mut child = env
-            .run_cmd(&["--batch-size", "40", "--concurrency", "16"])
+            .run_cmd(&[
+                "--batch-size",
+                "40",
+                "--concurrency",
+                "16",
+                "--max-rps",
+                "250",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn relocator");
-        tokio::time::sleep(Duration::from_millis(rng.random_range(40..600))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(40..400))).await;
         if child.try_wait().unwrap().is_some() {
             break; // finished before the kill
         }
@@ -35,7 +44,7 @@ async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice(
         env.assert_no_row_dangles().await;
     }
     assert!(
-        kills >= 10,
+        kills >= 20,
         "only {kills} kills landed before the job finished"
     );
 

@@ -7,7 +7,6 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::{second_s3_client, var, TestEnv};
 use rand::{RngCore, SeedableRng};
@@ -69,31 +68,14 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
             var("RELOCATOR_TEST_SECOND_SECRET"),
         )
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(env.path("err.log")).unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id();
-    let sampler = std::thread::spawn(move || {
-        let mut peak = 0u64;
-        while let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(kb) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb * 1024);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        peak
-    });
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let status = child.wait().unwrap();
-    let peak = sampler.join().unwrap();
+    let (code, peak) = common::wait_peak_rss(&mut child);
+    let err = std::fs::read_to_string(env.path("err.log")).unwrap_or_default();
     let extra: s3::Metadata = [("migrated-by".to_owned(), "relocator".to_owned())].into();
     let result = async {
-        assert_eq!(status.code(), Some(0), "{err}");
+        assert_eq!(code, 0, "{err}");
         eprintln!("peak RSS of the streamed run: {} MiB", peak >> 20);
         assert!(
             peak < 64 << 20,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::TestEnv;
@@ -48,27 +48,6 @@ async fn big_row(env: &TestEnv, key: &str) -> Vec<u8> {
     body
 }
 
-/// Wait for the child, sampling its peak resident memory (VmHWM) as it goes.
-fn wait_peak_rss(child: &mut Child) -> (i32, u64) {
-    let status = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&status) {
-            if let Some(kb) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak_kb = peak_kb.max(kb);
-            }
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            return (s.code().unwrap_or(-1), peak_kb * 1024);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified() {
     let env = TestEnv::new("multipart").await;
@@ -88,7 +67,7 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (code, peak) = wait_peak_rss(&mut child);
+    let (code, peak) = common::wait_peak_rss(&mut child);
     assert_eq!(code, 0);
     assert!(
         peak < (BIG as u64) * 3 / 4,

@@ -397,6 +397,28 @@ impl Drop for TestEnv {
     }
 }
 
+/// Wait for the child, sampling its peak resident memory (VmHWM) as it goes: (exit
+/// code, peak bytes).
+pub fn wait_peak_rss(child: &mut std::process::Child) -> (i32, u64) {
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            if let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kb = peak_kb.max(kb);
+            }
+        }
+        if let Some(s) = child.try_wait().expect("waiting for the child") {
+            return (s.code().unwrap_or(-1), peak_kb * 1024);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Read a report/plan CSV as id → (outcome, new_path).
 pub fn read_outcomes(path: &str) -> HashMap<String, (String, String)> {
     let mut r = csv::Reader::from_path(path).expect("report exists");
