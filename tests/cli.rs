@@ -338,3 +338,24 @@ async fn hostile_path_values_are_reported_and_left_alone() {
         .unwrap();
     assert_eq!(bytes, b"literal");
 }
+
+/// Wrong S3 credentials and a wrong region are refused before anything is touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_s3_credentials_or_region_are_refused_with_exit_2() {
+    let env = TestEnv::new("wrong-s3").await;
+    env.seed(10, 0).await;
+    let before = env.rows().await;
+    for (var, value, needle) in [
+        ("AWS_SECRET_ACCESS_KEY", "not-the-secret", "denied"),
+        ("AWS_ACCESS_KEY_ID", "GK000000000000000000000000", "denied"),
+        ("AWS_REGION", "eu-west-3", "bucket"),
+    ] {
+        let out = env.run_cmd(&[]).env(var, value).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {err}");
+        assert!(err.contains(needle), "{var}: {err}");
+        assert!(!err.contains("not-the-secret"), "{err}");
+    }
+    assert_eq!(env.rows().await, before);
+    assert!(env.keys(&env.dst_bucket, "").await.is_empty());
+}

@@ -175,3 +175,48 @@ async fn sigkill_in_the_middle_of_a_multipart_copy_then_rerun_completes() {
     );
     assert!(env.keys(&env.src_bucket, "").await.is_empty());
 }
+
+/// Parts that keep failing: the multipart upload is aborted (none left incomplete), the
+/// run stops with exit 1 and nothing committed, and the rerun completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_multipart_copy_is_aborted_and_the_rerun_completes() {
+    use common::proxy::{Fault, FaultProxy};
+    let env = TestEnv::new("multipart-abort").await;
+    env.seed(0, 0).await; // the table only
+    let body = big_row(&env, "image/big.bin").await;
+    // Every part upload (a PUT to the destination key) fails; the rest goes through.
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|_, method, path| {
+            if method == "PUT" && path.ends_with("/avatar/big.bin") {
+                Fault::Internal
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&[&PARTS[..], &["--s3-max-attempts", "2"]].concat())
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+            .await
+            .unwrap()
+            .is_empty(),
+        "the failed upload was aborted"
+    );
+    assert_eq!(env.rows().await[0].1, "image/big.bin", "nothing committed");
+
+    proxy.set_plan(Box::new(|_, _, _| Fault::Forward));
+    let (code, err) = env.run(&PARTS);
+    assert_eq!(code, 0, "{err}");
+    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        .await
+        .unwrap();
+    assert!(copy == body, "the copy differs");
+}
