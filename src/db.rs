@@ -235,6 +235,12 @@ pub struct Queries {
     pub referenced: String,
     /// $1 keys: the rows referencing them, in id order (phase 1; uses the path index).
     pub lookup: String,
+    /// Rollback: the ledger entries of runs $1 not rolled back yet, after move $2, at most
+    /// $3, with the row's current path. See [`crate::rollback`].
+    pub to_undo: String,
+    /// Rollback: the guarded rewrite back + the ledger marks, one statement. See
+    /// [`crate::rollback`].
+    pub undo: String,
 }
 
 impl Queries {
@@ -308,6 +314,40 @@ impl Queries {
             lookup: format!(
                 "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
                   WHERE t.{path} = ANY ($1::text[]) ORDER BY t.{id}"
+            ),
+            to_undo: format!(
+                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text
+                   FROM relocator.moves m
+                   LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
+                  WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
+                  ORDER BY m.move_id LIMIT $3"
+            ),
+            undo: format!(
+                "WITH u AS (
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[])
+                          AS u(move_id, id, old_path, new_path, try)
+             ), upd AS (
+                 UPDATE {tbl} AS t SET {path} = u.old_path
+                   FROM u
+                  WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.new_path
+              RETURNING u.move_id
+             )
+             UPDATE relocator.moves m
+                SET rolled_back_at = now(),
+                    rollback = CASE WHEN upd.move_id IS NULL THEN 'changed_by_app' ELSE 'restored' END,
+                    -- The forward cleanup no longer applies: the row references the old key.
+                    cleaned_at = CASE WHEN upd.move_id IS NOT NULL THEN coalesce(m.cleaned_at, now())
+                                      ELSE m.cleaned_at END,
+                    cleanup = CASE WHEN upd.move_id IS NOT NULL AND m.cleaned_at IS NULL
+                                   THEN 'rolled_back' ELSE m.cleanup END,
+                    -- A new object relocator did not create is not relocator's to delete.
+                    rollback_cleaned_at = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
+                                               THEN now() END,
+                    rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
+                                            THEN 'not_ours' END
+               FROM u LEFT JOIN upd ON upd.move_id = u.move_id
+              WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL
+          RETURNING m.move_id, m.rollback = 'restored'"
             ),
         }
     }

@@ -88,17 +88,10 @@ pub async fn rollback(
         .await?
         .get(0);
     sh.progress = Progress::new("rollback", Some(total as u64));
-    let fetch = format!(
-        "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text
-           FROM relocator.moves m
-           LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
-          WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
-          ORDER BY m.move_id LIMIT $3",
-        path = sh.table.path_col,
-        tbl = sh.table.qualified,
-        id = sh.table.id_col,
-        ty = sh.table.id_type,
-    );
+    let fetch = main
+        .prepare_cached(&sh.q.to_undo)
+        .await
+        .context("preparing the rollback's ledger scan")?;
     // Copies go back: the destination is read, the source written.
     let reversed = (cfg.reversed(), sh.s3.reversed());
     let mut after = 0i64;
@@ -388,40 +381,13 @@ async fn commit_undo(
     let olds: Vec<&str> = commit.iter().map(|(e, _)| e.old_path.as_str()).collect();
     let news: Vec<&str> = commit.iter().map(|(e, _)| e.new_path.as_str()).collect();
     let tries: Vec<bool> = commit.iter().map(|(_, t)| *t).collect();
-    let sql = format!(
-        "WITH u AS (
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[])
-                      AS u(move_id, id, old_path, new_path, try)
-         ), upd AS (
-             UPDATE {tbl} AS t SET {path} = u.old_path
-               FROM u
-              WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.new_path
-          RETURNING u.move_id
-         )
-         UPDATE relocator.moves m
-            SET rolled_back_at = now(),
-                rollback = CASE WHEN upd.move_id IS NULL THEN 'changed_by_app' ELSE 'restored' END,
-                -- The forward cleanup no longer applies: the row references the old key.
-                cleaned_at = CASE WHEN upd.move_id IS NOT NULL THEN coalesce(m.cleaned_at, now())
-                                  ELSE m.cleaned_at END,
-                cleanup = CASE WHEN upd.move_id IS NOT NULL AND m.cleaned_at IS NULL
-                               THEN 'rolled_back' ELSE m.cleanup END,
-                -- A new object relocator did not create is not relocator's to delete.
-                rollback_cleaned_at = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
-                                           THEN now() END,
-                rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
-                                        THEN 'not_ours' END
-           FROM u LEFT JOIN upd ON upd.move_id = u.move_id
-          WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL
-      RETURNING m.move_id, m.rollback = 'restored'",
-        tbl = sh.table.qualified,
-        path = sh.table.path_col,
-        id = sh.table.id_col,
-        ty = sh.table.id_type,
-    );
+    let stmt = db
+        .prepare_cached(&sh.q.undo)
+        .await
+        .context("preparing the rewrite back")?;
     db::rt(1);
     let rows = db
-        .query(&sql, &[&move_ids, &ids, &olds, &news, &tries])
+        .query(&stmt, &[&move_ids, &ids, &olds, &news, &tries])
         .await
         .context("rewriting the batch's rows back")?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
