@@ -19,6 +19,40 @@ use crate::config::S3Settings;
 /// DeleteObjects takes at most this many keys per request.
 pub const DELETE_BATCH: usize = 1000;
 
+/// The headers a copy keeps, read off a HeadObject or GetObject answer (the two have the
+/// same accessors but no common trait).
+macro_rules! headers_of {
+    ($out:expr) => {
+        Headers {
+            content_type: $out.content_type().map(str::to_owned),
+            cache_control: $out.cache_control().map(str::to_owned),
+            content_disposition: $out.content_disposition().map(str::to_owned),
+            content_encoding: $out.content_encoding().map(str::to_owned),
+            content_language: $out.content_language().map(str::to_owned),
+            expires: $out.expires_string().map(str::to_owned),
+            metadata: $out
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+        }
+    };
+}
+
+/// Set `Headers` on a PutObject, CopyObject or CreateMultipartUpload request (the same
+/// setters, no common trait): the one place a write gets an object's headers.
+macro_rules! with_headers {
+    ($req:expr, $h:expr) => {{
+        let h: Headers = $h;
+        $req.set_content_type(h.content_type)
+            .set_cache_control(h.cache_control)
+            .set_content_disposition(h.content_disposition)
+            .set_content_encoding(h.content_encoding)
+            .set_content_language(h.content_language)
+            .set_expires(http_date(h.expires.as_deref()))
+            .set_metadata(Some(h.metadata.into_iter().collect()))
+    }};
+}
+
 /// What callers branch on. Everything else is `Other`, with the S3 code and message.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -309,16 +343,10 @@ pub async fn copy(
         let (_, h) = head_headers(client, src_bucket, src_key)
             .await?
             .ok_or(S3Error::NotFound)?;
-        let h = h.with(extra);
-        req = req
-            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-            .set_content_type(h.content_type)
-            .set_cache_control(h.cache_control)
-            .set_content_disposition(h.content_disposition)
-            .set_content_encoding(h.content_encoding)
-            .set_content_language(h.content_language)
-            .set_expires(http_date(h.expires.as_deref()))
-            .set_metadata(Some(h.metadata.into_iter().collect()));
+        req = with_headers!(
+            req.metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace),
+            h.with(extra)
+        );
     }
     let out = req.send().await.map_err(|e| classify(&what, e))?;
     let etag = out
@@ -389,18 +417,7 @@ pub async fn head_headers(
                 etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
                 size: out.content_length().unwrap_or(0),
             },
-            Headers {
-                content_type: out.content_type().map(str::to_owned),
-                cache_control: out.cache_control().map(str::to_owned),
-                content_disposition: out.content_disposition().map(str::to_owned),
-                content_encoding: out.content_encoding().map(str::to_owned),
-                content_language: out.content_language().map(str::to_owned),
-                expires: out.expires_string().map(str::to_owned),
-                metadata: out
-                    .metadata()
-                    .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default(),
-            },
+            headers_of!(out),
         ))),
         Err(e) => match classify(&format!("HEAD s3://{bucket}/{key}"), e) {
             S3Error::NotFound => Ok(None),
@@ -453,22 +470,17 @@ pub async fn copy_multipart(
         return Err(S3Error::PreconditionFailed);
     }
     abort_stale_uploads(client, dst_bucket, dst_key).await?;
-    let expires = http_date(headers.expires.as_deref());
     s3c.ready_write().await;
-    let upload = client
-        .create_multipart_upload()
-        .bucket(dst_bucket)
-        .key(dst_key)
-        .set_content_type(headers.content_type.clone())
-        .set_cache_control(headers.cache_control.clone())
-        .set_content_disposition(headers.content_disposition.clone())
-        .set_content_encoding(headers.content_encoding.clone())
-        .set_content_language(headers.content_language.clone())
-        .set_expires(expires)
-        .set_metadata(Some(headers.metadata.clone().into_iter().collect()))
-        .send()
-        .await
-        .map_err(|e| classify(&what, e))?;
+    let upload = with_headers!(
+        client
+            .create_multipart_upload()
+            .bucket(dst_bucket)
+            .key(dst_key),
+        headers
+    )
+    .send()
+    .await
+    .map_err(|e| classify(&what, e))?;
     let upload_id = upload
         .upload_id()
         .ok_or_else(|| S3Error::Other(format!("{what}: no upload id in the answer")))?
@@ -602,27 +614,20 @@ pub async fn stream_copy(
         .send()
         .await
         .map_err(|e| classify(&what, e))?;
-    let expires = http_date(got.expires_string());
-    let mut metadata = got.metadata().cloned().unwrap_or_default();
-    metadata.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let headers = headers_of!(got).with(extra);
     s3c.ready_write().await;
-    let put = s3c
-        .dst
-        .put_object()
-        .bucket(dst_bucket)
-        .key(dst_key)
-        .content_length(got.content_length().unwrap_or(src.size))
-        .set_content_type(got.content_type().map(str::to_owned))
-        .set_cache_control(got.cache_control().map(str::to_owned))
-        .set_content_disposition(got.content_disposition().map(str::to_owned))
-        .set_content_encoding(got.content_encoding().map(str::to_owned))
-        .set_content_language(got.content_language().map(str::to_owned))
-        .set_expires(expires)
-        .set_metadata(Some(metadata))
-        .body(got.body)
-        .send()
-        .await
-        .map_err(|e| classify(&what, e))?;
+    let put = with_headers!(
+        s3c.dst
+            .put_object()
+            .bucket(dst_bucket)
+            .key(dst_key)
+            .content_length(got.content_length().unwrap_or(src.size)),
+        headers
+    )
+    .body(got.body)
+    .send()
+    .await
+    .map_err(|e| classify(&what, e))?;
     let etag = put.e_tag().map(strip_quotes).unwrap_or_default();
     let confirmed = if src.is_multipart() {
         s3c.ready_read().await;
@@ -837,18 +842,7 @@ pub async fn put_with(
     body: Vec<u8>,
     h: &Headers,
 ) -> Result<(), S3Error> {
-    let expires = http_date(h.expires.as_deref());
-    client
-        .put_object()
-        .bucket(bucket)
-        .key(key)
-        .set_content_type(h.content_type.clone())
-        .set_cache_control(h.cache_control.clone())
-        .set_content_disposition(h.content_disposition.clone())
-        .set_content_encoding(h.content_encoding.clone())
-        .set_content_language(h.content_language.clone())
-        .set_expires(expires)
-        .set_metadata((!h.metadata.is_empty()).then(|| h.metadata.clone().into_iter().collect()))
+    with_headers!(client.put_object().bucket(bucket).key(key), h.clone())
         .body(ByteStream::from(body))
         .send()
         .await
