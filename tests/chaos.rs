@@ -52,25 +52,7 @@ async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice(
     assert_eq!(code, 0, "{err}");
     env.assert_converged(&seeded).await;
 
-    let db = env.db().await;
-    let twice: i64 = db
-        .query_one(
-            "SELECT count(*) FROM (SELECT row_id FROM relocator.moves GROUP BY row_id HAVING count(*) > 1) d",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(twice, 0, "no row was rewritten twice");
-    let pending: i64 = db
-        .query_one(
-            "SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(pending, 0, "every committed move was cleaned up");
+    env.assert_ledger_clean().await;
 }
 
 /// While the job runs, "the application" rewrites 10% of the rows to new uploads (some

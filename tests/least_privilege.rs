@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{var, TestEnv};
 
 /// Empty `bucket` under `prefix` (with the main key).
@@ -35,27 +33,7 @@ async fn the_whole_job_works_as_the_least_privilege_role_with_the_iam_policy_key
     );
     let seeded = env.seed_at(&src, 150, 0).await;
 
-    let roles = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql");
-    let out = Command::new("psql")
-        .arg(&env.database_url)
-        .args([
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            "password='job-pw'",
-            "-qf",
-            roles,
-        ])
-        .output()
-        .expect("psql is installed with the stack");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut url = url::Url::parse(&env.database_url).unwrap();
-    url.set_username("relocator_job").unwrap();
-    url.set_password(Some("job-pw")).unwrap();
+    let url = url::Url::parse(&env.least_privilege_url()).unwrap();
 
     let job = |sub: &str, extra: &[&str]| -> (i32, String) {
         let out = env

@@ -25,30 +25,6 @@ async fn terminate_all(db: &tokio_postgres::Client) -> i64 {
     .get(0)
 }
 
-/// No row rewritten twice, every committed move cleaned up.
-async fn assert_ledger_clean(env: &TestEnv) {
-    let db = env.db().await;
-    let twice: i64 = db
-        .query_one(
-            "SELECT count(*) FROM (SELECT row_id FROM relocator.moves
-                                    GROUP BY row_id HAVING count(*) > 1) d",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(twice, 0, "no row was rewritten twice");
-    let pending: i64 = db
-        .query_one(
-            "SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(pending, 0, "every committed move was cleaned up");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_terminated_at_random_moments_lose_nothing() {
     let env = TestEnv::new("pg-terminate").await;
@@ -96,7 +72,7 @@ async fn backends_terminated_at_random_moments_lose_nothing() {
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
     env.assert_converged(&seeded).await;
-    assert_ledger_clean(&env).await;
+    env.assert_ledger_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -187,5 +163,5 @@ async fn a_backend_terminated_inside_its_commit_statement_rewrites_nothing_of_th
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
     env.assert_converged(&seeded).await;
-    assert_ledger_clean(&env).await;
+    env.assert_ledger_clean().await;
 }

@@ -385,27 +385,7 @@ async fn uuid_ids_in_a_schema_qualified_table() {
 async fn run_works_as_the_least_privilege_role() {
     let env = TestEnv::new("roles").await;
     let seeded = env.seed(120, 0).await;
-    let roles = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql");
-    let out = std::process::Command::new("psql")
-        .arg(&env.database_url)
-        .args([
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            "password='job-pw'",
-            "-qf",
-            roles,
-        ])
-        .output()
-        .expect("psql is installed with the stack");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut url = url::Url::parse(&env.database_url).unwrap();
-    url.set_username("relocator_job").unwrap();
-    url.set_password(Some("job-pw")).unwrap();
+    let url = url::Url::parse(&env.least_privilege_url()).unwrap();
     let (code, err) = {
         let out = env
             .run_cmd(&[])

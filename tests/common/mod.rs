@@ -331,6 +331,58 @@ impl TestEnv {
         assert!(left.is_empty(), "legacy objects left: {left:?}");
     }
 
+    /// Apply sql/roles.sql to this test's database; returns DATABASE_URL for the
+    /// least-privilege role it creates.
+    pub fn least_privilege_url(&self) -> String {
+        let roles = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql");
+        let out = Command::new("psql")
+            .arg(&self.database_url)
+            .args([
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "password='job-pw'",
+                "-qf",
+                roles,
+            ])
+            .output()
+            .expect("psql is installed with the stack");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut url = url::Url::parse(&self.database_url).unwrap();
+        url.set_username("relocator_job").unwrap();
+        url.set_password(Some("job-pw")).unwrap();
+        url.into()
+    }
+
+    /// The ledger after a job that was interrupted and rerun: no row rewritten twice,
+    /// every committed move cleaned up.
+    pub async fn assert_ledger_clean(&self) {
+        let db = self.db().await;
+        let twice: i64 = db
+            .query_one(
+                "SELECT count(*) FROM (SELECT row_id FROM relocator.moves
+                                        GROUP BY row_id HAVING count(*) > 1) d",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(twice, 0, "no row was rewritten twice");
+        let pending: i64 = db
+            .query_one(
+                "SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(pending, 0, "every committed move was cleaned up");
+    }
+
     /// At any instant, every row points at an object that exists, in the bucket its
     /// prefix implies (promise 4's invariant, checked after kills and faults).
     pub async fn assert_no_row_dangles(&self) {
