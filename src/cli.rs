@@ -155,6 +155,21 @@ pub struct JobArgs {
     #[arg(long, value_name = "KEY=VALUE")]
     pub set_metadata: Vec<String>,
 
+    /// Storage class of the objects written at the destination: STANDARD, STANDARD_IA,
+    /// ONEZONE_IA, INTELLIGENT_TIERING, GLACIER_IR, ... Default: the bucket's.
+    #[arg(long, value_name = "CLASS")]
+    pub storage_class: Option<String>,
+
+    /// Server-side encryption of the objects written at the destination: AES256 (SSE-S3)
+    /// or aws:kms (SSE-KMS). Default: the bucket's.
+    #[arg(long, value_name = "MODE")]
+    pub sse: Option<String>,
+
+    /// The KMS key for --sse aws:kms (key id, ARN or alias). Default: the account's
+    /// aws/s3 key.
+    #[arg(long, value_name = "KEY")]
+    pub sse_kms_key_id: Option<String>,
+
     /// After each copy (and for an identical object found at the destination), read both
     /// objects back and compare their SHA-256: certainty over speed (doubles the reads).
     #[arg(long)]

@@ -385,8 +385,8 @@ pub struct JobConfig {
     pub dest_s3: S3Settings,
     /// See `--batch-timeout`.
     pub batch_timeout: Duration,
-    /// `--set-metadata`, validated.
-    pub set_metadata: crate::s3::Metadata,
+    /// `--set-metadata`, `--storage-class`, `--sse`, `--sse-kms-key-id`, validated.
+    pub write: crate::s3::WriteOptions,
     pub verify_content: bool,
     /// `--multipart-threshold` if given; see [`JobConfig::multipart_threshold`].
     pub multipart_threshold: Option<u64>,
@@ -474,13 +474,21 @@ impl JobConfig {
             &a.dest_region,
             "RELOCATOR_DEST",
         )?;
-        let set_metadata = a
-            .set_metadata
-            .iter()
-            .map(|kv| parse_metadata(kv))
-            .collect::<Result<_, _>>()?;
+        let write = crate::s3::WriteOptions {
+            metadata: a
+                .set_metadata
+                .iter()
+                .map(|kv| parse_metadata(kv))
+                .collect::<Result<_, _>>()?,
+            storage_class: a
+                .storage_class
+                .as_deref()
+                .map(parse_storage_class)
+                .transpose()?,
+            encryption: parse_encryption(a.sse.as_deref(), a.sse_kms_key_id.as_deref())?,
+        };
         Ok(JobConfig {
-            set_metadata,
+            write,
             verify_content: a.verify_content,
             source_s3,
             dest_s3,
@@ -547,6 +555,8 @@ impl JobConfig {
             dest: self.source.clone(),
             source_s3: self.dest_s3.clone(),
             dest_s3: self.source_s3.clone(),
+            // Objects go back as they were: the options were for the destination.
+            write: crate::s3::WriteOptions::default(),
             ..self.clone()
         }
     }
@@ -582,6 +592,54 @@ fn parse_metadata(kv: &str) -> Result<(String, String), ConfigError> {
         return Err(bad());
     }
     Ok((k.to_owned(), v.to_owned()))
+}
+
+/// `--storage-class`: one S3 knows. The archive classes are refused: their objects cannot
+/// be read back without a restore, so a copy could be neither verified nor rolled back.
+fn parse_storage_class(s: &str) -> Result<aws_sdk_s3::types::StorageClass, ConfigError> {
+    use aws_sdk_s3::types::StorageClass;
+    let known = StorageClass::values();
+    if !known.contains(&s) {
+        return Err(ConfigError(format!(
+            "--storage-class {s:?} is not an S3 storage class; use one of {}",
+            known.join(", ")
+        )));
+    }
+    if matches!(s, "GLACIER" | "DEEP_ARCHIVE") {
+        return Err(ConfigError(format!(
+            "--storage-class {s}: objects in an archive class cannot be read back without a \
+             restore, so relocator could not verify or roll back its copies; move them with \
+             STANDARD (or GLACIER_IR), then let a lifecycle rule archive them"
+        )));
+    }
+    Ok(StorageClass::from(s))
+}
+
+/// `--sse` and `--sse-kms-key-id`.
+fn parse_encryption(
+    sse: Option<&str>,
+    kms_key: Option<&str>,
+) -> Result<Option<crate::s3::Encryption>, ConfigError> {
+    use crate::s3::Encryption;
+    match (sse, kms_key) {
+        (None, None) => Ok(None),
+        (Some("AES256"), None) => Ok(Some(Encryption::S3)),
+        (Some("aws:kms"), key) => match key {
+            Some("") => Err(ConfigError(
+                "--sse-kms-key-id is empty; give a key id, ARN or alias, or leave it out for \
+                 the account's aws/s3 key"
+                    .into(),
+            )),
+            key => Ok(Some(Encryption::Kms(key.map(str::to_owned)))),
+        },
+        (Some("AES256") | None, Some(_)) => Err(ConfigError(
+            "--sse-kms-key-id goes with --sse aws:kms".into(),
+        )),
+        (Some(other), _) => Err(ConfigError(format!(
+            "--sse {other:?} is not a server-side encryption S3 takes here; use AES256 \
+             (SSE-S3) or aws:kms (SSE-KMS, with --sse-kms-key-id)"
+        ))),
+    }
 }
 
 /// S3's smallest part (except the last) and largest single copy.
@@ -730,6 +788,35 @@ mod tests {
         assert!(parse_metadata("Upper=x").is_err());
         assert!(parse_metadata("a=\u{e9}").is_err());
         assert!(parse_metadata("=x").is_err());
+    }
+
+    #[test]
+    fn storage_classes_and_encryption_are_checked() {
+        use crate::s3::Encryption;
+        assert_eq!(
+            parse_storage_class("STANDARD_IA").unwrap().as_str(),
+            "STANDARD_IA"
+        );
+        assert!(parse_storage_class("standard_ia").is_err());
+        let e = parse_storage_class("DEEP_ARCHIVE").unwrap_err().0;
+        assert!(e.contains("restore"), "{e}");
+        assert_eq!(parse_encryption(None, None).unwrap(), None);
+        assert_eq!(
+            parse_encryption(Some("AES256"), None).unwrap(),
+            Some(Encryption::S3)
+        );
+        assert_eq!(
+            parse_encryption(Some("aws:kms"), Some("alias/uploads")).unwrap(),
+            Some(Encryption::Kms(Some("alias/uploads".into())))
+        );
+        assert_eq!(
+            parse_encryption(Some("aws:kms"), None).unwrap(),
+            Some(Encryption::Kms(None))
+        );
+        assert!(parse_encryption(None, Some("k")).is_err());
+        assert!(parse_encryption(Some("AES256"), Some("k")).is_err());
+        assert!(parse_encryption(Some("aws:kms"), Some("")).is_err());
+        assert!(parse_encryption(Some("aes256"), None).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::JobConfig;
-use crate::s3::{self, ObjectInfo, S3Error, S3};
+use crate::s3::{self, ObjectInfo, S3Error, WriteOptions, S3};
 
 /// Parts of one large object copied at once.
 const PARTS_IN_FLIGHT: usize = 8;
@@ -128,11 +128,59 @@ pub(crate) async fn copy_known(
     dry_run: bool,
 ) -> Result<PairResult> {
     let result = make_copy(s3c, cfg, src_key, src, dst_key, dst, dry_run).await?;
+    let size_only = dst.is_some_and(|d| !etags_comparable(src, d, &cfg.write));
     match result {
         PairResult::Ready { created, .. } if cfg.verify_content && !dry_run => {
             verify_content(s3c, cfg, src_key, dst_key, created, result).await
         }
+        PairResult::Ready { .. } if size_only && !dry_run => {
+            confirm_existing(s3c, cfg, src_key, dst_key, result).await
+        }
         other => Ok(other),
+    }
+}
+
+/// Whether two objects' ETags say whether their bytes are equal: both MD5s of the bytes,
+/// which they are not for multipart uploads, nor for objects written with SSE-KMS.
+fn etags_comparable(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOptions) -> bool {
+    !src.is_multipart() && !existing.is_multipart() && write.etag_is_md5()
+}
+
+/// An object already at the destination that matched the source by size only (the ETags
+/// are not comparable): that is not enough to delete the source over it. Their
+/// full-object checksums decide where both sides keep one of the same algorithm; else
+/// their bytes do (SHA-256, as `--verify-content`). Rare: after an interrupted run.
+async fn confirm_existing(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    dst_key: &str,
+    ready: PairResult,
+) -> Result<PairResult> {
+    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
+    s3c.ready_read().await;
+    s3c.ready_read().await;
+    let (a, b) = futures::join!(
+        s3::head_object(&s3c.src, sb, src_key),
+        s3::head_object(&s3c.dst, db, dst_key)
+    );
+    let (a, b) = match (a, b) {
+        (Ok(a), Ok(b)) => (a.and_then(|h| h.checksum), b.and_then(|h| h.checksum)),
+        (Err(e), _) | (_, Err(e)) => return per_object(e),
+    };
+    match (a, b) {
+        (Some(a), Some(b)) if a.algorithm == b.algorithm => Ok(if a == b {
+            ready
+        } else {
+            PairResult::Conflict(format!(
+                "a different object is already at the destination (same size, {} checksum \
+                 {} against the source's {}); nothing was overwritten",
+                a.algorithm.as_str(),
+                b.value,
+                a.value
+            ))
+        }),
+        _ => verify_content(s3c, cfg, src_key, dst_key, false, ready).await,
     }
 }
 
@@ -162,8 +210,8 @@ async fn verify_content(
     }
     if !created {
         return Ok(PairResult::Conflict(
-            "the object at the destination has the same ETag and size but other bytes \
-             (--verify-content); nothing was overwritten"
+            "the object at the destination has the source's size (and ETag, where \
+             comparable) but other bytes; nothing was overwritten"
                 .into(),
         ));
     }
@@ -186,7 +234,7 @@ async fn make_copy(
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     if let Some(existing) = dst {
-        return Ok(compare_existing(src, existing));
+        return Ok(compare_existing(src, existing, &cfg.write));
     }
     if dry_run {
         return Ok(PairResult::Ready {
@@ -200,17 +248,24 @@ async fn make_copy(
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
-        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.set_metadata).await
+        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write)
+            .await
+            .map(|_| true)
     } else if !s3c.server_side {
-        s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.set_metadata).await
+        s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write)
+            .await
+            .map(|_| true)
     } else {
         s3c.ready_write().await;
-        s3::copy(&s3c.dst, sb, src_key, src, db, dst_key, &cfg.set_metadata).await
+        s3::copy(&s3c.dst, sb, src_key, src, db, dst_key, &cfg.write).await
     };
     match copied {
-        // copy_multipart and stream_copy confirm the copy themselves.
-        Ok(_) if src.is_multipart() && !in_parts && s3c.server_side => {
-            // A multipart source's ETag is not comparable; confirm the size instead.
+        // copy_multipart and stream_copy confirm the copy themselves; copy by ETag where
+        // it can (true).
+        Ok(true) => {}
+        Ok(false) => {
+            // The ETags are not comparable (a multipart source, an SSE-KMS copy); confirm
+            // the size instead.
             s3c.ready_read().await;
             match s3::head(&s3c.dst, db, dst_key).await {
                 Ok(Some(d)) if d.size == src.size => {}
@@ -224,7 +279,6 @@ async fn make_copy(
                 Err(e) => return per_object(e),
             }
         }
-        Ok(_) => {}
         Err(S3Error::NotFound) => return Ok(PairResult::MissingSource),
         Err(S3Error::PreconditionFailed) => return Ok(PairResult::Rejected(
             "the source object changed since it was looked at; rerun to pick up the new version"
@@ -239,11 +293,11 @@ async fn make_copy(
     })
 }
 
-/// An existing destination object counts as copied only if it is the same object.
-fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo) -> PairResult {
-    let same = if src.is_multipart() || existing.is_multipart() {
-        // ETags of multipart uploads and of their copies differ by construction;
-        // the size is the strongest cheap evidence left.
+/// An existing destination object counts as copied only if it is the same object: same
+/// ETag and size, or — where ETags are not comparable — the same size, which
+/// [`confirm_existing`] then checks further.
+fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOptions) -> PairResult {
+    let same = if !etags_comparable(src, existing, write) {
         src.size == existing.size
     } else {
         src.same_content(existing)
@@ -283,20 +337,51 @@ mod tests {
 
     #[test]
     fn identical_destination_counts_as_copied_different_one_is_a_conflict() {
+        let plain = WriteOptions::default();
         assert_eq!(
-            compare_existing(&info("abc", 5), &info("abc", 5)),
+            compare_existing(&info("abc", 5), &info("abc", 5), &plain),
             PairResult::Ready {
                 created: false,
                 size: 5
             }
         );
         assert!(matches!(
-            compare_existing(&info("abc", 5), &info("abd", 5)),
+            compare_existing(&info("abc", 5), &info("abd", 5), &plain),
             PairResult::Conflict(_)
         ));
         assert!(matches!(
-            compare_existing(&info("abc", 5), &info("abc", 6)),
+            compare_existing(&info("abc", 5), &info("abc", 6), &plain),
             PairResult::Conflict(_)
         ));
+    }
+
+    #[test]
+    fn where_etags_are_not_md5s_the_size_decides_first() {
+        let kms = WriteOptions {
+            encryption: Some(crate::s3::Encryption::Kms(None)),
+            ..WriteOptions::default()
+        };
+        let plain = WriteOptions::default();
+        // SSE-KMS copies and multipart uploads: other ETags, same size (then
+        // confirm_existing compares checksums or bytes).
+        for (src, existing, write) in [
+            (info("abc", 5), info("f00", 5), &kms),
+            (info("abc-2", 5), info("f00-3", 5), &plain),
+            (info("abc", 5), info("f00-3", 5), &plain),
+        ] {
+            assert!(!etags_comparable(&src, &existing, write));
+            assert_eq!(
+                compare_existing(&src, &existing, write),
+                PairResult::Ready {
+                    created: false,
+                    size: 5
+                }
+            );
+        }
+        assert!(matches!(
+            compare_existing(&info("abc", 5), &info("abc", 6), &kms),
+            PairResult::Conflict(_)
+        ));
+        assert!(etags_comparable(&info("abc", 5), &info("abc", 5), &plain));
     }
 }

@@ -399,17 +399,20 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             .map(|i| format!("{dst_probe}-{i:02}"))
             .collect();
         let started = Instant::now();
-        let results: Vec<Result<ObjectInfo, s3::S3Error>> = stream::iter(&keys)
+        // With the job's write options: the destination must take them too.
+        let write = &cfg.write;
+        let results: Vec<Result<(), s3::S3Error>> = stream::iter(&keys)
             .map(|k| {
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
                     if via.server_side {
-                        let none = s3::Metadata::new();
-                        s3::copy(&via.dst, from_bucket, from_key, info, &dst.bucket, k, &none).await
-                    } else {
-                        let none = s3::Metadata::new();
-                        s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k, &none)
+                        s3::copy(&via.dst, from_bucket, from_key, info, &dst.bucket, k, write)
                             .await
+                            .map(|_| ())
+                    } else {
+                        s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k, write)
+                            .await
+                            .map(|_| ())
                     }
                 }
             })
@@ -439,9 +442,15 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
                 "copy",
                 e.to_string(),
                 Some(format!(
-                    "allow s3:GetObject on {} and s3:PutObject on {}",
+                    "allow s3:GetObject on {} and s3:PutObject on {}{}",
                     arn(&from_bucket, ""),
-                    arn(&dst.bucket, &dst.prefix)
+                    arn(&dst.bucket, &dst.prefix),
+                    match &cfg.write.encryption {
+                        Some(s3::Encryption::Kms(_)) => {
+                            "; for --sse aws:kms also kms:GenerateDataKey and kms:Decrypt on the key"
+                        }
+                        _ => "",
+                    }
                 )),
             ),
         }

@@ -53,6 +53,65 @@ macro_rules! with_headers {
     }};
 }
 
+/// Set the job's [`WriteOptions`] (storage class, encryption) on a PutObject, CopyObject
+/// or CreateMultipartUpload request: the one place a write gets them.
+macro_rules! with_write_options {
+    ($req:expr, $w:expr) => {{
+        use aws_sdk_s3::types::ServerSideEncryption as Sse;
+        let w: &WriteOptions = $w;
+        let (sse, kms_key) = match &w.encryption {
+            None => (None, None),
+            Some(Encryption::S3) => (Some(Sse::Aes256), None),
+            Some(Encryption::Kms(key)) => (Some(Sse::AwsKms), key.clone()),
+        };
+        $req.set_storage_class(w.storage_class.clone())
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
+    }};
+}
+
+/// The full-object checksum (x-amz-checksum-*) an answer carries, if any: HeadObject with
+/// checksum mode, CompleteMultipartUpload. A composite checksum (of a multipart upload's
+/// parts, `value-N`) is not one.
+macro_rules! checksum_of {
+    ($out:expr) => {{
+        use aws_sdk_s3::types::{ChecksumAlgorithm as A, ChecksumType};
+        let out = &$out;
+        let found = [
+            (A::Crc64Nvme, out.checksum_crc64_nvme()),
+            (A::Crc32C, out.checksum_crc32_c()),
+            (A::Crc32, out.checksum_crc32()),
+            (A::Sha256, out.checksum_sha256()),
+            (A::Sha1, out.checksum_sha1()),
+        ]
+        .into_iter()
+        .find_map(|(algorithm, v)| {
+            v.map(|v| Checksum {
+                algorithm,
+                value: v.to_owned(),
+            })
+        });
+        found.filter(|c| {
+            out.checksum_type() != Some(&ChecksumType::Composite) && !c.value.contains('-')
+        })
+    }};
+}
+
+/// Carry a part's checksums, as an UploadPart or UploadPartCopy answer reports them, into
+/// its `CompletedPart`.
+macro_rules! with_part_checksum {
+    ($part:expr, $out:expr) => {{
+        let out = &$out;
+        let owned = |v: Option<&str>| v.map(str::to_owned);
+        $part
+            .set_checksum_crc32(owned(out.checksum_crc32()))
+            .set_checksum_crc32_c(owned(out.checksum_crc32_c()))
+            .set_checksum_crc64_nvme(owned(out.checksum_crc64_nvme()))
+            .set_checksum_sha1(owned(out.checksum_sha1()))
+            .set_checksum_sha256(owned(out.checksum_sha256()))
+    }};
+}
+
 /// What callers branch on. Everything else is `Other`, with the S3 code and message.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -317,12 +376,13 @@ pub async fn head(client: &Client, bucket: &str, key: &str) -> Result<Option<Obj
     }
 }
 
-/// Server-side copy of `src` (which must still have `src_etag`) to `dst`, keeping its
-/// metadata; with `extra` metadata, the source's headers are read and the copy's
-/// replaced by them plus `extra` (S3 copies metadata as is, or replaces all of it). The
-/// result is checked: a response without an ETag — including a `200 OK`
-/// whose body is an `<Error>` — is a failure, and the new ETag must match the source's
-/// unless the source was a multipart upload (then the size is checked by the caller).
+/// Server-side copy of `src` (which must still have the ETag it was seen with) to `dst`,
+/// keeping its headers, with the job's [`WriteOptions`]; with extra metadata, the
+/// source's headers are read and the copy's replaced by them plus the extra (S3 copies
+/// metadata as is, or replaces all of it). The result is checked: a response without an
+/// ETag — including a `200 OK` whose body is an `<Error>` — is a failure, and the new
+/// ETag must match the source's where both are MD5s of the bytes. `Ok(false)`: they are
+/// not (a multipart source, an SSE-KMS copy), and the caller confirms the size instead.
 pub async fn copy(
     client: &Client,
     src_bucket: &str,
@@ -330,22 +390,26 @@ pub async fn copy(
     src: &ObjectInfo,
     dst_bucket: &str,
     dst_key: &str,
-    extra: &Metadata,
-) -> Result<ObjectInfo, S3Error> {
+    write: &WriteOptions,
+) -> Result<bool, S3Error> {
     let what = format!("COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
-    let mut req = client
-        .copy_object()
-        .copy_source(copy_source(src_bucket, src_key))
-        .copy_source_if_match(format!("\"{}\"", src.etag))
-        .bucket(dst_bucket)
-        .key(dst_key);
-    if !extra.is_empty() {
-        let (_, h) = head_headers(client, src_bucket, src_key)
+    let mut req = with_write_options!(
+        client
+            .copy_object()
+            .copy_source(copy_source(src_bucket, src_key))
+            .copy_source_if_match(format!("\"{}\"", src.etag))
+            .bucket(dst_bucket)
+            .key(dst_key),
+        write
+    );
+    if !write.metadata.is_empty() {
+        let h = head_object(client, src_bucket, src_key)
             .await?
-            .ok_or(S3Error::NotFound)?;
+            .ok_or(S3Error::NotFound)?
+            .headers;
         req = with_headers!(
             req.metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace),
-            h.with(extra)
+            h.with(&write.metadata)
         );
     }
     let out = req.send().await.map_err(|e| classify(&what, e))?;
@@ -359,16 +423,14 @@ pub async fn copy(
                 "{what}: the response carried no ETag; the copy is not confirmed"
             ))
         })?;
-    if !src.is_multipart() && etag != src.etag {
+    let comparable = !src.is_multipart() && etag_is_md5(out.server_side_encryption());
+    if comparable && etag != src.etag {
         return Err(S3Error::Other(format!(
             "{what}: the copy's ETag {etag} differs from the source's {}",
             src.etag
         )));
     }
-    Ok(ObjectInfo {
-        etag,
-        size: src.size,
-    })
+    Ok(comparable)
 }
 
 /// The headers of an object that a copy keeps. A single CopyObject keeps them by
@@ -389,6 +451,55 @@ pub struct Headers {
 /// User metadata (x-amz-meta-*, without the prefix).
 pub type Metadata = std::collections::BTreeMap<String, String>;
 
+/// How relocator writes destination objects beyond the source's own headers:
+/// `--set-metadata`, `--storage-class`, `--sse` / `--sse-kms-key-id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// User metadata added to (or replacing same-named entries of) the source's.
+    pub metadata: Metadata,
+    pub storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    pub encryption: Option<Encryption>,
+}
+
+impl WriteOptions {
+    /// Whether the ETags of the objects written with these options are MD5s of the bytes.
+    pub fn etag_is_md5(&self) -> bool {
+        !matches!(self.encryption, Some(Encryption::Kms(_)))
+    }
+}
+
+/// Server-side encryption of the objects relocator writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encryption {
+    /// SSE-S3 (`AES256`).
+    S3,
+    /// SSE-KMS with this key (id, ARN or alias); `None`: the account's `aws/s3` key.
+    Kms(Option<String>),
+}
+
+/// Whether the ETag of an object written with this encryption is the MD5 of its bytes:
+/// S3 documents that SSE-KMS (and DSSE-KMS) objects' ETags are not.
+pub fn etag_is_md5(sse: Option<&aws_sdk_s3::types::ServerSideEncryption>) -> bool {
+    use aws_sdk_s3::types::ServerSideEncryption as Sse;
+    !matches!(sse, Some(Sse::AwsKms | Sse::AwsKmsDsse))
+}
+
+/// A full-object checksum as S3 reports it (base64, x-amz-checksum-*).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    pub algorithm: aws_sdk_s3::types::ChecksumAlgorithm,
+    pub value: String,
+}
+
+impl Checksum {
+    /// A multipart upload can produce this checksum for the whole object (S3's
+    /// `FULL_OBJECT` type exists for the CRC algorithms only, not for SHA-1/SHA-256).
+    pub fn multipart_capable(&self) -> bool {
+        use aws_sdk_s3::types::ChecksumAlgorithm as A;
+        matches!(self.algorithm, A::Crc32 | A::Crc32C | A::Crc64Nvme)
+    }
+}
+
 impl Headers {
     /// These headers with `extra` user metadata added (replacing same-named entries).
     pub fn with(mut self, extra: &Metadata) -> Headers {
@@ -405,25 +516,195 @@ fn http_date(s: Option<&str>) -> Option<aws_smithy_types::DateTime> {
     })
 }
 
-/// HEAD an object with the headers a copy keeps: `Ok(None)` when it does not exist.
-pub async fn head_headers(
+/// What a HEAD with checksum mode tells about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub info: ObjectInfo,
+    /// The headers a copy keeps.
+    pub headers: Headers,
+    /// Its full-object checksum, where the server keeps one.
+    pub checksum: Option<Checksum>,
+}
+
+/// HEAD an object with the headers a copy keeps and its checksum: `Ok(None)` when it
+/// does not exist.
+pub async fn head_object(
     client: &Client,
     bucket: &str,
     key: &str,
-) -> Result<Option<(ObjectInfo, Headers)>, S3Error> {
-    match client.head_object().bucket(bucket).key(key).send().await {
-        Ok(out) => Ok(Some((
-            ObjectInfo {
+) -> Result<Option<Head>, S3Error> {
+    let req = client
+        .head_object()
+        .bucket(bucket)
+        .key(key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled);
+    match req.send().await {
+        Ok(out) => Ok(Some(Head {
+            info: ObjectInfo {
                 etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
                 size: out.content_length().unwrap_or(0),
             },
-            headers_of!(out),
-        ))),
+            headers: headers_of!(out),
+            checksum: checksum_of!(out),
+        })),
         Err(e) => match classify(&format!("HEAD s3://{bucket}/{key}"), e) {
             S3Error::NotFound => Ok(None),
             other => Err(other),
         },
     }
+}
+
+/// Ask CompleteMultipartUpload to check the finished object against this checksum.
+fn expect_checksum(
+    req: aws_sdk_s3::operation::complete_multipart_upload::builders::CompleteMultipartUploadFluentBuilder,
+    c: &Checksum,
+) -> aws_sdk_s3::operation::complete_multipart_upload::builders::CompleteMultipartUploadFluentBuilder
+{
+    use aws_sdk_s3::types::ChecksumAlgorithm as A;
+    let v = c.value.clone();
+    match c.algorithm {
+        A::Crc32 => req.checksum_crc32(v),
+        A::Crc32C => req.checksum_crc32_c(v),
+        A::Crc64Nvme => req.checksum_crc64_nvme(v),
+        A::Sha1 => req.checksum_sha1(v),
+        A::Sha256 => req.checksum_sha256(v),
+        _ => req,
+    }
+}
+
+/// What a streamed part's bytes hashed to on their way through relocator.
+#[derive(Debug, Clone)]
+struct Digested {
+    /// CRC in the source checksum's algorithm (0 when there is none).
+    crc: u64,
+    md5: [u8; 16],
+    len: u64,
+}
+
+/// The CRC family member behind an S3 checksum algorithm, where there is one.
+fn crc_algorithm(a: &aws_sdk_s3::types::ChecksumAlgorithm) -> Option<crc_fast::CrcAlgorithm> {
+    use aws_sdk_s3::types::ChecksumAlgorithm as A;
+    use crc_fast::CrcAlgorithm as C;
+    match a {
+        A::Crc32 => Some(C::Crc32IsoHdlc),
+        A::Crc32C => Some(C::Crc32Iscsi),
+        A::Crc64Nvme => Some(C::Crc64Nvme),
+        _ => None,
+    }
+}
+
+/// Pass a body through, hashing it (MD5, and a CRC when asked) as it streams: never
+/// held whole. The digest is complete once the body has been sent.
+fn digesting(
+    body: ByteStream,
+    expected: u64,
+    crc: Option<crc_fast::CrcAlgorithm>,
+) -> (ByteStream, std::sync::Arc<std::sync::Mutex<Digested>>) {
+    use md5::Digest as _;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Digested {
+        crc: 0,
+        md5: [0; 16],
+        len: 0,
+    }));
+    let body = Digesting {
+        inner: body,
+        crc: crc.map(crc_fast::Digest::new),
+        md5: md5::Md5::new(),
+        len: 0,
+        expected,
+        out: out.clone(),
+    };
+    (
+        ByteStream::new(aws_smithy_types::body::SdkBody::from_body_1_x(body)),
+        out,
+    )
+}
+
+/// The body [`digesting`] sends.
+struct Digesting {
+    inner: ByteStream,
+    crc: Option<crc_fast::Digest>,
+    md5: md5::Md5,
+    len: u64,
+    /// The body's length (Content-Length).
+    expected: u64,
+    out: std::sync::Arc<std::sync::Mutex<Digested>>,
+}
+
+impl Digesting {
+    fn finish(&mut self) {
+        use md5::Digest as _;
+        if let Ok(mut d) = self.out.lock() {
+            *d = Digested {
+                crc: self.crc.as_ref().map_or(0, crc_fast::Digest::finalize),
+                md5: self.md5.clone().finalize().into(),
+                len: self.len,
+            };
+        }
+    }
+}
+
+impl http_body::Body for Digesting {
+    type Data = bytes::Bytes;
+    type Error = aws_smithy_types::byte_stream::error::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use md5::Digest as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.md5.update(&chunk);
+                if let Some(c) = &mut this.crc {
+                    c.update(&chunk);
+                }
+                this.len += chunk.len() as u64;
+                if this.len >= this.expected {
+                    // The HTTP client stops polling once Content-Length bytes are out.
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            other => other.map(|o| o.map(|r| r.map(http_body::Frame::data))),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let mut hint = http_body::SizeHint::new();
+        let (lower, upper) = self.inner.size_hint();
+        hint.set_lower(lower);
+        if let Some(u) = upper {
+            hint.set_upper(u);
+        }
+        hint
+    }
+}
+
+/// The whole object's CRC from its parts' (in order), as S3 writes it: base64 of the
+/// big-endian value.
+fn combined<'a>(algo: crc_fast::CrcAlgorithm, parts: impl Iterator<Item = &'a Digested>) -> String {
+    let mut acc: Option<u64> = None;
+    for p in parts {
+        acc = Some(match acc {
+            None => p.crc,
+            Some(a) => crc_fast::checksum_combine(algo, a, p.crc, p.len),
+        });
+    }
+    let v = acc.unwrap_or_else(|| crc_fast::checksum(algo, b""));
+    let bytes = v.to_be_bytes();
+    let width = if matches!(algo, crc_fast::CrcAlgorithm::Crc64Nvme) {
+        8
+    } else {
+        4
+    };
+    aws_smithy_types::base64::encode(&bytes[8 - width..])
 }
 
 /// How a large object is copied in parts.
@@ -441,10 +722,16 @@ const MAX_PARTS: u64 = 10_000;
 /// Copy `src`, which must still have the ETag it was seen with, in parts: for objects
 /// above the multipart threshold. Server-side (UploadPartCopy) when `s3c.server_side`,
 /// else each part streamed from a ranged GET on the source into an UploadPart on the
-/// destination (never a whole part in memory). The upload gets the source's headers and
-/// user metadata; on any failure it is aborted, so no incomplete upload is left behind. An
-/// incomplete upload to the same key that a killed earlier attempt left is aborted first.
-/// The result is checked by size (a multipart ETag is not comparable).
+/// destination (never a whole part in memory). The upload gets the source's headers,
+/// user metadata and the job's [`WriteOptions`]; on any failure it is aborted, so no
+/// incomplete upload is left behind. An incomplete upload to the same key that a killed
+/// earlier attempt left is aborted first.
+///
+/// The result is checked by size and, where the server keeps a full-object CRC checksum
+/// of the source, by checksum: the upload is created with the same algorithm as a
+/// `FULL_OBJECT` checksum, CompleteMultipartUpload carries the source's value (the server
+/// refuses to complete an upload whose bytes do not match it), and the finished object's
+/// checksum is compared again. A multipart ETag is not comparable.
 #[allow(clippy::too_many_arguments)]
 pub async fn copy_multipart(
     s3c: &S3,
@@ -454,33 +741,47 @@ pub async fn copy_multipart(
     dst_bucket: &str,
     dst_key: &str,
     parts: Parts,
-    extra: &Metadata,
+    write: &WriteOptions,
 ) -> Result<ObjectInfo, S3Error> {
-    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    use aws_sdk_s3::types::{ChecksumType, CompletedMultipartUpload, CompletedPart};
     use futures::{stream, StreamExt, TryStreamExt};
 
     let client = &s3c.dst;
     let what = format!("multipart COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     s3c.ready_read().await;
-    let (now, headers) = head_headers(&s3c.src, src_bucket, src_key)
+    let now = head_object(&s3c.src, src_bucket, src_key)
         .await?
         .ok_or(S3Error::NotFound)?;
-    let headers = headers.with(extra);
-    if now.etag != src.etag {
+    if now.info.etag != src.etag {
         return Err(S3Error::PreconditionFailed);
     }
+    let checksum = now.checksum.filter(Checksum::multipart_capable);
+    // Server-side, the upload is created with the source's algorithm as a FULL_OBJECT
+    // checksum: the server computes each part's and checks the whole on completion.
+    // Streamed, relocator computes it from the bytes it passes on (see `digesting`): an
+    // upload with a checksum wants each part's in its request, which a stream could only
+    // send as an aws-chunked trailer, and Garage 2.5 refuses those over plain HTTP
+    // ("Invalid payload signature", checked against the local stack).
+    let algorithm = checksum
+        .as_ref()
+        .filter(|_| s3c.server_side)
+        .map(|c| c.algorithm.clone());
+    let crc = checksum.as_ref().and_then(|c| crc_algorithm(&c.algorithm));
     abort_stale_uploads(client, dst_bucket, dst_key).await?;
     s3c.ready_write().await;
-    let upload = with_headers!(
+    let create = with_write_options!(
         client
             .create_multipart_upload()
             .bucket(dst_bucket)
-            .key(dst_key),
-        headers
-    )
-    .send()
-    .await
-    .map_err(|e| classify(&what, e))?;
+            .key(dst_key)
+            .set_checksum_algorithm(algorithm.clone())
+            .set_checksum_type(algorithm.as_ref().map(|_| ChecksumType::FullObject)),
+        write
+    );
+    let upload = with_headers!(create, now.headers.with(&write.metadata))
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?;
     let upload_id = upload
         .upload_id()
         .ok_or_else(|| S3Error::Other(format!("{what}: no upload id in the answer")))?
@@ -493,13 +794,14 @@ pub async fn copy_multipart(
             ((i + 1) as i32, start, (start + part_size).min(size) - 1)
         })
         .collect();
-    let copied: Result<Vec<CompletedPart>, S3Error> = stream::iter(ranges)
+    let copied: Result<Vec<(CompletedPart, Option<Digested>)>, S3Error> = stream::iter(ranges)
         .map(|(n, first, last)| {
             let (what, upload_id) = (&what, &upload_id);
             async move {
                 let range = format!("bytes={first}-{last}");
                 let part_what = format!("{what} part {n}");
-                let etag = if s3c.server_side {
+                let part = CompletedPart::builder().part_number(n);
+                let (part, digest) = if s3c.server_side {
                     s3c.ready_write().await;
                     let out = client
                         .upload_part_copy()
@@ -513,9 +815,14 @@ pub async fn copy_multipart(
                         .send()
                         .await
                         .map_err(|e| classify(&part_what, e))?;
-                    out.copy_part_result()
-                        .and_then(|r| r.e_tag())
-                        .map(str::to_owned)
+                    // The part's checksum, where the server reports one (Garage does not).
+                    let part = match out.copy_part_result() {
+                        Some(r) => {
+                            with_part_checksum!(part, r).set_e_tag(r.e_tag().map(str::to_owned))
+                        }
+                        None => part,
+                    };
+                    (part, None)
                 } else {
                     s3c.ready_read().await;
                     let got = s3c
@@ -529,6 +836,7 @@ pub async fn copy_multipart(
                         .await
                         .map_err(|e| classify(&part_what, e))?;
                     s3c.ready_write().await;
+                    let (body, digest) = digesting(got.body, last - first + 1, crc);
                     let out = client
                         .upload_part()
                         .bucket(dst_bucket)
@@ -536,23 +844,63 @@ pub async fn copy_multipart(
                         .upload_id(upload_id)
                         .part_number(n)
                         .content_length((last - first + 1) as i64)
-                        .body(got.body)
+                        .body(body)
                         .send()
                         .await
                         .map_err(|e| classify(&part_what, e))?;
-                    out.e_tag().map(str::to_owned)
+                    let digest = digest
+                        .lock()
+                        .map(|d| d.clone())
+                        .ok()
+                        .filter(|d| d.len == last - first + 1)
+                        .ok_or_else(|| {
+                            S3Error::Other(format!("{part_what}: the part was not sent whole"))
+                        })?;
+                    // The server's ETag of a part is the MD5 of the bytes it received
+                    // (except under SSE-KMS): the part arrived as sent.
+                    let sent = hex::encode(digest.md5);
+                    let etag = out.e_tag().map(strip_quotes).unwrap_or_default();
+                    if etag_is_md5(out.server_side_encryption()) && etag != sent {
+                        return Err(S3Error::Other(format!(
+                            "{part_what}: the server received other bytes than were sent \
+                             (part ETag {etag}, MD5 sent {sent})"
+                        )));
+                    }
+                    (
+                        with_part_checksum!(part, out).set_e_tag(out.e_tag().map(str::to_owned)),
+                        Some(digest),
+                    )
                 };
-                let etag = etag.ok_or_else(|| S3Error::Other(format!("{part_what}: no ETag")))?;
-                Ok(CompletedPart::builder().part_number(n).e_tag(etag).build())
+                let part = part.build();
+                if part.e_tag().is_none() {
+                    return Err(S3Error::Other(format!("{part_what}: no ETag")));
+                }
+                Ok((part, digest))
             }
         })
         .buffered(parts.parallel.max(1))
         .try_collect()
         .await;
+    // Streamed: the bytes read must add up to the source's checksum, before completing.
+    let copied = copied.and_then(|parts| match (&checksum, crc) {
+        (Some(c), Some(algo)) if !s3c.server_side => {
+            let read = combined(algo, parts.iter().filter_map(|(_, d)| d.as_ref()));
+            if read != c.value {
+                return Err(S3Error::Other(format!(
+                    "{what}: the bytes read from the source have {} {read}, the source's is {}",
+                    c.algorithm.as_str(),
+                    c.value
+                )));
+            }
+            Ok(parts)
+        }
+        _ => Ok(parts),
+    });
     let completed = match copied {
         Ok(parts) => {
+            let parts: Vec<CompletedPart> = parts.into_iter().map(|(p, _)| p).collect();
             s3c.ready_write().await;
-            client
+            let mut req = client
                 .complete_multipart_upload()
                 .bucket(dst_bucket)
                 .key(dst_key)
@@ -561,10 +909,12 @@ pub async fn copy_multipart(
                     CompletedMultipartUpload::builder()
                         .set_parts(Some(parts))
                         .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| classify(&what, e))
+                );
+            if let Some(c) = checksum.as_ref().filter(|_| algorithm.is_some()) {
+                // The server checks the finished object against the source's checksum.
+                req = expect_checksum(req, c).checksum_type(ChecksumType::FullObject);
+            }
+            req.send().await.map_err(|e| classify(&what, e))
         }
         Err(e) => Err(e),
     };
@@ -580,20 +930,31 @@ pub async fn copy_multipart(
         return Err(e);
     }
     s3c.ready_read().await;
-    match head(client, dst_bucket, dst_key).await? {
-        Some(d) if d.size == src.size => Ok(d),
-        other => Err(S3Error::Other(format!(
-            "{what}: not confirmed, the destination is {other:?}, the source {} bytes",
-            src.size
-        ))),
+    let done = head_object(client, dst_bucket, dst_key).await?;
+    let want = checksum.filter(|_| s3c.server_side);
+    match done {
+        Some(d) if d.info.size == src.size && (want.is_none() || d.checksum == want) => Ok(d.info),
+        other => {
+            if other.is_some() {
+                s3c.ready_write().await;
+                let _ = delete_one(client, dst_bucket, dst_key).await;
+            }
+            Err(S3Error::Other(format!(
+                "{what}: not confirmed, the destination is {:?} (checksum {:?}), the source \
+                 {} bytes (checksum {want:?}); the copy was removed again",
+                other.as_ref().map(|d| &d.info),
+                other.as_ref().and_then(|d| d.checksum.as_ref()),
+                src.size
+            )))
+        }
     }
 }
 
 /// Copy across endpoints (or credentials) in one request: GET from the source side, the
 /// body streamed straight into a PUT on the destination side (never held whole), with its
-/// headers and user metadata. Checked like a server-side copy: the new ETag must equal
-/// the source's (the MD5 of the bytes for a single-part source), else the size must; a
-/// copy that fails the check is removed again.
+/// headers, user metadata and the job's [`WriteOptions`]. Checked like a server-side copy:
+/// the new ETag must equal the source's where both are MD5s of the bytes, else the size
+/// must; a copy that fails the check is removed again.
 pub async fn stream_copy(
     s3c: &S3,
     src_bucket: &str,
@@ -601,7 +962,7 @@ pub async fn stream_copy(
     src: &ObjectInfo,
     dst_bucket: &str,
     dst_key: &str,
-    extra: &Metadata,
+    write: &WriteOptions,
 ) -> Result<ObjectInfo, S3Error> {
     let what = format!("streamed COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     s3c.ready_read().await;
@@ -614,22 +975,23 @@ pub async fn stream_copy(
         .send()
         .await
         .map_err(|e| classify(&what, e))?;
-    let headers = headers_of!(got).with(extra);
+    let headers = headers_of!(got).with(&write.metadata);
     s3c.ready_write().await;
-    let put = with_headers!(
+    let put = with_write_options!(
         s3c.dst
             .put_object()
             .bucket(dst_bucket)
             .key(dst_key)
             .content_length(got.content_length().unwrap_or(src.size)),
-        headers
-    )
-    .body(got.body)
-    .send()
-    .await
-    .map_err(|e| classify(&what, e))?;
+        write
+    );
+    let put = with_headers!(put, headers)
+        .body(got.body)
+        .send()
+        .await
+        .map_err(|e| classify(&what, e))?;
     let etag = put.e_tag().map(strip_quotes).unwrap_or_default();
-    let confirmed = if src.is_multipart() {
+    let confirmed = if src.is_multipart() || !etag_is_md5(put.server_side_encryption()) {
         s3c.ready_read().await;
         head(&s3c.dst, dst_bucket, dst_key)
             .await?
@@ -834,7 +1196,8 @@ pub async fn put(
     put_with(client, bucket, key, body, &headers).await
 }
 
-/// Upload an object with these headers and user metadata (seeding, tests).
+/// Upload an object with these headers and user metadata (seeding, tests), and a
+/// CRC64NVME checksum the server keeps, as AWS gives every new object by default.
 pub async fn put_with(
     client: &Client,
     bucket: &str,
@@ -843,7 +1206,13 @@ pub async fn put_with(
     h: &Headers,
 ) -> Result<(), S3Error> {
     with_headers!(client.put_object().bucket(bucket).key(key), h.clone())
+        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc64Nvme)
         .body(ByteStream::from(body))
+        .customize()
+        .config_override(
+            aws_sdk_s3::config::Builder::default()
+                .request_checksum_calculation(RequestChecksumCalculation::WhenSupported),
+        )
         .send()
         .await
         .map_err(|e| classify(&format!("PUT s3://{bucket}/{key}"), e))?;

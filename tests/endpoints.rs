@@ -27,6 +27,13 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
     )
     .await
     .unwrap();
+    let source_checksum = s3::head_object(&env.s3, &env.src_bucket, "image/big.bin")
+        .await
+        .unwrap()
+        .unwrap()
+        .checksum;
+    // The streamed parts' CRCs are checked against it on the way.
+    assert!(source_checksum.is_some(), "the seed's CRC64NVME is kept");
     env.db()
         .await
         .execute("INSERT INTO avatars (path) VALUES ('image/big.bin')", &[])
@@ -94,17 +101,20 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
                 seed::object_bytes(env.seed, &s.path, &(100..4096)),
                 "{key}"
             );
-            let (_, h) = s3::head_headers(&far, &far_bucket, &key)
+            let h = s3::head_object(&far, &far_bucket, &key)
                 .await
                 .unwrap()
-                .unwrap();
+                .unwrap()
+                .headers;
             assert_eq!(h, seed::headers(env.seed, &s.path).with(&extra), "{key}");
         }
         let copy = s3::get_bytes(&far, &far_bucket, "avatar/big.bin")
             .await
             .unwrap();
         assert!(copy == big, "the 128 MiB object differs");
-        let (info, h) = s3::head_headers(&far, &far_bucket, "avatar/big.bin")
+        let s3::Head {
+            info, headers: h, ..
+        } = s3::head_object(&far, &far_bucket, "avatar/big.bin")
             .await
             .unwrap()
             .unwrap();

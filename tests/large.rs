@@ -1,6 +1,8 @@
-//! Large objects: copied in parts (UploadPartCopy) above --multipart-threshold, with
-//! every header kept on both copy paths, no incomplete upload left behind — also when the
-//! job is killed in the middle of a multipart copy — and memory well below the object.
+//! Large objects: copied in parts above --multipart-threshold (UploadPartCopy
+//! server-side, ranged GET → UploadPart when streamed), with every header kept on both
+//! copy paths, checked against the source's full-object checksum, no incomplete upload
+//! left behind — also when the job is killed in the middle of a multipart copy — and
+//! memory well below the object.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
@@ -48,11 +50,28 @@ async fn big_row(env: &TestEnv, key: &str) -> Vec<u8> {
     body
 }
 
+/// The full-object checksum the server keeps for a source object (the seed asks for a
+/// CRC64NVME, as AWS gives every new object).
+async fn source_checksum(env: &TestEnv, key: &str) -> Option<s3::Checksum> {
+    let checksum = s3::head_object(&env.s3, &env.src_bucket, key)
+        .await
+        .unwrap()
+        .unwrap()
+        .checksum;
+    assert_eq!(
+        checksum.as_ref().map(|c| c.algorithm.as_str()),
+        Some("CRC64NVME"),
+        "the server keeps the seed's checksum"
+    );
+    checksum
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified() {
     let env = TestEnv::new("multipart").await;
     env.seed(30, 0).await;
     let body = big_row(&env, "image/big one.bin").await;
+    let source_checksum = source_checksum(&env, "image/big one.bin").await;
 
     let mut child = env
         .run_cmd(
@@ -89,10 +108,18 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
         .await
         .unwrap();
     assert!(copy == body, "the 64 MiB copy differs");
-    let (info, headers) = s3::head_headers(&env.s3, &env.dst_bucket, "avatar/big one.bin")
+    let s3::Head {
+        info,
+        headers,
+        checksum,
+    } = s3::head_object(&env.s3, &env.dst_bucket, "avatar/big one.bin")
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(
+        checksum, source_checksum,
+        "the copy carries the source's full-object CRC64NVME"
+    );
     assert!(
         info.is_multipart(),
         "it was copied in parts: ETag {}",
@@ -107,10 +134,11 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
         .find(|(_, p)| p.starts_with("avatar/") && p.ends_with(".png"))
         .unwrap()
         .1;
-    let (_, small_headers) = s3::head_headers(&env.s3, &env.dst_bucket, &small)
+    let small_headers = s3::head_object(&env.s3, &env.dst_bucket, &small)
         .await
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .headers;
     let original = format!("image/{}", small.strip_prefix("avatar/").unwrap());
     assert_eq!(small_headers, expected(&env, &original));
     assert!(s3::list_uploads(&env.s3, &env.dst_bucket, "")
@@ -121,13 +149,38 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_in_the_middle_of_a_multipart_copy_then_rerun_completes() {
-    let env = TestEnv::new("multipart-kill9").await;
+    sigkill_mid_multipart("multipart-kill9", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_in_the_middle_of_a_streamed_multipart_copy_then_rerun_completes() {
+    sigkill_mid_multipart("streamed-kill9", &streamed()).await;
+}
+
+/// The destination side named by another URL of the same server: to relocator, another
+/// endpoint, so copies are streamed (ranged GET → UploadPart) instead of server-side.
+fn streamed() -> [String; 2] {
+    let url = common::var("AWS_ENDPOINT_URL").replace("127.0.0.1", "localhost");
+    assert!(
+        url.contains("localhost"),
+        "the stack's endpoint is on 127.0.0.1"
+    );
+    ["--dest-endpoint-url".to_owned(), url]
+}
+
+/// SIGKILL while the parts are being copied, then a rerun: the row ends pointing at a
+/// complete, identical object with the source's checksum, and no upload is left.
+async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
+    let env = TestEnv::new(tag).await;
     env.seed(0, 0).await; // the table only
     let body = big_row(&env, "image/big.bin").await;
+    let checksum = source_checksum(&env, "image/big.bin").await;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let args = [&PARTS[..], &extra].concat();
 
     // --max-rps 3 paces the parts, so the kill lands mid-upload.
     let mut child = env
-        .run_cmd(&[&PARTS[..], &["--max-rps", "3"]].concat())
+        .run_cmd(&[&args[..], &["--max-rps", "3"]].concat())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -159,13 +212,25 @@ async fn sigkill_in_the_middle_of_a_multipart_copy_then_rerun_completes() {
         .unwrap()
         .is_none());
 
-    let (code, err) = env.run(&PARTS);
+    let (code, err) = env.run(&args);
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.rows().await[0].1, "avatar/big.bin");
     let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap();
     assert!(copy == body, "the copy differs");
+    if extra.is_empty() {
+        // Server-side, the upload carried the source's algorithm as a FULL_OBJECT checksum
+        // (streamed, relocator checked the bytes itself: see the corruption test).
+        let done = s3::head_object(&env.s3, &env.dst_bucket, "avatar/big.bin")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            done.checksum, checksum,
+            "the copy has the source's checksum"
+        );
+    }
     assert!(
         s3::list_uploads(&env.s3, &env.dst_bucket, "")
             .await
@@ -174,6 +239,71 @@ async fn sigkill_in_the_middle_of_a_multipart_copy_then_rerun_completes() {
         "no incomplete upload left after the rerun"
     );
     assert!(env.keys(&env.src_bucket, "").await.is_empty());
+}
+
+/// A streamed part whose bytes arrive wrong (the source side's proxy flips a byte of one
+/// ranged GET): the parts' CRCs do not add up to the source's full-object checksum, so
+/// relocator does not complete it. The upload is aborted, nothing is committed or
+/// deleted, the run stops (exit 1), and the rerun completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_part_corrupted_on_the_way_fails_the_checksum_and_nothing_is_left() {
+    use common::proxy::{Fault, FaultProxy};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = TestEnv::new("corrupt-part").await;
+    env.seed(0, 0).await; // the table only
+    let body = big_row(&env, "image/big.bin").await;
+    source_checksum(&env, "image/big.bin").await;
+    let done = AtomicBool::new(false);
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "GET"
+                && path.ends_with("/image/big.bin")
+                && !done.swap(true, Ordering::SeqCst)
+            {
+                Fault::Corrupt
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&PARTS)
+        .args(["--source-endpoint-url", &proxy.url()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(proxy.faults_served(), 1, "one part was corrupted");
+    assert_eq!(out.status.code(), Some(1), "the run stops: {err}");
+    assert!(
+        err.contains("the bytes read from the source have CRC64NVME"),
+        "{err}"
+    );
+    assert!(
+        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+            .await
+            .unwrap()
+            .is_empty(),
+        "the refused upload was aborted"
+    );
+    assert!(s3::head(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(env.rows().await[0].1, "image/big.bin", "nothing committed");
+    assert!(s3::head(&env.s3, &env.src_bucket, "image/big.bin")
+        .await
+        .unwrap()
+        .is_some());
+
+    let (code, err) = env.run(&[&PARTS[..], &streamed().each_ref().map(String::as_str)].concat());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(env.rows().await[0].1, "avatar/big.bin");
+    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        .await
+        .unwrap();
+    assert!(copy == body, "the copy differs");
 }
 
 /// Parts that keep failing: the multipart upload is aborted (none left incomplete), the

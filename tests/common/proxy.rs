@@ -30,6 +30,18 @@ pub enum Fault {
     Stall(Duration),
     /// Forward, but turn a `200` into `200` with an `<Error>` body (CopyObject's trap).
     ErrorIn200,
+    /// Forward, but flip the first byte of a `200`/`206` body: a server (or network) that
+    /// returns wrong bytes.
+    Corrupt,
+}
+
+/// A request as the proxy saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    pub headers: hyper::HeaderMap,
 }
 
 /// Decides the fault for the n-th request (0-based) with this method and path.
@@ -40,6 +52,8 @@ pub struct FaultProxy {
     pub requests: Arc<AtomicU64>,
     /// Faults served, by kind.
     pub faults: Arc<Mutex<Vec<Fault>>>,
+    /// Every request, in order of arrival.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
     plan: Arc<Mutex<Plan>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -55,19 +69,22 @@ impl FaultProxy {
         let client: Client<_, Incoming> = Client::builder(TokioExecutor::new()).build_http();
         let requests = Arc::new(AtomicU64::new(0));
         let faults = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let plan = Arc::new(Mutex::new(plan));
         let (r, f, p) = (requests.clone(), faults.clone(), plan.clone());
+        let log = seen.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (client, upstream, r, f, p) = (
+                let (client, upstream, r, f, p, log) = (
                     client.clone(),
                     upstream.clone(),
                     r.clone(),
                     f.clone(),
                     p.clone(),
+                    log.clone(),
                 );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -78,6 +95,15 @@ impl FaultProxy {
                             f.clone(),
                             p.clone(),
                         );
+                        log.lock().expect("seen lock").push(Seen {
+                            method: req.method().to_string(),
+                            target: req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default(),
+                            headers: req.headers().clone(),
+                        });
                         async move { handle(req, client, upstream, r, f, p).await }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -90,6 +116,7 @@ impl FaultProxy {
             addr,
             requests,
             faults,
+            seen,
             plan,
             task,
         }
@@ -187,7 +214,7 @@ async fn handle(
             tokio::time::sleep(d).await;
             return Ok(full(StatusCode::SERVICE_UNAVAILABLE, SLOW_DOWN));
         }
-        Fault::Forward | Fault::ErrorIn200 => {}
+        Fault::Forward | Fault::ErrorIn200 | Fault::Corrupt => {}
     }
     let (mut parts, body) = req.into_parts();
     let pq = parts
@@ -212,6 +239,20 @@ async fn handle(
         // The copy may well have happened; the answer says it failed, as S3 does when a
         // copy fails midway.
         return Ok(full(StatusCode::OK, INTERNAL));
+    }
+    if fault == Fault::Corrupt && matches!(resp.status().as_u16(), 200 | 206) {
+        let (parts, body) = resp.into_parts();
+        let Ok(body) = body.collect().await else {
+            return Err(ResetConnection);
+        };
+        let mut bytes = body.to_bytes().to_vec();
+        if let Some(b) = bytes.first_mut() {
+            *b ^= 0xff;
+        }
+        let body = Full::new(Bytes::from(bytes))
+            .map_err(|e| match e {})
+            .boxed();
+        return Ok(Response::from_parts(parts, body));
     }
     Ok(resp.map(|b| b.boxed()))
 }
