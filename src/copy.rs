@@ -143,7 +143,7 @@ pub(crate) async fn copy_known(
 /// Whether two objects' ETags say whether their bytes are equal: both MD5s of the bytes,
 /// which they are not for multipart uploads, nor for objects written with SSE-KMS.
 fn etags_comparable(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOptions) -> bool {
-    !src.is_multipart() && !existing.is_multipart() && write.etag_is_md5()
+    !src.is_multipart() && !existing.is_multipart() && write.etag_is_md5(None)
 }
 
 /// An object already at the destination that matched the source by size only (the ETags

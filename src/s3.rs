@@ -423,7 +423,7 @@ pub async fn copy(
                 "{what}: the response carried no ETag; the copy is not confirmed"
             ))
         })?;
-    let comparable = !src.is_multipart() && etag_is_md5(out.server_side_encryption());
+    let comparable = !src.is_multipart() && write.etag_is_md5(out.server_side_encryption());
     if comparable && etag != src.etag {
         return Err(S3Error::Other(format!(
             "{what}: the copy's ETag {etag} differs from the source's {}",
@@ -462,9 +462,13 @@ pub struct WriteOptions {
 }
 
 impl WriteOptions {
-    /// Whether the ETags of the objects written with these options are MD5s of the bytes.
-    pub fn etag_is_md5(&self) -> bool {
+    /// Whether the ETag of an object written with these options — whose write was
+    /// answered with `answered` encryption, if known — is the MD5 of its bytes: S3
+    /// documents that SSE-KMS (and DSSE-KMS) objects' ETags are not.
+    pub fn etag_is_md5(&self, answered: Option<&aws_sdk_s3::types::ServerSideEncryption>) -> bool {
+        use aws_sdk_s3::types::ServerSideEncryption as Sse;
         !matches!(self.encryption, Some(Encryption::Kms(_)))
+            && !matches!(answered, Some(Sse::AwsKms | Sse::AwsKmsDsse))
     }
 }
 
@@ -475,13 +479,6 @@ pub enum Encryption {
     S3,
     /// SSE-KMS with this key (id, ARN or alias); `None`: the account's `aws/s3` key.
     Kms(Option<String>),
-}
-
-/// Whether the ETag of an object written with this encryption is the MD5 of its bytes:
-/// S3 documents that SSE-KMS (and DSSE-KMS) objects' ETags are not.
-pub fn etag_is_md5(sse: Option<&aws_sdk_s3::types::ServerSideEncryption>) -> bool {
-    use aws_sdk_s3::types::ServerSideEncryption as Sse;
-    !matches!(sse, Some(Sse::AwsKms | Sse::AwsKmsDsse))
 }
 
 /// A full-object checksum as S3 reports it (base64, x-amz-checksum-*).
@@ -860,7 +857,7 @@ pub async fn copy_multipart(
                     // (except under SSE-KMS): the part arrived as sent.
                     let sent = hex::encode(digest.md5);
                     let etag = out.e_tag().map(strip_quotes).unwrap_or_default();
-                    if etag_is_md5(out.server_side_encryption()) && etag != sent {
+                    if write.etag_is_md5(out.server_side_encryption()) && etag != sent {
                         return Err(S3Error::Other(format!(
                             "{part_what}: the server received other bytes than were sent \
                              (part ETag {etag}, MD5 sent {sent})"
@@ -991,7 +988,7 @@ pub async fn stream_copy(
         .await
         .map_err(|e| classify(&what, e))?;
     let etag = put.e_tag().map(strip_quotes).unwrap_or_default();
-    let confirmed = if src.is_multipart() || !etag_is_md5(put.server_side_encryption()) {
+    let confirmed = if src.is_multipart() || !write.etag_is_md5(put.server_side_encryption()) {
         s3c.ready_read().await;
         head(&s3c.dst, dst_bucket, dst_key)
             .await?

@@ -136,6 +136,22 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             "--batch-size",
         ),
         (
+            s(&["--source", &src, "--dest", &dst, "--storage-class", "FAST"]),
+            "is not an S3 storage class; use one of",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--storage-class", "GLACIER"]),
+            "cannot be read back without a restore",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--sse", "aes"]),
+            "use AES256 (SSE-S3) or aws:kms",
+        ),
+        (
+            s(&["--source", &src, "--dest", &dst, "--sse-kms-key-id", "k"]),
+            "--sse-kms-key-id goes with --sse aws:kms",
+        ),
+        (
             s(&[
                 "--source",
                 &src,
