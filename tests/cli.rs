@@ -140,7 +140,14 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             "is not an S3 storage class; use one of",
         ),
         (
-            s(&["--source", &src, "--dest", &dst, "--storage-class", "GLACIER"]),
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--storage-class",
+                "GLACIER",
+            ]),
             "cannot be read back without a restore",
         ),
         (
