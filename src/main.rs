@@ -13,6 +13,14 @@ use relocator::{error_exit_code, exit, exit_code};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than glibc's malloc: with glibc, a run's peak memory crept up with the
+/// rows processed although no structure grows with them (31 MB at 10,000 rows, 37 MB at
+/// 100,000: 1.19x), from heap fragmentation once the per-batch buffers of a few hundred
+/// KiB stop being mmapped (glibc's dynamic mmap threshold; pinning it with
+/// MALLOC_MMAP_THRESHOLD_ made the same runs flat). jemalloc: 33.6 MB and 37.0 MB, 1.10x.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
