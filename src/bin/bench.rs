@@ -8,7 +8,8 @@
 //! It prints objects/s, the ratios, peak RSS, S3 requests per object and database round
 //! trips per 1,000 rows, and writes a CSV of the samples, a JSON of the results and a
 //! PNG chart of objects/s over time. `--scaling` instead compares relocator's peak RSS
-//! at 10,000 and 100,000 rows.
+//! at 10,000 and 100,000 rows; `--workers` the throughput of two `relocator run`
+//! processes on one table with one, beside what the S3 server gives two clients.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ struct Args {
     /// Instead: relocator's peak RSS at 10,000 and 100,000 rows.
     #[arg(long)]
     scaling: bool,
+    /// Instead: two relocator processes on one table against one (N rows each time), and
+    /// the ceiling with one client against two.
+    #[arg(long)]
+    workers: bool,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     #[arg(long, env = "AWS_ENDPOINT_URL")]
@@ -97,6 +102,9 @@ async fn main() -> Result<()> {
     if args.scaling {
         return scaling(&ctx).await;
     }
+    if args.workers {
+        return workers(&ctx).await;
+    }
     compare(&ctx).await
 }
 
@@ -135,7 +143,7 @@ async fn compare(ctx: &Ctx<'_>) -> Result<()> {
     eprintln!("== (b) rclone move (--transfers {best} --checkers {best})");
     let b = rclone(ctx, (&stages[1], "avatar"), (&stages[2], "image"), best).await?;
     eprintln!("== (c) relocator run (--concurrency {best})");
-    let c = relocator_run(ctx, (&stages[2], &stages[3]), &db, best, n).await?;
+    let c = relocator_run(ctx, (&stages[2], &stages[3]), &db, best, n, 1).await?;
 
     let all = [a, b, c];
     print_table(&all);
@@ -157,7 +165,7 @@ async fn scaling(ctx: &Ctx<'_>) -> Result<()> {
         let db = ctx.database(&format!("s{n}")).await?;
         eprintln!("== seeding {n}");
         ctx.seed(&pair.0, n, Some(&db)).await?;
-        let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n).await?;
+        let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n, 1).await?;
         eprintln!(
             "{n} rows: {:.1} s, {:.0} objects/s, peak RSS {} KB",
             m.seconds,
@@ -183,6 +191,60 @@ async fn scaling(ctx: &Ctx<'_>) -> Result<()> {
             "rows_10000": {"seconds": small.seconds, "peak_rss_kb": small.peak_rss_kb},
             "rows_100000": {"seconds": large.seconds, "peak_rss_kb": large.peak_rss_kb},
             "rss_ratio": ratio,
+        }))?,
+    )?;
+    Ok(())
+}
+
+/// Two `relocator run` processes sharing one table through their leases, against one,
+/// and — for what the server allows — the ceiling's copies with two clients against one.
+async fn workers(ctx: &Ctx<'_>) -> Result<()> {
+    let n = ctx.args.objects;
+    let mut runs = Vec::new();
+    for procs in [1usize, 2] {
+        let pair = (
+            ctx.bucket(&format!("w{procs}-src")).await?,
+            ctx.bucket(&format!("w{procs}-dst")).await?,
+        );
+        let db = ctx.database(&format!("w{procs}")).await?;
+        eprintln!("== seeding {n}; then {procs} relocator process(es) on the table");
+        let keys = ctx.seed(&pair.0, n, Some(&db)).await?;
+        // The server's side of the question: one copying client against two, each at 64.
+        let trial = &keys[..keys.len().min(3000)];
+        let t = Instant::now();
+        let copies = (0..procs).map(|i| {
+            let part: Vec<String> = trial.iter().skip(i).step_by(procs).cloned().collect();
+            let (client, src) = (&ctx.client, &pair.0);
+            async move {
+                let prefix = format!("trial-{i}/");
+                copy_keys(client, src, src, &prefix, &part, 64, &AtomicU64::new(0)).await
+            }
+        });
+        futures::future::try_join_all(copies).await?;
+        let ceiling = trial.len() as f64 / t.elapsed().as_secs_f64();
+        let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n, procs).await?;
+        eprintln!(
+            "{procs} process(es): relocator {:.0} objects/s, ceiling {ceiling:.0} copies/s",
+            m.objects_per_sec
+        );
+        runs.push((m.objects_per_sec, ceiling));
+        ctx.drop_bucket(&pair.0).await;
+        ctx.drop_bucket(&pair.1).await;
+        ctx.drop_database(&db).await;
+    }
+    let (one, two) = (runs[0], runs[1]);
+    println!(
+        "two relocator processes / one = {:.2} (target >= 1.6 when the server allows it); \
+         the server: two copying clients / one = {:.2}",
+        two.0 / one.0,
+        two.1 / one.1
+    );
+    std::fs::write(
+        ctx.args.out.join("workers.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "rows": n,
+            "relocator_objects_per_sec": {"one": one.0, "two": two.0, "ratio": two.0 / one.0},
+            "ceiling_copies_per_sec": {"one": one.1, "two": two.1, "ratio": two.1 / one.1},
         }))?,
     )?;
     Ok(())
@@ -552,29 +614,37 @@ async fn rclone(
     })
 }
 
+/// `relocator run` from `src` to `dst`: `procs` processes at once on the one table (their
+/// leases share the work). Seconds until the last ends; the peak RSS of the largest.
 async fn relocator_run(
     ctx: &Ctx<'_>,
     (src, dst): (&str, &str),
     db: &str,
     c: usize,
     rows: usize,
+    procs: usize,
 ) -> Result<Measured> {
     let objects = count(&ctx.client, src, "image/").await?;
-    let summary = ctx.args.out.join("relocator-summary.json");
-    let mut cmd = time_cmd(&ctx.args.relocator);
-    cmd.args([
-        "run",
-        "--source",
-        &format!("s3://{src}/image/"),
-        "--dest",
-        &format!("s3://{dst}/avatar/"),
-    ])
-    .args(["--concurrency", &c.to_string()])
-    .arg("--summary-json")
-    .arg(&summary)
-    .env("DATABASE_URL", db)
-    .env("RUST_LOG", "warn")
-    .env_remove("AWS_CA_BUNDLE");
+    let summaries: Vec<PathBuf> = (0..procs)
+        .map(|i| ctx.args.out.join(format!("relocator-summary-{i}.json")))
+        .collect();
+    let cmds = summaries.iter().map(|summary| {
+        let mut cmd = time_cmd(&ctx.args.relocator);
+        cmd.args([
+            "run",
+            "--source",
+            &format!("s3://{src}/image/"),
+            "--dest",
+            &format!("s3://{dst}/avatar/"),
+        ])
+        .args(["--concurrency", &c.to_string()])
+        .arg("--summary-json")
+        .arg(summary)
+        .env("DATABASE_URL", db)
+        .env("RUST_LOG", "warn")
+        .env_remove("AWS_CA_BUNDLE");
+        timed(cmd)
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let sampling = sampler(
         ctx.client.clone(),
@@ -583,16 +653,29 @@ async fn relocator_run(
         objects as usize,
         stop.clone(),
     );
-    let (secs, rss, err) = timed(cmd).await?;
+    let t = Instant::now();
+    let ended = futures::future::try_join_all(cmds).await?;
+    let secs = t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut samples = sampling.await?;
     samples.push((secs, objects));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
-    let moved = s["outcomes"]["moved"].as_u64().unwrap_or(0);
+    let rss = ended.iter().filter_map(|(_, rss, _)| *rss).max();
+    let err: String = ended.iter().map(|(_, _, e)| e.as_str()).collect();
+    let mut counters: std::collections::HashMap<String, f64> = Default::default();
+    let mut moved = 0;
+    for summary in &summaries {
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(summary)?)?;
+        moved += s["outcomes"]["moved"].as_u64().unwrap_or(0);
+        if let Some(m) = s["counters"].as_object() {
+            for (k, v) in m {
+                *counters.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
+            }
+        }
+    }
     if moved != rows as u64 {
         bail!("relocator moved {moved} of {rows} rows: {err}");
     }
-    let counter = |k: &str| s["counters"][k].as_f64().unwrap_or(0.0);
+    let counter = |k: &str| counters.get(k).copied().unwrap_or(0.0);
     Ok(Measured {
         tool: "relocator run",
         objects: objects as usize,
