@@ -60,9 +60,24 @@ pub fn pool(
         .context("building the PostgreSQL pool")
 }
 
+/// The session was cut (terminated by an administrator, the server shutting down or
+/// restarting, the connection closed): the run stops with exit 1 and a rerun resumes;
+/// never reported as bad input.
+pub fn session_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || e.code().is_some_and(|c| c.code().starts_with("57"))
+}
+
 /// First connection: a failure here is a configuration problem (exit 2), worded so.
 pub async fn connect_checked(pool: &Pool, url: &DatabaseUrl) -> Result<deadpool_postgres::Object> {
     pool.get().await.map_err(|e| {
+        if let deadpool_postgres::PoolError::Backend(be) = &e {
+            if session_lost(be) {
+                // Connected, then cut (a restart, an administrator): not bad input.
+                return anyhow::anyhow!(
+                    "PostgreSQL ended the session while connecting: {be}; rerun"
+                );
+            }
+        }
         let inner = match &e {
             deadpool_postgres::PoolError::Backend(be) => be.to_string(),
             other => other.to_string(),
@@ -393,6 +408,11 @@ pub async fn apply_ledger(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
         LEDGER_SQL.to_owned()
     };
     tx.batch_execute(&ddl).await.map_err(|e| {
+        if session_lost(&e) {
+            return anyhow::anyhow!(
+                "PostgreSQL ended the session while the ledger was set up: {e}; rerun"
+            );
+        }
         config_error(format!(
             "cannot create relocator's ledger (schema \"relocator\"): {}. Let an administrator \
              run sql/roles.sql, or grant this role CREATE on the database",
