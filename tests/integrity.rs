@@ -115,7 +115,7 @@ async fn storage_class_and_encryption_go_with_every_write() {
     // Server-side (both sides through the proxy): CopyObject and an UploadPartCopy upload.
     let env = TestEnv::new("write-options-copy").await;
     let seeded = env.seed(30, 0).await;
-    big_row(&env, BIG).await;
+    env.put_row("image/big.bin", vec![5u8; BIG]).await;
     let args = [
         &parts[..],
         &["--storage-class", "STANDARD_IA", "--sse", "AES256"],
@@ -162,7 +162,7 @@ async fn storage_class_and_encryption_go_with_every_write() {
     // MD5s, so each copy is confirmed by a HEAD of its size instead.
     let env = TestEnv::new("write-options-stream").await;
     let seeded = env.seed(30, 0).await;
-    big_row(&env, BIG).await;
+    env.put_row("image/big.bin", vec![5u8; BIG]).await;
     proxy.seen.lock().unwrap().clear();
     let url = proxy.url();
     let args = [
@@ -221,23 +221,4 @@ fn env_distinct(seeded: &[relocator::seed::SeedRow]) -> usize {
         .map(|r| r.path.as_str())
         .collect::<std::collections::HashSet<_>>()
         .len()
-}
-
-/// A large object with the seed's headers and a row pointing at it.
-async fn big_row(env: &TestEnv, size: usize) {
-    let key = "image/big.bin";
-    s3::put_with(
-        &env.s3,
-        &env.src_bucket,
-        key,
-        vec![5u8; size],
-        &relocator::seed::headers(env.seed, key),
-    )
-    .await
-    .unwrap();
-    env.db()
-        .await
-        .execute("INSERT INTO avatars (path) VALUES ($1)", &[&key])
-        .await
-        .unwrap();
 }

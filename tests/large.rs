@@ -33,20 +33,7 @@ fn big_body() -> Vec<u8> {
 /// Put the 64 MiB object with the seed's headers and a row pointing at it.
 async fn big_row(env: &TestEnv, key: &str) -> Vec<u8> {
     let body = big_body();
-    s3::put_with(
-        &env.s3,
-        &env.src_bucket,
-        key,
-        body.clone(),
-        &seed::headers(env.seed, key),
-    )
-    .await
-    .unwrap();
-    env.db()
-        .await
-        .execute("INSERT INTO avatars (path) VALUES ($1)", &[&key])
-        .await
-        .unwrap();
+    env.put_row(key, body.clone()).await;
     body
 }
 

@@ -264,6 +264,25 @@ impl TestEnv {
         self.dir.join(file).to_string_lossy().into_owned()
     }
 
+    /// Put `body` at `key` in the source bucket with the seed's headers, and a row
+    /// pointing at it.
+    pub async fn put_row(&self, key: &str, body: Vec<u8>) {
+        s3::put_with(
+            &self.s3,
+            &self.src_bucket,
+            key,
+            body,
+            &seed::headers(self.seed, key),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("putting {key}: {e}"));
+        self.db()
+            .await
+            .execute("INSERT INTO avatars (path) VALUES ($1)", &[&key])
+            .await
+            .expect("inserting the row");
+    }
+
     /// All (id, path) rows of `avatars`, by id.
     pub async fn rows(&self) -> Vec<(i32, String)> {
         self.db()
