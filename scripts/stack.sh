@@ -19,7 +19,7 @@ STATE=${RELOCATOR_STACK_DIR:-$ROOT/.stack}
 PG_PORT=${RELOCATOR_PG_PORT:-54329}
 S3_PORT=${RELOCATOR_S3_PORT:-39000}
 GARAGE_VERSION=2.5.0
-CACHE=${RELOCATOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/relocator}
+CACHE=${RELOCATOR_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-$ROOT/.stack}/.cache}/relocator}
 TOOLS=$ROOT/.tools
 
 PG_USER=relocator
@@ -124,8 +124,10 @@ garage_bin() {
     if [ ! -x "$cached" ]; then
         command -v cargo >/dev/null || die "cargo not found: it is needed once to build Garage"
         say "building Garage $GARAGE_VERSION once into $CACHE (about 12 minutes on 2 cores)"
+        # The log lives in the cache directory, which a fresh machine does not have yet.
+        mkdir -p "$CACHE"
         cargo install garage --version "$GARAGE_VERSION" --locked --root "$CACHE/garage-$GARAGE_VERSION" \
-            >"$CACHE/garage-build.log" 2>&1 || { mkdir -p "$CACHE"; die "building Garage failed, see $CACHE/garage-build.log"; }
+            >"$CACHE/garage-build.log" 2>&1 || { die "building Garage failed, see $CACHE/garage-build.log"; }
     fi
     mkdir -p "$TOOLS/bin"
     ln -sf "$cached" "$TOOLS/bin/garage"
