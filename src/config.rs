@@ -222,9 +222,12 @@ pub struct DatabaseUrl(String);
 impl DatabaseUrl {
     pub fn new(s: &str) -> Result<Self, ConfigError> {
         s.parse::<tokio_postgres::Config>().map_err(|e| {
+            // The parser's own message is scrubbed too: it must not echo a value.
+            let why = scrub(&e.to_string(), s);
             ConfigError(format!(
-                "--database-url / DATABASE_URL {} is not a valid PostgreSQL URL ({e}); \
-                 expected postgres://USER:PASSWORD@HOST:PORT/DBNAME",
+                "--database-url / DATABASE_URL {} is not a valid PostgreSQL URL ({why}); \
+                 expected postgres://USER:PASSWORD@HOST:PORT/DBNAME (percent-encode a \
+                 password's / # ? @ : as %2F %23 %3F %40 %3A)",
                 redact_url(s)
             ))
         })?;
@@ -249,31 +252,55 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// Replace the password of a URL (or of a `password=` keyword) with `***`.
+/// Replace the password of a connection string with `***`, whether or not it parses:
+/// people paste URLs whose password holds an unescaped `/`, `#`, `?` or `@`, or whose
+/// port has a typo, and those are exactly the ones printed in an error.
+///
+/// URL form: everything between the `:` after the user name and the **last** `@` is the
+/// password (a host never holds `@`; should a query value hold one, more is hidden, never
+/// less). Key=value form and URL query: the value of every `password=`.
 pub fn redact_url(s: &str) -> String {
-    if let Ok(mut u) = url::Url::parse(s) {
-        if u.password().is_some() {
-            let _ = u.set_password(Some("***"));
+    redact_with_secrets(s).0
+}
+
+/// `text` with every password found in the connection string `conn` replaced by `***`.
+pub fn scrub(text: &str, conn: &str) -> String {
+    let mut out = text.to_owned();
+    for secret in redact_with_secrets(conn).1 {
+        if !secret.is_empty() {
+            out = out.replace(&secret, "***");
         }
-        let mut pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k.eq_ignore_ascii_case("password") {
-                    "***".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        if !pairs.is_empty() {
-            u.query_pairs_mut().clear().extend_pairs(pairs.drain(..));
-        }
-        return u.to_string();
     }
-    // key=value form: blank out password=...
-    let re = Regex::new(r"(?i)(password\s*=\s*)('[^']*'|\S+)").expect("static regex");
-    re.replace_all(s, "${1}***").into_owned()
+    out
+}
+
+/// The redacted string and the secrets it hid.
+fn redact_with_secrets(s: &str) -> (String, Vec<String>) {
+    let mut secrets = Vec::new();
+    let mut out = match s.split_once("://") {
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) => {
+                let (userinfo, host) = (&rest[..at], &rest[at..]);
+                match userinfo.split_once(':') {
+                    Some((user, password)) => {
+                        secrets.push(password.to_owned());
+                        format!("{scheme}://{user}:***{host}")
+                    }
+                    None => s.to_owned(),
+                }
+            }
+            None => s.to_owned(),
+        },
+        None => s.to_owned(),
+    };
+    let re =
+        Regex::new(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)").expect("static regex");
+    for c in re.captures_iter(s) {
+        let v = c.get(2).map_or("", |m| m.as_str());
+        secrets.push(v.trim_matches('\'').to_owned());
+    }
+    out = re.replace_all(&out, "${1}***").into_owned();
+    (out, secrets)
 }
 
 /// S3 client settings, validated: one endpoint with one set of credentials.
@@ -688,12 +715,20 @@ fn check_locations(src: &S3Location, dst: &S3Location) -> Result<(), ConfigError
              what the rows point at. Give a different destination"
         )));
     }
-    if src.bucket == dst.bucket
-        && (dst.prefix.starts_with(&src.prefix) || src.prefix.starts_with(&dst.prefix))
-    {
+    // Rows hold keys, not buckets: rows are selected by the source prefix alone, so a
+    // destination prefix inside it (or around it) selects moved rows again — in any
+    // bucket — and copies whatever the source bucket holds at that key onto them.
+    if dst.prefix.starts_with(&src.prefix) || src.prefix.starts_with(&dst.prefix) {
+        let place = if src.bucket == dst.bucket {
+            "in the same bucket"
+        } else {
+            "in different buckets, but rows hold only the key"
+        };
         return Err(ConfigError(format!(
-            "--dest {dst} and --source {src} are in the same bucket and one prefix contains \
-             the other, so moved keys would be selected again. Choose non-overlapping prefixes"
+            "--dest {dst} and --source {src} overlap ({place}): one prefix contains the \
+             other, so a moved row's new key would still match --source and be selected and \
+             moved again. Choose prefixes where neither starts with the other (e.g. image/ \
+             and avatar/)"
         )));
     }
     Ok(())
@@ -747,7 +782,11 @@ mod tests {
         assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/new/")).is_err());
         assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b")).is_err());
         assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/avatar/")).is_ok());
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/image/")).is_ok());
+        // Rows hold keys only: overlapping prefixes are ambiguous across buckets too.
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/image/")).is_err());
+        assert!(check_locations(&loc("s3://a-b/te/"), &loc("s3://c-d/te/new/")).is_err());
+        assert!(check_locations(&loc("s3://a-b/te/new/"), &loc("s3://c-d/te/")).is_err());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/avatar/")).is_ok());
     }
 
     #[test]
@@ -857,5 +896,39 @@ mod tests {
         assert!(!r.contains("s3cret"), "{r}");
         let url = DatabaseUrl::new("postgres://bob:s3cret@db/app").unwrap();
         assert!(!format!("{url:?} {url}").contains("s3cret"));
+    }
+
+    /// Redaction must not depend on the string parsing: the ones that do not parse are
+    /// the ones printed in errors.
+    #[test]
+    fn passwords_are_redacted_in_strings_that_do_not_parse() {
+        for (conn, secret) in [
+            ("postgres://app:pw-port@127.0.0.1:543299/prod", "pw-port"),
+            ("postgres://app:sl/ash@127.0.0.1:5432/prod", "sl/ash"),
+            ("postgres://app:ha#sh@127.0.0.1:5432/prod", "ha#sh"),
+            ("postgres://app:qu?est@127.0.0.1:5432/prod", "qu?est"),
+            ("postgres://app:a@t@127.0.0.1:5432/prod", "a@t"),
+            ("postgresql://app:v6pw@[::1]:5432/prod", "v6pw"),
+            (
+                "postgres://app:all/#?@x@[2001:db8::1]:99999/p?sslmode=require",
+                "all/#?@x",
+            ),
+            ("postgres://app@db/prod?password=qpw&sslmode=require", "qpw"),
+            ("host=db user=app password=kvpw dbname=prod", "kvpw"),
+            ("host=db user=app password='kv pw' dbname=prod", "kv pw"),
+            (
+                "host=db port=99999999 user=app password = spaced dbname=prod",
+                "spaced",
+            ),
+        ] {
+            let r = redact_url(conn);
+            assert!(!r.contains(secret), "{conn} -> {r}");
+            assert!(r.contains("app"), "the user stays visible: {r}");
+            let shown = match DatabaseUrl::new(conn) {
+                Ok(u) => format!("{u} {u:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(!shown.contains(secret), "{conn} -> {shown}");
+        }
     }
 }

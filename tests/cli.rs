@@ -42,6 +42,11 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
     .unwrap();
     let (src, dst) = (env.source(), env.dest());
     let same_bucket_nested = format!("s3://{}/image/new/", env.src_bucket);
+    // Rows hold keys, not buckets: a destination prefix inside (or around, or equal to)
+    // the source prefix in *another* bucket makes moved rows match --source again.
+    let other_bucket_nested = format!("s3://{}/image/new/", env.dst_bucket);
+    let other_bucket_same = format!("s3://{}/image/", env.dst_bucket);
+    let other_bucket_around = format!("s3://{}/", env.dst_bucket);
     let missing_bucket = "s3://no-such-bucket-relocator/avatar/".to_string();
     let not_a_backup = env.path("not-a-backup.csv");
     std::fs::write(&not_a_backup, "user,avatar\n1,x\n").unwrap();
@@ -54,6 +59,18 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
         (
             s(&["--source", &src, "--dest", &same_bucket_nested]),
             "one prefix contains",
+        ),
+        (
+            s(&["--source", &src, "--dest", &other_bucket_nested]),
+            "rows hold only the key",
+        ),
+        (
+            s(&["--source", &src, "--dest", &other_bucket_same]),
+            "rows hold only the key",
+        ),
+        (
+            s(&["--source", &src, "--dest", &other_bucket_around]),
+            "rows hold only the key",
         ),
         (
             s(&["--source", "legacy/image", "--dest", &dst]),
