@@ -92,3 +92,22 @@ CREATE INDEX IF NOT EXISTS moves_rollback_pending_idx
     WHERE rollback = 'restored' AND rollback_cleaned_at IS NULL;
 -- The backup a run follows (`run --backup FILE`): file name, SHA-256, rows.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS backup jsonb;
+
+-- The source's ETag the copy was made from: the source is deleted only while it still is
+-- that object (an application may re-upload at the legacy key after the copy).
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS src_etag text;
+
+-- Copies relocator made for rows the application changed before the commit. Written in
+-- the commit's own statement; deleted (when nothing references them) only once the run
+-- is finished, so no batch still in flight can have found the copy and relied on it.
+CREATE TABLE IF NOT EXISTS relocator.take_backs (
+    take_back_id bigserial PRIMARY KEY,
+    run_id       bigint NOT NULL REFERENCES relocator.runs (run_id),
+    dst_bucket   text   NOT NULL,
+    dst_key      text   NOT NULL,
+    src_etag     text,
+    -- deleted | still_referenced | not_ours (the object is no longer relocator's copy)
+    done_at      timestamptz,
+    outcome      text,
+    UNIQUE (run_id, dst_bucket, dst_key)
+);

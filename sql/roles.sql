@@ -5,8 +5,11 @@
 -- What it may do, and why:
 --   CONNECT                  open a session
 --   USAGE on the schema      see the table
---   SELECT, UPDATE on table  the keyset scan and the guarded rewrite (UPDATE is limited to
---                            the path column)
+--   SELECT, UPDATE on table  the keyset scan and the guarded rewrite. UPDATE is granted on
+--                            the table, not only the path column, because PostgreSQL asks
+--                            table-level UPDATE for LOCK TABLE ... IN SHARE MODE, which the
+--                            cleanup takes for a moment so that no row the application is
+--                            writing at that instant can reference a key being deleted
 --   own schema "relocator"   its ledger (runs, moves), created by relocator on first use
 -- Nothing else: no DELETE/INSERT on the table, no DDL outside its own schema.
 DO $$
@@ -21,6 +24,6 @@ ALTER ROLE relocator_job WITH LOGIN PASSWORD :password;
 SELECT format('GRANT CONNECT ON DATABASE %I TO relocator_job', current_database()) \gexec
 GRANT USAGE ON SCHEMA public TO relocator_job;
 GRANT SELECT ON public.avatars TO relocator_job;
-GRANT UPDATE (path) ON public.avatars TO relocator_job;
+GRANT UPDATE ON public.avatars TO relocator_job;
 
 CREATE SCHEMA IF NOT EXISTS relocator AUTHORIZATION relocator_job;

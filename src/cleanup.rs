@@ -1,15 +1,19 @@
 //! The cleanup stage: delete the sources of committed moves, and take back copies whose
 //! row the application changed.
 //!
-//! Invariant enforced here, in [`delete_unreferenced`] and nowhere else: *a source object
-//! is deleted only after the row rewrite that stops referencing it has committed, and
-//! only when no row still references that key*. Callers pass only ledger entries, which
-//! exist only for committed rewrites; the reference check runs after that commit. A
-//! rollback removes the new objects through the same function, on the same terms.
+//! Invariant enforced here, in [`delete_unreferenced`] and nowhere else: *an object a row
+//! pointed at is deleted only after the row rewrite that stops referencing it has
+//! committed, only when no row references that key — rows being written at that moment
+//! included — and only while it still is the object relocator copied*. Callers pass only
+//! ledger entries, which exist only for committed rewrites; the reference check runs
+//! after that commit, under a lock that waits for the table's writers in flight; the
+//! object's ETag is compared with the one the copy was made from. A rollback and the
+//! take-back of unused copies go through the same function, on the same terms.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use futures::{stream, StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
@@ -25,6 +29,8 @@ pub struct Pending {
     pub old_path: String,
     pub new_path: String,
     pub src_bucket: String,
+    /// The source's ETag when it was copied (None in ledgers from before it was kept).
+    pub src_etag: Option<String>,
 }
 
 /// One DeleteObjects answer: bucket, keys sent, keys S3 did not delete (with why).
@@ -48,51 +54,94 @@ pub async fn still_referenced(
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
-/// Delete the sources of these committed moves where no row references them any more,
-/// then mark the ledger. Keys S3 refuses to delete stay pending (a rerun retries them).
+/// Delete the sources of these committed moves where no row references them any more
+/// and they are still the objects copied, then mark the ledger. Keys S3 refuses to
+/// delete stay pending (a rerun retries them). Returns the moves this call finished,
+/// with their outcome (see [`delete_unreferenced`]).
 pub async fn delete_sources(
     db: &deadpool_postgres::Client,
     s3c: &S3,
     q: &Queries,
     pending: &[Pending],
     counters: &mut Counters,
-) -> Result<()> {
+) -> Result<HashMap<i64, Cleaned>> {
     let items: Vec<Unreferenced<'_>> = pending
         .iter()
         .map(|p| Unreferenced {
             move_id: p.move_id,
             bucket: &p.src_bucket,
             key: &p.old_path,
+            etag: p.src_etag.as_deref(),
         })
         .collect();
-    delete_unreferenced(db, s3c, Side::Source, q, &items, MARK_CLEANED, counters).await
+    delete_unreferenced(
+        db,
+        s3c,
+        Side::Source,
+        q,
+        &items,
+        Some(MARK_CLEANED),
+        counters,
+    )
+    .await
 }
 
 /// Marks a forward move's source as dealt with.
 const MARK_CLEANED: &str = "UPDATE relocator.moves m SET cleaned_at = now(), cleanup = u.outcome
                               FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
-                             WHERE m.move_id = u.move_id";
+                             WHERE m.move_id = u.move_id AND m.cleaned_at IS NULL
+                         RETURNING m.move_id";
 
 /// Marks an undone move's new object as dealt with ([`crate::rollback`]).
 pub const MARK_ROLLBACK_CLEANED: &str =
     "UPDATE relocator.moves m SET rollback_cleaned_at = now(), rollback_cleanup = u.outcome
        FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
-      WHERE m.move_id = u.move_id";
+      WHERE m.move_id = u.move_id AND m.rollback_cleaned_at IS NULL
+  RETURNING m.move_id";
 
-/// A key that is to go once no row references it: the source of a committed move, or
-/// (rollback) the new object of a committed undo.
+/// Marks a take-back (an unused copy) as dealt with.
+pub const MARK_TAKEN_BACK: &str =
+    "UPDATE relocator.take_backs t SET done_at = now(), outcome = u.outcome
+       FROM unnest($1::bigint[], $2::text[]) AS u(id, outcome)
+      WHERE t.take_back_id = u.id AND t.done_at IS NULL
+  RETURNING t.take_back_id";
+
+/// A key that is to go once no row references it: the source of a committed move, the
+/// new object of a committed undo, or an unused copy.
 #[derive(Debug, Clone, Copy)]
 pub struct Unreferenced<'a> {
+    /// The ledger entry the outcome is marked on (move or take-back id).
     pub move_id: i64,
     pub bucket: &'a str,
     pub key: &'a str,
+    /// The object must still have this ETag (it is then the object relocator copied);
+    /// None: no identity is known, the key alone decides.
+    pub etag: Option<&'a str>,
 }
 
-/// The one place relocator deletes an object a row pointed at: after the commit that
-/// stopped the row pointing at it (callers pass ledger entries only), and only when the
-/// reference check — made now, after that commit — finds no row referencing the key.
-/// `mark` records each move's outcome (`deleted` | `still_referenced`) in the ledger;
-/// keys S3 refuses to delete stay unmarked, so a rerun retries them.
+/// How long the cleanup waits for the table's writers in flight before it lets them go
+/// on and tries again: a queued SHARE lock also holds up writers that come after it.
+const WRITERS_WAIT: &str = "2s";
+/// Tries at the lock before the cleanup gives up (exit 1; the ledger keeps the moves
+/// pending and a rerun finishes them).
+const WRITERS_TRIES: u32 = 30;
+
+/// The one place relocator deletes an object a row pointed at or could point at.
+///
+/// 1. Each key with a known identity is looked at (HEAD): one that is gone or has
+///    another ETag is not relocator's copy any more (the application replaced it) and
+///    is kept, marked `changed`.
+/// 2. In one transaction: `LOCK TABLE … IN SHARE MODE` waits for every transaction
+///    writing the table to end (an INSERT of a row referencing the key that has not
+///    committed yet included) and keeps new writers out; the reference check then sees
+///    every row there is; the keys no row references are deleted; the ledger is marked
+///    (`deleted` | `still_referenced` | `changed`); COMMIT lets the writers go on. The
+///    application's writes to the table pause for that long: one reference check and one
+///    round of DeleteObjects.
+///
+/// Keys S3 refuses to delete stay unmarked, so a rerun retries them. An entry another
+/// process marked first is left to it. Returns what this call marked, entry id → outcome
+/// (`deleted` | `still_referenced` | `changed` | `gone`; all of them without `mark`).
 #[allow(clippy::too_many_arguments)]
 pub async fn delete_unreferenced(
     db: &deadpool_postgres::Client,
@@ -100,18 +149,160 @@ pub async fn delete_unreferenced(
     side: Side,
     q: &Queries,
     items: &[Unreferenced<'_>],
-    mark: &str,
+    mark: Option<&str>,
     counters: &mut Counters,
-) -> Result<()> {
+) -> Result<HashMap<i64, Cleaned>> {
     if items.is_empty() {
-        return Ok(());
+        return Ok(HashMap::new());
     }
+    let looked = look(s3c, side, items).await?;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        db.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{WRITERS_WAIT}'"))
+            .await
+            .context("starting the cleanup's transaction")?;
+        let r = delete_locked(db, s3c, side, q, items, &looked, mark, counters).await;
+        let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = db.batch_execute(end).await;
+        match r {
+            Ok(marked) => {
+                ended.context("committing the cleanup's ledger marks")?;
+                return Ok(marked);
+            }
+            Err(Locked::Busy) if tries < WRITERS_TRIES => {
+                info!("the application kept writing the table; the cleanup tries again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(Locked::Busy) => {
+                return Err(anyhow!(
+                    "the table was not free of writing transactions for {WRITERS_WAIT} in                      {WRITERS_TRIES} tries, so no source could be safely deleted; the ledger                      keeps them pending: rerun when the application's long transactions end"
+                ))
+            }
+            Err(Locked::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+/// What went wrong inside the cleanup's locked transaction.
+enum Locked {
+    /// The table's writers did not finish within the lock timeout.
+    Busy,
+    Failed(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Locked {
+    fn from(e: E) -> Self {
+        let e: anyhow::Error = e.into();
+        let busy = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+            .any(|pe| pe.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+        if busy {
+            Locked::Busy
+        } else {
+            Locked::Failed(e)
+        }
+    }
+}
+
+/// What the cleanup did with one entry, as the ledger records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleaned {
+    Deleted,
+    /// Some row references the key: kept.
+    StillReferenced,
+    /// Another object is at the key than the one copied (the application replaced it):
+    /// kept.
+    Changed,
+    /// Nothing was at the key any more.
+    Gone,
+}
+
+impl Cleaned {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cleaned::Deleted => "deleted",
+            Cleaned::StillReferenced => "still_referenced",
+            Cleaned::Changed => "changed",
+            Cleaned::Gone => "gone",
+        }
+    }
+}
+
+/// What a look at the keys with a known identity found.
+#[derive(Default)]
+struct Looked {
+    /// Another object is at the key now (the application replaced it): kept.
+    changed: HashSet<String>,
+    /// Nothing is at the key any more: nothing to delete.
+    gone: HashSet<String>,
+}
+
+/// Look at each key whose identity is known (HEAD): is it still the object copied?
+async fn look(s3c: &S3, side: Side, items: &[Unreferenced<'_>]) -> Result<Looked> {
+    let mut expect: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+    for p in items {
+        if let Some(e) = p.etag {
+            expect.entry((p.bucket, p.key)).or_default().push(e);
+        }
+    }
+    let found: Vec<(String, Option<bool>)> = stream::iter(expect)
+        .map(|((bucket, key), etags)| async move {
+            s3c.ready_read().await;
+            let now = s3::head(s3c.client(side), bucket, key)
+                .await
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("looking at s3://{bucket}/{key} before deleting it"))?;
+            let same = now.map(|o| etags.iter().all(|e| *e == o.etag));
+            if same == Some(false) {
+                warn!(bucket = %bucket, key = %key,
+                      "the object is no longer the one relocator copied (replaced since): kept");
+            }
+            Ok::<_, anyhow::Error>((key.to_owned(), same))
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    let mut looked = Looked::default();
+    for (key, same) in found {
+        match same {
+            Some(true) => {}
+            Some(false) => {
+                looked.changed.insert(key);
+            }
+            None => {
+                looked.gone.insert(key);
+            }
+        }
+    }
+    Ok(looked)
+}
+
+/// Inside the cleanup's transaction: wait for the writers, check references, delete,
+/// mark.
+#[allow(clippy::too_many_arguments)]
+async fn delete_locked(
+    db: &deadpool_postgres::Client,
+    s3c: &S3,
+    side: Side,
+    q: &Queries,
+    items: &[Unreferenced<'_>],
+    looked: &Looked,
+    mark: Option<&str>,
+    counters: &mut Counters,
+) -> Result<HashMap<i64, Cleaned>, Locked> {
+    let kept = |k: &str| looked.changed.contains(k) || looked.gone.contains(k);
+    crate::db::rt(1);
+    db.batch_execute(&q.lock_writers)
+        .await
+        .context("waiting for the table's writers in flight (LOCK TABLE … IN SHARE MODE)")?;
     let keys: Vec<&str> = {
         let mut seen = HashSet::new();
         items
             .iter()
             .map(|p| p.key)
-            .filter(|k| seen.insert(*k))
+            .filter(|k| !kept(k) && seen.insert(*k))
             .collect()
     };
     let referenced = still_referenced(db, q, &keys).await?;
@@ -120,7 +311,7 @@ pub async fn delete_unreferenced(
     let mut by_bucket: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut queued = HashSet::new();
     for p in items {
-        if !referenced.contains(p.key) && queued.insert((p.bucket, p.key)) {
+        if !referenced.contains(p.key) && !kept(p.key) && queued.insert((p.bucket, p.key)) {
             by_bucket
                 .entry(p.bucket)
                 .or_default()
@@ -146,8 +337,9 @@ pub async fn delete_unreferenced(
         .try_collect()
         .await?;
     let mut failed: HashSet<(&str, String)> = HashSet::new();
+    let mut deleted = 0;
     for (bucket, n, errors) in answers {
-        counters.sources_deleted += (n - errors.len()) as u64;
+        deleted += (n - errors.len()) as u64;
         for (key, why) in errors {
             warn!(bucket = %bucket, key = %key, error = %why, "object not deleted; a rerun retries it");
             failed.insert((bucket, key));
@@ -155,42 +347,78 @@ pub async fn delete_unreferenced(
     }
 
     let mut ids = Vec::new();
-    let mut outcomes = Vec::new();
+    let mut outcomes: Vec<Cleaned> = Vec::new();
+    let mut failures = 0;
     for p in items {
-        if referenced.contains(p.key) {
-            ids.push(p.move_id);
-            outcomes.push("still_referenced");
-            counters.sources_kept_referenced += 1;
+        let outcome = if looked.changed.contains(p.key) {
+            Cleaned::Changed
+        } else if looked.gone.contains(p.key) {
+            Cleaned::Gone
+        } else if referenced.contains(p.key) {
+            Cleaned::StillReferenced
         } else if failed.contains(&(p.bucket, p.key.to_owned())) {
-            counters.delete_failures += 1;
+            failures += 1;
+            continue;
         } else {
-            ids.push(p.move_id);
-            outcomes.push("deleted");
-        }
+            Cleaned::Deleted
+        };
+        ids.push(p.move_id);
+        outcomes.push(outcome);
     }
-    let mark = db.prepare_cached(mark).await?;
-    crate::db::rt(1);
-    db.execute(&mark, &[&ids, &outcomes])
-        .await
-        .context("marking cleaned-up moves in the ledger")?;
-    Ok(())
+    let marked: HashSet<i64> = match mark {
+        Some(mark) => {
+            let mark = db.prepare_cached(mark).await?;
+            crate::db::rt(1);
+            let words: Vec<&str> = outcomes.iter().map(|o| o.as_str()).collect();
+            db.query(&mark, &[&ids, &words])
+                .await
+                .context("marking cleaned-up objects in the ledger")?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect()
+        }
+        None => ids.iter().copied().collect(),
+    };
+    let mut tally = Counters {
+        sources_deleted: deleted,
+        delete_failures: failures,
+        ..Counters::default()
+    };
+    let mut result = HashMap::new();
+    for (id, outcome) in ids.into_iter().zip(outcomes) {
+        if !marked.contains(&id) {
+            continue; // another process finished this entry first
+        }
+        match outcome {
+            Cleaned::Changed => tally.sources_changed += 1,
+            Cleaned::StillReferenced => tally.sources_kept_referenced += 1,
+            Cleaned::Deleted | Cleaned::Gone => {}
+        }
+        result.insert(id, outcome);
+    }
+    // Counted only once the transaction's work is done (a retry would count twice).
+    counters.add(&tally);
+    Ok(result)
 }
 
-/// Ledger entries of this table whose cleanup was not finished and whose lease no live
-/// worker holds (its process died between COMMIT and cleanup), after `after` (keyset on
+/// Ledger entries of this job (its fingerprint: table, columns, source, destination,
+/// rewrite — another job on the same table checks references in another column, so it
+/// must not finish these) whose cleanup was not finished and whose lease no live worker
+/// holds (its process died between COMMIT and cleanup), after `after` (keyset on
 /// move_id), at most `limit`.
 pub async fn pending_after(
     db: &deadpool_postgres::Client,
-    table: &str,
+    job: &str,
     after: i64,
     limit: i64,
 ) -> Result<Vec<Pending>> {
     crate::db::rt(1);
     let rows = db
         .query(
-            "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket
+            "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket, m.src_etag
                FROM relocator.moves m
-              WHERE m.table_name = $1 AND m.cleaned_at IS NULL AND m.move_id > $2
+              WHERE m.run_id IN (SELECT run_id FROM relocator.runs WHERE job = $1)
+                AND m.cleaned_at IS NULL AND m.move_id > $2
                 AND NOT EXISTS (SELECT 1 FROM pg_locks l
                                  WHERE l.locktype = 'advisory' AND l.granted
                                    AND l.database = (SELECT oid FROM pg_database
@@ -198,7 +426,7 @@ pub async fn pending_after(
                                    AND l.classid = $4::bigint::oid AND l.objsubid = 2
                                    AND l.objid = m.lease_id::oid)
               ORDER BY m.move_id LIMIT $3",
-            &[&table, &after, &limit, &crate::lease::LOCK_CLASS_I64],
+            &[&job, &after, &limit, &crate::lease::LOCK_CLASS_I64],
         )
         .await
         .context("reading unfinished cleanups from the ledger")?;
@@ -210,30 +438,7 @@ pub async fn pending_after(
             old_path: r.get(2),
             new_path: r.get(3),
             src_bucket: r.get(4),
+            src_etag: r.get(5),
         })
         .collect())
-}
-
-/// Remove copies relocator created for rows the application changed before the commit,
-/// unless some row references the destination key after all.
-pub async fn take_back_copies(
-    db: &deadpool_postgres::Client,
-    s3c: &S3,
-    side: Side,
-    q: &Queries,
-    bucket: &str,
-    keys: &[&str],
-    counters: &mut Counters,
-) -> Result<()> {
-    let referenced = still_referenced(db, q, keys).await?;
-    for key in keys.iter().filter(|k| !referenced.contains(**k)) {
-        s3c.ready_write().await;
-        s3::delete_one(s3c.client(side), bucket, key)
-            .await
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("removing the unused copy s3://{bucket}/{key}"))?;
-        info!(bucket = %bucket, key = %key, "removed a copy whose row the application changed");
-        counters.copies_removed += 1;
-    }
-    Ok(())
 }

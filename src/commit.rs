@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
+use crate::copy::Made;
 use crate::db::{Queries, TableInfo};
 use crate::plan::Move;
 
@@ -22,8 +23,9 @@ pub struct CommitBatch<'a> {
     pub table: &'a TableInfo,
     pub src_bucket: &'a str,
     pub dst_bucket: &'a str,
-    /// Rows whose destination object is ready, with whether relocator created it.
-    pub moves: Vec<(&'a Move, bool)>,
+    /// Rows whose destination object is ready, with whether relocator created it and
+    /// the source ETag it was made from.
+    pub moves: Vec<(&'a Move, &'a Made)>,
     /// The lease's new progress position (the batch's last id).
     pub last_id: &'a str,
     /// This batch is the lease's last: mark it done in the same statement.
@@ -33,28 +35,116 @@ pub struct CommitBatch<'a> {
 /// What the commit did.
 #[derive(Debug)]
 pub enum Committed {
-    /// Row id → ledger move id for the rows actually rewritten; the others were changed
-    /// by the application.
-    Rows(HashMap<String, i64>),
+    /// Row id → ledger move id for the rows actually rewritten, and row id → why the
+    /// table refused the rewrite (PostgreSQL's message and SQLSTATE); the other rows
+    /// were changed by the application.
+    Rows(HashMap<String, i64>, HashMap<String, String>),
     /// This worker no longer owns the lease (another took it over): nothing was written.
     LeaseLost,
 }
 
 /// Commit the batch in one statement — a single statement is one transaction in
 /// PostgreSQL, and it costs one round trip instead of three with BEGIN/COMMIT.
+///
+/// A row the table refuses (too long for the column, a CHECK, a unique index, a foreign
+/// key, row-level security, a trigger that raises) fails the whole statement. Then each
+/// row's rewrite is tried alone in a transaction that is rolled back, the refused rows
+/// are set aside with PostgreSQL's reason, and the batch is committed without them — so
+/// one row never blocks its batch, and the refusal is that row's outcome.
 pub async fn commit_batch(
     client: &deadpool_postgres::Client,
     q: &Queries,
     b: &CommitBatch<'_>,
 ) -> Result<Committed> {
+    let mut refused: HashMap<String, String> = HashMap::new();
+    loop {
+        match send(client, q, b, &refused).await {
+            Ok(Some(moved)) => return Ok(Committed::Rows(moved, refused)),
+            Ok(None) => return Ok(Committed::LeaseLost),
+            Err(e) if refusal(&e).is_some() => {
+                let found = find_refused(client, q, b, &refused).await?;
+                if found.is_empty() {
+                    // No single row is refused: not a per-row problem after all.
+                    return Err(e).context("rewriting the batch's rows");
+                }
+                tracing::warn!(rows = found.len(), "the table refused some rows' rewrite");
+                refused.extend(found);
+            }
+            Err(e) => return Err(e).context("rewriting the batch's rows"),
+        }
+    }
+}
+
+/// PostgreSQL's reason when an error is a refusal of the row's new value by the table
+/// (SQLSTATE classes 22 data, 23 integrity, 44 check option, P0 a raising trigger, and
+/// 42501, which row-level security's WITH CHECK raises), not a fault of the session.
+fn refusal(e: &tokio_postgres::Error) -> Option<String> {
+    let db = e.as_db_error()?;
+    let code = db.code().code();
+    let per_row = ["22", "23", "44", "P0"].iter().any(|c| code.starts_with(c)) || code == "42501";
+    per_row.then(|| {
+        format!(
+            "PostgreSQL refused the rewrite: {} (SQLSTATE {code})",
+            db.message()
+        )
+    })
+}
+
+/// Try each row's rewrite alone, in one transaction rolled back at the end (a savepoint
+/// per row): the rows the table refuses, with why.
+async fn find_refused(
+    client: &deadpool_postgres::Client,
+    q: &Queries,
+    b: &CommitBatch<'_>,
+    known: &HashMap<String, String>,
+) -> Result<HashMap<String, String>> {
+    let probe = client.prepare_cached(&q.probe).await?;
+    client.batch_execute("BEGIN").await?;
+    let mut found = HashMap::new();
+    let result = async {
+        for (m, _) in b
+            .moves
+            .iter()
+            .filter(|(m, _)| !known.contains_key(&m.row.id))
+        {
+            client.batch_execute("SAVEPOINT probe").await?;
+            crate::db::rt(2);
+            if let Err(e) = client
+                .execute(&probe, &[&m.row.id, &m.row.path, &m.dst_key])
+                .await
+            {
+                match refusal(&e) {
+                    Some(why) => {
+                        found.insert(m.row.id.clone(), why);
+                    }
+                    None => return Err(e),
+                }
+            }
+            client.batch_execute("ROLLBACK TO SAVEPOINT probe").await?;
+        }
+        Ok(())
+    }
+    .await;
+    let ended = client.batch_execute("ROLLBACK").await;
+    result.context("finding the rows the table refuses")?;
+    ended?;
+    Ok(found)
+}
+
+/// The batch's statement; `Ok(None)` when the lease is not this worker's any more.
+async fn send(
+    client: &deadpool_postgres::Client,
+    q: &Queries,
+    b: &CommitBatch<'_>,
+    refused: &HashMap<String, String>,
+) -> Result<Option<HashMap<String, i64>>, tokio_postgres::Error> {
     let ids: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.id.as_str()).collect();
     let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.path.as_str()).collect();
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
-    let copied: Vec<bool> = b.moves.iter().map(|(_, c)| *c).collect();
-    let stmt = client
-        .prepare_cached(&q.commit)
-        .await
-        .context("preparing the batch rewrite")?;
+    let copied: Vec<bool> = b.moves.iter().map(|(_, c)| c.created).collect();
+    let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
+    let tries: Vec<bool> = ids.iter().map(|id| !refused.contains_key(*id)).collect();
+    let stmt = client.prepare_cached(&q.commit).await?;
     crate::db::rt(1);
     let rows = client
         .query(
@@ -72,14 +162,15 @@ pub async fn commit_batch(
                 &b.lease_id,
                 &b.owner,
                 &b.ends_lease,
+                &etags,
+                &tries,
             ],
         )
-        .await
-        .context("rewriting the batch's rows")?;
+        .await?;
     if rows.is_empty() {
-        return Ok(Committed::LeaseLost);
+        return Ok(None);
     }
-    Ok(Committed::Rows(
+    Ok(Some(
         rows.into_iter()
             .filter_map(|r| {
                 let row: Option<String> = r.get(2);

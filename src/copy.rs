@@ -2,11 +2,13 @@
 //! overwriting a different one. Copies in flight are bounded by `--concurrency`.
 //!
 //! Invariant enforced here: *a different object already at the destination is never
-//! overwritten* — [`copy_known`] copies only when the destination key was found free, by
-//! a HEAD (phase 2, plan) or a listing of the batch's key range taken just before its
-//! copies (phase 1). S3-compatible servers differ on conditional copies (Garage ignores
-//! `If-None-Match` on CopyObject, see tests/s3_semantics.rs), so relocator never relies
-//! on one.
+//! overwritten* — [`copy_known`] copies only when the destination key was found free by
+//! a HEAD right before the copy (phase 2, plan, and phase 1 on servers without
+//! create-only copies) or by the batch's listing. Where the server honours
+//! `If-None-Match: *` on CopyObject (learned per run, [`S3::learn_create_only`]) the copy
+//! itself is create-only and a 412 means "look at what is there"; where it does not
+//! (Garage, MinIO, moto, see tests/s3_semantics.rs) an object put between that HEAD and
+//! the copy can still be overwritten: one round trip.
 
 use anyhow::{anyhow, Result};
 use futures::{stream, StreamExt};
@@ -27,6 +29,9 @@ pub enum PairResult {
     Ready {
         created: bool,
         size: i64,
+        /// The source's ETag the copy was made from (or found identical to): recorded
+        /// with the move, so the source is deleted only while it still is that object.
+        src_etag: String,
     },
     MissingSource,
     /// A different object is at the destination.
@@ -36,6 +41,14 @@ pub enum PairResult {
     Collision(String),
     /// S3 refused this object only (access denied, source changed mid-copy, ...).
     Rejected(String),
+}
+
+/// A pair ready to commit: whether relocator created the destination object, and the
+/// source ETag it was made from (recorded with the move).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Made {
+    pub created: bool,
+    pub src_etag: String,
 }
 
 /// Copy every pair, at most `concurrency` at once, results in input order.
@@ -64,9 +77,29 @@ pub async fn copy_all_known(
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
-    let copies = pairs.iter().map(|(src_key, src, dst_key, dst)| {
-        copy_known(s3c, cfg, src_key, src, dst_key, dst.as_ref(), false)
-    });
+    let copies = pairs
+        .iter()
+        .map(|(src_key, src, dst_key, listed)| async move {
+            // The listing was taken before the batch's copies began. Where the server does
+            // not make the copy itself create-only, look again right before copying a key the
+            // listing found free: the window for an object put there meanwhile is then one
+            // HEAD→COPY round trip, not the batch's copy time.
+            let fresh;
+            let dst = match listed {
+                None if !s3c.create_only => {
+                    s3c.ready_read().await;
+                    match s3::head(&s3c.dst, &cfg.dest.bucket, dst_key).await {
+                        Ok(d) => {
+                            fresh = d;
+                            fresh.as_ref()
+                        }
+                        Err(e) => return per_object(e),
+                    }
+                }
+                other => other.as_ref(),
+            };
+            copy_known(s3c, cfg, src_key, src, dst_key, dst, false).await
+        });
     bounded(copies, concurrency, cancel).await
 }
 
@@ -240,6 +273,7 @@ async fn make_copy(
         return Ok(PairResult::Ready {
             created: true,
             size: src.size,
+            src_etag: src.etag.clone(),
         });
     }
     let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
@@ -257,7 +291,31 @@ async fn make_copy(
             .map(|_| true)
     } else {
         s3c.ready_write().await;
-        s3::copy(&s3c.dst, sb, src_key, src, db, dst_key, &cfg.write).await
+        let create_only = s3c.create_only;
+        match s3::copy(
+            &s3c.dst,
+            sb,
+            src_key,
+            src,
+            db,
+            dst_key,
+            &cfg.write,
+            create_only,
+        )
+        .await
+        {
+            // Refused: either the source changed (copy-source-if-match) or, create-only,
+            // something is at the destination by now. Look at what is there.
+            Err(S3Error::PreconditionFailed) if create_only => {
+                s3c.ready_read().await;
+                return match s3::head(&s3c.dst, db, dst_key).await {
+                    Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
+                    Ok(None) => Ok(source_changed()),
+                    Err(e) => per_object(e),
+                };
+            }
+            other => other,
+        }
     };
     match copied {
         // copy_multipart and stream_copy confirm the copy themselves; copy by ETag where
@@ -280,17 +338,21 @@ async fn make_copy(
             }
         }
         Err(S3Error::NotFound) => return Ok(PairResult::MissingSource),
-        Err(S3Error::PreconditionFailed) => return Ok(PairResult::Rejected(
-            "the source object changed since it was looked at; rerun to pick up the new version"
-                .into(),
-        )),
+        Err(S3Error::PreconditionFailed) => return Ok(source_changed()),
         Err(e) => return per_object(e),
     }
     debug!(src = %src_key, dst = %dst_key, size = src.size, "copied");
     Ok(PairResult::Ready {
         created: true,
         size: src.size,
+        src_etag: src.etag.clone(),
     })
+}
+
+fn source_changed() -> PairResult {
+    PairResult::Rejected(
+        "the source object changed since it was looked at; rerun to pick up the new version".into(),
+    )
 }
 
 /// An existing destination object counts as copied only if it is the same object: same
@@ -306,6 +368,7 @@ fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOption
         PairResult::Ready {
             created: false,
             size: src.size,
+            src_etag: src.etag.clone(),
         }
     } else {
         PairResult::Conflict(format!(
@@ -342,7 +405,8 @@ mod tests {
             compare_existing(&info("abc", 5), &info("abc", 5), &plain),
             PairResult::Ready {
                 created: false,
-                size: 5
+                size: 5,
+                src_etag: "abc".into()
             }
         );
         assert!(matches!(
@@ -374,7 +438,8 @@ mod tests {
                 compare_existing(&src, &existing, write),
                 PairResult::Ready {
                     created: false,
-                    size: 5
+                    size: 5,
+                    src_etag: src.etag.clone()
                 }
             );
         }

@@ -17,6 +17,9 @@ pub fn rt(n: u64) {
     ROUND_TRIPS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The schema of relocator's ledger (see sql/ledger.sql); never a job's table.
+pub const LEDGER_SCHEMA: &str = "relocator";
+
 /// The ledger's DDL, applied idempotently on first use.
 const LEDGER_SQL: &str = include_str!("../sql/ledger.sql");
 
@@ -151,6 +154,20 @@ impl TableInfo {
         let schema: String = row.get(1);
         let name: String = row.get(2);
         let display = format!("{schema}.{name}");
+        // A role named like the ledger's schema finds it first through "$user" in the
+        // default search_path: an unqualified --table moves would be relocator's own.
+        if schema == LEDGER_SCHEMA {
+            return Err(config_error(format!(
+                "--table {t} resolves to {display}, relocator's own ledger{}; name the \
+                 application's table with its schema (e.g. --table public.{name})",
+                if t.schema.is_none() {
+                    " (the role's search_path finds the schema \"relocator\" first, as \
+                     \"$user\" does for a role named relocator)"
+                } else {
+                    ""
+                }
+            )));
+        }
 
         let column = |col: &str| {
             let col = col.to_owned();
@@ -248,6 +265,12 @@ pub struct Queries {
     pub commit: String,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
+    /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
+    /// is rolled back: which rows of a batch the table refuses. See [`crate::commit`].
+    pub probe: String,
+    /// Waits for every application transaction writing the table to end and keeps new
+    /// ones out until the transaction ends: see [`crate::cleanup::delete_unreferenced`].
+    pub lock_writers: String,
     /// $1 keys: the rows referencing them, in id order (phase 1; uses the path index).
     pub lookup: String,
     /// Rollback: the ledger entries of runs $1 not rolled back yet, after move $2, at most
@@ -306,22 +329,36 @@ impl Queries {
                       WHERE lease_id = $10 AND owner = $11
                   RETURNING lease_id
                  ), u AS (
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
-                              AS u(id, old_path, new_path, copied)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
+                                          $13::text[], $14::bool[])
+                              AS u(id, old_path, new_path, copied, src_etag, try)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
+                     -- Rows the table refused (try = false) are not rewritten; a copy
+                     -- made for them is taken back like one for a changed row.
                      UPDATE {tbl} AS t SET {path} = u.new_path
                        FROM u
-                      WHERE t.{id} = u.id::{ty} AND t.{path} = u.old_path
-                  RETURNING u.id, u.old_path, u.new_path, u.copied
+                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path
+                  RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag
                  ), led AS (
                      INSERT INTO relocator.moves
                             (run_id, table_name, row_id, old_path, new_path,
-                             src_bucket, dst_bucket, copied, lease_id)
-                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10 FROM upd
+                             src_bucket, dst_bucket, copied, lease_id, src_etag)
+                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag FROM upd
                   RETURNING move_id, row_id
+                 ), tb AS (
+                     -- Copies made for rows the application changed: taken back only once
+                     -- the run is finished, when no batch in flight can rely on them.
+                     INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag)
+                     SELECT DISTINCT $5::bigint, $8::text, u.new_path, u.src_etag FROM u
+                      WHERE u.copied AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.id = u.id)
+                     ON CONFLICT DO NOTHING
                  )
                  SELECT l.lease_id, led.move_id, led.row_id FROM lease l LEFT JOIN led ON true"
+            ),
+            lock_writers: format!("LOCK TABLE {tbl} IN SHARE MODE"),
+            probe: format!(
+                "UPDATE {tbl} AS t SET {path} = $3 WHERE t.{id} = $1::text::{ty} AND t.{path} = $2"
             ),
             referenced: format!(
                 "SELECT DISTINCT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"

@@ -18,7 +18,7 @@ use crate::backup::BackupInfo;
 use crate::cleanup::{self, Pending};
 use crate::commit::{self, CommitBatch, Committed};
 use crate::config::JobConfig;
-use crate::copy::{self, PairResult};
+use crate::copy::{self, Made, PairResult};
 use crate::db::{self, Queries, Row, TableInfo};
 use crate::lease::{self, TableLock, Take};
 use crate::plan::{self, Move};
@@ -128,6 +128,11 @@ pub async fn run(
     // Per worker: lease, scan, commit and cleanup connections; one more for bookkeeping.
     let mut sh = open(cfg, workers * 4 + 1, Report::new("run", opts.report)?).await?;
     sh.concurrency = (cfg.concurrency / workers).max(1);
+    sh.s3
+        .learn_create_only(&cfg.dest.bucket, &cfg.dest.prefix)
+        .await
+        .map_err(anyhow::Error::from)
+        .context("asking the destination whether it honours create-only copies")?;
     let mut main = sh.conn().await?;
     db::ensure_ledger(&mut main).await?;
     lease::lock_table(&main, &sh.table, TableLock::Run).await?;
@@ -147,6 +152,7 @@ pub async fn run(
 
     let result = async {
         finish_earlier_cleanups(&sh, &main).await?;
+        take_back_unused_copies(&sh, &main).await?;
         let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         let all = (0..workers).map(|n| {
             let me = format!("{tag}-{n}");
@@ -155,7 +161,11 @@ pub async fn run(
             async move { worker(sh, run_id, &me, opts.lease_ttl, &cancel).await }
         });
         futures::future::try_join_all(all).await?;
-        lease::finish_run_if_complete(&main, run_id).await
+        let finished = lease::finish_run_if_complete(&main, run_id).await?;
+        if finished {
+            take_back_unused_copies(&sh, &main).await?;
+        }
+        Ok::<_, anyhow::Error>(finished)
     }
     .await;
     sh.progress.finish();
@@ -189,12 +199,13 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Before any lease: sources whose rows were committed by a worker that died before
-/// cleaning up (their lease's lock is free).
+/// Before any lease: sources whose rows this job committed in a worker that died
+/// before cleaning up (their lease's lock is free).
 async fn finish_earlier_cleanups(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
+    let job = sh.cfg.fingerprint();
     let mut after = 0;
     loop {
-        let pending = cleanup::pending_after(db, &sh.table.display, after, 1000).await?;
+        let pending = cleanup::pending_after(db, &job, after, 1000).await?;
         let Some(last) = pending.last() else {
             return Ok(());
         };
@@ -203,21 +214,95 @@ async fn finish_earlier_cleanups(sh: &Shared<'_>, db: &deadpool_postgres::Client
             count = pending.len(),
             "finishing the cleanup of an earlier run"
         );
-        let mut counters = std::mem::take(&mut sh.report().counters);
-        let r = cleanup::delete_sources(db, &sh.s3, &sh.q, &pending, &mut counters).await;
+        let mut counters = crate::report::Counters::default();
+        let done = cleanup::delete_sources(db, &sh.s3, &sh.q, &pending, &mut counters).await?;
         let mut report = sh.report();
-        report.counters = counters;
-        r?;
+        report.counters.add(&counters);
+        // One line per row: a move another process finished meanwhile is its to report.
         for p in pending {
+            let (outcome, detail) = match done.get(&p.move_id) {
+                None => continue,
+                Some(cleanup::Cleaned::Changed) => {
+                    (Outcome::SourceChanged, source_changed_detail(&p))
+                }
+                Some(_) => (
+                    Outcome::AlreadyMoved,
+                    "rewritten by an earlier run; its source cleanup was finished now".into(),
+                ),
+            };
             report.record(ReportLine {
                 id: p.row_id,
                 old_path: p.old_path,
                 new_path: p.new_path,
-                outcome: Outcome::AlreadyMoved,
-                detail: "rewritten by an earlier run; its source cleanup was finished now".into(),
+                outcome,
+                detail,
             })?;
         }
         report.flush()?;
+    }
+}
+
+fn source_changed_detail(p: &Pending) -> String {
+    format!(
+        "the object at s3://{}/{} was replaced after it was copied, so it was kept; the row \
+         points at the copy of what it referenced when it was read ({}), the new upload is at \
+         the old key",
+        p.src_bucket, p.old_path, p.new_path
+    )
+}
+
+/// Once a run of this job is finished (no batch of it in flight anywhere): remove the
+/// copies it made for rows the application changed before their commit, where nothing
+/// references them and they are still relocator's copies. Called when this run finishes,
+/// and at start for an earlier finished run killed before it got to them.
+async fn take_back_unused_copies(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
+    let job = sh.cfg.fingerprint();
+    let mut after = 0i64;
+    loop {
+        db::rt(1);
+        let rows = db
+            .query(
+                "SELECT take_back_id, dst_bucket, dst_key, src_etag FROM relocator.take_backs
+                  WHERE run_id IN (SELECT run_id FROM relocator.runs
+                                    WHERE job = $1 AND status = 'finished')
+                    AND done_at IS NULL AND take_back_id > $2
+                  ORDER BY take_back_id LIMIT 1000",
+                &[&job, &after],
+            )
+            .await
+            .context("reading the run's unused copies")?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.get(0);
+        let found: Vec<(i64, String, String, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let items: Vec<cleanup::Unreferenced<'_>> = found
+            .iter()
+            .map(|(id, bucket, key, etag)| cleanup::Unreferenced {
+                move_id: *id,
+                bucket,
+                key,
+                etag: etag.as_deref(),
+            })
+            .collect();
+        let mut counters = crate::report::Counters::default();
+        cleanup::delete_unreferenced(
+            db,
+            &sh.s3,
+            Side::Dest,
+            &sh.q,
+            &items,
+            Some(cleanup::MARK_TAKEN_BACK),
+            &mut counters,
+        )
+        .await?;
+        // What the shared cleanup counts as deleted sources are unused copies here.
+        counters.copies_removed = std::mem::take(&mut counters.sources_deleted);
+        counters.sources_changed = 0;
+        sh.report().counters.add(&counters);
     }
 }
 
@@ -227,7 +312,7 @@ struct Copied {
     /// The lease's last batch (phase 1: its only one): the commit marks it done.
     ends_lease: bool,
     last_id: String,
-    ready: Vec<(Move, bool)>,
+    ready: Vec<(Move, Made)>,
     rows: usize,
 }
 
@@ -238,10 +323,17 @@ enum ToCommit {
     LeaseEnd(i64),
 }
 
-/// A committed batch, on its way to the cleanup stage.
-struct ToClean {
-    pending: Vec<Pending>,
-    take_back: Vec<String>,
+/// A committed batch, on its way to the cleanup stage; a lease is let go of only after
+/// the cleanup of its last batch, so no other process finishes that cleanup meanwhile.
+enum ToClean {
+    Batch(Vec<Pending>),
+    /// The lease's last batch was committed (`done`: marked done by that commit) or the
+    /// lease was lost; let go of it.
+    LeaseEnd {
+        lease: i64,
+        done: bool,
+        lost: bool,
+    },
 }
 
 /// A worker's hold on its leases, shared by its stages.
@@ -270,11 +362,28 @@ async fn worker(
     };
     let (to_commit, commit_rx) = mpsc::channel::<ToCommit>(1);
     let (to_clean, clean_rx) = mpsc::channel::<ToClean>(1);
-    tokio::try_join!(
-        copy_stage(sh, run_id, me, ttl, &leases, to_commit, cancel),
-        commit_stage(sh, run_id, me, &leases, commit_rx, to_clean),
-        cleanup_stage(sh, clean_rx),
-    )?;
+    let stages = async {
+        tokio::try_join!(
+            copy_stage(sh, run_id, me, ttl, &leases, to_commit, cancel),
+            commit_stage(sh, run_id, me, &leases, commit_rx, to_clean),
+            cleanup_stage(sh, me, &leases, clean_rx),
+        )
+    };
+    // A live worker keeps its leases however long a batch takes: their heartbeat is
+    // renewed three times per TTL while the stages work.
+    let heartbeat = async {
+        let every = (ttl / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            lease::heartbeat(&*leases.conn.lock().await, me).await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    tokio::select! {
+        r = stages => { r?; }
+        r = heartbeat => r?,
+    }
     // The connection goes back to the pool: it must not keep any lease's lock.
     leases
         .conn
@@ -442,7 +551,7 @@ async fn copy_batch(
     rows: Vec<Row>,
     claims: bool,
     cancel: &CancellationToken,
-) -> Result<Option<Vec<(Move, bool)>>> {
+) -> Result<Option<Vec<(Move, Made)>>> {
     let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
     let mut lines = batch.skipped;
     let mut moves = batch.moves;
@@ -482,7 +591,7 @@ async fn key_batch(
     after: Option<&str>,
     objects: Vec<(String, s3::ObjectInfo)>,
     cancel: &CancellationToken,
-) -> Result<Option<Vec<(Move, bool)>>> {
+) -> Result<Option<Vec<(Move, Made)>>> {
     let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
     db::rt(1);
     let stmt = db.prepare_cached(&sh.q.lookup).await?;
@@ -501,15 +610,19 @@ async fn key_batch(
         crate::rewrite::Mapped::To(d) => Some(d),
         _ => None,
     };
-    let Some((last, _)) = objects.last() else {
-        return Ok(Some(Vec::new()));
-    };
+    // The listing must cover every destination this batch copies to, whatever else the
+    // source page holds (its last key may not map: a stray key no row references). The
+    // prefix swap keeps order, so (swap(after), max destination] covers them all; an
+    // `after` that does not map lists from the prefix's start (more, never less).
     let dst_from = after.and_then(swap);
-    let dst_to = swap(last).unwrap_or_default();
-    let existing: HashMap<String, s3::ObjectInfo> = list_until(sh, Side::Dest, dst_from, &dst_to)
-        .await?
-        .into_iter()
-        .collect();
+    let existing: HashMap<String, s3::ObjectInfo> =
+        match batch.moves.iter().map(|m| m.dst_key.as_str()).max() {
+            Some(dst_to) => list_until(sh, Side::Dest, dst_from, dst_to)
+                .await?
+                .into_iter()
+                .collect(),
+            None => HashMap::new(),
+        };
     let src_info: HashMap<&str, &s3::ObjectInfo> =
         objects.iter().map(|(k, i)| (k.as_str(), i)).collect();
     let pairs = plan::distinct_pairs(&batch.moves);
@@ -587,7 +700,7 @@ async fn settle(
     pairs: &[(String, String)],
     results: Vec<PairResult>,
     mut lines: Vec<ReportLine>,
-) -> Result<Vec<(Move, bool)>> {
+) -> Result<Vec<(Move, Made)>> {
     let mut by_pair: HashMap<(&str, &str), PairResult> = HashMap::new();
     let mut copies = (0u64, 0u64);
     for ((src, dst), r) in pairs.iter().zip(results) {
@@ -603,6 +716,7 @@ async fn settle(
         if let PairResult::Ready {
             created: true,
             size,
+            ..
         } = r
         {
             copies.0 += 1;
@@ -629,13 +743,21 @@ fn split_ready<'m>(
     moves: &'m [Move],
     by_pair: &HashMap<(&str, &str), PairResult>,
     src_bucket: &str,
-) -> (Vec<(&'m Move, bool)>, Vec<ReportLine>) {
+) -> (Vec<(&'m Move, Made)>, Vec<ReportLine>) {
     let mut ready = Vec::new();
     let mut lines = Vec::new();
     for m in moves {
         let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
-            PairResult::Ready { created, .. } => {
-                ready.push((m, *created));
+            PairResult::Ready {
+                created, src_etag, ..
+            } => {
+                ready.push((
+                    m,
+                    Made {
+                        created: *created,
+                        src_etag: src_etag.clone(),
+                    },
+                ));
                 continue;
             }
             PairResult::MissingSource => (
@@ -724,12 +846,19 @@ async fn commit_stage(
     let db = sh.conn().await?;
     while let Some(msg) = rx.recv().await {
         let b = match msg {
-            ToCommit::LeaseEnd(id) => {
-                let c = leases.conn.lock().await;
-                if leases.lost.lock().map(|l| l.contains(&id)).unwrap_or(false) {
-                    lease::release(&c, id).await?;
-                } else {
-                    lease::finish(&c, id, me).await?;
+            ToCommit::LeaseEnd(lease) => {
+                let lost = leases
+                    .lost
+                    .lock()
+                    .map(|l| l.contains(&lease))
+                    .unwrap_or(false);
+                let end = ToClean::LeaseEnd {
+                    lease,
+                    done: false,
+                    lost,
+                };
+                if out.send(end).await.is_err() {
+                    return Ok(());
                 }
                 continue;
             }
@@ -742,19 +871,12 @@ async fn commit_stage(
             table: &sh.table,
             src_bucket: &sh.cfg.source.bucket,
             dst_bucket: &sh.cfg.dest.bucket,
-            moves: b.ready.iter().map(|(m, c)| (m, *c)).collect(),
+            moves: b.ready.iter().map(|(m, c)| (m, c)).collect(),
             last_id: &b.last_id,
             ends_lease: b.ends_lease,
         };
-        let committed = match commit::commit_batch(&db, &sh.q, &batch).await? {
-            Committed::Rows(rows) => {
-                if b.ends_lease {
-                    if let Ok(mut r) = leases.released.lock() {
-                        r.push(b.lease);
-                    }
-                }
-                rows
-            }
+        let (committed, refused) = match commit::commit_batch(&db, &sh.q, &batch).await? {
+            Committed::Rows(rows, refused) => (rows, refused),
             Committed::LeaseLost => {
                 warn!(
                     lease = b.lease,
@@ -764,78 +886,115 @@ async fn commit_stage(
                     l.insert(b.lease);
                 }
                 if b.ends_lease {
-                    if let Ok(mut r) = leases.released.lock() {
-                        r.push(b.lease);
+                    let end = ToClean::LeaseEnd {
+                        lease: b.lease,
+                        done: true,
+                        lost: true,
+                    };
+                    if out.send(end).await.is_err() {
+                        return Ok(());
                     }
                 }
                 continue;
             }
         };
-        let mut clean = ToClean {
-            pending: Vec::with_capacity(committed.len()),
-            take_back: Vec::new(),
-        };
-        let mut used: HashSet<&str> = HashSet::new();
-        for (m, _) in &b.ready {
-            if let Some(move_id) = committed.get(&m.row.id) {
-                used.insert(&m.dst_key);
-                clean.pending.push(Pending {
-                    move_id: *move_id,
-                    row_id: m.row.id.clone(),
-                    old_path: m.row.path.clone(),
-                    new_path: m.dst_key.clone(),
-                    src_bucket: sh.cfg.source.bucket.clone(),
-                });
-            }
-        }
+        let mut pending = Vec::with_capacity(committed.len());
         {
             let mut report = sh.report();
-            for (m, created) in &b.ready {
-                if committed.contains_key(&m.row.id) {
-                    report.record(moved_line(m, *created, false))?;
+            for (m, made) in &b.ready {
+                if let Some(move_id) = committed.get(&m.row.id) {
+                    pending.push(Pending {
+                        move_id: *move_id,
+                        row_id: m.row.id.clone(),
+                        old_path: m.row.path.clone(),
+                        new_path: m.dst_key.clone(),
+                        src_bucket: sh.cfg.source.bucket.clone(),
+                        src_etag: Some(made.src_etag.clone()),
+                    });
+                    report.record(moved_line(m, made.created, false))?;
+                } else if let Some(why) = refused.get(&m.row.id) {
+                    report.record(attention(m, Outcome::Rejected, why.clone()))?;
                 } else {
+                    // A copy made for it is taken back once the run is finished (the
+                    // commit recorded it in relocator.take_backs).
                     report.record(attention(
                         m,
                         Outcome::ChangedByApp,
                         "the row changed before the rewrite committed; left as the application wrote it".into(),
                     ))?;
-                    if *created
-                        && !used.contains(m.dst_key.as_str())
-                        && !clean.take_back.contains(&m.dst_key)
-                    {
-                        clean.take_back.push(m.dst_key.clone());
-                    }
                 }
             }
             report.counters.batches += 1;
             report.flush()?;
         }
         sh.progress.inc(b.rows as u64, 0);
-        if out.send(clean).await.is_err() {
+        if out.send(ToClean::Batch(pending)).await.is_err() {
             return Ok(());
+        }
+        if b.ends_lease {
+            let end = ToClean::LeaseEnd {
+                lease: b.lease,
+                done: true,
+                lost: false,
+            };
+            if out.send(end).await.is_err() {
+                return Ok(());
+            }
         }
     }
     Ok(())
 }
 
-/// Stage 3: delete the sources of committed moves, take back unused copies.
-async fn cleanup_stage(sh: &Shared<'_>, mut rx: mpsc::Receiver<ToClean>) -> Result<()> {
+/// Stage 3: delete the sources of committed moves; let go of a lease once the cleanup
+/// of its last batch is done.
+async fn cleanup_stage(
+    sh: &Shared<'_>,
+    me: &str,
+    leases: &WorkerLeases,
+    mut rx: mpsc::Receiver<ToClean>,
+) -> Result<()> {
     let db = sh.conn().await?;
     while let Some(c) = rx.recv().await {
+        let pending = match c {
+            ToClean::Batch(p) => p,
+            ToClean::LeaseEnd { lease, done, lost } => {
+                if done {
+                    // Marked done by its last commit: the lock goes with the next lease
+                    // request (no extra round trip).
+                    if let Ok(mut r) = leases.released.lock() {
+                        r.push(lease);
+                    }
+                } else {
+                    let c = leases.conn.lock().await;
+                    if lost {
+                        lease::release(&c, lease).await?;
+                    } else {
+                        lease::finish(&c, lease, me).await?;
+                    }
+                }
+                continue;
+            }
+        };
         let mut counters = crate::report::Counters::default();
-        cleanup::delete_sources(&db, &sh.s3, &sh.q, &c.pending, &mut counters).await?;
-        let keys: Vec<&str> = c.take_back.iter().map(String::as_str).collect();
-        cleanup::take_back_copies(
-            &db,
-            &sh.s3,
-            Side::Dest,
-            &sh.q,
-            &sh.cfg.dest.bucket,
-            &keys,
-            &mut counters,
-        )
-        .await?;
-        sh.report().counters.add(&counters);
+        let done = cleanup::delete_sources(&db, &sh.s3, &sh.q, &pending, &mut counters).await?;
+        let mut report = sh.report();
+        report.counters.add(&counters);
+        for p in pending
+            .iter()
+            .filter(|p| done.get(&p.move_id) == Some(&cleanup::Cleaned::Changed))
+        {
+            report.amend(
+                Outcome::Moved,
+                ReportLine {
+                    id: p.row_id.clone(),
+                    old_path: p.old_path.clone(),
+                    new_path: p.new_path.clone(),
+                    outcome: Outcome::SourceChanged,
+                    detail: source_changed_detail(p),
+                },
+            )?;
+        }
+        report.flush()?;
     }
     Ok(())
 }
@@ -915,8 +1074,8 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         for l in batch.skipped.into_iter().chain(lines) {
             report.record(l)?;
         }
-        for (m, created) in ready {
-            report.record(moved_line(m, created, true))?;
+        for (m, made) in ready {
+            report.record(moved_line(m, made.created, true))?;
         }
         report.counters.batches += 1;
         report.flush()?;

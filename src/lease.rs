@@ -411,6 +411,20 @@ async fn take_over(
     }))
 }
 
+/// Renew the heartbeat of every lease `me` holds, so none is taken over from a worker
+/// that is alive but busy with a long batch.
+pub async fn heartbeat(lease_conn: &deadpool_postgres::Client, me: &str) -> Result<()> {
+    rt(1);
+    lease_conn
+        .execute(
+            "UPDATE relocator.leases SET heartbeat = now() WHERE owner = $1 AND NOT done",
+            &[&me],
+        )
+        .await
+        .context("renewing the heartbeat of this worker's leases")?;
+    Ok(())
+}
+
 /// The lease is finished: mark it done and let go of its lock, in one statement.
 pub async fn finish(lease_conn: &deadpool_postgres::Client, lease: i64, me: &str) -> Result<()> {
     rt(1);

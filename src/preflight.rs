@@ -179,11 +179,13 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
         .query_one(
             "SELECT has_schema_privilege(c.relnamespace, 'USAGE'),
                     has_table_privilege(c.oid, 'SELECT'),
-                    has_column_privilege(c.oid, $2::text, 'UPDATE'),
+                    -- Table-level: the rewrite needs the column, the cleanup's LOCK TABLE
+                    -- ... IN SHARE MODE the table.
+                    has_table_privilege(c.oid, 'UPDATE'),
                     n.nspname::text
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE c.oid = $1::text::regclass",
-            &[&table.qualified, &cfg.path_column],
+            &[&table.qualified],
         )
         .await?;
     let (usage, select, update, schema): (bool, bool, bool, String) =
@@ -210,19 +212,21 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
     if update {
         r.ok(
             "update",
-            format!("{user} may UPDATE {}.{}", table.display, table.path_col),
+            format!(
+                "{user} may UPDATE {} (the rewrite, and the cleanup's short SHARE lock)",
+                table.display
+            ),
         );
     } else {
         r.fail(
             "update",
             format!(
-                "{user} may not UPDATE {}.{}, so no row could be rewritten",
-                table.display, table.path_col
+                "{user} may not UPDATE {}, so no row could be rewritten (the cleanup's LOCK \
+                 TABLE ... IN SHARE MODE, which waits for the application's writes in flight, \
+                 needs UPDATE on the table, not only on the path column)",
+                table.display
             ),
-            Some(format!(
-                "GRANT UPDATE ({}) ON {} TO {role};",
-                table.path_col, table.qualified
-            )),
+            Some(format!("GRANT UPDATE ON {} TO {role};", table.qualified)),
         );
     }
     // The ledger's DDL in a transaction that is rolled back: exactly the rights it needs.
@@ -406,9 +410,18 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
                     if via.server_side {
-                        s3::copy(&via.dst, from_bucket, from_key, info, &dst.bucket, k, write)
-                            .await
-                            .map(|_| ())
+                        s3::copy(
+                            &via.dst,
+                            from_bucket,
+                            from_key,
+                            info,
+                            &dst.bucket,
+                            k,
+                            write,
+                            false,
+                        )
+                        .await
+                        .map(|_| ())
                     } else {
                         s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k, write)
                             .await

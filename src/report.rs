@@ -33,6 +33,14 @@ pub enum Outcome {
     Error,
     /// `rollback`: the row points at its old key again, whose object exists.
     RolledBack,
+    /// The table refused the row's new value (column too short, a CHECK, a unique
+    /// index, a foreign key, row-level security, a trigger). Row unchanged; a copy made
+    /// for it is taken back.
+    Rejected,
+    /// Rewritten, but the application replaced the object at the old key after it was
+    /// copied: the new upload was kept at the old key, and the row points at the copy of
+    /// the object it referenced when relocator read it.
+    SourceChanged,
 }
 
 impl Outcome {
@@ -56,6 +64,8 @@ impl Outcome {
             Outcome::InvalidKey => "invalid_key",
             Outcome::Error => "error",
             Outcome::RolledBack => "rolled_back",
+            Outcome::SourceChanged => "source_changed",
+            Outcome::Rejected => "rejected",
         }
     }
 }
@@ -79,6 +89,9 @@ pub struct Counters {
     pub sources_deleted: u64,
     /// Sources kept because some row still references them.
     pub sources_kept_referenced: u64,
+    /// Sources (or copies) kept because the application replaced or removed them after
+    /// relocator copied them: they are no longer the object copied.
+    pub sources_changed: u64,
     /// Source deletes S3 refused; the ledger keeps them pending for the next run.
     pub delete_failures: u64,
     /// Copies relocator made and took back (their row was changed by the app).
@@ -98,6 +111,7 @@ impl Counters {
         self.s3_copies += o.s3_copies;
         self.sources_deleted += o.sources_deleted;
         self.sources_kept_referenced += o.sources_kept_referenced;
+        self.sources_changed += o.sources_changed;
         self.delete_failures += o.delete_failures;
         self.copies_removed += o.copies_removed;
         self.batches += o.batches;
@@ -211,6 +225,17 @@ impl Report {
             .context("writing the report")?;
         }
         Ok(())
+    }
+
+    /// A later outcome for a row already recorded as `was` in this run (its source
+    /// cleanup found something): the count moves from `was` to the new outcome, the row
+    /// is not counted again, and the CSV gets a line that supersedes the earlier one.
+    pub fn amend(&mut self, was: Outcome, line: ReportLine) -> Result<()> {
+        if let Some(n) = self.outcomes.get_mut(&was).filter(|n| **n > 0) {
+            *n -= 1;
+            self.rows_seen -= 1;
+        }
+        self.record(line)
     }
 
     /// Flush after each batch so a killed run leaves a report of what it committed.

@@ -271,6 +271,7 @@ async fn undo_batch(
                         move_id: e.move_id,
                         bucket: &sh.cfg.dest.bucket,
                         key: &e.new_path,
+                        etag: None,
                     });
                 }
                 lines.push(line(e, Outcome::RolledBack, "restored".into()));
@@ -299,22 +300,26 @@ async fn undo_batch(
         Side::Dest,
         &sh.q,
         &to_delete,
-        MARK_ROLLBACK_CLEANED,
+        Some(MARK_ROLLBACK_CLEANED),
         &mut counters,
     )
     .await?;
     take_back.sort_unstable();
     take_back.dedup();
-    cleanup::take_back_copies(
-        db,
-        &sh.s3,
-        Side::Source,
-        &sh.q,
-        &sh.cfg.source.bucket,
-        &take_back,
-        &mut counters,
-    )
-    .await?;
+    let unused: Vec<Unreferenced<'_>> = take_back
+        .iter()
+        .map(|key| Unreferenced {
+            move_id: 0,
+            bucket: &sh.cfg.source.bucket,
+            key,
+            etag: None,
+        })
+        .collect();
+    let mut taken = Counters::default();
+    cleanup::delete_unreferenced(db, &sh.s3, Side::Source, &sh.q, &unused, None, &mut taken)
+        .await?;
+    counters.copies_removed += std::mem::take(&mut taken.sources_deleted);
+    counters.add(&taken);
     let mut report = sh.report();
     report.counters.add(&counters);
     for l in lines {
@@ -348,6 +353,7 @@ async fn restore_pair(
         (None, Some(o)) => Ok(PairResult::Ready {
             created: false,
             size: o.size,
+            src_etag: o.etag,
         }),
         (None, None) => Ok(PairResult::MissingSource),
         (Some(n), at_old) => {
@@ -422,6 +428,7 @@ async fn finish_earlier_cleanups(
                 move_id: *id,
                 bucket: &sh.cfg.dest.bucket,
                 key,
+                etag: None,
             })
             .collect();
         info!(
@@ -435,7 +442,7 @@ async fn finish_earlier_cleanups(
             Side::Dest,
             &sh.q,
             &items,
-            MARK_ROLLBACK_CLEANED,
+            Some(MARK_ROLLBACK_CLEANED),
             &mut counters,
         )
         .await?;

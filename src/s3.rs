@@ -218,6 +218,12 @@ pub struct S3 {
     /// Both sides are one endpoint with one set of credentials: copies are server-side
     /// (CopyObject); else they are streamed GET → PUT.
     pub server_side: bool,
+    /// The destination refuses a CopyObject onto an existing key when the request says
+    /// `If-None-Match: *` (AWS S3 does; Garage, MinIO and moto ignore it): learned per run
+    /// by [`S3::learn_create_only`], never assumed. When true every server-side copy is
+    /// create-only, so a different object put at the destination after relocator looked
+    /// is never overwritten.
+    pub create_only: bool,
     limiter: Option<std::sync::Arc<governor::DefaultDirectRateLimiter>>,
 }
 
@@ -242,6 +248,7 @@ impl S3 {
             src,
             dst,
             server_side,
+            create_only: false,
             limiter,
         }
     }
@@ -270,8 +277,76 @@ impl S3 {
         S3 {
             src: self.dst.clone(),
             dst: self.src.clone(),
+            // What was learned of the destination holds for the source only on one server.
+            create_only: self.create_only && self.server_side,
             ..self.clone()
         }
+    }
+
+    /// Ask the destination whether it honours `If-None-Match: *` on CopyObject: two probe
+    /// objects of relocator's own under the destination prefix, the second copy made
+    /// create-only onto the first's copy — refused (412) where honoured. Both are removed
+    /// again. Server-side copies only (streamed copies PUT, which this does not probe).
+    pub async fn learn_create_only(&mut self, bucket: &str, prefix: &str) -> Result<(), S3Error> {
+        if !self.server_side {
+            return Ok(());
+        }
+        let tag = format!("{:016x}", rand::random::<u64>());
+        let (a, b) = (
+            format!("{prefix}.relocator-probe-{tag}-a"),
+            format!("{prefix}.relocator-probe-{tag}-b"),
+        );
+        self.ready_write().await;
+        put(
+            &self.dst,
+            bucket,
+            &a,
+            b"relocator probe".to_vec(),
+            "text/plain",
+        )
+        .await?;
+        let copy = |create_only: bool| {
+            let req = self
+                .dst
+                .copy_object()
+                .copy_source(copy_source(bucket, &a))
+                .bucket(bucket)
+                .key(&b);
+            if create_only {
+                req.if_none_match("*")
+            } else {
+                req
+            }
+        };
+        self.ready_write().await;
+        let first = copy(false).send().await;
+        self.ready_write().await;
+        let second = match first {
+            Ok(_) => copy(true).send().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let answer = second.map_err(|e| classify(&format!("COPY probe s3://{bucket}/{b}"), e));
+        for k in [&a, &b] {
+            self.ready_write().await;
+            delete_one(&self.dst, bucket, k).await?;
+        }
+        self.create_only = match answer {
+            Ok(()) => false,
+            Err(S3Error::PreconditionFailed) => true,
+            // 501 NotImplemented, 400 on an unknown header: not honoured.
+            Err(S3Error::Rejected(_)) => false,
+            Err(other) => return Err(other),
+        };
+        tracing::info!(
+            create_only = self.create_only,
+            "the destination {} If-None-Match on CopyObject",
+            if self.create_only {
+                "honours"
+            } else {
+                "ignores"
+            }
+        );
+        Ok(())
     }
 
     /// Before a read request (HEAD, GET, LIST): wait for the rate cap, count it.
@@ -383,6 +458,7 @@ pub async fn head(client: &Client, bucket: &str, key: &str) -> Result<Option<Obj
 /// ETag — including a `200 OK` whose body is an `<Error>` — is a failure, and the new
 /// ETag must match the source's where both are MD5s of the bytes. `Ok(false)`: they are
 /// not (a multipart source, an SSE-KMS copy), and the caller confirms the size instead.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy(
     client: &Client,
     src_bucket: &str,
@@ -391,6 +467,7 @@ pub async fn copy(
     dst_bucket: &str,
     dst_key: &str,
     write: &WriteOptions,
+    create_only: bool,
 ) -> Result<bool, S3Error> {
     let what = format!("COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
     let mut req = with_write_options!(
@@ -402,6 +479,10 @@ pub async fn copy(
             .key(dst_key),
         write
     );
+    if create_only {
+        // Refused (412) if anything is at the destination by now.
+        req = req.if_none_match("*");
+    }
     if !write.metadata.is_empty() {
         let h = head_object(client, src_bucket, src_key)
             .await?

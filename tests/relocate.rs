@@ -252,6 +252,10 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     )
     .await
     .unwrap();
+    let made = relocator::copy::Made {
+        created: true,
+        src_etag: "etag".into(),
+    };
     let batch = |owner: &'static str| relocator::commit::CommitBatch {
         run_id,
         lease_id,
@@ -259,7 +263,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         table: &table,
         src_bucket: &env.src_bucket,
         dst_bucket: &env.dst_bucket,
-        moves: moves.iter().map(|m| (m, true)).collect(),
+        moves: moves.iter().map(|m| (m, &made)).collect(),
         last_id: "5",
         ends_lease: false,
     };
@@ -274,7 +278,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         .iter()
         .all(|(_, p)| p.starts_with("image/")));
 
-    let Committed::Rows(committed) = relocator::commit::commit_batch(&db, &q, &batch("me"))
+    let Committed::Rows(committed, _) = relocator::commit::commit_batch(&db, &q, &batch("me"))
         .await
         .unwrap()
     else {

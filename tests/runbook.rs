@@ -350,7 +350,7 @@ async fn preflight_passes_on_a_good_stack_and_names_the_fix_for_each_problem() {
         &[("DATABASE_URL", url.as_str())],
         &[
             "FAIL  update",
-            &format!("GRANT UPDATE (\"path\") ON \"public\".\"avatars\" TO \"{role}\";"),
+            &format!("GRANT UPDATE ON \"public\".\"avatars\" TO \"{role}\";"),
             "FAIL  ledger",
         ],
     );

@@ -30,6 +30,12 @@ pub enum Fault {
     Stall(Duration),
     /// Forward, but turn a `200` into `200` with an `<Error>` body (CopyObject's trap).
     ErrorIn200,
+    /// 412 PreconditionFailed, as a server answers a conditional request whose condition
+    /// fails (`If-None-Match: *` onto an existing key, `x-amz-copy-source-if-match`).
+    PreconditionFailed,
+    /// 404 NoSuchKey: the server says the key is free (a HEAD that lies, to stage an
+    /// object appearing between a look and a copy).
+    NotFound,
     /// Forward, but flip the first byte of a `200`/`206` body: a server (or network) that
     /// returns wrong bytes.
     Corrupt,
@@ -190,6 +196,8 @@ fn full(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+const PRECONDITION_FAILED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>";
+const NO_SUCH_KEY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>";
 const INTERNAL: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>";
 
 async fn handle(
@@ -208,6 +216,10 @@ async fn handle(
     match fault {
         Fault::Internal => return Ok(full(StatusCode::INTERNAL_SERVER_ERROR, INTERNAL)),
         Fault::SlowDown => return Ok(full(StatusCode::SERVICE_UNAVAILABLE, SLOW_DOWN)),
+        Fault::PreconditionFailed => {
+            return Ok(full(StatusCode::PRECONDITION_FAILED, PRECONDITION_FAILED))
+        }
+        Fault::NotFound => return Ok(full(StatusCode::NOT_FOUND, NO_SUCH_KEY)),
         // hyper drops the connection, unanswered, when the service fails.
         Fault::Reset => return Err(ResetConnection),
         Fault::Stall(d) => {

@@ -1,0 +1,664 @@
+//! The promises under forced interleavings: a second session holding a row lock or an
+//! open INSERT, the application replacing an object at the right moment, a second job on
+//! the same table, a stray key in the listing, a slow but live worker. Each test names
+//! what it protects; each failed on the code before its fix.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, FaultProxy};
+use common::{read_summary, TestEnv};
+use relocator::s3;
+
+/// The table as the application has it, without the seeder: `avatars(id, path)`, with
+/// or without the index on `path` (without it the run takes phase 2: HEAD per object,
+/// batches of ids).
+async fn table(env: &TestEnv, path_index: bool) {
+    let db = env.db().await;
+    db.batch_execute("CREATE TABLE avatars (id serial PRIMARY KEY, path varchar)")
+        .await
+        .unwrap();
+    if path_index {
+        db.batch_execute("CREATE INDEX avatars_path_idx ON avatars (path)")
+            .await
+            .unwrap();
+    }
+}
+
+async fn put(env: &TestEnv, bucket: &str, key: &str, body: &[u8]) {
+    s3::put(&env.s3, bucket, key, body.to_vec(), "image/png")
+        .await
+        .unwrap_or_else(|e| panic!("putting {key}: {e}"));
+}
+
+async fn bytes(env: &TestEnv, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    s3::get_bytes(&env.s3, bucket, key).await.ok()
+}
+
+/// Start the binary in the background.
+fn spawn(env: &TestEnv, extra: &[&str]) -> Child {
+    env.run_cmd(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> (i32, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Wait until some session of this test's database waits for a lock (relocator's
+/// commit behind a held row lock, or its cleanup behind an open writer).
+async fn until_a_session_waits_for_a_lock(env: &TestEnv) {
+    let db = env.db().await;
+    let start = Instant::now();
+    loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "relocator never waited for the lock held by the test"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Safety #1. Rows 1 and 3 share a key, batches {1,2} and {3,4}. Batch 1 copies it; the
+/// application changes row 1 while batch 1's commit waits; batch 2 meanwhile finds the
+/// copy identical and relies on it. The copy made for row 1 must not be taken back while
+/// batch 2 still commits row 3 onto it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
+    let env = TestEnv::new("takeback-race").await;
+    table(&env, false).await;
+    let shared = b"shared avatar bytes".as_slice();
+    put(&env, &env.src_bucket, "image/shared.png", shared).await;
+    put(&env, &env.src_bucket, "image/two.png", b"two").await;
+    put(&env, &env.src_bucket, "image/four.png", b"four").await;
+    let db = env.db().await;
+    db.batch_execute(
+        "INSERT INTO avatars (path) VALUES ('image/shared.png'), ('image/two.png'),
+                                           ('image/shared.png'), ('image/four.png')",
+    )
+    .await
+    .unwrap();
+
+    // The application holds row 1 while it decides what to do with it.
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM avatars WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let child = spawn(&env, &["--batch-size", "2"]);
+    until_a_session_waits_for_a_lock(&env).await;
+    // Batch 2 is copied (HEAD finds the identical copy) while batch 1 waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tx.execute(
+        "UPDATE avatars SET path = 'image/app-chose-another.png' WHERE id = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 3, "row 1 changed by the app needs attention: {err}");
+
+    let rows = env.rows().await;
+    assert_eq!(rows[2].1, "avatar/shared.png", "row 3 was moved");
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/shared.png")
+            .await
+            .as_deref(),
+        Some(shared),
+        "row 3 points at the copy, which must still be there"
+    );
+}
+
+/// Safety #3. Phase 1 lists the destination range of a page of source keys. A stray
+/// source object no row references whose key cannot be mapped (too long once moved)
+/// sorts last: the listing must still cover every pair copied, so the different object
+/// already at a row's destination is found and never overwritten.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stray_unmappable_key_does_not_blind_the_destination_listing() {
+    let env = TestEnv::new("stray-key").await;
+    table(&env, true).await;
+    put(&env, &env.src_bucket, "image/a.png", b"the row's avatar").await;
+    let stray = format!("image/{}", "z".repeat(1018)); // 1025 bytes under avatar/
+    put(&env, &env.src_bucket, &stray, b"nobody's").await;
+    let foreign = b"someone else's object".as_slice();
+    put(&env, &env.dst_bucket, "avatar/a.png", foreign).await;
+    env.db()
+        .await
+        .execute("INSERT INTO avatars (path) VALUES ('image/a.png')", &[])
+        .await
+        .unwrap();
+
+    let (code, err) = env.run(&["--report", &env.path("r.csv")]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(foreign),
+        "the different object at the destination was overwritten"
+    );
+    assert_eq!(env.rows().await[0].1, "image/a.png", "the row stays");
+    assert!(bytes(&env, &env.src_bucket, "image/a.png").await.is_some());
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    assert_eq!(outcomes["1"].0, "conflict");
+}
+
+/// Safety #4. Job A (column `path`) commits and dies before its cleanup. A row of the
+/// application then references A's legacy key again. Job B on the same table but another
+/// column must not finish A's cleanup (it would check references in its own column and
+/// delete what `path` still references); A's own rerun finds the reference and keeps it.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_job_on_the_table_never_finishes_this_jobs_cleanup() {
+    let env = TestEnv::new("other-job").await;
+    table(&env, true).await;
+    let db = env.db().await;
+    db.batch_execute("ALTER TABLE avatars ADD COLUMN thumb varchar")
+        .await
+        .unwrap();
+    put(&env, &env.src_bucket, "image/k.png", b"legacy default").await;
+    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/k.png')")
+        .await
+        .unwrap();
+
+    // A's DeleteObjects fail: it exits 1 after its commit, the cleanup pending.
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|_, method, path| {
+            // DeleteObjects: POST to the bucket itself (path-style, no key).
+            if method == "POST" && path.trim_matches('/').split('/').count() == 1 {
+                Fault::Internal
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--s3-max-attempts", "1"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.rows().await[0].1, "avatar/k.png", "A committed");
+
+    // The application signs someone up with the legacy default.
+    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/k.png')")
+        .await
+        .unwrap();
+    let mut b = env.cmd();
+    b.args(["run", "--path-column", "thumb"])
+        .args(["--source", &format!("s3://{}/thumbs/", env.src_bucket)])
+        .args(["--dest", &format!("s3://{}/thumbs-new/", env.dst_bucket)]);
+    let out = b.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        bytes(&env, &env.src_bucket, "image/k.png").await.is_some(),
+        "job B deleted an object the path column still references"
+    );
+
+    // A's rerun finishes its cleanup (k is referenced by the new row: kept), then moves
+    // the new row too.
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_no_row_dangles().await;
+    let pending: i64 = db
+        .query_one(
+            "SELECT count(*) FROM relocator.moves WHERE cleaned_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0, "A's rerun finished its own cleanup");
+}
+
+/// Safety #6. The application re-uploads the object at the legacy key after relocator
+/// copied it (the row is unchanged, so its rewrite commits). The cleanup must see that
+/// the source is no longer the object copied, keep the new upload and report it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_replaced_after_its_copy_is_kept_and_reported() {
+    let env = TestEnv::new("src-replaced").await;
+    table(&env, true).await;
+    put(&env, &env.src_bucket, "image/user-1.png", b"old face").await;
+    put(&env, &env.src_bucket, "image/user-2.png", b"other").await;
+    let db = env.db().await;
+    db.batch_execute(
+        "INSERT INTO avatars (path) VALUES ('image/user-1.png'), ('image/user-2.png')",
+    )
+    .await
+    .unwrap();
+    // Row 2 is held, so the batch's commit waits after the copies are made.
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM avatars WHERE id = 2 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let child = spawn(
+        &env,
+        &[
+            "--report",
+            &env.path("r.csv"),
+            "--summary-json",
+            &env.path("s.json"),
+        ],
+    );
+    until_a_session_waits_for_a_lock(&env).await;
+    let new_face = b"new face, uploaded during the move".as_slice();
+    put(&env, &env.src_bucket, "image/user-1.png", new_face).await;
+    tx.rollback().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 3, "a replaced source needs attention: {err}");
+    assert_eq!(
+        bytes(&env, &env.src_bucket, "image/user-1.png")
+            .await
+            .as_deref(),
+        Some(new_face),
+        "the application's new upload was deleted"
+    );
+    assert!(
+        bytes(&env, &env.src_bucket, "image/user-2.png")
+            .await
+            .is_none(),
+        "an unchanged source is still deleted"
+    );
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(s["outcomes"]["source_changed"], 1, "{s}");
+    assert_eq!(s["outcomes"]["moved"], 1, "{s}");
+    assert_eq!(s["rows_seen"], 2, "one count per row: {s}");
+    let cleanup: String = db
+        .query_one(
+            "SELECT cleanup FROM relocator.moves WHERE row_id = '1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cleanup, "changed");
+}
+
+/// Round two #1. An application transaction that inserts a row referencing the legacy
+/// key is open while the cleanup checks references: the cleanup must wait for it (and
+/// then see the row), not delete the object under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_being_written_during_the_cleanup_is_seen() {
+    let env = TestEnv::new("inflight-ref").await;
+    table(&env, true).await;
+    put(
+        &env,
+        &env.src_bucket,
+        "image/default.png",
+        b"the default avatar",
+    )
+    .await;
+    let db = env.db().await;
+    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/default.png')")
+        .await
+        .unwrap();
+    // A sign-up in flight: its row points at the legacy default, not committed yet.
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO avatars (path) VALUES ('image/default.png')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let child = spawn(&env, &[]);
+    // The cleanup waits for the open writer. (Before the fix the run did not wait at all:
+    // it finished, deleting the object, and this wait timed out.)
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        until_a_session_waits_for_a_lock(&env),
+    )
+    .await;
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert!(waited.is_ok(), "the cleanup did not wait for the writer");
+    assert_eq!(code, 0, "{err}");
+    // The new row was seen: its key kept, or the row moved along with it.
+    env.assert_no_row_dangles().await;
+}
+
+/// Safety #7. A slow batch (rate-limited far below its work) outlives --lease-ttl: the
+/// live worker keeps its lease through heartbeats, so no second worker copies the same
+/// batch and records relocator's copies as not its own; rollback then removes every
+/// object relocator made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_worker_keeps_its_lease_through_a_slow_batch() {
+    let env = TestEnv::new("heartbeat").await;
+    let seeded = env.seed(24, 0).await;
+    let (code, err) = env.run(&[
+        "--workers",
+        "2",
+        "--lease-ttl",
+        "2",
+        "--max-rps",
+        "6",
+        "--batch-size",
+        "12",
+        "--summary-json",
+        &env.path("s.json"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_converged(&seeded).await;
+    let db = env.db().await;
+    let not_ours: i64 = db
+        .query_one("SELECT count(*) FROM relocator.moves WHERE NOT copied", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        not_ours, 0,
+        "every object relocator made is known as its own"
+    );
+    let distinct: std::collections::HashSet<&str> =
+        seeded.iter().map(|r| r.path.as_str()).collect();
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(
+        s["counters"]["s3_copies"],
+        distinct.len() as u64,
+        "no batch was copied twice"
+    );
+    let mut rb = env.cmd();
+    rb.args(["rollback", "--source", &env.source(), "--dest", &env.dest()]);
+    let out = rb.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = env.keys(&env.dst_bucket, "avatar/").await;
+    assert!(
+        left.is_empty(),
+        "rollback left relocator's copies: {left:?}"
+    );
+}
+
+/// Round two #2. Rows the table refuses — too long for `varchar(40)` (SQLSTATE 22001),
+/// a CHECK (23514), a unique index (23505), a trigger that raises (P0001) — are each that
+/// row's outcome `rejected`, with PostgreSQL's reason; the rest of the batch commits, the
+/// copies made for the refused rows are taken back, the run ends with exit 3.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_the_table_refuses_are_rejected_and_the_rest_of_the_batch_moves() {
+    let env = TestEnv::new("refused").await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE avatars (
+             id serial PRIMARY KEY,
+             path varchar(40) UNIQUE CHECK (path NOT LIKE 'avatar/forbidden%'));
+         CREATE FUNCTION no_trigger_me() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.path LIKE '%trigger-me%' THEN
+                 RAISE EXCEPTION 'the application refuses %', NEW.path;
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER no_trigger_me BEFORE UPDATE ON avatars
+             FOR EACH ROW EXECUTE FUNCTION no_trigger_me();",
+    )
+    .await
+    .unwrap();
+    let long = format!("image/{}.png", "l".repeat(30)); // 40 characters; 41 once moved
+    let rows = [
+        "image/ok-1.png",
+        long.as_str(),
+        "image/forbidden.png",
+        "image/trigger-me.png",
+        "image/dup.png",
+        "avatar/dup.png",
+        "image/ok-2.png",
+    ];
+    for p in rows {
+        let bucket = if p.starts_with("avatar/") {
+            &env.dst_bucket
+        } else {
+            &env.src_bucket
+        };
+        let body = if p.ends_with("dup.png") { "dup" } else { p };
+        put(&env, bucket, p, body.as_bytes()).await;
+        db.execute("INSERT INTO avatars (path) VALUES ($1)", &[&p])
+            .await
+            .unwrap();
+    }
+    let (code, err) = env.run(&["--report", &env.path("r.csv")]);
+    assert_eq!(code, 3, "{err}");
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    for (id, sqlstate) in [
+        ("2", "22001"),
+        ("3", "23514"),
+        ("4", "P0001"),
+        ("5", "23505"),
+    ] {
+        assert_eq!(outcomes[id].0, "rejected", "row {id}: {outcomes:?}");
+        let detail = std::fs::read_to_string(env.path("r.csv")).unwrap();
+        assert!(
+            detail.contains(sqlstate),
+            "{sqlstate} named in the report:\n{detail}"
+        );
+    }
+    let now = env.rows().await;
+    assert_eq!(now[0].1, "avatar/ok-1.png");
+    assert_eq!(now[6].1, "avatar/ok-2.png");
+    for (i, p) in rows.iter().enumerate().skip(1).take(5) {
+        assert_eq!(&now[i].1, p, "refused row {} is unchanged", i + 1);
+    }
+    // Sources of refused rows kept; copies made for them taken back; the object another
+    // row already pointed at (not relocator's) left alone.
+    for p in &rows[1..5] {
+        assert!(bytes(&env, &env.src_bucket, p).await.is_some(), "{p} kept");
+    }
+    let left = env.keys(&env.dst_bucket, "avatar/").await;
+    let mut left: Vec<&str> = left.iter().map(String::as_str).collect();
+    left.sort_unstable();
+    assert_eq!(
+        left,
+        ["avatar/dup.png", "avatar/ok-1.png", "avatar/ok-2.png"]
+    );
+    env.assert_no_row_dangles().await;
+}
+
+/// Round two #5. The stack's login role is named `relocator`, so "$user" in the default
+/// search_path finds the ledger's schema first: an unqualified `--table moves` would name
+/// relocator's own ledger. Refused with exit 2, nothing changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ledger_is_never_a_jobs_table() {
+    let env = TestEnv::new("ledger-table").await;
+    let seeded = env.seed(3, 0).await;
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_converged(&seeded).await;
+    let before: i64 = env
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM relocator.moves", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for table in ["moves", "relocator.moves"] {
+        let out = env
+            .cmd()
+            .args(["run", "--table", table, "--id-column", "move_id"])
+            .args(["--path-column", "new_path"])
+            .args(["--source", &format!("s3://{}/avatar/", env.dst_bucket)])
+            .args(["--dest", &format!("s3://{}/elsewhere/", env.src_bucket)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--table {table}: {err}");
+        assert!(err.contains("relocator's own ledger"), "{err}");
+    }
+    let after: i64 = env
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM relocator.moves", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, after);
+    env.assert_converged(&seeded).await;
+}
+
+/// Round two #1, in rollback: the application copies a moved row's new key onto a new
+/// row (`INSERT … SELECT path`) in a transaction still open while the rollback removes the
+/// new object. The rollback's cleanup must wait for it and keep the object.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_being_written_during_the_rollback_cleanup_is_seen() {
+    let env = TestEnv::new("inflight-rollback").await;
+    table(&env, true).await;
+    put(&env, &env.src_bucket, "image/a.png", b"a face").await;
+    let db = env.db().await;
+    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/a.png')")
+        .await
+        .unwrap();
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(env.rows().await[0].1, "avatar/a.png");
+
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO avatars (path) SELECT path FROM avatars WHERE id = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let child = env
+        .cmd()
+        .args(["rollback", "--source", &env.source(), "--dest", &env.dest()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        until_a_session_waits_for_a_lock(&env),
+    )
+    .await;
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert!(
+        waited.is_ok(),
+        "the rollback's cleanup did not wait for the writer"
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows = env.rows().await;
+    assert_eq!(rows[0].1, "image/a.png", "row 1 rolled back");
+    assert_eq!(rows[1].1, "avatar/a.png", "the application's row");
+    env.assert_no_row_dangles().await;
+}
+
+/// Safety #5. Where the server honours `If-None-Match: *` on CopyObject (learned by the
+/// run's probe), every copy is create-only: an object put at the destination between
+/// relocator's look and its copy makes the server refuse the copy (412), and relocator
+/// then looks at what is there — a different object is a `conflict`, never overwritten.
+/// Staged with the proxy: the probe's create-only copy and the row's copy answered 412,
+/// the row's first HEAD answered 404 while a different object is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_only_copy_refused_by_the_server_is_a_conflict() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let env = TestEnv::new("create-only").await;
+    table(&env, false).await;
+    put(&env, &env.src_bucket, "image/a.png", b"the row's avatar").await;
+    let foreign = b"put by the application meanwhile".as_slice();
+    put(&env, &env.dst_bucket, "avatar/a.png", foreign).await;
+    env.db()
+        .await
+        .execute("INSERT INTO avatars (path) VALUES ('image/a.png')", &[])
+        .await
+        .unwrap();
+    let (probe_copies, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (pc, hd) = (probe_copies.clone(), heads.clone());
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "PUT" && path.contains("relocator-probe") && path.ends_with("-b") {
+                // The second copy onto the probe is the create-only one.
+                if pc.fetch_add(1, Ordering::SeqCst) == 1 {
+                    return Fault::PreconditionFailed;
+                }
+            }
+            if path.ends_with("/avatar/a.png") {
+                match method {
+                    "HEAD" if hd.fetch_add(1, Ordering::SeqCst) == 0 => return Fault::NotFound,
+                    "PUT" => return Fault::PreconditionFailed,
+                    _ => {}
+                }
+            }
+            Fault::Forward
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--report", &env.path("r.csv")])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("honours If-None-Match"), "{err}");
+    let copy = proxy
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.method == "PUT" && r.target.contains("/avatar/a.png"))
+        .cloned()
+        .expect("the row's copy was sent");
+    assert_eq!(
+        copy.headers
+            .get("if-none-match")
+            .map(|v| v.to_str().unwrap()),
+        Some("*"),
+        "the copy was create-only"
+    );
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    assert_eq!(outcomes["1"].0, "conflict", "{outcomes:?}");
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(foreign)
+    );
+    assert_eq!(env.rows().await[0].1, "image/a.png");
+
+    // Against the stack's Garage itself (no proxy) the probe finds it ignored.
+    let out = env.run_cmd(&[]).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ignores If-None-Match"), "{err}");
+}
