@@ -228,6 +228,31 @@ impl TableInfo {
                 cfg.id_column
             )));
         }
+        // A unique index allows many NULLs, and a row without an id can be neither paged
+        // to nor rewritten by id: refuse rather than pass over it and report success.
+        let null_ids: bool = client
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {}.{} AS t WHERE t.{} IS NULL
+                                       AND starts_with(t.{}, $1))",
+                    quote_ident(&schema),
+                    quote_ident(&name),
+                    quote_ident(&cfg.id_column),
+                    quote_ident(&cfg.path_column)
+                ),
+                &[&cfg.source.prefix],
+            )
+            .await
+            .context("looking for rows without an id")?
+            .get(0);
+        if null_ids {
+            return Err(config_error(format!(
+                "--id-column {:?} of {display} is NULL in some rows under the source prefix, so \
+                 they cannot be addressed one by one; give them ids (or name a NOT NULL unique \
+                 column with --id-column), then rerun",
+                cfg.id_column
+            )));
+        }
         let path_indexed: bool = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_index i
@@ -261,7 +286,9 @@ pub struct Queries {
     /// without a lower bound.
     lease_end: [String; 2],
     /// The guarded rewrite + ledger rows + lease progress, one statement. See
-    /// [`crate::commit`].
+    /// [`crate::commit`]. Rows the table refused (`try` false) are not rewritten; copies
+    /// made for rows not rewritten go to `relocator.take_backs`, taken back only once the
+    /// run is finished. (No SQL comments inside: pg_stat_activity shows the first 1 KiB.)
     pub commit: String,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
@@ -334,8 +361,6 @@ impl Queries {
                               AS u(id, old_path, new_path, copied, src_etag, try)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
-                     -- Rows the table refused (try = false) are not rewritten; a copy
-                     -- made for them is taken back like one for a changed row.
                      UPDATE {tbl} AS t SET {path} = u.new_path
                        FROM u
                       WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path
@@ -347,8 +372,6 @@ impl Queries {
                      SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag FROM upd
                   RETURNING move_id, row_id
                  ), tb AS (
-                     -- Copies made for rows the application changed: taken back only once
-                     -- the run is finished, when no batch in flight can rely on them.
                      INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag)
                      SELECT DISTINCT $5::bigint, $8::text, u.new_path, u.src_etag FROM u
                       WHERE u.copied AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.id = u.id)

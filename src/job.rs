@@ -129,10 +129,8 @@ pub async fn run(
     let mut sh = open(cfg, workers * 4 + 1, Report::new("run", opts.report)?).await?;
     sh.concurrency = (cfg.concurrency / workers).max(1);
     sh.s3
-        .learn_create_only(&cfg.dest.bucket, &cfg.dest.prefix)
-        .await
-        .map_err(anyhow::Error::from)
-        .context("asking the destination whether it honours create-only copies")?;
+        .learn_create_only(&cfg.dest.bucket, &cfg.dest.prefix, &cfg.write)
+        .await;
     let mut main = sh.conn().await?;
     db::ensure_ledger(&mut main).await?;
     lease::lock_table(&main, &sh.table, TableLock::Run).await?;

@@ -284,59 +284,67 @@ impl S3 {
     }
 
     /// Ask the destination whether it honours `If-None-Match: *` on CopyObject: two probe
-    /// objects of relocator's own under the destination prefix, the second copy made
-    /// create-only onto the first's copy — refused (412) where honoured. Both are removed
-    /// again. Server-side copies only (streamed copies PUT, which this does not probe).
-    pub async fn learn_create_only(&mut self, bucket: &str, prefix: &str) -> Result<(), S3Error> {
+    /// objects of relocator's own under the destination prefix (written with the job's
+    /// write options, as every write), the second copy made create-only onto the first's
+    /// copy — refused (412) where honoured. Both are removed again. Any other answer
+    /// leaves `create_only` false, the safe assumption. Server-side copies only (streamed
+    /// copies PUT, which this does not probe).
+    pub async fn learn_create_only(&mut self, bucket: &str, prefix: &str, write: &WriteOptions) {
+        self.create_only = false;
         if !self.server_side {
-            return Ok(());
+            return;
         }
         let tag = format!("{:016x}", rand::random::<u64>());
         let (a, b) = (
             format!("{prefix}.relocator-probe-{tag}-a"),
             format!("{prefix}.relocator-probe-{tag}-b"),
         );
-        self.ready_write().await;
-        put(
-            &self.dst,
-            bucket,
-            &a,
-            b"relocator probe".to_vec(),
-            "text/plain",
-        )
-        .await?;
+        let what = format!("probing s3://{bucket}/{b}");
         let copy = |create_only: bool| {
-            let req = self
-                .dst
-                .copy_object()
-                .copy_source(copy_source(bucket, &a))
-                .bucket(bucket)
-                .key(&b);
+            let req = with_write_options!(
+                self.dst
+                    .copy_object()
+                    .copy_source(copy_source(bucket, &a))
+                    .bucket(bucket)
+                    .key(&b),
+                write
+            );
             if create_only {
                 req.if_none_match("*")
             } else {
                 req
             }
         };
-        self.ready_write().await;
-        let first = copy(false).send().await;
-        self.ready_write().await;
-        let second = match first {
-            Ok(_) => copy(true).send().await.map(|_| ()),
-            Err(e) => Err(e),
+        let answer = async {
+            self.ready_write().await;
+            with_write_options!(self.dst.put_object().bucket(bucket).key(&a), write)
+                .body(ByteStream::from_static(b"relocator probe"))
+                .send()
+                .await
+                .map_err(|e| classify(&what, e))?;
+            self.ready_write().await;
+            copy(false).send().await.map_err(|e| classify(&what, e))?;
+            self.ready_write().await;
+            copy(true).send().await.map_err(|e| classify(&what, e))
+        }
+        .await;
+        self.create_only = match answer {
+            Ok(_) => false,
+            Err(S3Error::PreconditionFailed) => true,
+            // 501 NotImplemented, 400 for an unknown header, or the probe failed: not
+            // known to be honoured, so copies look right before they write.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not learn whether the destination honours \
+                               If-None-Match on CopyObject; assuming it does not");
+                false
+            }
         };
-        let answer = second.map_err(|e| classify(&format!("COPY probe s3://{bucket}/{b}"), e));
         for k in [&a, &b] {
             self.ready_write().await;
-            delete_one(&self.dst, bucket, k).await?;
+            if let Err(e) = delete_one(&self.dst, bucket, k).await {
+                tracing::warn!(error = %e, key = %k, "could not remove relocator's probe object");
+            }
         }
-        self.create_only = match answer {
-            Ok(()) => false,
-            Err(S3Error::PreconditionFailed) => true,
-            // 501 NotImplemented, 400 on an unknown header: not honoured.
-            Err(S3Error::Rejected(_)) => false,
-            Err(other) => return Err(other),
-        };
         tracing::info!(
             create_only = self.create_only,
             "the destination {} If-None-Match on CopyObject",
@@ -346,7 +354,6 @@ impl S3 {
                 "ignores"
             }
         );
-        Ok(())
     }
 
     /// Before a read request (HEAD, GET, LIST): wait for the rate cap, count it.

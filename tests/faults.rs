@@ -12,11 +12,12 @@ use std::time::Duration;
 async fn slowdown_for_a_while_is_backed_off_and_the_run_completes() {
     let env = TestEnv::new("slowdown").await;
     let seeded = env.seed(300, 0).await;
-    // After the start-up checks, 40 requests in a row are throttled, whatever they are.
+    // After the start-up checks (bucket checks, then the five requests of the probe for
+    // create-only copies), 40 requests in a row are throttled, whatever they are.
     let proxy = FaultProxy::start(
         &common::var("AWS_ENDPOINT_URL"),
         Box::new(|n, _, _| {
-            if (4..44).contains(&n) {
+            if (9..49).contains(&n) {
                 Fault::SlowDown
             } else {
                 Fault::Forward

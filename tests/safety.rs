@@ -83,8 +83,9 @@ async fn until_a_session_waits_for_a_lock(env: &TestEnv) {
 
 /// Safety #1. Rows 1 and 3 share a key, batches {1,2} and {3,4}. Batch 1 copies it; the
 /// application changes row 1 while batch 1's commit waits; batch 2 meanwhile finds the
-/// copy identical and relies on it. The copy made for row 1 must not be taken back while
-/// batch 2 still commits row 3 onto it.
+/// copy identical and relies on it, and its commit is held (row 3 locked) until batch 1's
+/// cleanup is over. The copy made for row 1 must not be taken back while batch 2 still
+/// commits row 3 onto it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
     let env = TestEnv::new("takeback-race").await;
@@ -93,6 +94,13 @@ async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
     put(&env, &env.src_bucket, "image/shared.png", shared).await;
     put(&env, &env.src_bucket, "image/two.png", b"two").await;
     put(&env, &env.src_bucket, "image/four.png", b"four").await;
+    put(
+        &env,
+        &env.src_bucket,
+        "image/app-chose-another.png",
+        b"app's",
+    )
+    .await;
     let db = env.db().await;
     db.batch_execute(
         "INSERT INTO avatars (path) VALUES ('image/shared.png'), ('image/two.png'),
@@ -101,10 +109,16 @@ async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
     .await
     .unwrap();
 
-    // The application holds row 1 while it decides what to do with it.
+    // The application holds row 1 while it decides what to do with it, and row 3.
     let mut app = env.db().await;
     let tx = app.transaction().await.unwrap();
     tx.execute("SELECT 1 FROM avatars WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let mut other = env.db().await;
+    let holds_row_3 = other.transaction().await.unwrap();
+    holds_row_3
+        .execute("SELECT 1 FROM avatars WHERE id = 3 FOR UPDATE", &[])
         .await
         .unwrap();
     let child = spawn(&env, &["--batch-size", "2"]);
@@ -118,6 +132,9 @@ async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
     .await
     .unwrap();
     tx.commit().await.unwrap();
+    // Batch 1 commits without row 1 and is cleaned up; batch 2 waits for row 3.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    holds_row_3.rollback().await.unwrap();
     let (code, err) = finish(child);
     assert_eq!(code, 3, "row 1 changed by the app needs attention: {err}");
 
@@ -130,6 +147,7 @@ async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
         Some(shared),
         "row 3 points at the copy, which must still be there"
     );
+    env.assert_no_row_dangles().await;
 }
 
 /// Safety #3. Phase 1 lists the destination range of a page of source keys. A stray
@@ -360,6 +378,13 @@ async fn a_reference_being_written_during_the_cleanup_is_seen() {
 async fn a_live_worker_keeps_its_lease_through_a_slow_batch() {
     let env = TestEnv::new("heartbeat").await;
     let seeded = env.seed(24, 0).await;
+    // Phase 2: one lease of id ranges holds both batches of 12 rows, each batch ~36
+    // requests at 6/s — far longer than the TTL; the second worker waits for leases.
+    env.db()
+        .await
+        .batch_execute("DROP INDEX avatars_path_idx")
+        .await
+        .unwrap();
     let (code, err) = env.run(&[
         "--workers",
         "2",
@@ -661,4 +686,25 @@ async fn a_create_only_copy_refused_by_the_server_is_a_conflict() {
     let out = env.run_cmd(&[]).env("RUST_LOG", "info").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ignores If-None-Match"), "{err}");
+}
+
+/// A unique id column may hold NULLs: such a row can be neither paged to nor rewritten
+/// by id. Refused with exit 2 and the fix, nothing changed (before: a panic, exit 101).
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_without_an_id_are_refused_up_front() {
+    let env = TestEnv::new("null-id").await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE avatars (id int UNIQUE, path varchar);
+         INSERT INTO avatars VALUES (1, 'image/a.png'), (NULL, 'image/b.png');",
+    )
+    .await
+    .unwrap();
+    put(&env, &env.src_bucket, "image/a.png", b"a").await;
+    put(&env, &env.src_bucket, "image/b.png", b"b").await;
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("NULL in some rows"), "{err}");
+    assert!(env.keys(&env.dst_bucket, "").await.is_empty());
+    assert!(bytes(&env, &env.src_bucket, "image/a.png").await.is_some());
 }
