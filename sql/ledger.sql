@@ -111,3 +111,27 @@ CREATE TABLE IF NOT EXISTS relocator.take_backs (
     outcome      text,
     UNIQUE (run_id, dst_bucket, dst_key)
 );
+
+-- Destination keys a batch in flight may rely on (it copies there, or found an identical
+-- object there), from before it looks until its commit. No delete of such a key happens
+-- meanwhile (see cleanup.rs): a reservation and a delete serialise on an advisory lock per
+-- bucket. `holder` names the batch; a reservation whose lease is done is void.
+CREATE TABLE IF NOT EXISTS relocator.reservations (
+    bucket   text   NOT NULL,
+    key      text   NOT NULL,
+    holder   text   NOT NULL,
+    lease_id bigint NOT NULL,
+    PRIMARY KEY (bucket, key, holder)
+);
+CREATE INDEX IF NOT EXISTS reservations_holder_idx ON relocator.reservations (holder);
+
+-- Raised inside a batch's commit when the row holds another value than relocator wrote
+-- (a trigger that rewrites NEW): the statement fails, and the row is found and reported
+-- `rejected` (see commit.rs) instead of pointing at a key no object is at.
+CREATE OR REPLACE FUNCTION relocator.refuse_stored(want text, got text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the table stored % instead of % (a trigger rewrote the value)', got, want
+        USING ERRCODE = 'P0001';
+END
+$$;

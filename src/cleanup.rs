@@ -33,6 +33,9 @@ pub struct Pending {
     pub src_etag: Option<String>,
 }
 
+/// A key to delete, with the ETag it must still have (where the server checks it).
+type Doomed = (String, Option<String>);
+
 /// One DeleteObjects answer: bucket, keys sent, keys S3 did not delete (with why).
 type DeleteAnswer<'a> = (&'a str, usize, Vec<(String, String)>);
 
@@ -119,6 +122,59 @@ pub struct Unreferenced<'a> {
     pub etag: Option<&'a str>,
 }
 
+/// Advisory lock class for a bucket's reservations: a reservation takes it shared, a
+/// delete exclusively (keyed by `hashtext(bucket)`).
+const RESERVE_LOCK_CLASS: i32 = 0x7265_6c72;
+
+/// Reserve the destination keys a batch is about to rely on (copy to, or find identical
+/// and point rows at), before it looks at them; its commit releases them. A delete that
+/// began before waits for nothing: the reservation waits for it to end (so the batch then
+/// looks at what is left); a delete that begins after sees the reservation and keeps the
+/// key. Without this a copy the batch relies on could be taken back, or deleted as
+/// another job's source, between the batch's look and its commit.
+pub async fn reserve(
+    db: &deadpool_postgres::Client,
+    bucket: &str,
+    keys: &[&str],
+    holder: &str,
+    lease_id: i64,
+) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    crate::db::rt(1);
+    db.execute(
+        "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($1, hashtext($2)))
+         INSERT INTO relocator.reservations (bucket, key, holder, lease_id)
+         SELECT $2, k, $4, $5 FROM l, unnest($3::text[]) AS k
+         ON CONFLICT DO NOTHING",
+        &[&RESERVE_LOCK_CLASS, &bucket, &keys, &holder, &lease_id],
+    )
+    .await
+    .context("reserving the batch's destination keys")?;
+    Ok(())
+}
+
+/// Keys among `keys` in `bucket` some batch in flight has reserved (its lease is not
+/// done). Called under the bucket's exclusive reservation lock.
+async fn reserved(
+    db: &deadpool_postgres::Client,
+    bucket: &str,
+    keys: &[&str],
+) -> Result<HashSet<String>> {
+    crate::db::rt(1);
+    let rows = db
+        .query(
+            "SELECT DISTINCT r.key FROM relocator.reservations r
+               JOIN relocator.leases l ON l.lease_id = r.lease_id
+              WHERE NOT l.done AND r.bucket = $1 AND r.key = ANY ($2::text[])",
+            &[&bucket, &keys],
+        )
+        .await
+        .context("checking which keys a batch in flight relies on")?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
 /// How long the cleanup waits for the table's writers in flight before it lets them go
 /// on and tries again: a queued SHARE lock also holds up writers that come after it.
 const WRITERS_WAIT: &str = "2s";
@@ -155,18 +211,27 @@ pub async fn delete_unreferenced(
     if items.is_empty() {
         return Ok(HashMap::new());
     }
-    let looked = look(s3c, side, items).await?;
     let mut tries = 0;
     loop {
         tries += 1;
+        // Looked at anew on every try, so that a replacement uploaded while the lock was
+        // waited for is seen: the window left is this look, one lock wait (at most
+        // WRITERS_WAIT) and the delete; on servers that honour the ETag in DeleteObjects,
+        // none.
+        let looked = look(s3c, side, items).await?;
         db.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{WRITERS_WAIT}'"))
             .await
             .context("starting the cleanup's transaction")?;
         let r = delete_locked(db, s3c, side, q, items, &looked, mark, counters).await;
         let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = db.batch_execute(end).await;
+        if let Ok((_, locked_at)) = &r {
+            let held = locked_at.elapsed().as_millis() as u64;
+            counters.writers_paused_ms_max = counters.writers_paused_ms_max.max(held);
+            counters.writers_paused_ms_total += held;
+        }
         match r {
-            Ok(marked) => {
+            Ok((marked, _)) => {
                 ended.context("committing the cleanup's ledger marks")?;
                 return Ok(marked);
             }
@@ -291,43 +356,69 @@ async fn delete_locked(
     looked: &Looked,
     mark: Option<&str>,
     counters: &mut Counters,
-) -> Result<HashMap<i64, Cleaned>, Locked> {
-    let kept = |k: &str| looked.changed.contains(k) || looked.gone.contains(k);
+) -> Result<(HashMap<i64, Cleaned>, std::time::Instant), Locked> {
     crate::db::rt(1);
     db.batch_execute(&q.lock_writers)
         .await
         .context("waiting for the table's writers in flight (LOCK TABLE … IN SHARE MODE)")?;
+    let locked_at = std::time::Instant::now();
+    // Batches in flight: wait for reservations being made, then see every one there is.
+    let mut buckets: Vec<&str> = items.iter().map(|p| p.bucket).collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    crate::db::rt(1);
+    db.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext(b)) FROM unnest($2::text[]) AS b",
+        &[&RESERVE_LOCK_CLASS, &buckets],
+    )
+    .await
+    .context("waiting for the batches reserving destination keys")?;
+    let mut in_flight: HashSet<(&str, String)> = HashSet::new();
+    for b in &buckets {
+        let keys: Vec<&str> = items
+            .iter()
+            .filter(|p| p.bucket == *b)
+            .map(|p| p.key)
+            .collect();
+        in_flight.extend(reserved(db, b, &keys).await?.into_iter().map(|k| (*b, k)));
+    }
+    let kept = |p: &Unreferenced<'_>| {
+        looked.changed.contains(p.key)
+            || looked.gone.contains(p.key)
+            || in_flight.contains(&(p.bucket, p.key.to_owned()))
+    };
     let keys: Vec<&str> = {
         let mut seen = HashSet::new();
         items
             .iter()
+            .filter(|p| !kept(p))
             .map(|p| p.key)
-            .filter(|k| !kept(k) && seen.insert(*k))
+            .filter(|k| seen.insert(*k))
             .collect()
     };
     let referenced = still_referenced(db, q, &keys).await?;
 
     // Group deletable keys by bucket (a ledger may span jobs with different buckets).
-    let mut by_bucket: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut by_bucket: BTreeMap<&str, Vec<Doomed>> = BTreeMap::new();
     let mut queued = HashSet::new();
     for p in items {
-        if !referenced.contains(p.key) && !kept(p.key) && queued.insert((p.bucket, p.key)) {
+        if !referenced.contains(p.key) && !kept(p) && queued.insert((p.bucket, p.key)) {
             by_bucket
                 .entry(p.bucket)
                 .or_default()
-                .push(p.key.to_owned());
+                .push((p.key.to_owned(), p.etag.map(str::to_owned)));
         }
     }
     // The DeleteObjects requests of a batch go out together (at most 8 at once): the
     // last batch's cleanup otherwise runs alone at the end of a run.
-    let requests: Vec<(&str, &[String])> = by_bucket
+    let requests: Vec<(&str, &[Doomed])> = by_bucket
         .iter()
         .flat_map(|(bucket, keys)| keys.chunks(DELETE_BATCH).map(move |c| (*bucket, c)))
         .collect();
     let answers: Vec<DeleteAnswer<'_>> = stream::iter(requests)
         .map(|(bucket, chunk)| async move {
             s3c.ready_write().await;
-            let errors = s3::delete_many(s3c.client(side), bucket, chunk)
+            let errors = s3::delete_many_if(s3c.client(side), bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("deleting objects in s3://{bucket}"))?;
@@ -350,6 +441,10 @@ async fn delete_locked(
     let mut outcomes: Vec<Cleaned> = Vec::new();
     let mut failures = 0;
     for p in items {
+        if in_flight.contains(&(p.bucket, p.key.to_owned())) {
+            // A batch in flight relies on it: left pending, a later cleanup decides.
+            continue;
+        }
         let outcome = if looked.changed.contains(p.key) {
             Cleaned::Changed
         } else if looked.gone.contains(p.key) {
@@ -398,7 +493,7 @@ async fn delete_locked(
     }
     // Counted only once the transaction's work is done (a retry would count twice).
     counters.add(&tally);
-    Ok(result)
+    Ok((result, locked_at))
 }
 
 /// Ledger entries of this job (its fingerprint: table, columns, source, destination,

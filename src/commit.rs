@@ -30,6 +30,9 @@ pub struct CommitBatch<'a> {
     pub last_id: &'a str,
     /// This batch is the lease's last: mark it done in the same statement.
     pub ends_lease: bool,
+    /// The batch's destination reservations ([`crate::cleanup::reserve`]), released in
+    /// the same statement.
+    pub holder: &'a str,
 }
 
 /// What the commit did.
@@ -47,7 +50,9 @@ pub enum Committed {
 /// PostgreSQL, and it costs one round trip instead of three with BEGIN/COMMIT.
 ///
 /// A row the table refuses (too long for the column, a CHECK, a unique index, a foreign
-/// key, row-level security, a trigger that raises) fails the whole statement. Then each
+/// key, row-level security, a trigger that raises) fails the whole statement, and so does
+/// a row the table stores with another value than the new key (a trigger rewriting NEW:
+/// the statement checks what it stored). Then each
 /// row's rewrite is tried alone in a transaction that is rolled back, the refused rows
 /// are set aside with PostgreSQL's reason, and the batch is committed without them — so
 /// one row never blocks its batch, and the refusal is that row's outcome.
@@ -109,16 +114,29 @@ async fn find_refused(
         {
             client.batch_execute("SAVEPOINT probe").await?;
             crate::db::rt(2);
-            if let Err(e) = client
-                .execute(&probe, &[&m.row.id, &m.row.path, &m.dst_key])
+            match client
+                .query_opt(&probe, &[&m.row.id, &m.row.path, &m.dst_key])
                 .await
             {
-                match refusal(&e) {
+                // A trigger stored something else than the new key.
+                Ok(Some(r)) if r.get::<_, Option<String>>(0).as_deref() != Some(&m.dst_key) => {
+                    let got: Option<String> = r.get(0);
+                    found.insert(
+                        m.row.id.clone(),
+                        format!(
+                            "PostgreSQL stored {got:?} instead of {:?} (a trigger rewrote the \
+                             value); the row was left as it was",
+                            m.dst_key
+                        ),
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => match refusal(&e) {
                     Some(why) => {
                         found.insert(m.row.id.clone(), why);
                     }
                     None => return Err(e),
-                }
+                },
             }
             client.batch_execute("ROLLBACK TO SAVEPOINT probe").await?;
         }
@@ -164,6 +182,7 @@ async fn send(
                 &b.ends_lease,
                 &etags,
                 &tries,
+                &b.holder,
             ],
         )
         .await?;

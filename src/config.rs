@@ -221,16 +221,30 @@ pub struct DatabaseUrl(String);
 
 impl DatabaseUrl {
     pub fn new(s: &str) -> Result<Self, ConfigError> {
-        s.parse::<tokio_postgres::Config>().map_err(|e| {
-            // The parser's own message is scrubbed too: it must not echo a value.
-            let why = scrub(&e.to_string(), s);
+        let invalid = |why: &str| {
             ConfigError(format!(
                 "--database-url / DATABASE_URL {} is not a valid PostgreSQL URL ({why}); \
                  expected postgres://USER:PASSWORD@HOST:PORT/DBNAME (percent-encode a \
                  password's / # ? @ : as %2F %23 %3F %40 %3A)",
                 redact_url(s)
             ))
-        })?;
+        };
+        // The parser's own message is scrubbed too: it must not echo a value.
+        let pg = s
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| invalid(&scrub(&e.to_string(), s)))?;
+        // An unencoded `@` in the password splits the URL at the first `@`: the rest of
+        // the password would be taken for the host (and printed as one).
+        let split_password = pg.get_hosts().iter().any(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.contains('@'),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        });
+        if split_password {
+            return Err(invalid(
+                "the host holds an '@', so the password has an unencoded '@'",
+            ));
+        }
         Ok(DatabaseUrl(s.to_owned()))
     }
 
@@ -908,6 +922,10 @@ mod tests {
             ("postgres://app:ha#sh@127.0.0.1:5432/prod", "ha#sh"),
             ("postgres://app:qu?est@127.0.0.1:5432/prod", "qu?est"),
             ("postgres://app:a@t@127.0.0.1:5432/prod", "a@t"),
+            (
+                "postgres://app:hunter2@MyS3cretTail@127.0.0.1:5432/prod",
+                "MyS3cretTail",
+            ),
             ("postgresql://app:v6pw@[::1]:5432/prod", "v6pw"),
             (
                 "postgres://app:all/#?@x@[2001:db8::1]:99999/p?sslmode=require",
@@ -930,5 +948,8 @@ mod tests {
             };
             assert!(!shown.contains(secret), "{conn} -> {shown}");
         }
+        // An unencoded `@` would leave part of the password in the "host", printed by
+        // later messages: refused at once.
+        assert!(DatabaseUrl::new("postgres://app:hunter2@MyS3cretTail@127.0.0.1:5432/p").is_err());
     }
 }

@@ -83,7 +83,9 @@ pub async fn copy_all_known(
             // The listing was taken before the batch's copies began. Where the server does
             // not make the copy itself create-only, look again right before copying a key the
             // listing found free: the window for an object put there meanwhile is then one
-            // HEAD→COPY round trip, not the batch's copy time.
+            // HEAD→COPY round trip, not the batch's copy time. The copy's rate permit is
+            // taken before the look, so `--max-rps` never waits between the two.
+            s3c.ready_write().await;
             let fresh;
             let dst = match listed {
                 None if !s3c.create_only => {
@@ -140,6 +142,10 @@ async fn copy_pair(
         Ok(None) => return Ok(PairResult::MissingSource),
         Err(e) => return per_object(e),
     };
+    if !dry_run {
+        // The copy's rate permit before the look: no `--max-rps` wait between the two.
+        s3c.ready_write().await;
+    }
     s3c.ready_read().await;
     let dst = match s3::head(&s3c.dst, db, dst_key).await {
         Ok(d) => d,
@@ -150,7 +156,9 @@ async fn copy_pair(
 
 /// The one place a destination object is created: only when the destination was found
 /// free (`dst` None), from a source that must still have the ETag it was seen with. With
-/// `--verify-content` the result is then read back on both sides and compared.
+/// `--verify-content` the result is then read back on both sides and compared. The
+/// caller took the copy's rate permit ([`S3::ready_write`]) before it looked at the
+/// destination, so the look and a single-request copy follow each other at once.
 pub(crate) async fn copy_known(
     s3c: &S3,
     cfg: &JobConfig,
@@ -290,7 +298,6 @@ async fn make_copy(
             .await
             .map(|_| true)
     } else {
-        s3c.ready_write().await;
         let create_only = s3c.create_only;
         match s3::copy(
             &s3c.dst,

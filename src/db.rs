@@ -273,6 +273,11 @@ impl TableInfo {
     }
 }
 
+/// A statement as one line, as pg_stat_activity shows it (its first 1 KiB).
+fn one_line(sql: String) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Every statement relocator sends for one table, built once from the quoted identifiers.
 #[derive(Debug, Clone)]
 pub struct Queries {
@@ -350,7 +355,7 @@ impl Queries {
                 scan(true, true),
             ],
             lease_end: [lease_end(false), lease_end(true)],
-            commit: format!(
+            commit: one_line(format!(
                 "WITH lease AS (
                      UPDATE relocator.leases SET last_id = $9, heartbeat = now(), done = $12
                       WHERE lease_id = $10 AND owner = $11
@@ -364,24 +369,32 @@ impl Queries {
                      UPDATE {tbl} AS t SET {path} = u.new_path
                        FROM u
                       WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path
-                  RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag
+                  RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag,
+                            t.{path}::text AS stored
+                 ), chk AS (
+                     SELECT 1 FROM upd WHERE stored IS DISTINCT FROM new_path
+                        AND relocator.refuse_stored(new_path, stored)
                  ), led AS (
                      INSERT INTO relocator.moves
                             (run_id, table_name, row_id, old_path, new_path,
                              src_bucket, dst_bucket, copied, lease_id, src_etag)
                      SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag FROM upd
                   RETURNING move_id, row_id
+                 ), released AS (
+                     DELETE FROM relocator.reservations WHERE holder = $15
                  ), tb AS (
                      INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag)
                      SELECT DISTINCT $5::bigint, $8::text, u.new_path, u.src_etag FROM u
                       WHERE u.copied AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.id = u.id)
                      ON CONFLICT DO NOTHING
                  )
-                 SELECT l.lease_id, led.move_id, led.row_id FROM lease l LEFT JOIN led ON true"
-            ),
+                 SELECT l.lease_id, led.move_id, led.row_id FROM lease l LEFT JOIN led ON true
+                  WHERE NOT EXISTS (SELECT 1 FROM chk)"
+            )),
             lock_writers: format!("LOCK TABLE {tbl} IN SHARE MODE"),
             probe: format!(
-                "UPDATE {tbl} AS t SET {path} = $3 WHERE t.{id} = $1::text::{ty} AND t.{path} = $2"
+                "UPDATE {tbl} AS t SET {path} = $3 WHERE t.{id} = $1::text::{ty} AND t.{path} = $2
+                 RETURNING t.{path}::text"
             ),
             referenced: format!(
                 "SELECT DISTINCT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"

@@ -145,6 +145,14 @@ pub async fn run(
         .context("recording the backup with the run")?;
         info!(file = %b.file, rows = b.rows, sha256 = %b.sha256, "following backup");
     }
+    // Reservations of batches whose lease is done are void: drop them.
+    main.execute(
+        "DELETE FROM relocator.reservations r USING relocator.leases l
+          WHERE l.lease_id = r.lease_id AND l.done",
+        &[],
+    )
+    .await
+    .context("dropping void reservations")?;
     let (total, _) = db::count_selected(&main, &sh.table, &cfg.source.prefix).await?;
     sh.progress = Progress::new("run", Some(total));
 
@@ -304,9 +312,39 @@ async fn take_back_unused_copies(sh: &Shared<'_>, db: &deadpool_postgres::Client
     }
 }
 
+/// Where a batch reserves the destination keys it will rely on.
+#[derive(Clone, Copy)]
+struct Reserve<'a> {
+    holder: &'a str,
+    lease: i64,
+}
+
+impl Reserve<'_> {
+    async fn reserve(
+        &self,
+        sh: &Shared<'_>,
+        db: &deadpool_postgres::Client,
+        pairs: &[(String, String)],
+    ) -> Result<()> {
+        let keys: Vec<&str> = pairs.iter().map(|(_, d)| d.as_str()).collect();
+        cleanup::reserve(db, &sh.cfg.dest.bucket, &keys, self.holder, self.lease).await
+    }
+}
+
+/// A name no other batch of any process has: its reservations' holder.
+fn next_holder() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{tag}-{n}")
+}
+
 /// A batch whose copies are done, on its way to the commit stage.
 struct Copied {
     lease: i64,
+    /// Names the batch's destination reservations, released by its commit.
+    holder: String,
     /// The lease's last batch (phase 1: its only one): the commit marks it done.
     ends_lease: bool,
     last_id: String,
@@ -452,13 +490,19 @@ async fn copy_stage(
             if let Some((last, _)) = objects.last() {
                 let last_id = last.clone();
                 let n = objects.len();
-                let copies = key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, cancel);
+                let holder = next_holder();
+                let at = Reserve {
+                    holder: &holder,
+                    lease: lease.id,
+                };
+                let copies = key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, at, cancel);
                 let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
                     info!("interrupted during the copy stage; nothing of this batch was committed");
                     return Ok(());
                 };
                 let batch = Copied {
                     lease: lease.id,
+                    holder,
                     ends_lease: true,
                     last_id,
                     ready,
@@ -499,7 +543,12 @@ async fn copy_stage(
             };
             let last_id = last.id.clone();
             let n = rows.len();
-            let copies = copy_batch(sh, &scan_conn, run_id, rows, claims, cancel);
+            let holder = next_holder();
+            let at = Reserve {
+                holder: &holder,
+                lease: lease.id,
+            };
+            let copies = copy_batch(sh, &scan_conn, run_id, rows, claims, at, cancel);
             let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
                 info!("interrupted during the copy stage; nothing of this batch was committed");
                 return Ok(());
@@ -507,6 +556,7 @@ async fn copy_stage(
             pos = Some(last_id.clone());
             let batch = Copied {
                 lease: lease.id,
+                holder,
                 ends_lease: false,
                 last_id,
                 ready,
@@ -542,12 +592,14 @@ async fn within_batch_timeout<T>(
 
 /// Plan one batch and make its destination objects. Rows that cannot move are reported
 /// here; the rest come back ready to commit. `None` when cancelled.
+#[allow(clippy::too_many_arguments)]
 async fn copy_batch(
     sh: &Shared<'_>,
     db: &deadpool_postgres::Client,
     run_id: i64,
     rows: Vec<Row>,
     claims: bool,
+    at: Reserve<'_>,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<(Move, Made)>>> {
     let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
@@ -570,6 +622,7 @@ async fn copy_batch(
         });
     }
     let pairs = plan::distinct_pairs(&moves);
+    at.reserve(sh, db, &pairs).await?;
     let Some(results) =
         copy::copy_all(&sh.s3, sh.cfg, &pairs, false, sh.concurrency, cancel).await?
     else {
@@ -588,6 +641,7 @@ async fn key_batch(
     db: &deadpool_postgres::Client,
     after: Option<&str>,
     objects: Vec<(String, s3::ObjectInfo)>,
+    at: Reserve<'_>,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<(Move, Made)>>> {
     let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
@@ -604,6 +658,8 @@ async fn key_batch(
         })
         .collect();
     let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    let pairs = plan::distinct_pairs(&batch.moves);
+    at.reserve(sh, db, &pairs).await?;
     let swap = |k: &str| match sh.cfg.rewrite.map(k) {
         crate::rewrite::Mapped::To(d) => Some(d),
         _ => None,
@@ -623,7 +679,6 @@ async fn key_batch(
         };
     let src_info: HashMap<&str, &s3::ObjectInfo> =
         objects.iter().map(|(k, i)| (k.as_str(), i)).collect();
-    let pairs = plan::distinct_pairs(&batch.moves);
     let known: Vec<(String, s3::ObjectInfo, String, Option<s3::ObjectInfo>)> = pairs
         .iter()
         .filter_map(|(src, dst)| {
@@ -872,6 +927,7 @@ async fn commit_stage(
             moves: b.ready.iter().map(|(m, c)| (m, c)).collect(),
             last_id: &b.last_id,
             ends_lease: b.ends_lease,
+            holder: &b.holder,
         };
         let (committed, refused) = match commit::commit_batch(&db, &sh.q, &batch).await? {
             Committed::Rows(rows, refused) => (rows, refused),

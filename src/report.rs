@@ -94,6 +94,10 @@ pub struct Counters {
     pub sources_changed: u64,
     /// Source deletes S3 refused; the ledger keeps them pending for the next run.
     pub delete_failures: u64,
+    /// How long the cleanups held the table's SHARE lock (the application's writes to
+    /// the table wait that long): the longest once, and all together, in milliseconds.
+    pub writers_paused_ms_max: u64,
+    pub writers_paused_ms_total: u64,
     /// Copies relocator made and took back (their row was changed by the app).
     pub copies_removed: u64,
     pub batches: u64,
@@ -114,6 +118,8 @@ impl Counters {
         self.sources_changed += o.sources_changed;
         self.delete_failures += o.delete_failures;
         self.copies_removed += o.copies_removed;
+        self.writers_paused_ms_max = self.writers_paused_ms_max.max(o.writers_paused_ms_max);
+        self.writers_paused_ms_total += o.writers_paused_ms_total;
         self.batches += o.batches;
         self.bytes_copied += o.bytes_copied;
         self.s3_reads += o.s3_reads;

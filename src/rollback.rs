@@ -338,6 +338,8 @@ async fn restore_pair(
     new: &str,
     old: &str,
 ) -> Result<PairResult> {
+    // The copy back's rate permit before the look at the old key (see copy::copy_known).
+    sh.s3.ready_write().await;
     sh.s3.ready_read().await;
     let at_old = match s3::head(&sh.s3.src, &sh.cfg.source.bucket, old).await {
         Ok(o) => o,

@@ -1217,13 +1217,30 @@ pub async fn delete_many(
     bucket: &str,
     keys: &[String],
 ) -> Result<Vec<(String, String)>, S3Error> {
+    let keys: Vec<(String, Option<String>)> = keys.iter().map(|k| (k.clone(), None)).collect();
+    delete_many_if(client, bucket, &keys).await
+}
+
+/// [`delete_many`], each key deleted only while it has the ETag given with it, where the
+/// server honours a DeleteObjects entry's ETag (AWS S3 does, answering a per-key
+/// `PreconditionFailed`; Garage accepts and ignores it — checked against it).
+pub async fn delete_many_if(
+    client: &Client,
+    bucket: &str,
+    keys: &[(String, Option<String>)],
+) -> Result<Vec<(String, String)>, S3Error> {
     debug_assert!(keys.len() <= DELETE_BATCH);
     if keys.is_empty() {
         return Ok(Vec::new());
     }
     let objects = keys
         .iter()
-        .map(|k| ObjectIdentifier::builder().key(k).build())
+        .map(|(k, etag)| {
+            ObjectIdentifier::builder()
+                .key(k)
+                .set_e_tag(etag.as_ref().map(|e| format!("\"{e}\"")))
+                .build()
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| S3Error::Other(format!("building DeleteObjects: {e}")))?;
     let delete = Delete::builder()

@@ -266,6 +266,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         moves: moves.iter().map(|m| (m, &made)).collect(),
         last_id: "5",
         ends_lease: false,
+        holder: "test-batch",
     };
     // Not the lease's owner: nothing is written.
     let r = relocator::commit::commit_batch(&db, &q, &batch("someone-else"))

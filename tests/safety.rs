@@ -708,3 +708,175 @@ async fn rows_without_an_id_are_refused_up_front() {
     assert!(env.keys(&env.dst_bucket, "").await.is_empty());
     assert!(bytes(&env, &env.src_bucket, "image/a.png").await.is_some());
 }
+
+/// Safety, found by review: job 1 (image/ → avatar/) has found `avatar/d` identical and
+/// relies on it for row 6, while another object of the same batch is still being copied
+/// (the proxy stalls that copy). Job 2 (avatar/ → pics/) meanwhile moves row 1 off
+/// `avatar/d`; no row references it at that instant. Job 2 must not delete it: job 1's
+/// batch reserved it before looking, and a delete never takes a reserved key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_a_batch_in_flight_relies_on_is_not_deleted_by_another_job() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let env = TestEnv::new("reserved").await;
+    table(&env, false).await;
+    let db = env.db().await;
+    let d = b"shared d".as_slice();
+    put(&env, &env.src_bucket, "image/d.png", d).await;
+    for k in ["b", "c", "e", "f", "slow"] {
+        put(
+            &env,
+            &env.src_bucket,
+            &format!("image/{k}.png"),
+            k.as_bytes(),
+        )
+        .await;
+    }
+    db.batch_execute(
+        "INSERT INTO avatars (path) VALUES ('image/d.png'), ('image/b.png'), ('image/c.png'),
+             ('image/e.png'), ('image/f.png'), ('image/d.png'), ('image/slow.png')",
+    )
+    .await
+    .unwrap();
+    let stalls = Arc::new(AtomicUsize::new(0));
+    let st = stalls.clone();
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "PUT"
+                && path.ends_with("/avatar/slow.png")
+                && st.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                Fault::Stall(Duration::from_secs(10))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let job1 = env
+        .run_cmd(&["--batch-size", "5", "--s3-max-attempts", "3"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Batch 1 (rows 1-5) commits; batch 2 (rows 6, 7) relies on avatar/d.png and waits
+    // for its stalled copy.
+    let start = Instant::now();
+    while env.rows().await[0].1 != "avatar/d.png" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "batch 1 never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = env
+        .cmd()
+        .args(["run", "--source", &env.dest()])
+        .args(["--dest", &format!("s3://{}/pics/", env.dst_bucket)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stalls.load(Ordering::SeqCst) == 1,
+        "job 2 ran while job 1 was stalled"
+    );
+    let (code, err) = finish(job1);
+    assert_eq!(code, 0, "{err}");
+    let rows = env.rows().await;
+    assert_eq!(rows[5].1, "avatar/d.png", "row 6 moved by job 1");
+    for (id, path) in rows {
+        let bucket = if path.starts_with("image/") {
+            &env.src_bucket
+        } else {
+            &env.dst_bucket
+        };
+        assert!(
+            bytes(&env, bucket, &path).await.is_some(),
+            "row {id} points at a missing object {path}"
+        );
+    }
+}
+
+/// Safety, found by review: a trigger that rewrites NEW.path (lower-cases it, or keeps
+/// the old value) must not leave a row pointing at a key no object is at, nor be
+/// reported `moved`: the commit checks what the table stored, and the row is `rejected`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_that_rewrites_the_new_value_is_a_rejection() {
+    let env = TestEnv::new("trigger-rewrites").await;
+    table(&env, true).await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE FUNCTION normalise() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF OLD.path LIKE '%keep%' THEN NEW.path := OLD.path;
+             ELSE NEW.path := lower(NEW.path);
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER normalise BEFORE UPDATE ON avatars
+             FOR EACH ROW EXECUTE FUNCTION normalise();",
+    )
+    .await
+    .unwrap();
+    for p in ["image/ABC.png", "image/keep.png", "image/fine.png"] {
+        put(&env, &env.src_bucket, p, p.as_bytes()).await;
+        db.execute("INSERT INTO avatars (path) VALUES ($1)", &[&p])
+            .await
+            .unwrap();
+    }
+    let (code, err) = env.run(&["--report", &env.path("r.csv")]);
+    assert_eq!(code, 3, "{err}");
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    assert_eq!(outcomes["1"].0, "rejected", "{outcomes:?}");
+    assert_eq!(outcomes["2"].0, "rejected", "{outcomes:?}");
+    assert_eq!(outcomes["3"].0, "moved", "{outcomes:?}");
+    let rows = env.rows().await;
+    assert_eq!(rows[0].1, "image/ABC.png");
+    assert_eq!(rows[1].1, "image/keep.png");
+    assert_eq!(rows[2].1, "avatar/fine.png");
+    env.assert_no_row_dangles().await;
+}
+
+/// Safety, found by review: the application re-uploads the source while the cleanup
+/// waits for the table's writers. The look at the source is made anew on every try, so
+/// the new upload is seen and kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_replaced_while_the_cleanup_waits_is_kept() {
+    let env = TestEnv::new("replaced-in-wait").await;
+    table(&env, true).await;
+    put(&env, &env.src_bucket, "image/user-1.png", b"old face").await;
+    let db = env.db().await;
+    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/user-1.png')")
+        .await
+        .unwrap();
+    // Some application write in flight on the table (unrelated row).
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute("INSERT INTO avatars (path) VALUES ('elsewhere/x.png')", &[])
+        .await
+        .unwrap();
+    let child = spawn(&env, &["--summary-json", &env.path("s.json")]);
+    until_a_session_waits_for_a_lock(&env).await;
+    let new_face = b"new face, uploaded while relocator waited".as_slice();
+    put(&env, &env.src_bucket, "image/user-1.png", new_face).await;
+    // Past one lock timeout and the pause before the next try.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tx.rollback().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(
+        bytes(&env, &env.src_bucket, "image/user-1.png")
+            .await
+            .as_deref(),
+        Some(new_face)
+    );
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(s["outcomes"]["source_changed"], 1, "{s}");
+}
