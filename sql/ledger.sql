@@ -135,3 +135,6 @@ BEGIN
         USING ERRCODE = 'P0001';
 END
 $$;
+
+-- The run's lease TTL (`--lease-ttl`), set by its first process and adopted by the others.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS lease_ttl_secs bigint;

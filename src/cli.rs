@@ -217,11 +217,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
 
-    /// Seconds without progress after which another worker may take over a lease whose
-    /// owner still holds its database session (a hung worker). A worker whose process
-    /// died loses its lease at once.
-    #[arg(long, default_value_t = 120)]
-    pub lease_ttl: u64,
+    /// Seconds without a heartbeat after which another worker may take over a lease whose
+    /// owner still holds its database session (a hung worker; a live one renews its
+    /// heartbeat three times per TTL). A worker whose process died loses its lease at
+    /// once. The TTL belongs to the run: the process that starts it sets it (default
+    /// 120), later processes adopt it, and one that asks for another value is refused.
+    #[arg(long, value_name = "SECONDS")]
+    pub lease_ttl: Option<u64>,
 
     /// Write one CSV line per row acted on or needing attention.
     #[arg(long, value_name = "FILE.csv")]

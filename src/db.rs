@@ -404,7 +404,8 @@ impl Queries {
                   WHERE t.{path} = ANY ($1::text[]) ORDER BY t.{id}"
             ),
             to_undo: format!(
-                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text
+                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text,
+                        m.src_etag
                    FROM relocator.moves m
                    LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
                   WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
@@ -466,13 +467,24 @@ pub async fn apply_ledger(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
          SET LOCAL client_min_messages = warning;",
     )
     .await?;
-    let have_schema: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'relocator')",
+    // The ledger's DDL (ALTER TABLE … IF NOT EXISTS included) takes ACCESS EXCLUSIVE
+    // locks on the ledger's tables even when there is nothing to change: a process
+    // joining a live run would queue behind the other workers' open commits, and their
+    // next statements behind it. So the DDL runs only when the schema's comment does not
+    // name this version of it.
+    let version = format!("relocator ledger {}", ledger_version());
+    let found: Option<Option<String>> = tx
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace
+              WHERE nspname = 'relocator'",
             &[],
         )
         .await?
-        .get(0);
+        .map(|r| r.get(0));
+    if found.as_ref().and_then(|c| c.as_deref()) == Some(version.as_str()) {
+        return Ok(());
+    }
+    let have_schema = found.is_some();
     let ddl = if have_schema {
         // The schema may have been created by an administrator (sql/roles.sql) for a role
         // that may not CREATE SCHEMA; skip that statement then.
@@ -492,7 +504,16 @@ pub async fn apply_ledger(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
             pg_message(&e)
         ))
     })?;
+    tx.batch_execute(&format!("COMMENT ON SCHEMA relocator IS '{version}'"))
+        .await
+        .context("recording the ledger's version")?;
     Ok(())
+}
+
+/// A digest of the ledger's DDL: a changed `sql/ledger.sql` is applied again.
+fn ledger_version() -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(LEDGER_SQL.as_bytes())[..8])
 }
 
 /// The server's own message for an error it sent ("permission denied for ..."), else

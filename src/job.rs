@@ -26,14 +26,18 @@ use crate::progress::Progress;
 use crate::report::{Outcome, Report, ReportLine, Summary};
 use crate::s3::{self, Side, S3};
 
+/// `--lease-ttl` of a run whose first process did not set one.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(120);
+
 /// Options of `run` beyond the job itself.
 #[derive(Debug, Clone)]
 pub struct RunOptions<'a> {
     pub report: Option<&'a Path>,
     /// Pipelines in this process.
     pub workers: usize,
-    /// Heartbeat age after which a lease whose owner still holds its session is taken.
-    pub lease_ttl: Duration,
+    /// Heartbeat age after which a lease whose owner still holds its session is taken;
+    /// None: the run's (set by its first process), else [`DEFAULT_LEASE_TTL`].
+    pub lease_ttl: Option<Duration>,
     /// The backup this run follows, recorded with the run in the ledger.
     pub backup: Option<BackupInfo>,
 }
@@ -43,7 +47,7 @@ impl Default for RunOptions<'_> {
         RunOptions {
             report: None,
             workers: 1,
-            lease_ttl: Duration::from_secs(120),
+            lease_ttl: None,
             backup: None,
         }
     }
@@ -134,7 +138,8 @@ pub async fn run(
     let mut main = sh.conn().await?;
     db::ensure_ledger(&mut main).await?;
     lease::lock_table(&main, &sh.table, TableLock::Run).await?;
-    let (run_id, resumed) = lease::begin_run(&mut main, cfg, &sh.table).await?;
+    let (run_id, resumed, lease_ttl) =
+        lease::begin_run(&mut main, cfg, &sh.table, opts.lease_ttl).await?;
     info!(run_id, resumed, workers, source = %cfg.source, dest = %cfg.dest, "run started");
     if let Some(b) = &opts.backup {
         main.execute(
@@ -164,7 +169,7 @@ pub async fn run(
             let me = format!("{tag}-{n}");
             let sh = &sh;
             let cancel = cancel.clone();
-            async move { worker(sh, run_id, &me, opts.lease_ttl, &cancel).await }
+            async move { worker(sh, run_id, &me, lease_ttl, &cancel).await }
         });
         futures::future::try_join_all(all).await?;
         let finished = lease::finish_run_if_complete(&main, run_id).await?;

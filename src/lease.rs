@@ -109,50 +109,78 @@ pub enum Take {
 }
 
 /// Join the newest unfinished run of this job, or register a new one. Serialised per
-/// job, so processes started together share one run.
+/// job, so processes started together share one run. The lease TTL belongs to the run:
+/// a new run records `ttl` (or the default), a joining process adopts the run's, and one
+/// that asked for another value is refused (exit 2) before anything is changed — else a
+/// process with a smaller TTL would take over the leases of live workers.
 pub async fn begin_run(
     client: &mut deadpool_postgres::Client,
     cfg: &JobConfig,
     table: &TableInfo,
-) -> Result<(i64, bool)> {
+    ttl: Option<Duration>,
+) -> Result<(i64, bool, Duration)> {
     let job = cfg.fingerprint();
+    let asked = ttl.map(|t| t.as_secs() as i64);
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&job])
         .await?;
-    let row = tx
+    let open = tx
         .query_opt(
-            "UPDATE relocator.runs SET status = 'running', updated_at = now()
-              WHERE run_id = (SELECT run_id FROM relocator.runs
-                               WHERE job = $1
-                                 AND status IN ('running', 'interrupted', 'failed')
-                               ORDER BY run_id DESC LIMIT 1)
-          RETURNING run_id",
+            "SELECT run_id, lease_ttl_secs FROM relocator.runs
+              WHERE job = $1 AND status IN ('running', 'interrupted', 'failed')
+              ORDER BY run_id DESC LIMIT 1",
             &[&job],
         )
         .await
         .context("looking for an unfinished run to join")?;
-    let (run_id, resumed) = match row {
-        Some(r) => (r.get(0), true),
+    let (run_id, resumed, secs) = match open {
+        Some(r) => {
+            let (run_id, theirs): (i64, Option<i64>) = (r.get(0), r.get(1));
+            let secs = match (theirs, asked) {
+                (Some(t), Some(a)) if t != a => {
+                    return Err(crate::config::config_error(format!(
+                        "run {run_id} of this job uses --lease-ttl {t}; a process joining it \
+                         must use the same (or leave --lease-ttl out to adopt it)"
+                    )))
+                }
+                (Some(t), _) => t,
+                (None, a) => a.unwrap_or(DEFAULT_TTL_SECS),
+            };
+            tx.execute(
+                "UPDATE relocator.runs SET status = 'running', updated_at = now(),
+                        lease_ttl_secs = $2
+                  WHERE run_id = $1",
+                &[&run_id, &secs],
+            )
+            .await
+            .context("joining the unfinished run")?;
+            (run_id, true, secs)
+        }
         None => {
+            let secs = asked.unwrap_or(DEFAULT_TTL_SECS);
             let r = tx
                 .query_one(
-                    "INSERT INTO relocator.runs (job, table_name, source, dest)
-                     VALUES ($1, $2, $3, $4) RETURNING run_id",
+                    "INSERT INTO relocator.runs (job, table_name, source, dest, lease_ttl_secs)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING run_id",
                     &[
                         &job,
                         &table.display,
                         &cfg.source.to_string(),
                         &cfg.dest.to_string(),
+                        &secs,
                     ],
                 )
                 .await
                 .context("registering the run in the ledger")?;
-            (r.get(0), false)
+            (r.get(0), false, secs)
         }
     };
     tx.commit().await?;
-    Ok((run_id, resumed))
+    Ok((run_id, resumed, Duration::from_secs(secs.max(1) as u64)))
 }
+
+/// A run's lease TTL when its first process set none (`--lease-ttl`'s default).
+const DEFAULT_TTL_SECS: i64 = crate::job::DEFAULT_LEASE_TTL.as_secs() as i64;
 
 /// Take a lease of `run_id` for worker `me`: first one whose owner is gone (its lock is
 /// free) or hung (heartbeat older than `ttl`); else a new one carved from the run's

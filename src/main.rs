@@ -70,10 +70,16 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
                     a.workers
                 )));
             }
+            if a.lease_ttl == Some(0) {
+                return Err(relocator::config::config_error(
+                    "--lease-ttl 0 would let any worker take any lease at once; give at least 1 \
+                     second (default 120)",
+                ));
+            }
             let opts = RunOptions {
                 report: a.report.as_deref(),
                 workers: a.workers,
-                lease_ttl: std::time::Duration::from_secs(a.lease_ttl.max(1)),
+                lease_ttl: a.lease_ttl.map(std::time::Duration::from_secs),
                 backup,
             };
             let summary = job::run(&cfg, &opts, cancel).await?;

@@ -51,6 +51,17 @@ struct Entry {
     /// The forward run created the new object (false: it was there before).
     copied: bool,
     current: Option<String>,
+    /// The source's ETag the forward copy was made from (None in older ledgers).
+    src_etag: Option<String>,
+}
+
+impl Entry {
+    /// The identity of the new object and of a copy back: the forward copy's source ETag,
+    /// which a single-part copy keeps. A multipart copy's own ETag is not in the ledger
+    /// (None: for such an object the key and the reference check alone decide).
+    fn copy_etag(&self) -> Option<&str> {
+        self.src_etag.as_deref().filter(|e| !e.contains('-'))
+    }
 }
 
 /// `relocator rollback`.
@@ -113,6 +124,7 @@ pub async fn rollback(
                 new_path: r.get(3),
                 copied: r.get(4),
                 current: r.get(5),
+                src_etag: r.get(6),
             })
             .collect();
         let Some(last) = entries.last() else {
@@ -259,7 +271,7 @@ async fn undo_batch(
     }
 
     let restored = commit_undo(sh, db, &commit).await?;
-    let mut take_back: Vec<&str> = Vec::new();
+    let mut take_back: Vec<(&str, Option<&str>)> = Vec::new();
     let mut to_delete: Vec<Unreferenced<'_>> = Vec::new();
     for (e, tried) in &commit {
         match restored.get(&e.move_id) {
@@ -271,14 +283,14 @@ async fn undo_batch(
                         move_id: e.move_id,
                         bucket: &sh.cfg.dest.bucket,
                         key: &e.new_path,
-                        etag: None,
+                        etag: e.copy_etag(),
                     });
                 }
                 lines.push(line(e, Outcome::RolledBack, "restored".into()));
             }
             _ => {
                 if *tried && copied_back.contains_key(e.old_path.as_str()) {
-                    take_back.push(&e.old_path);
+                    take_back.push((&e.old_path, e.copy_etag()));
                 }
                 lines.push(line(
                     e,
@@ -308,11 +320,11 @@ async fn undo_batch(
     take_back.dedup();
     let unused: Vec<Unreferenced<'_>> = take_back
         .iter()
-        .map(|key| Unreferenced {
+        .map(|(key, etag)| Unreferenced {
             move_id: 0,
             bucket: &sh.cfg.source.bucket,
             key,
-            etag: None,
+            etag: *etag,
         })
         .collect();
     let mut taken = Counters::default();
@@ -338,16 +350,18 @@ async fn restore_pair(
     new: &str,
     old: &str,
 ) -> Result<PairResult> {
-    // The copy back's rate permit before the look at the old key (see copy::copy_known).
+    // Every rate permit before the looks (see copy::copy_known): none falls between the
+    // look at the old key and the copy back onto it.
     sh.s3.ready_write().await;
     sh.s3.ready_read().await;
-    let at_old = match s3::head(&sh.s3.src, &sh.cfg.source.bucket, old).await {
-        Ok(o) => o,
-        Err(e) => return copy::per_object(e),
-    };
     sh.s3.ready_read().await;
     let at_new = match s3::head(&sh.s3.dst, &sh.cfg.dest.bucket, new).await {
         Ok(n) => n,
+        Err(e) => return copy::per_object(e),
+    };
+    // The old key last: the copy back follows this look at once.
+    let at_old = match s3::head(&sh.s3.src, &sh.cfg.source.bucket, old).await {
+        Ok(o) => o,
         Err(e) => return copy::per_object(e),
     };
     match (at_new, at_old) {
@@ -411,7 +425,7 @@ async fn finish_earlier_cleanups(
     loop {
         let rows = db
             .query(
-                "SELECT move_id, new_path FROM relocator.moves
+                "SELECT move_id, new_path, src_etag FROM relocator.moves
                   WHERE run_id = ANY ($1) AND rollback = 'restored'
                     AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
                   ORDER BY move_id LIMIT 1000",
@@ -423,14 +437,18 @@ async fn finish_earlier_cleanups(
             return Ok(());
         };
         after = last.get(0);
-        let keys: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let keys: Vec<(i64, String, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         let items: Vec<Unreferenced<'_>> = keys
             .iter()
-            .map(|(id, key)| Unreferenced {
+            .map(|(id, key, etag)| Unreferenced {
                 move_id: *id,
                 bucket: &sh.cfg.dest.bucket,
                 key,
-                etag: None,
+                // As Entry::copy_etag: a multipart copy's identity is not known.
+                etag: etag.as_deref().filter(|e| !e.contains('-')),
             })
             .collect();
         info!(

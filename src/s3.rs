@@ -1003,30 +1003,35 @@ pub async fn copy_multipart(
         }
         Err(e) => Err(e),
     };
-    if let Err(e) = completed {
-        // Best effort: a failed abort is found again by the next attempt on this key.
-        let _ = client
-            .abort_multipart_upload()
-            .bucket(dst_bucket)
-            .key(dst_key)
-            .upload_id(&upload_id)
-            .send()
-            .await;
-        return Err(e);
-    }
+    let made = match completed {
+        Ok(out) => out.e_tag().map(strip_quotes).unwrap_or_default(),
+        Err(e) => {
+            // Best effort: a failed abort is found again by the next attempt on this key.
+            let _ = client
+                .abort_multipart_upload()
+                .bucket(dst_bucket)
+                .key(dst_key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            return Err(e);
+        }
+    };
     s3c.ready_read().await;
     let done = head_object(client, dst_bucket, dst_key).await?;
     let want = checksum.filter(|_| s3c.server_side);
     match done {
         Some(d) if d.info.size == src.size && (want.is_none() || d.checksum == want) => Ok(d.info),
         other => {
-            if other.is_some() {
+            // Removed only while it is the object this upload made: the application may
+            // have put its own there since.
+            if other.as_ref().is_some_and(|d| d.info.etag == made) {
                 s3c.ready_write().await;
                 let _ = delete_one(client, dst_bucket, dst_key).await;
             }
             Err(S3Error::Other(format!(
                 "{what}: not confirmed, the destination is {:?} (checksum {:?}), the source \
-                 {} bytes (checksum {want:?}); the copy was removed again",
+                 {} bytes (checksum {want:?}); the copy was removed again if still there",
                 other.as_ref().map(|d| &d.info),
                 other.as_ref().and_then(|d| d.checksum.as_ref()),
                 src.size
@@ -1085,11 +1090,18 @@ pub async fn stream_copy(
         etag == src.etag
     };
     if !confirmed {
-        s3c.ready_write().await;
-        let _ = delete_one(&s3c.dst, dst_bucket, dst_key).await;
+        // Removed only while it is the object this PUT made (same ETag).
+        s3c.ready_read().await;
+        if head(&s3c.dst, dst_bucket, dst_key)
+            .await?
+            .is_some_and(|d| d.etag == etag)
+        {
+            s3c.ready_write().await;
+            let _ = delete_one(&s3c.dst, dst_bucket, dst_key).await;
+        }
         return Err(S3Error::Other(format!(
             "{what}: the copy (ETag {etag:?}) does not match the source (ETag {}, {} bytes); \
-             it was removed again",
+             it was removed again if still there",
             src.etag, src.size
         )));
     }

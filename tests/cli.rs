@@ -149,6 +149,10 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             "does not exist",
         ),
         (
+            s(&["--source", &src, "--dest", &dst, "--lease-ttl", "0"]),
+            "at least 1",
+        ),
+        (
             s(&["--source", &src, "--dest", &dst, "--batch-size", "0"]),
             "--batch-size",
         ),

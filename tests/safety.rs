@@ -880,3 +880,33 @@ async fn a_source_replaced_while_the_cleanup_waits_is_kept() {
     let s = read_summary(&env.path("s.json"));
     assert_eq!(s["outcomes"]["source_changed"], 1, "{s}");
 }
+
+/// Round two #5. The lease TTL belongs to the run: a second process asking for a
+/// smaller one (which would take over the live first worker's lease during any long
+/// batch) is refused with exit 2; one that leaves it out adopts the run's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_joining_a_run_cannot_bring_another_lease_ttl() {
+    let env = TestEnv::new("ttl-per-run").await;
+    table(&env, true).await;
+    put(&env, &env.src_bucket, "image/a.png", b"a").await;
+    put(&env, &env.src_bucket, "image/b.png", b"b").await;
+    env.db()
+        .await
+        .batch_execute("INSERT INTO avatars (path) VALUES ('image/a.png'), ('image/b.png')")
+        .await
+        .unwrap();
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM avatars WHERE id = 2 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let first = spawn(&env, &["--lease-ttl", "30"]);
+    until_a_session_waits_for_a_lock(&env).await;
+    let (code, err) = env.run(&["--lease-ttl", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("uses --lease-ttl 30"), "{err}");
+    tx.rollback().await.unwrap();
+    let (code, err) = finish(first);
+    assert_eq!(code, 0, "{err}");
+    env.assert_no_row_dangles().await;
+}
