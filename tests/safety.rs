@@ -158,17 +158,12 @@ async fn a_copy_a_later_batch_relies_on_is_never_taken_back() {
 async fn a_stray_unmappable_key_does_not_blind_the_destination_listing() {
     let env = TestEnv::new("stray-key").await;
     table(&env, true).await;
-    put(&env, &env.src_bucket, "image/a.png", b"the row's avatar").await;
+    env.put_row("image/a.png", b"the row's avatar".to_vec())
+        .await;
     let stray = format!("image/{}", "z".repeat(1018)); // 1025 bytes under avatar/
     put(&env, &env.src_bucket, &stray, b"nobody's").await;
     let foreign = b"someone else's object".as_slice();
     put(&env, &env.dst_bucket, "avatar/a.png", foreign).await;
-    env.db()
-        .await
-        .execute("INSERT INTO avatars (path) VALUES ('image/a.png')", &[])
-        .await
-        .unwrap();
-
     let (code, err) = env.run(&["--report", &env.path("r.csv")]);
     assert_eq!(code, 3, "{err}");
     assert_eq!(
@@ -196,10 +191,7 @@ async fn another_job_on_the_table_never_finishes_this_jobs_cleanup() {
     db.batch_execute("ALTER TABLE avatars ADD COLUMN thumb varchar")
         .await
         .unwrap();
-    put(&env, &env.src_bucket, "image/k.png", b"legacy default").await;
-    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/k.png')")
-        .await
-        .unwrap();
+    env.put_row("image/k.png", b"legacy default".to_vec()).await;
 
     // A's DeleteObjects fail: it exits 1 after its commit, the cleanup pending.
     let proxy = FaultProxy::start(
@@ -270,14 +262,9 @@ async fn another_job_on_the_table_never_finishes_this_jobs_cleanup() {
 async fn a_source_replaced_after_its_copy_is_kept_and_reported() {
     let env = TestEnv::new("src-replaced").await;
     table(&env, true).await;
-    put(&env, &env.src_bucket, "image/user-1.png", b"old face").await;
-    put(&env, &env.src_bucket, "image/user-2.png", b"other").await;
+    env.put_row("image/user-1.png", b"old face".to_vec()).await;
+    env.put_row("image/user-2.png", b"other".to_vec()).await;
     let db = env.db().await;
-    db.batch_execute(
-        "INSERT INTO avatars (path) VALUES ('image/user-1.png'), ('image/user-2.png')",
-    )
-    .await
-    .unwrap();
     // Row 2 is held, so the batch's commit waits after the copies are made.
     let mut app = env.db().await;
     let tx = app.transaction().await.unwrap();
@@ -334,17 +321,8 @@ async fn a_source_replaced_after_its_copy_is_kept_and_reported() {
 async fn a_reference_being_written_during_the_cleanup_is_seen() {
     let env = TestEnv::new("inflight-ref").await;
     table(&env, true).await;
-    put(
-        &env,
-        &env.src_bucket,
-        "image/default.png",
-        b"the default avatar",
-    )
-    .await;
-    let db = env.db().await;
-    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/default.png')")
-        .await
-        .unwrap();
+    env.put_row("image/default.png", b"the default avatar".to_vec())
+        .await;
     // A sign-up in flight: its row points at the legacy default, not committed yet.
     let mut app = env.db().await;
     let tx = app.transaction().await.unwrap();
@@ -564,11 +542,7 @@ async fn the_ledger_is_never_a_jobs_table() {
 async fn a_reference_being_written_during_the_rollback_cleanup_is_seen() {
     let env = TestEnv::new("inflight-rollback").await;
     table(&env, true).await;
-    put(&env, &env.src_bucket, "image/a.png", b"a face").await;
-    let db = env.db().await;
-    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/a.png')")
-        .await
-        .unwrap();
+    env.put_row("image/a.png", b"a face".to_vec()).await;
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.rows().await[0].1, "avatar/a.png");
@@ -618,14 +592,10 @@ async fn a_create_only_copy_refused_by_the_server_is_a_conflict() {
     use std::sync::Arc;
     let env = TestEnv::new("create-only").await;
     table(&env, false).await;
-    put(&env, &env.src_bucket, "image/a.png", b"the row's avatar").await;
+    env.put_row("image/a.png", b"the row's avatar".to_vec())
+        .await;
     let foreign = b"put by the application meanwhile".as_slice();
     put(&env, &env.dst_bucket, "avatar/a.png", foreign).await;
-    env.db()
-        .await
-        .execute("INSERT INTO avatars (path) VALUES ('image/a.png')", &[])
-        .await
-        .unwrap();
     let (probe_copies, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (pc, hd) = (probe_copies.clone(), heads.clone());
     let proxy = FaultProxy::start(
@@ -851,11 +821,7 @@ async fn a_trigger_that_rewrites_the_new_value_is_a_rejection() {
 async fn a_source_replaced_while_the_cleanup_waits_is_kept() {
     let env = TestEnv::new("replaced-in-wait").await;
     table(&env, true).await;
-    put(&env, &env.src_bucket, "image/user-1.png", b"old face").await;
-    let db = env.db().await;
-    db.batch_execute("INSERT INTO avatars (path) VALUES ('image/user-1.png')")
-        .await
-        .unwrap();
+    env.put_row("image/user-1.png", b"old face".to_vec()).await;
     // Some application write in flight on the table (unrelated row).
     let mut app = env.db().await;
     let tx = app.transaction().await.unwrap();
@@ -888,13 +854,8 @@ async fn a_source_replaced_while_the_cleanup_waits_is_kept() {
 async fn a_process_joining_a_run_cannot_bring_another_lease_ttl() {
     let env = TestEnv::new("ttl-per-run").await;
     table(&env, true).await;
-    put(&env, &env.src_bucket, "image/a.png", b"a").await;
-    put(&env, &env.src_bucket, "image/b.png", b"b").await;
-    env.db()
-        .await
-        .batch_execute("INSERT INTO avatars (path) VALUES ('image/a.png'), ('image/b.png')")
-        .await
-        .unwrap();
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    env.put_row("image/b.png", b"b".to_vec()).await;
     let mut app = env.db().await;
     let tx = app.transaction().await.unwrap();
     tx.execute("SELECT 1 FROM avatars WHERE id = 2 FOR UPDATE", &[])
