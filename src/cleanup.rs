@@ -496,6 +496,55 @@ async fn delete_locked(
     Ok((result, locked_at))
 }
 
+/// Finish the ledger entries a query names, a page of 1000 at a time, through
+/// [`delete_unreferenced`]: `sql` takes `$1` = `scope` and `$2` = the last entry id seen,
+/// and returns `(id, bucket, key, etag)` ordered by id. `identity` turns the recorded
+/// ETag into the one the object must still have. Used for what an earlier process left
+/// (a rollback's new objects) and for a finished run's unused copies.
+#[allow(clippy::too_many_arguments)]
+pub async fn finish_listed(
+    db: &deadpool_postgres::Client,
+    s3c: &S3,
+    side: Side,
+    q: &Queries,
+    sql: &str,
+    scope: &(dyn tokio_postgres::types::ToSql + Sync),
+    identity: fn(Option<&str>) -> Option<&str>,
+    mark: &str,
+    counters: &mut Counters,
+) -> Result<()> {
+    let mut after = 0i64;
+    loop {
+        crate::db::rt(1);
+        let rows = db
+            .query(sql, &[scope, &after])
+            .await
+            .context("reading unfinished entries from the ledger")?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.get(0);
+        let found: Vec<(i64, String, String, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let items: Vec<Unreferenced<'_>> = found
+            .iter()
+            .map(|(id, bucket, key, etag)| Unreferenced {
+                move_id: *id,
+                bucket,
+                key,
+                etag: identity(etag.as_deref()),
+            })
+            .collect();
+        info!(
+            count = items.len(),
+            "finishing objects the ledger left pending"
+        );
+        delete_unreferenced(db, s3c, side, q, &items, Some(mark), counters).await?;
+    }
+}
+
 /// Ledger entries of this job (its fingerprint: table, columns, source, destination,
 /// rewrite — another job on the same table checks references in another column, so it
 /// must not finish these) whose cleanup was not finished and whose lease no live worker

@@ -267,54 +267,28 @@ fn source_changed_detail(p: &Pending) -> String {
 /// references them and they are still relocator's copies. Called when this run finishes,
 /// and at start for an earlier finished run killed before it got to them.
 async fn take_back_unused_copies(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
-    let job = sh.cfg.fingerprint();
-    let mut after = 0i64;
-    loop {
-        db::rt(1);
-        let rows = db
-            .query(
-                "SELECT take_back_id, dst_bucket, dst_key, src_etag FROM relocator.take_backs
-                  WHERE run_id IN (SELECT run_id FROM relocator.runs
-                                    WHERE job = $1 AND status = 'finished')
-                    AND done_at IS NULL AND take_back_id > $2
-                  ORDER BY take_back_id LIMIT 1000",
-                &[&job, &after],
-            )
-            .await
-            .context("reading the run's unused copies")?;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        after = last.get(0);
-        let found: Vec<(i64, String, String, Option<String>)> = rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect();
-        let items: Vec<cleanup::Unreferenced<'_>> = found
-            .iter()
-            .map(|(id, bucket, key, etag)| cleanup::Unreferenced {
-                move_id: *id,
-                bucket,
-                key,
-                etag: etag.as_deref(),
-            })
-            .collect();
-        let mut counters = crate::report::Counters::default();
-        cleanup::delete_unreferenced(
-            db,
-            &sh.s3,
-            Side::Dest,
-            &sh.q,
-            &items,
-            Some(cleanup::MARK_TAKEN_BACK),
-            &mut counters,
-        )
-        .await?;
-        // What the shared cleanup counts as deleted sources are unused copies here.
-        counters.copies_removed = std::mem::take(&mut counters.sources_deleted);
-        counters.sources_changed = 0;
-        sh.report().counters.add(&counters);
-    }
+    let mut counters = crate::report::Counters::default();
+    cleanup::finish_listed(
+        db,
+        &sh.s3,
+        Side::Dest,
+        &sh.q,
+        "SELECT take_back_id, dst_bucket, dst_key, src_etag FROM relocator.take_backs
+          WHERE run_id IN (SELECT run_id FROM relocator.runs
+                            WHERE job = $1 AND status = 'finished')
+            AND done_at IS NULL AND take_back_id > $2
+          ORDER BY take_back_id LIMIT 1000",
+        &sh.cfg.fingerprint(),
+        |etag| etag,
+        cleanup::MARK_TAKEN_BACK,
+        &mut counters,
+    )
+    .await?;
+    // What the shared cleanup counts as deleted sources are unused copies here.
+    counters.copies_removed = std::mem::take(&mut counters.sources_deleted);
+    counters.sources_changed = 0;
+    sh.report().counters.add(&counters);
+    Ok(())
 }
 
 /// Where a batch reserves the destination keys it will rely on.

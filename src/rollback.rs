@@ -60,8 +60,13 @@ impl Entry {
     /// which a single-part copy keeps. A multipart copy's own ETag is not in the ledger
     /// (None: for such an object the key and the reference check alone decide).
     fn copy_etag(&self) -> Option<&str> {
-        self.src_etag.as_deref().filter(|e| !e.contains('-'))
+        copy_identity(self.src_etag.as_deref())
     }
+}
+
+/// See [`Entry::copy_etag`].
+fn copy_identity(src_etag: Option<&str>) -> Option<&str> {
+    src_etag.filter(|e| !e.contains('-'))
 }
 
 /// `relocator rollback`.
@@ -421,53 +426,24 @@ async fn finish_earlier_cleanups(
     db: &deadpool_postgres::Client,
     runs: &[i64],
 ) -> Result<()> {
-    let mut after = 0i64;
-    loop {
-        let rows = db
-            .query(
-                "SELECT move_id, new_path, src_etag FROM relocator.moves
-                  WHERE run_id = ANY ($1) AND rollback = 'restored'
-                    AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
-                  ORDER BY move_id LIMIT 1000",
-                &[&runs, &after],
-            )
-            .await
-            .context("reading unfinished rollback cleanups from the ledger")?;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        after = last.get(0);
-        let keys: Vec<(i64, String, Option<String>)> = rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        let items: Vec<Unreferenced<'_>> = keys
-            .iter()
-            .map(|(id, key, etag)| Unreferenced {
-                move_id: *id,
-                bucket: &sh.cfg.dest.bucket,
-                key,
-                // As Entry::copy_etag: a multipart copy's identity is not known.
-                etag: etag.as_deref().filter(|e| !e.contains('-')),
-            })
-            .collect();
-        info!(
-            count = items.len(),
-            "finishing the cleanup of an earlier rollback"
-        );
-        let mut counters = Counters::default();
-        cleanup::delete_unreferenced(
-            db,
-            &sh.s3,
-            Side::Dest,
-            &sh.q,
-            &items,
-            Some(MARK_ROLLBACK_CLEANED),
-            &mut counters,
-        )
-        .await?;
-        sh.report().counters.add(&counters);
-    }
+    let mut counters = Counters::default();
+    cleanup::finish_listed(
+        db,
+        &sh.s3,
+        Side::Dest,
+        &sh.q,
+        "SELECT move_id, dst_bucket, new_path, src_etag FROM relocator.moves
+          WHERE run_id = ANY ($1) AND rollback = 'restored'
+            AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
+          ORDER BY move_id LIMIT 1000",
+        &runs,
+        copy_identity,
+        MARK_ROLLBACK_CLEANED,
+        &mut counters,
+    )
+    .await?;
+    sh.report().counters.add(&counters);
+    Ok(())
 }
 
 fn line(e: &Entry, outcome: Outcome, detail: String) -> ReportLine {
