@@ -155,6 +155,20 @@ pub async fn reserve(
     Ok(())
 }
 
+/// Reservations of batches whose lease is done are void (their commit or a taker's
+/// finished the lease): drop them.
+pub async fn drop_void_reservations(db: &deadpool_postgres::Client) -> Result<()> {
+    crate::db::rt(1);
+    db.execute(
+        "DELETE FROM relocator.reservations r USING relocator.leases l
+          WHERE l.lease_id = r.lease_id AND l.done",
+        &[],
+    )
+    .await
+    .context("dropping void reservations")?;
+    Ok(())
+}
+
 /// Keys among `keys` in `bucket` some batch in flight has reserved (its lease is not
 /// done). Called under the bucket's exclusive reservation lock.
 async fn reserved(

@@ -150,14 +150,7 @@ pub async fn run(
         .context("recording the backup with the run")?;
         info!(file = %b.file, rows = b.rows, sha256 = %b.sha256, "following backup");
     }
-    // Reservations of batches whose lease is done are void: drop them.
-    main.execute(
-        "DELETE FROM relocator.reservations r USING relocator.leases l
-          WHERE l.lease_id = r.lease_id AND l.done",
-        &[],
-    )
-    .await
-    .context("dropping void reservations")?;
+    cleanup::drop_void_reservations(&main).await?;
     let (total, _) = db::count_selected(&main, &sh.table, &cfg.source.prefix).await?;
     sh.progress = Progress::new("run", Some(total));
 
