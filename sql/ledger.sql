@@ -138,3 +138,9 @@ $$;
 
 -- The run's lease TTL (`--lease-ttl`), set by its first process and adopted by the others.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS lease_ttl_secs bigint;
+
+-- When a batch reserved its key. An object the batch found already there and that was
+-- made after another batch reserved the key is relocator's own copy: that batch copied it
+-- and was killed (or lost its lease) before its commit recorded it (see commit.rs).
+ALTER TABLE relocator.reservations
+    ADD COLUMN IF NOT EXISTS reserved_at timestamptz NOT NULL DEFAULT now();

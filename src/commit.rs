@@ -6,6 +6,13 @@
 //! a concurrent update makes PostgreSQL re-check that condition on the newest row version.
 //! And a batch is committed only by its lease's current owner: the lease check is part of
 //! the same statement, so a worker that lost its lease rewrites nothing.
+//!
+//! The ledger also records whether relocator made each destination object (`copied`):
+//! rollback and take-backs remove only those. A batch killed (or whose lease was taken
+//! over) between its copies and its commit leaves copies the next batch on those rows
+//! finds already there; it counts such an object as relocator's when it was made after
+//! the dead batch reserved its key (its Last-Modified against the reservation's time, to
+//! the second; both clocks are assumed to agree within that).
 
 use std::collections::HashMap;
 
@@ -162,6 +169,7 @@ async fn send(
     let copied: Vec<bool> = b.moves.iter().map(|(_, c)| c.created).collect();
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
     let tries: Vec<bool> = ids.iter().map(|id| !refused.contains_key(*id)).collect();
+    let found_at: Vec<Option<i64>> = b.moves.iter().map(|(_, c)| c.found_modified).collect();
     let stmt = client.prepare_cached(&q.commit).await?;
     crate::db::rt(1);
     let rows = client
@@ -183,6 +191,7 @@ async fn send(
                 &etags,
                 &tries,
                 &b.holder,
+                &found_at,
             ],
         )
         .await?;

@@ -32,6 +32,9 @@ pub enum PairResult {
         /// The source's ETag the copy was made from (or found identical to): recorded
         /// with the move, so the source is deleted only while it still is that object.
         src_etag: String,
+        /// An object found already there (`created` false): its Last-Modified, which may
+        /// still show relocator made it before a kill (see [`crate::commit`]).
+        found_modified: Option<i64>,
     },
     MissingSource,
     /// A different object is at the destination.
@@ -49,6 +52,8 @@ pub enum PairResult {
 pub struct Made {
     pub created: bool,
     pub src_etag: String,
+    /// See [`PairResult::Ready`].
+    pub found_modified: Option<i64>,
 }
 
 /// Copy every pair, at most `concurrency` at once, results in input order.
@@ -282,6 +287,7 @@ async fn make_copy(
             created: true,
             size: src.size,
             src_etag: src.etag.clone(),
+            found_modified: None,
         });
     }
     let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
@@ -353,6 +359,7 @@ async fn make_copy(
         created: true,
         size: src.size,
         src_etag: src.etag.clone(),
+        found_modified: None,
     })
 }
 
@@ -376,6 +383,7 @@ fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOption
             created: false,
             size: src.size,
             src_etag: src.etag.clone(),
+            found_modified: existing.modified,
         }
     } else {
         PairResult::Conflict(format!(
@@ -402,6 +410,7 @@ mod tests {
         ObjectInfo {
             etag: etag.into(),
             size,
+            modified: None,
         }
     }
 
@@ -413,7 +422,8 @@ mod tests {
             PairResult::Ready {
                 created: false,
                 size: 5,
-                src_etag: "abc".into()
+                src_etag: "abc".into(),
+                found_modified: None,
             }
         );
         assert!(matches!(
@@ -446,7 +456,8 @@ mod tests {
                 PairResult::Ready {
                     created: false,
                     size: 5,
-                    src_etag: src.etag.clone()
+                    src_etag: src.etag.clone(),
+                    found_modified: None,
                 }
             );
         }

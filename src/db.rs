@@ -293,7 +293,10 @@ pub struct Queries {
     /// The guarded rewrite + ledger rows + lease progress, one statement. See
     /// [`crate::commit`]. Rows the table refused (`try` false) are not rewritten; copies
     /// made for rows not rewritten go to `relocator.take_backs`, taken back only once the
-    /// run is finished. (No SQL comments inside: pg_stat_activity shows the first 1 KiB.)
+    /// run is finished. An object the batch found already there counts as relocator's
+    /// copy when it was made after another batch reserved its key (`found_at`, its
+    /// Last-Modified): that batch copied it and was killed before its commit. (No SQL
+    /// comments inside: pg_stat_activity shows the first 1 KiB.)
     pub commit: String,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
@@ -361,9 +364,15 @@ impl Queries {
                       WHERE lease_id = $10 AND owner = $11
                   RETURNING lease_id
                  ), u AS (
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
-                                          $13::text[], $14::bool[])
-                              AS u(id, old_path, new_path, copied, src_etag, try)
+                     SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try,
+                            u.copied OR (u.found_at IS NOT NULL AND EXISTS (
+                                SELECT 1 FROM relocator.reservations r
+                                 WHERE r.bucket = $8 AND r.key = u.new_path AND r.holder <> $15
+                                   AND date_trunc('second', r.reserved_at)
+                                       <= to_timestamp(u.found_at))) AS copied
+                       FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
+                                   $13::text[], $14::bool[], $16::bigint[])
+                              AS u(id, old_path, new_path, copied, src_etag, try, found_at)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
                      UPDATE {tbl} AS t SET {path} = u.new_path

@@ -514,6 +514,14 @@ async fn copy_stage(
                 break;
             };
             let last_id = last.id.clone();
+            // Rows phase 1 of this run reported (a conflict, a rejection) are not tried
+            // and reported again while they still hold that path.
+            let rows: Vec<Row> = {
+                let report = sh.report();
+                rows.into_iter()
+                    .filter(|r| !report.judged(&r.id, &r.path))
+                    .collect()
+            };
             let n = rows.len();
             let holder = next_holder();
             let at = Reserve {
@@ -774,13 +782,17 @@ fn split_ready<'m>(
     for m in moves {
         let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
             PairResult::Ready {
-                created, src_etag, ..
+                created,
+                src_etag,
+                found_modified,
+                ..
             } => {
                 ready.push((
                     m,
                     Made {
                         created: *created,
                         src_etag: src_etag.clone(),
+                        found_modified: *found_modified,
                     },
                 ));
                 continue;

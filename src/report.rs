@@ -1,6 +1,6 @@
 //! Outcomes, the per-row CSV report and the final summary.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -185,7 +185,8 @@ impl Summary {
     }
 }
 
-/// Collects outcomes as they happen and streams the CSV (constant memory).
+/// Collects outcomes as they happen and streams the CSV (memory grows only with the rows
+/// that need attention).
 pub struct Report {
     command: &'static str,
     csv: Option<csv::Writer<File>>,
@@ -193,6 +194,9 @@ pub struct Report {
     pub counters: Counters,
     started: Instant,
     rows_seen: u64,
+    /// (id, path) of the rows reported as needing attention: a row is judged once per
+    /// run, so a later phase passes over it while it still holds that path.
+    judged: HashSet<(String, String)>,
 }
 
 impl Report {
@@ -214,10 +218,14 @@ impl Report {
             counters: Counters::default(),
             started: Instant::now(),
             rows_seen: 0,
+            judged: HashSet::new(),
         })
     }
 
     pub fn record(&mut self, line: ReportLine) -> Result<()> {
+        if line.outcome.needs_attention() {
+            self.judged.insert((line.id.clone(), line.old_path.clone()));
+        }
         *self.outcomes.entry(line.outcome).or_default() += 1;
         self.rows_seen += 1;
         if let Some(w) = &mut self.csv {
@@ -242,6 +250,12 @@ impl Report {
             self.rows_seen -= 1;
         }
         self.record(line)
+    }
+
+    /// Whether this run already reported the row, holding this path, as needing
+    /// attention (phase 1 did; phase 2 then passes over it: one line per row per run).
+    pub fn judged(&self, id: &str, path: &str) -> bool {
+        self.judged.contains(&(id.to_owned(), path.to_owned()))
     }
 
     /// Flush after each batch so a killed run leaves a report of what it committed.

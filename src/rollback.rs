@@ -375,6 +375,7 @@ async fn restore_pair(
             created: false,
             size: o.size,
             src_etag: o.etag,
+            found_modified: None,
         }),
         (None, None) => Ok(PairResult::MissingSource),
         (Some(n), at_old) => {

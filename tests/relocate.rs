@@ -255,6 +255,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     let made = relocator::copy::Made {
         created: true,
         src_etag: "etag".into(),
+        found_modified: None,
     };
     let batch = |owner: &'static str| relocator::commit::CommitBatch {
         run_id,

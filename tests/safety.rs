@@ -388,15 +388,7 @@ async fn a_live_worker_keeps_its_lease_through_a_slow_batch() {
         distinct.len() as u64,
         "no batch was copied twice"
     );
-    let mut rb = env.cmd();
-    rb.args(["rollback", "--source", &env.source(), "--dest", &env.dest()]);
-    let out = rb.output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rollback(&env);
     let left = env.keys(&env.dst_bucket, "avatar/").await;
     assert!(
         left.is_empty(),
@@ -863,4 +855,168 @@ async fn a_process_joining_a_run_cannot_bring_another_lease_ttl() {
     let (code, err) = finish(first);
     assert_eq!(code, 0, "{err}");
     env.assert_no_row_dangles().await;
+}
+
+/// Start a run whose copy of `image/slow.png` hangs, wait until `copied` keys are at the
+/// destination and the hanging copy was sent, and SIGKILL it: the batch never commits.
+async fn run_killed_while_copying(env: &TestEnv, copied: usize) {
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|_, method, path| {
+            if method == "PUT" && path.ends_with("/avatar/slow.png") {
+                Fault::Stall(Duration::from_secs(120))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let mut job = env
+        .run_cmd(&["--s3-max-attempts", "1"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while proxy.faults.lock().unwrap().is_empty()
+        || env.keys(&env.dst_bucket, "avatar/").await.len() < copied
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the first run never got to its copies"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The batch's other requests (the HEADs before its copies) are done by then.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    job.kill().unwrap(); // SIGKILL
+    job.wait().unwrap();
+    assert!(
+        env.rows()
+            .await
+            .iter()
+            .all(|(_, p)| p.starts_with("image/")),
+        "nothing was committed before the kill"
+    );
+}
+
+/// `relocator rollback` of the test's job, to completion (exit 0).
+fn rollback(env: &TestEnv) {
+    let out = env
+        .cmd()
+        .args(["rollback", "--source", &env.source(), "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Safety #7 (second half). A run killed between its copies and their commit: the rerun
+/// finds those copies already at the destination, and must still know relocator made
+/// them, so `rollback` removes every object relocator created (and nothing else).
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_made_before_a_kill_are_still_known_as_relocators_own() {
+    let env = TestEnv::new("kill-before-commit").await;
+    table(&env, false).await;
+    for k in ["a", "b", "c", "slow"] {
+        env.put_row(&format!("image/{k}.png"), k.as_bytes().to_vec())
+            .await;
+    }
+    run_killed_while_copying(&env, 3).await;
+
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let not_ours: Vec<String> = env
+        .db()
+        .await
+        .query(
+            "SELECT new_path FROM relocator.moves WHERE NOT copied ORDER BY new_path",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        not_ours.is_empty(),
+        "copies the killed run made are recorded as not relocator's: {not_ours:?}"
+    );
+
+    rollback(&env);
+    assert_eq!(
+        env.keys(&env.dst_bucket, "avatar/").await,
+        Vec::<String>::new(),
+        "rollback left copies relocator made behind"
+    );
+    for (id, path) in env.rows().await {
+        assert!(path.starts_with("image/"), "row {id} rolled back");
+        assert!(
+            bytes(&env, &env.src_bucket, &path).await.is_some(),
+            "row {id} points at a missing object {path}"
+        );
+    }
+}
+
+/// Only what is ours: an identical object the application had at the destination before
+/// the run is not relocator's copy, even after a killed batch reserved its key; rollback
+/// leaves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identical_object_that_was_there_before_is_never_taken_as_ours() {
+    let env = TestEnv::new("identical-not-ours").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    env.put_row("image/slow.png", b"slow".to_vec()).await;
+    put(&env, &env.dst_bucket, "avatar/a.png", b"a").await;
+    // Last-Modified has whole seconds: the killed batch reserves in a later one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    run_killed_while_copying(&env, 1).await;
+
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    rollback(&env);
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(b"a".as_slice()),
+        "rollback removed an object relocator did not make"
+    );
+    assert_eq!(
+        env.keys(&env.dst_bucket, "avatar/").await,
+        vec!["avatar/a.png".to_string()],
+        "rollback left a copy relocator made behind"
+    );
+}
+
+/// Safety #8: a row phase 1 reports (here a conflict) is one line and one count in the
+/// run's report, not reported again by phase 2's sweep of the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_that_needs_attention_is_reported_once_per_run() {
+    let env = TestEnv::new("reported-once").await;
+    table(&env, true).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    env.put_row("image/b.png", b"b".to_vec()).await;
+    put(&env, &env.dst_bucket, "avatar/b.png", b"someone else's b").await;
+    let (code, err) = env.run(&[
+        "--report",
+        &env.path("r.csv"),
+        "--summary-json",
+        &env.path("s.json"),
+    ]);
+    assert_eq!(code, 3, "{err}");
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(s["outcomes"]["conflict"], 1, "{s}");
+    assert_eq!(s["outcomes"]["moved"], 1, "{s}");
+    let lines = std::fs::read_to_string(env.path("r.csv")).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("image/b.png")).count(),
+        1,
+        "{lines}"
+    );
 }
