@@ -144,3 +144,10 @@ ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS lease_ttl_secs bigint;
 -- and was killed (or lost its lease) before its commit recorded it (see commit.rs).
 ALTER TABLE relocator.reservations
     ADD COLUMN IF NOT EXISTS reserved_at timestamptz NOT NULL DEFAULT now();
+
+-- The destination object's identity as the move left it (its ETag and size): `verify`
+-- compares the listing with it, and rollback and take-backs delete an object only while
+-- it still is this one (a multipart copy's ETag is not the source's).
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS dst_etag text;
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS size bigint;
+ALTER TABLE relocator.take_backs ADD COLUMN IF NOT EXISTS dst_etag text;

@@ -523,7 +523,6 @@ pub async fn finish_listed(
     q: &Queries,
     sql: &str,
     scope: &(dyn tokio_postgres::types::ToSql + Sync),
-    identity: fn(Option<&str>) -> Option<&str>,
     mark: &str,
     counters: &mut Counters,
 ) -> Result<()> {
@@ -548,7 +547,7 @@ pub async fn finish_listed(
                 move_id: *id,
                 bucket,
                 key,
-                etag: identity(etag.as_deref()),
+                etag: etag.as_deref(),
             })
             .collect();
         info!(

@@ -170,6 +170,8 @@ async fn send(
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
     let tries: Vec<bool> = ids.iter().map(|id| !refused.contains_key(*id)).collect();
     let found_at: Vec<Option<i64>> = b.moves.iter().map(|(_, c)| c.found_modified).collect();
+    let dst_etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.dst_etag.as_str()).collect();
+    let sizes: Vec<i64> = b.moves.iter().map(|(_, c)| c.size).collect();
     let stmt = client.prepare_cached(&q.commit).await?;
     crate::db::rt(1);
     let rows = client
@@ -192,6 +194,8 @@ async fn send(
                 &tries,
                 &b.holder,
                 &found_at,
+                &dst_etags,
+                &sizes,
             ],
         )
         .await?;

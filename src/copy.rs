@@ -35,6 +35,9 @@ pub enum PairResult {
         /// An object found already there (`created` false): its Last-Modified, which may
         /// still show relocator made it before a kill (see [`crate::commit`]).
         found_modified: Option<i64>,
+        /// The destination object's ETag: recorded with the move, so `verify` can tell
+        /// it is still the object relocator moved there.
+        dst_etag: String,
     },
     MissingSource,
     /// A different object is at the destination.
@@ -52,6 +55,9 @@ pub enum PairResult {
 pub struct Made {
     pub created: bool,
     pub src_etag: String,
+    /// The destination object's identity, recorded with the move for `verify`.
+    pub size: i64,
+    pub dst_etag: String,
     /// See [`PairResult::Ready`].
     pub found_modified: Option<i64>,
 }
@@ -288,6 +294,7 @@ async fn make_copy(
             size: src.size,
             src_etag: src.etag.clone(),
             found_modified: None,
+            dst_etag: src.etag.clone(),
         });
     }
     let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
@@ -298,11 +305,11 @@ async fn make_copy(
         };
         s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write)
             .await
-            .map(|_| true)
+            .map(|made| Some(made.etag))
     } else if !s3c.server_side {
         s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write)
             .await
-            .map(|_| true)
+            .map(|made| Some(made.etag))
     } else {
         let create_only = s3c.create_only;
         match s3::copy(
@@ -327,19 +334,20 @@ async fn make_copy(
                     Err(e) => per_object(e),
                 };
             }
-            other => other,
+            other => other.map(|same_etag| same_etag.then(|| src.etag.clone())),
         }
     };
-    match copied {
+    // The copy's ETag, where known without a look.
+    let dst_etag = match copied {
         // copy_multipart and stream_copy confirm the copy themselves; copy by ETag where
-        // it can (true).
-        Ok(true) => {}
-        Ok(false) => {
+        // it can.
+        Ok(Some(etag)) => etag,
+        Ok(None) => {
             // The ETags are not comparable (a multipart source, an SSE-KMS copy); confirm
             // the size instead.
             s3c.ready_read().await;
             match s3::head(&s3c.dst, db, dst_key).await {
-                Ok(Some(d)) if d.size == src.size => {}
+                Ok(Some(d)) if d.size == src.size => d.etag,
                 Ok(other) => {
                     return Err(anyhow!(
                         "copy of s3://{sb}/{src_key} to s3://{db}/{dst_key} not confirmed: \
@@ -353,13 +361,14 @@ async fn make_copy(
         Err(S3Error::NotFound) => return Ok(PairResult::MissingSource),
         Err(S3Error::PreconditionFailed) => return Ok(source_changed()),
         Err(e) => return per_object(e),
-    }
+    };
     debug!(src = %src_key, dst = %dst_key, size = src.size, "copied");
     Ok(PairResult::Ready {
         created: true,
         size: src.size,
         src_etag: src.etag.clone(),
         found_modified: None,
+        dst_etag,
     })
 }
 
@@ -384,6 +393,7 @@ fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOption
             size: src.size,
             src_etag: src.etag.clone(),
             found_modified: existing.modified,
+            dst_etag: existing.etag.clone(),
         }
     } else {
         PairResult::Conflict(format!(
@@ -424,6 +434,7 @@ mod tests {
                 size: 5,
                 src_etag: "abc".into(),
                 found_modified: None,
+                dst_etag: "abc".into(),
             }
         );
         assert!(matches!(
@@ -458,6 +469,7 @@ mod tests {
                     size: 5,
                     src_etag: src.etag.clone(),
                     found_modified: None,
+                    dst_etag: src.etag.clone(),
                 }
             );
         }

@@ -364,21 +364,23 @@ impl Queries {
                       WHERE lease_id = $10 AND owner = $11
                   RETURNING lease_id
                  ), u AS (
-                     SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try,
+                     SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try, u.dst_etag, u.size,
                             u.copied OR (u.found_at IS NOT NULL AND EXISTS (
                                 SELECT 1 FROM relocator.reservations r
                                  WHERE r.bucket = $8 AND r.key = u.new_path AND r.holder <> $15
                                    AND date_trunc('second', r.reserved_at)
                                        <= to_timestamp(u.found_at))) AS copied
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
-                                   $13::text[], $14::bool[], $16::bigint[])
-                              AS u(id, old_path, new_path, copied, src_etag, try, found_at)
+                                   $13::text[], $14::bool[], $16::bigint[], $17::text[],
+                                   $18::bigint[])
+                              AS u(id, old_path, new_path, copied, src_etag, try, found_at,
+                                   dst_etag, size)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
                      UPDATE {tbl} AS t SET {path} = u.new_path
                        FROM u
                       WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path
-                  RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag,
+                  RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag, u.dst_etag, u.size,
                             t.{path}::text AS stored
                  ), chk AS (
                      SELECT 1 FROM upd WHERE stored IS DISTINCT FROM new_path
@@ -386,14 +388,16 @@ impl Queries {
                  ), led AS (
                      INSERT INTO relocator.moves
                             (run_id, table_name, row_id, old_path, new_path,
-                             src_bucket, dst_bucket, copied, lease_id, src_etag)
-                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag FROM upd
+                             src_bucket, dst_bucket, copied, lease_id, src_etag, dst_etag, size)
+                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag,
+                            dst_etag, size
+                       FROM upd
                   RETURNING move_id, row_id
                  ), released AS (
                      DELETE FROM relocator.reservations WHERE holder = $15
                  ), tb AS (
-                     INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag)
-                     SELECT DISTINCT $5::bigint, $8::text, u.new_path, u.src_etag FROM u
+                     INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag, dst_etag)
+                     SELECT DISTINCT $5::bigint, $8::text, u.new_path, u.src_etag, u.dst_etag FROM u
                       WHERE u.copied AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.id = u.id)
                      ON CONFLICT DO NOTHING
                  )
@@ -414,7 +418,7 @@ impl Queries {
             ),
             to_undo: format!(
                 "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text,
-                        m.src_etag
+                        m.src_etag, m.dst_etag
                    FROM relocator.moves m
                    LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
                   WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2

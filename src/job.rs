@@ -266,13 +266,13 @@ async fn take_back_unused_copies(sh: &Shared<'_>, db: &deadpool_postgres::Client
         &sh.s3,
         Side::Dest,
         &sh.q,
-        "SELECT take_back_id, dst_bucket, dst_key, src_etag FROM relocator.take_backs
+        "SELECT take_back_id, dst_bucket, dst_key, coalesce(dst_etag, src_etag)
+           FROM relocator.take_backs
           WHERE run_id IN (SELECT run_id FROM relocator.runs
                             WHERE job = $1 AND status = 'finished')
             AND done_at IS NULL AND take_back_id > $2
           ORDER BY take_back_id LIMIT 1000",
         &sh.cfg.fingerprint(),
-        |etag| etag,
         cleanup::MARK_TAKEN_BACK,
         &mut counters,
     )
@@ -783,9 +783,10 @@ fn split_ready<'m>(
         let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
             PairResult::Ready {
                 created,
+                size,
                 src_etag,
                 found_modified,
-                ..
+                dst_etag,
             } => {
                 ready.push((
                     m,
@@ -793,6 +794,8 @@ fn split_ready<'m>(
                         created: *created,
                         src_etag: src_etag.clone(),
                         found_modified: *found_modified,
+                        size: *size,
+                        dst_etag: dst_etag.clone(),
                     },
                 ));
                 continue;

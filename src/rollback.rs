@@ -53,21 +53,24 @@ struct Entry {
     current: Option<String>,
     /// The source's ETag the forward copy was made from (None in older ledgers).
     src_etag: Option<String>,
+    /// The new object's ETag as the forward run left it (None in older ledgers).
+    dst_etag: Option<String>,
 }
 
 impl Entry {
-    /// The identity of the new object and of a copy back: the forward copy's source ETag,
-    /// which a single-part copy keeps. A multipart copy's own ETag is not in the ledger
-    /// (None: for such an object the key and the reference check alone decide).
-    fn copy_etag(&self) -> Option<&str> {
-        copy_identity(self.src_etag.as_deref())
+    /// The identity of the new object: its ETag as the ledger recorded it; in older
+    /// ledgers the source's, which a single-part copy keeps (None for a multipart one:
+    /// the key and the reference check alone decide then).
+    fn new_etag(&self) -> Option<&str> {
+        self.dst_etag
+            .as_deref()
+            .or(self.src_etag.as_deref().filter(|e| !e.contains('-')))
     }
 }
 
-/// See [`Entry::copy_etag`].
-fn copy_identity(src_etag: Option<&str>) -> Option<&str> {
-    src_etag.filter(|e| !e.contains('-'))
-}
+/// [`Entry::new_etag`] in SQL, for ledger entries read by [`cleanup::finish_listed`].
+const NEW_ETAG_SQL: &str =
+    "coalesce(dst_etag, CASE WHEN src_etag NOT LIKE '%-%' THEN src_etag END)";
 
 /// `relocator rollback`.
 #[instrument(skip_all, fields(table = %cfg.table))]
@@ -130,6 +133,7 @@ pub async fn rollback(
                 copied: r.get(4),
                 current: r.get(5),
                 src_etag: r.get(6),
+                dst_etag: r.get(7),
             })
             .collect();
         let Some(last) = entries.last() else {
@@ -243,7 +247,8 @@ async fn undo_batch(
 
     let mut lines = Vec::new();
     let mut commit: Vec<(&Entry, bool)> = Vec::new();
-    let mut copied_back: HashMap<&str, bool> = HashMap::new();
+    // Old keys a copy back was made to in this batch, with the copy's ETag.
+    let mut copied_back: HashMap<&str, &str> = HashMap::new();
     let mut copies = 0u64;
     for e in &entries {
         if e.current.as_deref() != Some(e.new_path.as_str()) {
@@ -251,8 +256,10 @@ async fn undo_batch(
             continue;
         }
         let (outcome, detail) = match &by_pair[&(e.new_path.as_str(), e.old_path.as_str())] {
-            PairResult::Ready { created, .. } => {
-                if *created && copied_back.insert(&e.old_path, true).is_none() {
+            PairResult::Ready {
+                created, dst_etag, ..
+            } => {
+                if *created && copied_back.insert(&e.old_path, dst_etag).is_none() {
                     copies += 1;
                 }
                 commit.push((e, true));
@@ -288,14 +295,14 @@ async fn undo_batch(
                         move_id: e.move_id,
                         bucket: &sh.cfg.dest.bucket,
                         key: &e.new_path,
-                        etag: e.copy_etag(),
+                        etag: e.new_etag(),
                     });
                 }
                 lines.push(line(e, Outcome::RolledBack, "restored".into()));
             }
             _ => {
-                if *tried && copied_back.contains_key(e.old_path.as_str()) {
-                    take_back.push((&e.old_path, e.copy_etag()));
+                if let Some(etag) = copied_back.get(e.old_path.as_str()).filter(|_| *tried) {
+                    take_back.push((&e.old_path, Some(etag)));
                 }
                 lines.push(line(
                     e,
@@ -374,8 +381,9 @@ async fn restore_pair(
         (None, Some(o)) => Ok(PairResult::Ready {
             created: false,
             size: o.size,
-            src_etag: o.etag,
+            src_etag: o.etag.clone(),
             found_modified: None,
+            dst_etag: o.etag,
         }),
         (None, None) => Ok(PairResult::MissingSource),
         (Some(n), at_old) => {
@@ -433,12 +441,13 @@ async fn finish_earlier_cleanups(
         &sh.s3,
         Side::Dest,
         &sh.q,
-        "SELECT move_id, dst_bucket, new_path, src_etag FROM relocator.moves
-          WHERE run_id = ANY ($1) AND rollback = 'restored'
-            AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
-          ORDER BY move_id LIMIT 1000",
+        &format!(
+            "SELECT move_id, dst_bucket, new_path, {NEW_ETAG_SQL} FROM relocator.moves
+              WHERE run_id = ANY ($1) AND rollback = 'restored'
+                AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
+              ORDER BY move_id LIMIT 1000"
+        ),
         &runs,
-        copy_identity,
         MARK_ROLLBACK_CLEANED,
         &mut counters,
     )

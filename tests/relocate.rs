@@ -256,6 +256,8 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         created: true,
         src_etag: "etag".into(),
         found_modified: None,
+        size: 1,
+        dst_etag: "etag".into(),
     };
     let batch = |owner: &'static str| relocator::commit::CommitBatch {
         run_id,
