@@ -1138,6 +1138,77 @@ pub async fn sha256(client: &Client, bucket: &str, key: &str) -> Result<[u8; 32]
     Ok(h.finalize().into())
 }
 
+/// Whether an object's bytes are what its ETag says (`verify --verify-content`): the MD5
+/// of the bytes for a single-part upload; for a multipart one (`md5-of-md5s-N`) each
+/// part is read on its own (GetObject `partNumber`) and the MD5 of the parts' MD5s
+/// compared. Read as a stream, never held whole. `Ok(None)`: the ETag is no MD5 of the
+/// bytes (SSE-KMS, SSE-C), so the bytes cannot be checked against it.
+pub async fn bytes_match_etag(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    etag: &str,
+) -> Result<Option<bool>, S3Error> {
+    use md5::Digest as _;
+    let what = format!("GET s3://{bucket}/{key}");
+    let (want, parts) = match etag.split_once('-') {
+        Some((hash, n)) => match n.parse::<i32>() {
+            Ok(n) if n > 0 => (hash, Some(n)),
+            _ => return Ok(None),
+        },
+        None => (etag, None),
+    };
+    if want.len() != 32 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let read = |part: Option<i32>| {
+        let what = &what;
+        async move {
+            let out = client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .set_part_number(part)
+                .if_match(format!("\"{etag}\""))
+                .send()
+                .await
+                .map_err(|e| classify(what, e))?;
+            if matches!(
+                out.server_side_encryption(),
+                Some(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+                    | Some(aws_sdk_s3::types::ServerSideEncryption::AwsKmsDsse)
+            ) || out.sse_customer_algorithm().is_some()
+            {
+                return Ok(None);
+            }
+            let mut body = out.body;
+            let mut h = md5::Md5::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| S3Error::Other(format!("{what}: {e}")))?;
+                h.update(&chunk);
+            }
+            Ok::<_, S3Error>(Some(h.finalize()))
+        }
+    };
+    let got = match parts {
+        None => match read(None).await? {
+            Some(d) => hex::encode(d),
+            None => return Ok(None),
+        },
+        Some(n) => {
+            let mut of_parts = md5::Md5::new();
+            for part in 1..=n {
+                match read(Some(part)).await? {
+                    Some(d) => of_parts.update(d),
+                    None => return Ok(None),
+                }
+            }
+            hex::encode(of_parts.finalize())
+        }
+    };
+    Ok(Some(got == want))
+}
+
 /// Abort incomplete multipart uploads to exactly `key` (left by a killed attempt to copy
 /// there: relocator only copies to a key it found free).
 pub async fn abort_stale_uploads(client: &Client, bucket: &str, key: &str) -> Result<(), S3Error> {

@@ -1,27 +1,36 @@
-//! `verify`: does every row point at an object that exists? The rows under each prefix,
-//! streamed in byte order (`COLLATE "C"`, the order S3 lists keys in), are merge-joined
-//! with the bucket listing: one LIST request per 1,000 keys, no HEAD per row, constant
-//! memory.
+//! `verify`: does every row point at an object that exists, and is it the object the
+//! move left there? The rows under each prefix, streamed in byte order (`COLLATE "C"`,
+//! the order S3 lists keys in), are merge-joined with the bucket listing: one LIST request
+//! per 1,000 keys, no HEAD per row, constant memory. Each object a row points at in the
+//! destination is compared (ETag and size, from the listing) with what the ledger
+//! recorded for its move; with `--verify-content` its bytes are read and checked against
+//! its ETag. Moves whose rows point outside both prefixes are looked up one by one. A
+//! verify that found nothing to check says so and does not exit 0.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aws_sdk_s3::Client;
 use futures::{pin_mut, StreamExt};
 use serde::Serialize;
 
 use crate::config::JobConfig;
 use crate::db::{self, TableInfo};
 use crate::progress::Progress;
-use crate::s3;
+use crate::s3::{self, ObjectInfo, Side, S3};
 
 /// How a row (or an unreferenced object) stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
-    /// Points into the destination, and the object is there.
+    /// Points into the destination, and the object is there (the one the move left
+    /// there, where the ledger knows it; with `--verify-content`, bytes checked).
     Ok,
+    /// The object at the row's key is not the one relocator moved there: its ETag or size
+    /// differs from the ledger's record of the move (replaced since, or damaged).
+    Replaced,
+    /// `--verify-content`: the object's bytes do not match its own ETag.
+    Corrupt,
     /// Not moved yet; its source object is there.
     StillLegacy,
     /// Its object is in neither bucket.
@@ -36,6 +45,8 @@ impl Check {
     fn as_str(self) -> &'static str {
         match self {
             Check::Ok => "ok",
+            Check::Replaced => "replaced",
+            Check::Corrupt => "corrupt",
             Check::StillLegacy => "still_legacy",
             Check::Missing => "missing",
             Check::LegacyLeftover => "legacy_leftover",
@@ -51,10 +62,21 @@ pub struct VerifySummary {
 
 impl VerifySummary {
     pub fn all_ok(&self) -> bool {
-        self.counts.iter().all(|(c, n)| *c == Check::Ok || *n == 0)
+        self.checked() > 0 && self.counts.iter().all(|(c, n)| *c == Check::Ok || *n == 0)
+    }
+
+    /// Rows and objects looked at.
+    pub fn checked(&self) -> u64 {
+        self.counts.values().sum()
     }
 
     pub fn one_line(&self) -> String {
+        if self.checked() == 0 {
+            return "verify: nothing to check: no row's path starts with either prefix and the \
+                    ledger records no move of this table; check --source, --dest, --table and \
+                    --path-column"
+                .into();
+        }
         let parts: Vec<String> = self
             .counts
             .iter()
@@ -90,7 +112,7 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     let pool = db::pool(&cfg.database_url, 2, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
-    let s3c = s3::S3::for_job(cfg).await;
+    let s3c = S3::for_job(cfg).await;
     s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
     s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
     let ledger = db::ledger_exists(&client).await?;
@@ -110,15 +132,26 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
         },
         summary: VerifySummary::default(),
     };
-    // Destination side: rows present → ok, absent → missing; unreferenced → orphan.
+    // Destination side: rows present → ok (or replaced / corrupt), absent → missing;
+    // unreferenced → orphan.
     let mut unreferenced = Vec::new();
+    let mut moved = Moved {
+        client: &client,
+        table: &table,
+        s3c: &s3c,
+        bucket: &cfg.dest.bucket,
+        ledger,
+        content: cfg.verify_content,
+        rows: Vec::new(),
+    };
     merge_side(
         &client,
         &table,
-        &s3c.dst,
+        &s3c,
+        Side::Dest,
         &cfg.dest.bucket,
         &cfg.dest.prefix,
-        Check::Ok,
+        Some(&mut moved),
         &mut o,
         &mut |k| unreferenced.push(k),
     )
@@ -134,10 +167,11 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     merge_side(
         &client,
         &table,
-        &s3c.src,
+        &s3c,
+        Side::Source,
         &cfg.source.bucket,
         &cfg.source.prefix,
-        Check::StillLegacy,
+        None,
         &mut o,
         &mut |k| leftovers.push(k),
     )
@@ -167,6 +201,9 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
             }
         }
     }
+    if ledger {
+        elsewhere(&client, &table, &s3c, cfg, &mut o).await?;
+    }
     if let Some(w) = &mut o.csv {
         w.flush()?;
     }
@@ -174,20 +211,170 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     Ok(o.summary)
 }
 
+/// Rows found at their key in the destination, checked against the ledger (and their
+/// bytes) in chunks: one ledger query per 1,000 rows.
+struct Moved<'a> {
+    client: &'a tokio_postgres::Client,
+    table: &'a TableInfo,
+    s3c: &'a S3,
+    bucket: &'a str,
+    ledger: bool,
+    content: bool,
+    rows: Vec<(String, String, ObjectInfo)>,
+}
+
+impl Moved<'_> {
+    async fn push(&mut self, o: &mut Out, id: String, key: String, info: ObjectInfo) -> Result<()> {
+        self.rows.push((id, key, info));
+        if self.rows.len() >= 1000 {
+            self.flush(o).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, o: &mut Out) -> Result<()> {
+        let rows = std::mem::take(&mut self.rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let recorded: BTreeMap<String, (Option<String>, Option<i64>)> = if self.ledger {
+            let keys: Vec<&str> = rows.iter().map(|(_, k, _)| k.as_str()).collect();
+            self.client
+                .query(
+                    "SELECT DISTINCT ON (new_path) new_path, dst_etag, size FROM relocator.moves
+                      WHERE table_name = $1 AND dst_bucket = $2 AND new_path = ANY ($3)
+                        AND rolled_back_at IS NULL
+                      ORDER BY new_path, move_id DESC",
+                    &[&self.table.display, &self.bucket, &keys],
+                )
+                .await
+                .context("looking up the moves' recorded objects in the ledger")?
+                .into_iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut read: BTreeMap<String, Check> = BTreeMap::new();
+        for (id, key, info) in rows {
+            let check = match recorded.get(&key) {
+                Some((etag, size)) if !same(&info, etag, *size) => Check::Replaced,
+                _ if self.content => match read.get(&key) {
+                    Some(c) => *c,
+                    None => {
+                        let c = content(self.s3c, self.bucket, &key, &info.etag).await?;
+                        read.insert(key.clone(), c);
+                        c
+                    }
+                },
+                _ => Check::Ok,
+            };
+            o.record(check, &id, self.bucket, &key)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an object is the one the ledger recorded (entries from before the ledger kept
+/// the identity match anything).
+fn same(found: &ObjectInfo, etag: &Option<String>, size: Option<i64>) -> bool {
+    etag.as_ref().is_none_or(|e| *e == found.etag) && size.is_none_or(|n| n == found.size)
+}
+
+/// `--verify-content`: the object's bytes against its ETag.
+async fn content(s3c: &S3, bucket: &str, key: &str, etag: &str) -> Result<Check> {
+    s3c.ready_read().await;
+    match s3::bytes_match_etag(&s3c.dst, bucket, key, etag).await {
+        Ok(Some(true)) => Ok(Check::Ok),
+        Ok(Some(false)) => Ok(Check::Corrupt),
+        // Encrypted with a key (its ETag is no MD5): the bytes cannot be checked here.
+        Ok(None) => Err(anyhow::anyhow!(
+            "s3://{bucket}/{key} is encrypted with SSE-KMS or SSE-C, so its ETag is no MD5 \
+             of its bytes and --verify-content cannot check them; verify without it"
+        )),
+        // Replaced (or removed) between the listing and the read.
+        Err(s3::S3Error::PreconditionFailed | s3::S3Error::NotFound) => Ok(Check::Replaced),
+        Err(e) => Err(anyhow::anyhow!(e)),
+    }
+}
+
+/// Moves whose rows still point at the new key, but where this verify's prefixes do not
+/// look (another destination, or a prefix given differently): each looked up with a HEAD.
+async fn elsewhere(
+    client: &tokio_postgres::Client,
+    t: &TableInfo,
+    s3c: &S3,
+    cfg: &JobConfig,
+    o: &mut Out,
+) -> Result<()> {
+    let sql = format!(
+        "SELECT m.move_id, m.row_id, m.dst_bucket, m.new_path, m.dst_etag, m.size
+           FROM relocator.moves m JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
+          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND t.{path} = m.new_path
+            AND NOT (m.dst_bucket = $2 AND starts_with(m.new_path, $3))
+            AND NOT starts_with(m.new_path, $4) AND m.move_id > $5
+          ORDER BY m.move_id LIMIT 1000",
+        tbl = t.qualified,
+        id = t.id_col,
+        path = t.path_col,
+        ty = t.id_type,
+    );
+    let mut after = 0i64;
+    loop {
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &t.display,
+                    &cfg.dest.bucket,
+                    &cfg.dest.prefix,
+                    &cfg.source.prefix,
+                    &after,
+                ],
+            )
+            .await
+            .context("reading moves whose rows point outside both prefixes")?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.get(0);
+        for r in rows {
+            let (id, bucket, key): (String, String, String) = (r.get(1), r.get(2), r.get(3));
+            s3c.ready_read().await;
+            let check = match s3::head(&s3c.dst, &bucket, &key).await? {
+                None => Check::Missing,
+                Some(found) if !same(&found, &r.get(4), r.get(5)) => Check::Replaced,
+                Some(found) if cfg.verify_content => {
+                    content(s3c, &bucket, &key, &found.etag).await?
+                }
+                Some(_) => Check::Ok,
+            };
+            o.record(check, &id, &bucket, &key)?;
+        }
+    }
+}
+
 /// Merge the rows whose path starts with `prefix` (byte order) with the listing of
-/// `bucket` under `prefix`. Rows whose key is listed get `present`, the others
-/// `missing`; listed keys no row references go to `unreferenced`.
+/// `bucket` under `prefix`. Rows whose key is listed get `present` (on the destination
+/// side: checked by `moved`), the others `missing`; listed keys no row references go to
+/// `unreferenced`.
 #[allow(clippy::too_many_arguments)]
 async fn merge_side(
     client: &tokio_postgres::Client,
     t: &TableInfo,
-    s3c: &Client,
+    s3c: &S3,
+    side: Side,
     bucket: &str,
     prefix: &str,
-    present: Check,
+    mut moved: Option<&mut Moved<'_>>,
     o: &mut Out,
     unreferenced: &mut dyn FnMut(String),
 ) -> Result<()> {
+    let present = if moved.is_some() {
+        Check::Ok
+    } else {
+        Check::StillLegacy
+    };
     let sql = format!(
         "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
           WHERE starts_with(t.{path}, $1)
@@ -202,54 +389,65 @@ async fn merge_side(
         .context("scanning rows in key order")?;
     pin_mut!(rows);
     let mut listing = Listing {
-        client: s3c,
+        s3c,
+        side,
         bucket,
         prefix,
-        token: None,
+        after: None,
         done: false,
         buf: VecDeque::new(),
     };
-    let mut next_key = listing.next().await?;
-    let mut last_matched: Option<String> = None;
+    let mut next = listing.next().await?;
+    let mut last_matched: Option<(String, ObjectInfo)> = None;
     while let Some(row) = rows.next().await {
         let row = row.context("reading rows in key order")?;
         let (id, path): (String, String) = (row.get(0), row.get(1));
         o.progress.inc(1, 0);
-        if last_matched.as_deref() == Some(path.as_str()) {
-            o.record(present, &id, bucket, &path)?;
-            continue;
-        }
-        while let Some(k) = next_key.as_ref().filter(|k| k.as_str() < path.as_str()) {
-            unreferenced(k.clone());
-            next_key = listing.next().await?;
-        }
-        if next_key.as_deref() == Some(path.as_str()) {
-            o.record(present, &id, bucket, &path)?;
-            last_matched = next_key.take();
-            next_key = listing.next().await?;
-        } else {
-            o.record(Check::Missing, &id, bucket, &path)?;
+        let found = match &last_matched {
+            Some((k, info)) if *k == path => Some(info.clone()),
+            _ => {
+                while let Some((k, _)) = next.as_ref().filter(|(k, _)| k.as_str() < path.as_str()) {
+                    unreferenced(k.clone());
+                    next = listing.next().await?;
+                }
+                if next.as_ref().is_some_and(|(k, _)| *k == path) {
+                    last_matched = next.take();
+                    next = listing.next().await?;
+                    last_matched.as_ref().map(|(_, info)| info.clone())
+                } else {
+                    None
+                }
+            }
+        };
+        match (found, moved.as_deref_mut()) {
+            (Some(info), Some(m)) => m.push(o, id, path, info).await?,
+            (Some(_), None) => o.record(present, &id, bucket, &path)?,
+            (None, _) => o.record(Check::Missing, &id, bucket, &path)?,
         }
     }
-    while let Some(k) = next_key {
+    if let Some(m) = moved {
+        m.flush(o).await?;
+    }
+    while let Some((k, _)) = next {
         unreferenced(k);
-        next_key = listing.next().await?;
+        next = listing.next().await?;
     }
     Ok(())
 }
 
-/// The keys under a prefix, in S3's (byte) order, one ListObjectsV2 page at a time.
+/// The objects under a prefix, in S3's (byte) order, one ListObjectsV2 page at a time.
 struct Listing<'a> {
-    client: &'a Client,
+    s3c: &'a S3,
+    side: Side,
     bucket: &'a str,
     prefix: &'a str,
-    token: Option<String>,
+    after: Option<String>,
     done: bool,
-    buf: VecDeque<String>,
+    buf: VecDeque<(String, ObjectInfo)>,
 }
 
 impl Listing<'_> {
-    async fn next(&mut self) -> Result<Option<String>> {
+    async fn next(&mut self) -> Result<Option<(String, ObjectInfo)>> {
         loop {
             if let Some(k) = self.buf.pop_front() {
                 return Ok(Some(k));
@@ -257,29 +455,19 @@ impl Listing<'_> {
             if self.done {
                 return Ok(None);
             }
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(self.bucket)
-                .prefix(self.prefix)
-                .set_continuation_token(self.token.take())
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "listing s3://{}/{}: {}",
-                        self.bucket,
-                        self.prefix,
-                        aws_smithy_types::error::display::DisplayErrorContext(&e)
-                    )
-                })?;
-            self.buf.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_owned)),
-            );
-            self.token = out.next_continuation_token().map(str::to_owned);
-            self.done = !out.is_truncated().unwrap_or(false) || self.token.is_none();
+            let (page, more) = s3::list_page(
+                self.s3c,
+                self.side,
+                self.bucket,
+                self.prefix,
+                self.after.as_deref(),
+                1000,
+            )
+            .await
+            .with_context(|| format!("listing s3://{}/{}", self.bucket, self.prefix))?;
+            self.after = page.last().map(|(k, _)| k.clone());
+            self.done = !more || self.after.is_none();
+            self.buf.extend(page);
         }
     }
 }

@@ -149,3 +149,103 @@ async fn status_reports_the_runs_from_the_ledger() {
     assert_eq!(s["runs"][0]["leases_open"], 0);
     assert_eq!(s["rows_left"], 4, "the rows without an object are left");
 }
+
+/// Safety round two, item 3: `verify` tells the truth. It compares each object a row
+/// points at with the identity the ledger recorded for its move, reads and checks the
+/// bytes with `--verify-content` (multipart copies part by part), follows the ledger's
+/// moves outside the prefixes it was given, and never exits 0 having checked nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_tells_the_truth() {
+    use common::proxy::{Fault, FaultProxy};
+    let env = TestEnv::new("verify-truth").await;
+    env.seed(30, 0).await;
+    // One object is copied in two parts: a multipart ETag, checked part by part.
+    let big: Vec<u8> = (0..6 << 20).map(|i: u32| (i % 251) as u8).collect();
+    env.put_row("image/big.bin", big).await;
+    let (code, err) = env.run(&["--multipart-threshold", "5MiB", "--part-size", "5MiB"]);
+    assert_eq!(code, 0, "{err}");
+    let rows = env.rows().await;
+    let head = s3::head(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head.etag.ends_with("-2"), "a multipart copy: {head:?}");
+    let verify = |extra: &[&str], endpoint: Option<String>| {
+        let mut c = env.cmd();
+        c.args(["verify", "--source", &env.source(), "--dest", &env.dest()])
+            .args(["--summary-json", &env.path("v.json")])
+            .args(extra);
+        if let Some(e) = endpoint {
+            c.env("AWS_ENDPOINT_URL", e);
+        }
+        let out = c.output().unwrap();
+        let s = read_summary(&env.path("v.json"));
+        (
+            out.status.code(),
+            s,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, s, err) = verify(&["--verify-content", "--orphans"], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s["counts"]["ok"], rows.len() as u64, "{s}");
+
+    // The ledger's moves are checked wherever their rows point, also when verify is
+    // given another destination prefix.
+    let elsewhere = format!("s3://{}/elsewhere/", env.dst_bucket);
+    let out = env
+        .cmd()
+        .args(["verify", "--source", &env.source(), "--dest", &elsewhere])
+        .args(["--summary-json", &env.path("e.json")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let s = read_summary(&env.path("e.json"));
+    assert_eq!(s["counts"]["ok"], rows.len() as u64, "{s}");
+
+    // A read that returns other bytes than the object's ETag says.
+    let dst_objects = format!("/{}/avatar/", env.dst_bucket);
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "GET" && path.starts_with(&dst_objects) {
+                Fault::Corrupt
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let (code, s, _) = verify(&["--verify-content"], Some(proxy.url()));
+    assert_eq!(code, Some(3));
+    assert_eq!(s["counts"]["corrupt"], rows.len() as u64, "{s}");
+
+    // The object at a moved row's key replaced by 0 bytes: the listing already shows it.
+    let key = &rows[0].1;
+    s3::put(&env.s3, &env.dst_bucket, key, Vec::new(), "image/png")
+        .await
+        .unwrap();
+    let sharing = rows.iter().filter(|(_, p)| p == key).count() as u64;
+    for extra in [&[][..], &["--verify-content"][..]] {
+        let (code, s, _) = verify(extra, None);
+        assert_eq!(code, Some(3), "{extra:?}");
+        assert_eq!(s["counts"]["replaced"], sharing, "{extra:?} {s}");
+    }
+
+    // Prefixes no row and no recorded move is under: nothing checked is no success.
+    let fresh = TestEnv::new("verify-nothing").await;
+    fresh.seed(3, 0).await;
+    let out = fresh
+        .cmd()
+        .args([
+            "verify",
+            "--source",
+            &format!("s3://{}/nope/", fresh.src_bucket),
+        ])
+        .args(["--dest", &format!("s3://{}/nada/", fresh.dst_bucket)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("nothing to check"), "{err}");
+}
