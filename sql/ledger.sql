@@ -151,3 +151,14 @@ ALTER TABLE relocator.reservations
 ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS dst_etag text;
 ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS size bigint;
 ALTER TABLE relocator.take_backs ADD COLUMN IF NOT EXISTS dst_etag text;
+
+-- Multipart uploads relocator started and has not completed or aborted yet (see s3.rs,
+-- `Uploads`): a killed attempt's upload is aborted by the next attempt on that key; any
+-- other incomplete upload there (the application's) is never touched.
+CREATE TABLE IF NOT EXISTS relocator.uploads (
+    bucket     text        NOT NULL,
+    key        text        NOT NULL,
+    upload_id  text        NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (bucket, key, upload_id)
+);

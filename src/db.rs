@@ -652,3 +652,63 @@ fn like_escape(s: &str) -> String {
         .replace('%', "\\%")
         .replace('_', "\\_")
 }
+
+/// The multipart uploads relocator started, noted in its ledger (`relocator.uploads`).
+pub struct LedgerUploads(pub Pool);
+
+impl LedgerUploads {
+    async fn exec(&self, sql: &str, bucket: &str, key: &str, id: &str) -> Result<()> {
+        let c = self.0.get().await.context("connecting to note an upload")?;
+        rt(1);
+        c.execute(sql, &[&bucket, &key, &id])
+            .await
+            .context("noting relocator's multipart upload in the ledger")?;
+        Ok(())
+    }
+}
+
+impl crate::s3::Uploads for LedgerUploads {
+    fn started<'a>(
+        &'a self,
+        bucket: &'a str,
+        key: &'a str,
+        id: &'a str,
+    ) -> crate::s3::BoxFuture<'a> {
+        Box::pin(self.exec(
+            "INSERT INTO relocator.uploads (bucket, key, upload_id) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            bucket,
+            key,
+            id,
+        ))
+    }
+
+    fn ended<'a>(&'a self, bucket: &'a str, key: &'a str, id: &'a str) -> crate::s3::BoxFuture<'a> {
+        Box::pin(self.exec(
+            "DELETE FROM relocator.uploads WHERE bucket = $1 AND key = $2 AND upload_id = $3",
+            bucket,
+            key,
+            id,
+        ))
+    }
+
+    fn ours<'a>(
+        &'a self,
+        bucket: &'a str,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            let c = self.0.get().await.context("connecting to read uploads")?;
+            rt(1);
+            Ok(c.query(
+                "SELECT upload_id FROM relocator.uploads WHERE bucket = $1 AND key = $2",
+                &[&bucket, &key],
+            )
+            .await
+            .context("reading relocator's multipart uploads from the ledger")?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+}

@@ -102,7 +102,11 @@ pub(crate) async fn open<'a>(
             table.qualified, table.path_col
         );
     }
-    let s3c = S3::for_job(cfg).await;
+    let mut s3c = S3::for_job(cfg).await;
+    // Its own two connections (opened only when a multipart copy starts): the stages
+    // hold the job pool's connections for as long as they run.
+    let uploads = db::pool(&cfg.database_url, 2, Some(cfg.batch_timeout))?;
+    s3c.uploads = Some(std::sync::Arc::new(db::LedgerUploads(uploads)));
     s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
     s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
     if !s3c.server_side {

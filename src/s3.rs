@@ -229,7 +229,29 @@ pub struct S3 {
     /// is never overwritten.
     pub create_only: bool,
     limiter: Option<std::sync::Arc<governor::DefaultDirectRateLimiter>>,
+    /// Where the multipart uploads relocator starts are noted; None: nothing is known as
+    /// relocator's, so no incomplete upload is ever aborted but the one in hand.
+    pub uploads: Option<std::sync::Arc<dyn Uploads>>,
 }
+
+/// A note of the multipart uploads relocator started (kept by the job in its ledger),
+/// so that it aborts only its own: an incomplete upload a killed attempt left at a key
+/// is relocator's to abort, an application's upload in progress there never is.
+pub trait Uploads: Send + Sync {
+    /// Noted right after CreateMultipartUpload, before the first part.
+    fn started<'a>(&'a self, bucket: &'a str, key: &'a str, id: &'a str) -> BoxFuture<'a>;
+    /// Completed or aborted: no longer relocator's to abort.
+    fn ended<'a>(&'a self, bucket: &'a str, key: &'a str, id: &'a str) -> BoxFuture<'a>;
+    /// The upload ids at `key` noted and not ended.
+    fn ours<'a>(
+        &'a self,
+        bucket: &'a str,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<Vec<String>>>;
+}
+
+/// What [`Uploads`] returns.
+pub type BoxFuture<'a> = futures::future::BoxFuture<'a, anyhow::Result<()>>;
 
 impl S3 {
     /// One endpoint for both sides.
@@ -254,6 +276,7 @@ impl S3 {
             server_side,
             create_only: false,
             limiter,
+            uploads: None,
         }
     }
 
@@ -858,7 +881,7 @@ pub async fn copy_multipart(
         .filter(|_| s3c.server_side)
         .map(|c| c.algorithm.clone());
     let crc = checksum.as_ref().and_then(|c| crc_algorithm(&c.algorithm));
-    abort_stale_uploads(client, dst_bucket, dst_key).await?;
+    abort_stale_uploads(s3c, dst_bucket, dst_key).await?;
     s3c.ready_write().await;
     let create = with_write_options!(
         client
@@ -877,6 +900,12 @@ pub async fn copy_multipart(
         .upload_id()
         .ok_or_else(|| S3Error::Other(format!("{what}: no upload id in the answer")))?
         .to_owned();
+    if let Some(u) = &s3c.uploads {
+        if let Err(e) = u.started(dst_bucket, dst_key, &upload_id).await {
+            let _ = abort(client, dst_bucket, dst_key, &upload_id).await;
+            return Err(S3Error::Other(format!("{what}: noting the upload: {e:#}")));
+        }
+    }
     let size = src.size.max(0) as u64;
     let part_size = parts.size.max(size.div_ceil(MAX_PARTS)).max(1);
     let ranges: Vec<(i32, u64, u64)> = (0..size.div_ceil(part_size))
@@ -1013,16 +1042,19 @@ pub async fn copy_multipart(
         Ok(out) => out.e_tag().map(strip_quotes).unwrap_or_default(),
         Err(e) => {
             // Best effort: a failed abort is found again by the next attempt on this key.
-            let _ = client
-                .abort_multipart_upload()
-                .bucket(dst_bucket)
-                .key(dst_key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
+            if abort(client, dst_bucket, dst_key, &upload_id).await.is_ok() {
+                if let Some(u) = &s3c.uploads {
+                    let _ = u.ended(dst_bucket, dst_key, &upload_id).await;
+                }
+            }
             return Err(e);
         }
     };
+    if let Some(u) = &s3c.uploads {
+        // Best effort: a completed upload is no longer listed, and its note is dropped by
+        // the next attempt on this key.
+        let _ = u.ended(dst_bucket, dst_key, &upload_id).await;
+    }
     s3c.ready_read().await;
     let done = head_object(client, dst_bucket, dst_key).await?;
     let want = checksum.filter(|_| s3c.server_side);
@@ -1209,22 +1241,48 @@ pub async fn bytes_match_etag(
     Ok(Some(got == want))
 }
 
-/// Abort incomplete multipart uploads to exactly `key` (left by a killed attempt to copy
-/// there: relocator only copies to a key it found free).
-pub async fn abort_stale_uploads(client: &Client, bucket: &str, key: &str) -> Result<(), S3Error> {
-    for (k, id) in list_uploads(client, bucket, key).await? {
-        if k == key {
-            client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(&k)
-                .upload_id(&id)
-                .send()
-                .await
-                .map_err(|e| classify(&format!("ABORT upload to s3://{bucket}/{k}"), e))?;
-            tracing::info!(bucket, key = %k, "aborted an incomplete upload an earlier attempt left");
-        }
+/// Abort the incomplete multipart uploads to exactly `key` that relocator started (a
+/// killed attempt to copy there left them; see [`Uploads`]). Any other upload there (the
+/// application's, in progress) is left alone.
+async fn abort_stale_uploads(s3c: &S3, bucket: &str, key: &str) -> Result<(), S3Error> {
+    let Some(u) = &s3c.uploads else {
+        return Ok(());
+    };
+    let noted = |e: anyhow::Error| S3Error::Other(format!("reading relocator's uploads: {e:#}"));
+    let ours = u.ours(bucket, key).await.map_err(noted)?;
+    if ours.is_empty() {
+        return Ok(());
     }
+    let open: Vec<String> = list_uploads(&s3c.dst, bucket, key)
+        .await?
+        .into_iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, id)| id)
+        .collect();
+    for id in &ours {
+        if open.contains(id) {
+            abort(&s3c.dst, bucket, key, id).await?;
+            tracing::info!(
+                bucket,
+                key,
+                "aborted an incomplete upload an earlier attempt left"
+            );
+        }
+        u.ended(bucket, key, id).await.map_err(noted)?;
+    }
+    Ok(())
+}
+
+/// Abort one multipart upload.
+async fn abort(client: &Client, bucket: &str, key: &str, id: &str) -> Result<(), S3Error> {
+    client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .send()
+        .await
+        .map_err(|e| classify(&format!("ABORT upload to s3://{bucket}/{key}"), e))?;
     Ok(())
 }
 

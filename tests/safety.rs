@@ -1020,3 +1020,55 @@ async fn a_row_that_needs_attention_is_reported_once_per_run() {
         "{lines}"
     );
 }
+
+/// Only what is ours: an incomplete multipart upload the application has in progress at
+/// the destination key is not aborted by relocator's multipart copy to that key (only
+/// uploads relocator noted as its own are; `large` shows a killed copy's are). Garage
+/// itself drops an upload once another version of its key is complete, so the test
+/// looks at what relocator asked for, through a recording proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_applications_upload_in_progress_is_never_aborted() {
+    let env = TestEnv::new("app-upload").await;
+    table(&env, false).await;
+    let big: Vec<u8> = (0..6 << 20).map(|i: u32| (i % 253) as u8).collect();
+    env.put_row("image/big.bin", big).await;
+    let app = env
+        .s3
+        .create_multipart_upload()
+        .bucket(&env.dst_bucket)
+        .key("avatar/big.bin")
+        .send()
+        .await
+        .unwrap();
+    let app_id = app.upload_id().unwrap().to_string();
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|_, _, _| Fault::Forward),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--multipart-threshold", "5MiB", "--part-size", "5MiB"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = proxy.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "POST" && r.target.contains("uploads")),
+        "relocator copied in parts"
+    );
+    let aborted: Vec<_> = seen
+        .iter()
+        .filter(|r| r.method == "DELETE" && r.target.contains(&app_id))
+        .collect();
+    assert!(
+        aborted.is_empty(),
+        "the application's upload was aborted: {aborted:?}"
+    );
+}
