@@ -469,7 +469,7 @@ mod tests {
                     size: 5,
                     src_etag: src.etag.clone(),
                     found_modified: None,
-                    dst_etag: src.etag.clone(),
+                    dst_etag: existing.etag.clone(),
                 }
             );
         }
