@@ -68,13 +68,50 @@ pub async fn commit_batch(
     q: &Queries,
     b: &CommitBatch<'_>,
 ) -> Result<Committed> {
+    let rows: Vec<Rewrite<'_>> = b
+        .moves
+        .iter()
+        .map(|(m, _)| Rewrite {
+            id: &m.row.id,
+            from: &m.row.path,
+            to: &m.dst_key,
+        })
+        .collect();
+    let (sent, refused) =
+        without_refused(client, q, &rows, |tries| send(client, q, b, tries)).await?;
+    Ok(match sent {
+        Some(moved) => Committed::Rows(moved, refused),
+        None => Committed::LeaseLost,
+    })
+}
+
+/// One row's guarded rewrite: from the value it must still hold to the new one.
+pub struct Rewrite<'a> {
+    pub id: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+}
+
+/// Send a batch's statement (`send`, given for each row of `rows` whether to try it);
+/// when the table refuses a row's rewrite, find every such row ([`find_refused`]) and
+/// send it again without them. Returns what the statement returned, and row id → why
+/// the table refused it. Shared by the forward commit and rollback's rewrite back.
+pub(crate) async fn without_refused<T, Fut>(
+    client: &deadpool_postgres::Client,
+    q: &Queries,
+    rows: &[Rewrite<'_>],
+    send: impl Fn(Vec<bool>) -> Fut,
+) -> Result<(T, HashMap<String, String>)>
+where
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
     let mut refused: HashMap<String, String> = HashMap::new();
     loop {
-        match send(client, q, b, &refused).await {
-            Ok(Some(moved)) => return Ok(Committed::Rows(moved, refused)),
-            Ok(None) => return Ok(Committed::LeaseLost),
+        let tries = rows.iter().map(|r| !refused.contains_key(r.id)).collect();
+        match send(tries).await {
+            Ok(sent) => return Ok((sent, refused)),
             Err(e) if refusal(&e).is_some() => {
-                let found = find_refused(client, q, b, &refused).await?;
+                let found = find_refused(client, q, rows, &refused).await?;
                 if found.is_empty() {
                     // No single row is refused: not a per-row problem after all.
                     return Err(e).context("rewriting the batch's rows");
@@ -107,40 +144,33 @@ fn refusal(e: &tokio_postgres::Error) -> Option<String> {
 async fn find_refused(
     client: &deadpool_postgres::Client,
     q: &Queries,
-    b: &CommitBatch<'_>,
+    rows: &[Rewrite<'_>],
     known: &HashMap<String, String>,
 ) -> Result<HashMap<String, String>> {
     let probe = client.prepare_cached(&q.probe).await?;
     client.batch_execute("BEGIN").await?;
     let mut found = HashMap::new();
     let result = async {
-        for (m, _) in b
-            .moves
-            .iter()
-            .filter(|(m, _)| !known.contains_key(&m.row.id))
-        {
+        for r in rows.iter().filter(|r| !known.contains_key(r.id)) {
             client.batch_execute("SAVEPOINT probe").await?;
             crate::db::rt(2);
-            match client
-                .query_opt(&probe, &[&m.row.id, &m.row.path, &m.dst_key])
-                .await
-            {
+            match client.query_opt(&probe, &[&r.id, &r.from, &r.to]).await {
                 // A trigger stored something else than the new key.
-                Ok(Some(r)) if r.get::<_, Option<String>>(0).as_deref() != Some(&m.dst_key) => {
-                    let got: Option<String> = r.get(0);
+                Ok(Some(row)) if row.get::<_, Option<String>>(0).as_deref() != Some(r.to) => {
+                    let got: Option<String> = row.get(0);
                     found.insert(
-                        m.row.id.clone(),
+                        r.id.to_owned(),
                         format!(
                             "PostgreSQL stored {got:?} instead of {:?} (a trigger rewrote the \
                              value); the row was left as it was",
-                            m.dst_key
+                            r.to
                         ),
                     );
                 }
                 Ok(_) => {}
                 Err(e) => match refusal(&e) {
                     Some(why) => {
-                        found.insert(m.row.id.clone(), why);
+                        found.insert(r.id.to_owned(), why);
                     }
                     None => return Err(e),
                 },
@@ -161,14 +191,13 @@ async fn send(
     client: &deadpool_postgres::Client,
     q: &Queries,
     b: &CommitBatch<'_>,
-    refused: &HashMap<String, String>,
+    tries: Vec<bool>,
 ) -> Result<Option<HashMap<String, i64>>, tokio_postgres::Error> {
     let ids: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.id.as_str()).collect();
     let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.path.as_str()).collect();
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
     let copied: Vec<bool> = b.moves.iter().map(|(_, c)| c.created).collect();
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
-    let tries: Vec<bool> = ids.iter().map(|id| !refused.contains_key(*id)).collect();
     let found_at: Vec<Option<i64>> = b.moves.iter().map(|(_, c)| c.found_modified).collect();
     let dst_etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.dst_etag.as_str()).collect();
     let sizes: Vec<i64> = b.moves.iter().map(|(_, c)| c.size).collect();

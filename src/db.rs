@@ -311,8 +311,9 @@ pub struct Queries {
     /// Rollback: the ledger entries of runs $1 not rolled back yet, after move $2, at most
     /// $3, with the row's current path. See [`crate::rollback`].
     pub to_undo: String,
-    /// Rollback: the guarded rewrite back + the ledger marks, one statement. See
-    /// [`crate::rollback`].
+    /// Rollback: the guarded rewrite back + the ledger marks, one statement. Rows the
+    /// table refused (`refused`) are left out, their moves not marked; like the forward
+    /// commit it checks what the table stored. See [`crate::rollback`].
     pub undo: String,
 }
 
@@ -426,13 +427,17 @@ impl Queries {
             ),
             undo: format!(
                 "WITH u AS (
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[])
-                          AS u(move_id, id, old_path, new_path, try)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
+                                      $6::bool[])
+                          AS u(move_id, id, old_path, new_path, try, refused)
              ), upd AS (
                  UPDATE {tbl} AS t SET {path} = u.old_path
                    FROM u
-                  WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.new_path
-              RETURNING u.move_id
+                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND t.{path} = u.new_path
+              RETURNING u.move_id, u.old_path, t.{path}::text AS stored
+             ), chk AS (
+                 SELECT 1 FROM upd WHERE stored IS DISTINCT FROM old_path
+                    AND relocator.refuse_stored(old_path, stored)
              )
              UPDATE relocator.moves m
                 SET rolled_back_at = now(),
@@ -448,7 +453,8 @@ impl Queries {
                     rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
                                             THEN 'not_ours' END
                FROM u LEFT JOIN upd ON upd.move_id = u.move_id
-              WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL
+              WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL AND NOT u.refused
+                AND NOT EXISTS (SELECT 1 FROM chk)
           RETURNING m.move_id, m.rollback = 'restored'"
             ),
         }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument};
 
 use crate::cleanup::{self, Unreferenced, MARK_ROLLBACK_CLEANED};
+use crate::commit::{self, Rewrite};
 use crate::config::{config_error, JobConfig};
 use crate::copy::{self, PairResult};
 use crate::db;
@@ -282,7 +283,7 @@ async fn undo_batch(
         lines.push(line(e, outcome, detail));
     }
 
-    let restored = commit_undo(sh, db, &commit).await?;
+    let (restored, refused) = commit_undo(sh, db, &commit).await?;
     let mut take_back: Vec<(&str, Option<&str>)> = Vec::new();
     let mut to_delete: Vec<Unreferenced<'_>> = Vec::new();
     for (e, tried) in &commit {
@@ -304,12 +305,17 @@ async fn undo_batch(
                 if let Some(etag) = copied_back.get(e.old_path.as_str()).filter(|_| *tried) {
                     take_back.push((&e.old_path, Some(etag)));
                 }
-                lines.push(line(
-                    e,
-                    Outcome::ChangedByApp,
-                    "the row no longer points at the new key; left as the application wrote it"
-                        .into(),
-                ));
+                lines.push(match refused.get(&e.row_id) {
+                    // Left in the ledger as not rolled back: a rerun tries it again.
+                    Some(why) => line(e, Outcome::Rejected, why.clone()),
+                    None => line(
+                        e,
+                        Outcome::ChangedByApp,
+                        "the row no longer points at the new key; left as the application \
+                         wrote it"
+                            .into(),
+                    ),
+                });
             }
         }
     }
@@ -408,25 +414,43 @@ async fn commit_undo(
     sh: &Shared<'_>,
     db: &deadpool_postgres::Client,
     commit: &[(&Entry, bool)],
-) -> Result<HashMap<i64, bool>> {
+) -> Result<(HashMap<i64, bool>, HashMap<String, String>)> {
     if commit.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(Default::default());
     }
     let move_ids: Vec<i64> = commit.iter().map(|(e, _)| e.move_id).collect();
     let ids: Vec<&str> = commit.iter().map(|(e, _)| e.row_id.as_str()).collect();
     let olds: Vec<&str> = commit.iter().map(|(e, _)| e.old_path.as_str()).collect();
     let news: Vec<&str> = commit.iter().map(|(e, _)| e.new_path.as_str()).collect();
-    let tries: Vec<bool> = commit.iter().map(|(_, t)| *t).collect();
+    let tried: Vec<bool> = commit.iter().map(|(_, t)| *t).collect();
+    let rows: Vec<Rewrite<'_>> = commit
+        .iter()
+        .map(|(e, _)| Rewrite {
+            id: &e.row_id,
+            from: &e.new_path,
+            to: &e.old_path,
+        })
+        .collect();
     let stmt = db
         .prepare_cached(&sh.q.undo)
         .await
         .context("preparing the rewrite back")?;
-    db::rt(1);
-    let rows = db
-        .query(&stmt, &[&move_ids, &ids, &olds, &news, &tries])
-        .await
-        .context("rewriting the batch's rows back")?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    let (restored, refused) = commit::without_refused(db, &sh.q, &rows, |tries| {
+        let refused: Vec<bool> = tries.iter().map(|t| !t).collect();
+        let (stmt, move_ids, ids, olds, news, tried) =
+            (&stmt, &move_ids, &ids, &olds, &news, &tried);
+        async move {
+            db::rt(1);
+            db.query(stmt, &[move_ids, ids, olds, news, tried, &refused])
+                .await
+        }
+    })
+    .await
+    .context("rewriting the batch's rows back")?;
+    Ok((
+        restored.into_iter().map(|r| (r.get(0), r.get(1))).collect(),
+        refused,
+    ))
 }
 
 /// Before anything else: new objects of rows an earlier, killed rollback restored.

@@ -1072,3 +1072,55 @@ async fn the_applications_upload_in_progress_is_never_aborted() {
         "the application's upload was aborted: {aborted:?}"
     );
 }
+
+/// Safety round two, item 2 (rollback's twin): a row the table refuses to rewrite back
+/// (a CHECK added after the run; a trigger that stores another value) is `rejected`, the
+/// rest of the batch is rolled back, and the refused rows keep pointing at their (still
+/// existing) new objects; their copies back at the old keys are taken back again.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_the_table_refuses_to_rewrite_back_are_rejected_and_the_rest_rolls_back() {
+    let env = TestEnv::new("rollback-refused").await;
+    table(&env, true).await;
+    for k in ["a", "b", "c"] {
+        env.put_row(&format!("image/{k}.png"), k.as_bytes().to_vec())
+            .await;
+    }
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    env.db()
+        .await
+        .batch_execute(
+            "ALTER TABLE avatars ADD CONSTRAINT no_b CHECK (path <> 'image/b.png');
+             CREATE FUNCTION keep_c() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF OLD.path = 'avatar/c.png' THEN NEW.path := upper(NEW.path); END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER keep_c BEFORE UPDATE ON avatars
+                 FOR EACH ROW EXECUTE FUNCTION keep_c();",
+        )
+        .await
+        .unwrap();
+    let out = env
+        .cmd()
+        .args(["rollback", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--report", &env.path("r.csv")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    assert_eq!(outcomes["1"].0, "rolled_back", "{outcomes:?}");
+    assert_eq!(outcomes["2"].0, "rejected", "{outcomes:?}");
+    assert_eq!(outcomes["3"].0, "rejected", "{outcomes:?}");
+    let rows = env.rows().await;
+    assert_eq!(rows[0].1, "image/a.png");
+    assert_eq!(rows[1].1, "avatar/b.png");
+    assert_eq!(rows[2].1, "avatar/c.png");
+    env.assert_no_row_dangles().await;
+    assert_eq!(
+        env.keys(&env.src_bucket, "image/").await,
+        vec!["image/a.png".to_string()],
+        "copies back for the refused rows were taken back"
+    );
+}
