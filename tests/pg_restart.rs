@@ -27,7 +27,28 @@ async fn postgres_restarted_mid_run_loses_nothing_and_the_rerun_completes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Restart once some batches have committed (on a loaded machine that takes a while).
+    let db = env.db().await;
+    let start = std::time::Instant::now();
+    loop {
+        let moved: i64 = db
+            .query_one(
+                "SELECT count(*) FROM avatars WHERE path LIKE 'avatar/%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if moved > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no batch committed within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(db);
     assert!(
         child.try_wait().unwrap().is_none(),
         "the run finished before the restart; slow it down"
