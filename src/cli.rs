@@ -39,11 +39,14 @@ pub enum Command {
     /// Relocate: copy each object, rewrite its row, delete the source after the commit.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
-    /// Dry run: compute exactly what `run` would do, change nothing.
+    /// Dry run: compute exactly what `run` would do, change nothing. Rows the table would
+    /// refuse are found by trying each batch's rewrites in a transaction rolled back.
     #[command(after_help = EXIT_CODES)]
     Plan(PlanArgs),
-    /// Check that every row points at an existing object (ok / still_legacy / missing /
-    /// legacy_leftover, and orphans with --orphans). Exit 0 when all rows are ok, 3 if not.
+    /// Check that every row points at an existing object that is the one its move left
+    /// there (ok / replaced / corrupt with --verify-content / still_legacy / missing /
+    /// legacy_leftover, and orphans with --orphans). Exit 0 when all rows are ok, 3 if not
+    /// (or if nothing was checked).
     Verify(VerifyArgs),
     /// What the ledger says about this job: runs, leases, rows moved, cleanups pending,
     /// rate, rows left, ETA. Read-only.

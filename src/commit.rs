@@ -124,6 +124,48 @@ where
     }
 }
 
+/// `plan`: the rows of a batch the table would refuse, found without changing anything:
+/// the batch's rewrites are tried in one statement inside a transaction that is rolled
+/// back (row locks for that statement; triggers fire and are rolled back with it), and
+/// only when the table refuses one, each row alone ([`find_refused`]). Row id → why.
+pub async fn refused_rewrites(
+    client: &deadpool_postgres::Client,
+    q: &Queries,
+    rows: &[Rewrite<'_>],
+) -> Result<HashMap<String, String>> {
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
+    let olds: Vec<&str> = rows.iter().map(|r| r.from).collect();
+    let news: Vec<&str> = rows.iter().map(|r| r.to).collect();
+    let stmt = client.prepare_cached(&q.probe_batch).await?;
+    client.batch_execute("BEGIN").await?;
+    crate::db::rt(3);
+    let tried = client.query(&stmt, &[&ids, &olds, &news]).await;
+    client.batch_execute("ROLLBACK").await?;
+    match tried {
+        Ok(written) => Ok(written
+            .into_iter()
+            .filter_map(|r| {
+                let (id, new, got): (String, String, Option<String>) =
+                    (r.get(0), r.get(1), r.get(2));
+                (got.as_deref() != Some(new.as_str())).then(|| (id, stored_otherwise(&got, &new)))
+            })
+            .collect()),
+        Err(e) if refusal(&e).is_some() => find_refused(client, q, rows, &HashMap::new()).await,
+        Err(e) => Err(e).context("trying the batch's rewrites"),
+    }
+}
+
+/// Why a row is refused when the table stored another value than relocator wrote.
+fn stored_otherwise(got: &Option<String>, want: &str) -> String {
+    format!(
+        "PostgreSQL stored {got:?} instead of {want:?} (a trigger rewrote the value); the row \
+         was left as it was"
+    )
+}
+
 /// PostgreSQL's reason when an error is a refusal of the row's new value by the table
 /// (SQLSTATE classes 22 data, 23 integrity, 44 check option, P0 a raising trigger, and
 /// 42501, which row-level security's WITH CHECK raises), not a fault of the session.
@@ -157,15 +199,7 @@ async fn find_refused(
             match client.query_opt(&probe, &[&r.id, &r.from, &r.to]).await {
                 // A trigger stored something else than the new key.
                 Ok(Some(row)) if row.get::<_, Option<String>>(0).as_deref() != Some(r.to) => {
-                    let got: Option<String> = row.get(0);
-                    found.insert(
-                        r.id.to_owned(),
-                        format!(
-                            "PostgreSQL stored {got:?} instead of {:?} (a trigger rewrote the \
-                             value); the row was left as it was",
-                            r.to
-                        ),
-                    );
+                    found.insert(r.id.to_owned(), stored_otherwise(&row.get(0), r.to));
                 }
                 Ok(_) => {}
                 Err(e) => match refusal(&e) {

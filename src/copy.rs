@@ -185,7 +185,8 @@ pub(crate) async fn copy_known(
         PairResult::Ready { created, .. } if cfg.verify_content && !dry_run => {
             verify_content(s3c, cfg, src_key, dst_key, created, result).await
         }
-        PairResult::Ready { .. } if size_only && !dry_run => {
+        // Reads only, so `plan` asks the same question `run` does.
+        PairResult::Ready { .. } if size_only => {
             confirm_existing(s3c, cfg, src_key, dst_key, result).await
         }
         other => Ok(other),

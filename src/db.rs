@@ -303,6 +303,9 @@ pub struct Queries {
     /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
     /// is rolled back: which rows of a batch the table refuses. See [`crate::commit`].
     pub probe: String,
+    /// A batch's guarded rewrites ($1 ids, $2 olds, $3 news) tried at once inside a
+    /// transaction that is rolled back (`plan`): (id, new, stored) of the rows it wrote.
+    pub probe_batch: String,
     /// Waits for every application transaction writing the table to end and keeps new
     /// ones out until the transaction ends: see [`crate::cleanup::delete_unreferenced`].
     pub lock_writers: String,
@@ -406,6 +409,12 @@ impl Queries {
                   WHERE NOT EXISTS (SELECT 1 FROM chk)"
             )),
             lock_writers: format!("LOCK TABLE {tbl} IN SHARE MODE"),
+            probe_batch: format!(
+                "UPDATE {tbl} AS t SET {path} = u.new_path
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, old_path, new_path)
+                  WHERE t.{id} = u.id::{ty} AND t.{path} = u.old_path
+                 RETURNING u.id, u.new_path, t.{path}::text"
+            ),
             probe: format!(
                 "UPDATE {tbl} AS t SET {path} = $3 WHERE t.{id} = $1::text::{ty} AND t.{path} = $2
                  RETURNING t.{path}::text"

@@ -1060,13 +1060,30 @@ fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
     }
 }
 
-/// `relocator plan`: the dry run. Writes nothing to PostgreSQL or S3.
+/// `relocator plan`: the dry run. Changes nothing in PostgreSQL or S3 (each batch's
+/// rewrites are tried in a transaction that is rolled back).
 #[instrument(skip_all, fields(table = %cfg.table))]
 pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
     let mut sh = open(cfg, 1, Report::new("plan", Some(out))?).await?;
     let db = sh.conn().await?;
     let (total, _) = db::count_selected(&db, &sh.table, &cfg.source.prefix).await?;
     sh.progress = Progress::new("plan", Some(total));
+    // Rows the table would refuse are found by trying the rewrites (rolled back), which
+    // needs the UPDATE a run needs anyway.
+    let may_update: bool = db
+        .query_one(
+            "SELECT has_column_privilege($1::text::regclass, $2, 'UPDATE')",
+            &[&sh.table.qualified, &cfg.path_column],
+        )
+        .await
+        .context("checking the UPDATE privilege")?
+        .get(0);
+    if !may_update {
+        warn!(
+            "this role may not UPDATE the path column: plan cannot try the rewrites, so rows \
+             the table would refuse are predicted as moved"
+        );
+    }
     // Destinations earlier batches would have filled, to predict collisions across
     // batches the way run detects them (destination exists and differs, ledger says who).
     let mut claimed: HashMap<String, String> = HashMap::new();
@@ -1115,12 +1132,28 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             by_pair.insert((src.as_str(), dst.as_str()), r);
         }
         let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
+        let refused = if may_update {
+            let rows: Vec<commit::Rewrite<'_>> = ready
+                .iter()
+                .map(|(m, _)| commit::Rewrite {
+                    id: &m.row.id,
+                    from: &m.row.path,
+                    to: &m.dst_key,
+                })
+                .collect();
+            commit::refused_rewrites(&db, &sh.q, &rows).await?
+        } else {
+            HashMap::new()
+        };
         let mut report = sh.report();
         for l in batch.skipped.into_iter().chain(lines) {
             report.record(l)?;
         }
         for (m, made) in ready {
-            report.record(moved_line(m, made.created, true))?;
+            match refused.get(&m.row.id) {
+                Some(why) => report.record(attention(m, Outcome::Rejected, why.clone()))?,
+                None => report.record(moved_line(m, made.created, true))?,
+            }
         }
         report.counters.batches += 1;
         report.flush()?;

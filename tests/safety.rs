@@ -442,9 +442,39 @@ async fn rows_the_table_refuses_are_rejected_and_the_rest_of_the_batch_moves() {
             .await
             .unwrap();
     }
+    // plan predicts each refusal (trying the rewrites in a transaction it rolls back),
+    // and changes nothing.
+    let plan = env
+        .cmd()
+        .args(["plan", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--out", &env.path("plan.csv")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        plan.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let predicted = common::read_outcomes(&env.path("plan.csv"));
+    assert_eq!(
+        env.rows()
+            .await
+            .iter()
+            .map(|(_, p)| p.as_str())
+            .collect::<Vec<_>>(),
+        rows,
+        "plan changed nothing"
+    );
     let (code, err) = env.run(&["--report", &env.path("r.csv")]);
     assert_eq!(code, 3, "{err}");
     let outcomes = common::read_outcomes(&env.path("r.csv"));
+    for id in ["1", "2", "3", "4", "5", "7"] {
+        assert_eq!(
+            predicted[id].0, outcomes[id].0,
+            "plan predicted row {id} as run did: {predicted:?}"
+        );
+    }
     for (id, sqlstate) in [
         ("2", "22001"),
         ("3", "23514"),
