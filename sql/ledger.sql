@@ -139,11 +139,14 @@ $$;
 -- The run's lease TTL (`--lease-ttl`), set by its first process and adopted by the others.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS lease_ttl_secs bigint;
 
--- When a batch reserved its key. An object the batch found already there and that was
--- made after another batch reserved the key is relocator's own copy: that batch copied it
--- and was killed (or lost its lease) before its commit recorded it (see commit.rs).
-ALTER TABLE relocator.reservations
-    ADD COLUMN IF NOT EXISTS reserved_at timestamptz NOT NULL DEFAULT now();
+
+-- A batch notes each copy on its reservation of the key before it makes it (`creating`,
+-- and the source ETag it copies), and withdraws the note when it did not make it after
+-- all. A later batch of the same run that finds the object already there counts it as
+-- relocator's copy (its commit records `copied`): the noting batch was killed, or lost its
+-- lease, before its commit. When the reservation becomes void the note becomes a take-back.
+ALTER TABLE relocator.reservations ADD COLUMN IF NOT EXISTS creating boolean NOT NULL DEFAULT false;
+ALTER TABLE relocator.reservations ADD COLUMN IF NOT EXISTS src_etag text;
 
 -- The destination object's identity as the move left it (its ETag and size): `verify`
 -- compares the listing with it, and rollback and take-backs delete an object only while

@@ -103,7 +103,7 @@ pub const MARK_ROLLBACK_CLEANED: &str =
   RETURNING m.move_id";
 
 /// Marks a take-back (an unused copy) as dealt with.
-pub const MARK_TAKEN_BACK: &str =
+const MARK_TAKEN_BACK: &str =
     "UPDATE relocator.take_backs t SET done_at = now(), outcome = u.outcome
        FROM unnest($1::bigint[], $2::text[]) AS u(id, outcome)
       WHERE t.take_back_id = u.id AND t.done_at IS NULL
@@ -155,14 +155,115 @@ pub async fn reserve(
     Ok(())
 }
 
+/// A batch's copies as it notes them before making them (and the ones it did not make
+/// after all), on its reservations of their keys: `creating`. Copies ask at once, and
+/// each statement marks every key asked for meanwhile, so a batch of copies costs a few
+/// statements, not one per copy; each copy waits for its own key's statement.
+///
+/// Why: a batch killed (or whose lease was taken over) between its copies and their
+/// commit leaves them at the destination, and the next batch on those rows finds them
+/// there. Its commit counts such an object as relocator's (`copied`) where a reservation
+/// of the same run notes it as being created (see `Queries::commit`), so rollback and
+/// take-backs remove it; an object the application put there never is.
+pub struct BatchIntents<'a> {
+    db: &'a deadpool_postgres::Client,
+    bucket: &'a str,
+    holder: &'a str,
+    queue: std::sync::Mutex<IntentQueue>,
+    /// One statement at a time.
+    writer: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct IntentQueue {
+    /// (key, creating, source ETag) asked for since the last statement.
+    keys: Vec<(String, bool, Option<String>)>,
+    /// Statements sent so far; an entry queued while `sent` was n goes with statement n+1.
+    sent: u64,
+    failed: bool,
+}
+
+impl<'a> BatchIntents<'a> {
+    pub fn new(db: &'a deadpool_postgres::Client, bucket: &'a str, holder: &'a str) -> Self {
+        BatchIntents {
+            db,
+            bucket,
+            holder,
+            queue: std::sync::Mutex::new(IntentQueue::default()),
+            writer: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn note(&self, key: &str, creating: bool, src_etag: Option<&str>) -> Result<()> {
+        let lock = || {
+            self.queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let mine = {
+            let mut q = lock();
+            q.keys
+                .push((key.to_owned(), creating, src_etag.map(str::to_owned)));
+            q.sent
+        };
+        let _writing = self.writer.lock().await;
+        let keys = {
+            let mut q = lock();
+            anyhow::ensure!(!q.failed, "noting the batch's copies in the ledger failed");
+            if q.sent > mine {
+                return Ok(()); // sent with an earlier statement
+            }
+            q.sent += 1;
+            std::mem::take(&mut q.keys)
+        };
+        let ks: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let creating: Vec<bool> = keys.iter().map(|k| k.1).collect();
+        let etags: Vec<Option<&str>> = keys.iter().map(|k| k.2.as_deref()).collect();
+        crate::db::rt(1);
+        let sent = self
+            .db
+            .execute(
+                "UPDATE relocator.reservations r SET creating = u.creating, src_etag = u.etag
+                   FROM unnest($3::text[], $4::bool[], $5::text[]) AS u(key, creating, etag)
+                  WHERE r.bucket = $1 AND r.holder = $2 AND r.key = u.key",
+                &[&self.bucket, &self.holder, &ks, &creating, &etags],
+            )
+            .await
+            .context("noting the batch's copies on its reservations");
+        if sent.is_err() {
+            lock().failed = true;
+        }
+        sent.map(|_| ())
+    }
+}
+
+impl crate::copy::Intents for BatchIntents<'_> {
+    fn creating<'b>(&'b self, dst_key: &'b str, src_etag: &'b str) -> crate::copy::BoxFuture<'b> {
+        Box::pin(self.note(dst_key, true, Some(src_etag)))
+    }
+
+    fn not_made<'b>(&'b self, dst_key: &'b str) -> crate::copy::BoxFuture<'b> {
+        Box::pin(self.note(dst_key, false, None))
+    }
+}
+
 /// Reservations of batches whose lease is done are void (their commit or a taker's
-/// finished the lease): drop them.
-pub async fn drop_void_reservations(db: &deadpool_postgres::Client) -> Result<()> {
+/// finished the lease), and so are all those of `runs` (being rolled back: no batch of
+/// theirs is in flight). Drop them; a copy one of them noted as being created becomes a
+/// take-back of its run (removed where nothing references it, see `finish_listed`).
+pub async fn void_reservations(db: &deadpool_postgres::Client, runs: &[i64]) -> Result<()> {
     crate::db::rt(1);
     db.execute(
-        "DELETE FROM relocator.reservations r USING relocator.leases l
-          WHERE l.lease_id = r.lease_id AND l.done",
-        &[],
+        "WITH void AS (
+             DELETE FROM relocator.reservations r USING relocator.leases l
+              WHERE l.lease_id = r.lease_id AND (l.done OR l.run_id = ANY ($1))
+          RETURNING l.run_id, r.bucket, r.key, r.src_etag, r.creating
+         )
+         INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag)
+         SELECT DISTINCT ON (run_id, bucket, key) run_id, bucket, key, src_etag
+           FROM void WHERE creating
+         ON CONFLICT DO NOTHING",
+        &[&runs],
     )
     .await
     .context("dropping void reservations")?;
@@ -556,6 +657,39 @@ pub async fn finish_listed(
         );
         delete_unreferenced(db, s3c, side, q, &items, Some(mark), counters).await?;
     }
+}
+
+/// Remove the copies `relocator.take_backs` lists for the runs `runs` selects (`$1`:
+/// `scope`), where nothing references them, no batch has them reserved and they are still
+/// the copy relocator made. Returns the counts (`copies_removed`).
+pub async fn take_back(
+    db: &deadpool_postgres::Client,
+    s3c: &S3,
+    q: &Queries,
+    runs: &str,
+    scope: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<Counters> {
+    let mut counters = Counters::default();
+    finish_listed(
+        db,
+        s3c,
+        Side::Dest,
+        q,
+        &format!(
+            "SELECT take_back_id, dst_bucket, dst_key, coalesce(dst_etag, src_etag)
+               FROM relocator.take_backs
+              WHERE run_id IN ({runs}) AND done_at IS NULL AND take_back_id > $2
+              ORDER BY take_back_id LIMIT 1000"
+        ),
+        scope,
+        MARK_TAKEN_BACK,
+        &mut counters,
+    )
+    .await?;
+    // What the shared cleanup counts as deleted sources are unused copies here.
+    counters.copies_removed = std::mem::take(&mut counters.sources_deleted);
+    counters.sources_changed = 0;
+    Ok(counters)
 }
 
 /// Ledger entries of this job (its fingerprint: table, columns, source, destination,

@@ -232,7 +232,6 @@ async fn send(
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
     let copied: Vec<bool> = b.moves.iter().map(|(_, c)| c.created).collect();
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
-    let found_at: Vec<Option<i64>> = b.moves.iter().map(|(_, c)| c.found_modified).collect();
     let dst_etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.dst_etag.as_str()).collect();
     let sizes: Vec<i64> = b.moves.iter().map(|(_, c)| c.size).collect();
     let stmt = client.prepare_cached(&q.commit).await?;
@@ -256,7 +255,6 @@ async fn send(
                 &etags,
                 &tries,
                 &b.holder,
-                &found_at,
                 &dst_etags,
                 &sizes,
             ],

@@ -18,6 +18,18 @@ use tracing::debug;
 use crate::config::JobConfig;
 use crate::s3::{self, ObjectInfo, S3Error, WriteOptions, S3};
 
+/// Where a batch notes each copy before it makes it, and a noted copy it did not make
+/// after all (kept with the batch's reservation of the key; see
+/// [`crate::cleanup::BatchIntents`]). After a kill between the copies and their commit,
+/// the next attempt still knows which objects at the destination relocator made.
+pub trait Intents: Sync {
+    fn creating<'a>(&'a self, dst_key: &'a str, src_etag: &'a str) -> BoxFuture<'a>;
+    fn not_made<'a>(&'a self, dst_key: &'a str) -> BoxFuture<'a>;
+}
+
+/// What [`Intents`] returns.
+pub type BoxFuture<'a> = futures::future::BoxFuture<'a, Result<()>>;
+
 /// Parts of one large object copied at once.
 const PARTS_IN_FLIGHT: usize = 8;
 
@@ -32,9 +44,6 @@ pub enum PairResult {
         /// The source's ETag the copy was made from (or found identical to): recorded
         /// with the move, so the source is deleted only while it still is that object.
         src_etag: String,
-        /// An object found already there (`created` false): its Last-Modified, which may
-        /// still show relocator made it before a kill (see [`crate::commit`]).
-        found_modified: Option<i64>,
         /// The destination object's ETag: recorded with the move, so `verify` can tell
         /// it is still the object relocator moved there.
         dst_etag: String,
@@ -58,8 +67,6 @@ pub struct Made {
     /// The destination object's identity, recorded with the move for `verify`.
     pub size: i64,
     pub dst_etag: String,
-    /// See [`PairResult::Ready`].
-    pub found_modified: Option<i64>,
 }
 
 /// Copy every pair, at most `concurrency` at once, results in input order.
@@ -69,13 +76,13 @@ pub async fn copy_all(
     s3c: &S3,
     cfg: &JobConfig,
     pairs: &[(String, String)],
-    dry_run: bool,
+    mode: Mode<'_>,
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
     let copies = pairs
         .iter()
-        .map(|(src, dst)| copy_pair(s3c, cfg, src, dst, dry_run));
+        .map(|(src, dst)| copy_pair(s3c, cfg, src, dst, mode));
     bounded(copies, concurrency, cancel).await
 }
 
@@ -85,6 +92,7 @@ pub async fn copy_all_known(
     s3c: &S3,
     cfg: &JobConfig,
     pairs: &[(String, ObjectInfo, String, Option<ObjectInfo>)],
+    intents: &dyn Intents,
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
@@ -111,7 +119,16 @@ pub async fn copy_all_known(
                 }
                 other => other.as_ref(),
             };
-            copy_known(s3c, cfg, src_key, src, dst_key, dst, false).await
+            copy_known(
+                s3c,
+                cfg,
+                src_key,
+                src,
+                dst_key,
+                dst,
+                Mode::Copy(Some(intents)),
+            )
+            .await
         });
     bounded(copies, concurrency, cancel).await
 }
@@ -144,7 +161,7 @@ async fn copy_pair(
     cfg: &JobConfig,
     src_key: &str,
     dst_key: &str,
-    dry_run: bool,
+    mode: Mode<'_>,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     s3c.ready_read().await;
@@ -153,7 +170,7 @@ async fn copy_pair(
         Ok(None) => return Ok(PairResult::MissingSource),
         Err(e) => return per_object(e),
     };
-    if !dry_run {
+    if !mode.dry_run() {
         // The copy's rate permit before the look: no `--max-rps` wait between the two.
         s3c.ready_write().await;
     }
@@ -162,7 +179,23 @@ async fn copy_pair(
         Ok(d) => d,
         Err(e) => return per_object(e),
     };
-    copy_known(s3c, cfg, src_key, &src, dst_key, dst.as_ref(), dry_run).await
+    copy_known(s3c, cfg, src_key, &src, dst_key, dst.as_ref(), mode).await
+}
+
+/// Whether a copy is made, and where it is noted first.
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    /// Only look, and say what a real run would do (`plan`).
+    DryRun,
+    /// Copy, noting each copy first where the job keeps [`Intents`] (rollback's copies
+    /// back do not: it keeps track of them itself).
+    Copy(Option<&'a dyn Intents>),
+}
+
+impl Mode<'_> {
+    fn dry_run(self) -> bool {
+        matches!(self, Mode::DryRun)
+    }
 }
 
 /// The one place a destination object is created: only when the destination was found
@@ -177,9 +210,10 @@ pub(crate) async fn copy_known(
     src: &ObjectInfo,
     dst_key: &str,
     dst: Option<&ObjectInfo>,
-    dry_run: bool,
+    mode: Mode<'_>,
 ) -> Result<PairResult> {
-    let result = make_copy(s3c, cfg, src_key, src, dst_key, dst, dry_run).await?;
+    let dry_run = mode.dry_run();
+    let result = make_copy(s3c, cfg, src_key, src, dst_key, dst, mode).await?;
     let size_only = dst.is_some_and(|d| !etags_comparable(src, d, &cfg.write));
     match result {
         PairResult::Ready { created, .. } if cfg.verify_content && !dry_run => {
@@ -283,21 +317,46 @@ async fn make_copy(
     src: &ObjectInfo,
     dst_key: &str,
     dst: Option<&ObjectInfo>,
-    dry_run: bool,
+    mode: Mode<'_>,
 ) -> Result<PairResult> {
-    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     if let Some(existing) = dst {
         return Ok(compare_existing(src, existing, &cfg.write));
     }
-    if dry_run {
-        return Ok(PairResult::Ready {
-            created: true,
-            size: src.size,
-            src_etag: src.etag.clone(),
-            found_modified: None,
-            dst_etag: src.etag.clone(),
-        });
+    let intents = match mode {
+        Mode::DryRun => {
+            return Ok(PairResult::Ready {
+                created: true,
+                size: src.size,
+                src_etag: src.etag.clone(),
+                dst_etag: src.etag.clone(),
+            })
+        }
+        Mode::Copy(intents) => intents,
+    };
+    if let Some(i) = intents {
+        i.creating(dst_key, &src.etag).await?;
     }
+    let made = copy_free(s3c, cfg, src_key, src, dst_key).await;
+    if let Some(i) = intents {
+        // Not made after all (refused, found taken meanwhile, the source gone or
+        // changed): no longer noted as relocator's. (After an error the copy may or may
+        // not exist: it stays noted.)
+        if !matches!(made, Ok(PairResult::Ready { created: true, .. }) | Err(_)) {
+            i.not_made(dst_key).await?;
+        }
+    }
+    made
+}
+
+/// Copy to a key found free.
+async fn copy_free(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_key: &str,
+) -> Result<PairResult> {
+    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
     let copied = if in_parts {
         let parts = s3::Parts {
@@ -368,7 +427,6 @@ async fn make_copy(
         created: true,
         size: src.size,
         src_etag: src.etag.clone(),
-        found_modified: None,
         dst_etag,
     })
 }
@@ -393,7 +451,6 @@ fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOption
             created: false,
             size: src.size,
             src_etag: src.etag.clone(),
-            found_modified: existing.modified,
             dst_etag: existing.etag.clone(),
         }
     } else {
@@ -421,7 +478,6 @@ mod tests {
         ObjectInfo {
             etag: etag.into(),
             size,
-            modified: None,
         }
     }
 
@@ -434,7 +490,6 @@ mod tests {
                 created: false,
                 size: 5,
                 src_etag: "abc".into(),
-                found_modified: None,
                 dst_etag: "abc".into(),
             }
         );
@@ -469,7 +524,6 @@ mod tests {
                     created: false,
                     size: 5,
                     src_etag: src.etag.clone(),
-                    found_modified: None,
                     dst_etag: existing.etag.clone(),
                 }
             );

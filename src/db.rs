@@ -294,9 +294,9 @@ pub struct Queries {
     /// [`crate::commit`]. Rows the table refused (`try` false) are not rewritten; copies
     /// made for rows not rewritten go to `relocator.take_backs`, taken back only once the
     /// run is finished. An object the batch found already there counts as relocator's
-    /// copy when it was made after another batch reserved its key (`found_at`, its
-    /// Last-Modified): that batch copied it and was killed before its commit. (No SQL
-    /// comments inside: pg_stat_activity shows the first 1 KiB.)
+    /// copy when another batch of the same run noted it was creating it (see
+    /// [`crate::cleanup::BatchIntents`]): that batch was killed, or lost its lease, before
+    /// its commit. (No SQL comments inside: pg_stat_activity shows the first 1 KiB.)
     pub commit: String,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
@@ -369,16 +369,14 @@ impl Queries {
                   RETURNING lease_id
                  ), u AS (
                      SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try, u.dst_etag, u.size,
-                            u.copied OR (u.found_at IS NOT NULL AND EXISTS (
+                            u.copied OR EXISTS (
                                 SELECT 1 FROM relocator.reservations r
-                                 WHERE r.bucket = $8 AND r.key = u.new_path AND r.holder <> $15
-                                   AND date_trunc('second', r.reserved_at)
-                                       <= to_timestamp(u.found_at))) AS copied
+                                  JOIN relocator.leases l ON l.lease_id = r.lease_id
+                                 WHERE r.bucket = $8 AND r.key = u.new_path AND r.creating
+                                   AND r.holder <> $15 AND l.run_id = $5) AS copied
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
-                                   $13::text[], $14::bool[], $16::bigint[], $17::text[],
-                                   $18::bigint[])
-                              AS u(id, old_path, new_path, copied, src_etag, try, found_at,
-                                   dst_etag, size)
+                                   $13::text[], $14::bool[], $16::text[], $17::bigint[])
+                              AS u(id, old_path, new_path, copied, src_etag, try, dst_etag, size)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
                      UPDATE {tbl} AS t SET {path} = u.new_path

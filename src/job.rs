@@ -154,7 +154,7 @@ pub async fn run(
         .context("recording the backup with the run")?;
         info!(file = %b.file, rows = b.rows, sha256 = %b.sha256, "following backup");
     }
-    cleanup::drop_void_reservations(&main).await?;
+    cleanup::void_reservations(&main, &[]).await?;
     let (total, _) = db::count_selected(&main, &sh.table, &cfg.source.prefix).await?;
     sh.progress = Progress::new("run", Some(total));
 
@@ -171,6 +171,7 @@ pub async fn run(
         futures::future::try_join_all(all).await?;
         let finished = lease::finish_run_if_complete(&main, run_id).await?;
         if finished {
+            cleanup::void_reservations(&main, &[]).await?;
             take_back_unused_copies(&sh, &main).await?;
         }
         Ok::<_, anyhow::Error>(finished)
@@ -264,26 +265,14 @@ fn source_changed_detail(p: &Pending) -> String {
 /// references them and they are still relocator's copies. Called when this run finishes,
 /// and at start for an earlier finished run killed before it got to them.
 async fn take_back_unused_copies(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
-    let mut counters = crate::report::Counters::default();
-    cleanup::finish_listed(
+    let counters = cleanup::take_back(
         db,
         &sh.s3,
-        Side::Dest,
         &sh.q,
-        "SELECT take_back_id, dst_bucket, dst_key, coalesce(dst_etag, src_etag)
-           FROM relocator.take_backs
-          WHERE run_id IN (SELECT run_id FROM relocator.runs
-                            WHERE job = $1 AND status = 'finished')
-            AND done_at IS NULL AND take_back_id > $2
-          ORDER BY take_back_id LIMIT 1000",
+        "SELECT run_id FROM relocator.runs WHERE job = $1 AND status = 'finished'",
         &sh.cfg.fingerprint(),
-        cleanup::MARK_TAKEN_BACK,
-        &mut counters,
     )
     .await?;
-    // What the shared cleanup counts as deleted sources are unused copies here.
-    counters.copies_removed = std::mem::take(&mut counters.sources_deleted);
-    counters.sources_changed = 0;
     sh.report().counters.add(&counters);
     Ok(())
 }
@@ -304,6 +293,15 @@ impl Reserve<'_> {
     ) -> Result<()> {
         let keys: Vec<&str> = pairs.iter().map(|(_, d)| d.as_str()).collect();
         cleanup::reserve(db, &sh.cfg.dest.bucket, &keys, self.holder, self.lease).await
+    }
+
+    /// Where the batch notes its copies before making them: on these reservations.
+    fn intents<'s>(
+        &'s self,
+        sh: &'s Shared<'_>,
+        db: &'s deadpool_postgres::Client,
+    ) -> cleanup::BatchIntents<'s> {
+        cleanup::BatchIntents::new(db, &sh.cfg.dest.bucket, self.holder)
     }
 }
 
@@ -607,8 +605,10 @@ async fn copy_batch(
     }
     let pairs = plan::distinct_pairs(&moves);
     at.reserve(sh, db, &pairs).await?;
+    let intents = at.intents(sh, db);
+    let mode = copy::Mode::Copy(Some(&intents));
     let Some(results) =
-        copy::copy_all(&sh.s3, sh.cfg, &pairs, false, sh.concurrency, cancel).await?
+        copy::copy_all(&sh.s3, sh.cfg, &pairs, mode, sh.concurrency, cancel).await?
     else {
         return Ok(None);
     };
@@ -675,8 +675,9 @@ async fn key_batch(
             ))
         })
         .collect();
+    let intents = at.intents(sh, db);
     let Some(results) =
-        copy::copy_all_known(&sh.s3, sh.cfg, &known, sh.concurrency, cancel).await?
+        copy::copy_all_known(&sh.s3, sh.cfg, &known, &intents, sh.concurrency, cancel).await?
     else {
         return Ok(None);
     };
@@ -789,7 +790,6 @@ fn split_ready<'m>(
                 created,
                 size,
                 src_etag,
-                found_modified,
                 dst_etag,
             } => {
                 ready.push((
@@ -797,7 +797,6 @@ fn split_ready<'m>(
                     Made {
                         created: *created,
                         src_etag: src_etag.clone(),
-                        found_modified: *found_modified,
                         size: *size,
                         dst_etag: dst_etag.clone(),
                     },
@@ -1110,8 +1109,15 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         sh.progress.inc(rows.len() as u64, 0);
         let batch = plan::plan_batch(rows, &cfg.rewrite);
         let pairs = plan::distinct_pairs(&batch.moves);
-        let Some(results) =
-            copy::copy_all(&sh.s3, cfg, &pairs, true, cfg.concurrency, &cancel).await?
+        let Some(results) = copy::copy_all(
+            &sh.s3,
+            cfg,
+            &pairs,
+            copy::Mode::DryRun,
+            cfg.concurrency,
+            &cancel,
+        )
+        .await?
         else {
             interrupted = true;
             break;

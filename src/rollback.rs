@@ -97,6 +97,9 @@ pub async fn rollback(
     .await
     .context("marking the runs as being rolled back")?;
     info!(?runs, "rollback started");
+    // No batch of these runs is in flight (the table lock): their reservations are void,
+    // and copies a killed batch noted become take-backs, removed below.
+    cleanup::void_reservations(&main, &runs).await?;
 
     finish_earlier_cleanups(&sh, &main, &runs).await?;
     let total: i64 = main
@@ -151,6 +154,11 @@ pub async fn rollback(
     sh.progress.finish();
 
     if !interrupted {
+        // Copies these runs made that no committed move kept (rows the application
+        // changed, batches killed before their commit).
+        let counters =
+            cleanup::take_back(&main, &sh.s3, &sh.q, "SELECT unnest($1::bigint[])", &runs).await?;
+        sh.report().counters.add(&counters);
         main.execute(
             "UPDATE relocator.runs r SET status = 'rolled_back', updated_at = now()
               WHERE r.run_id = ANY ($1)
@@ -388,7 +396,6 @@ async fn restore_pair(
             created: false,
             size: o.size,
             src_etag: o.etag.clone(),
-            found_modified: None,
             dst_etag: o.etag,
         }),
         (None, None) => Ok(PairResult::MissingSource),
@@ -400,7 +407,8 @@ async fn restore_pair(
                 &n,
                 old,
                 at_old.as_ref(),
-                false,
+                // Copies back are taken back by the rollback itself (see undo_batch).
+                copy::Mode::Copy(None),
             )
             .await
         }

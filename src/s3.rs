@@ -135,10 +135,6 @@ pub struct ObjectInfo {
     /// The ETag without quotes.
     pub etag: String,
     pub size: i64,
-    /// Last-Modified, in seconds since the epoch, where the answer carries it (HEAD and
-    /// listings). It tells whether an object was made after a batch reserved its key
-    /// (see [`crate::commit`]).
-    pub modified: Option<i64>,
 }
 
 impl ObjectInfo {
@@ -477,7 +473,6 @@ pub async fn head(client: &Client, bucket: &str, key: &str) -> Result<Option<Obj
         Ok(out) => Ok(Some(ObjectInfo {
             etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
             size: out.content_length().unwrap_or(0),
-            modified: out.last_modified().map(|t| t.secs()),
         })),
         Err(e) => match classify(&format!("HEAD s3://{bucket}/{key}"), e) {
             S3Error::NotFound => Ok(None),
@@ -656,7 +651,6 @@ pub async fn head_object(
             info: ObjectInfo {
                 etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
                 size: out.content_length().unwrap_or(0),
-                modified: out.last_modified().map(|t| t.secs()),
             },
             headers: headers_of!(out),
             checksum: checksum_of!(out),
@@ -1146,7 +1140,6 @@ pub async fn stream_copy(
     Ok(ObjectInfo {
         etag,
         size: src.size,
-        modified: None,
     })
 }
 
@@ -1350,7 +1343,6 @@ pub async fn list_page(
                 ObjectInfo {
                     etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
                     size: o.size().unwrap_or(0),
-                    modified: o.last_modified().map(|t| t.secs()),
                 },
             ))
         })
@@ -1543,12 +1535,10 @@ mod tests {
         let single = ObjectInfo {
             etag: "d41d8cd98f00b204e9800998ecf8427e".into(),
             size: 0,
-            modified: None,
         };
         let multi = ObjectInfo {
             etag: "9b2cf535f27731c974343645a3985328-3".into(),
             size: 0,
-            modified: None,
         };
         assert!(!single.is_multipart());
         assert!(multi.is_multipart());

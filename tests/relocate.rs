@@ -255,7 +255,6 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     let made = relocator::copy::Made {
         created: true,
         src_etag: "etag".into(),
-        found_modified: None,
         size: 1,
         dst_etag: "etag".into(),
     };

@@ -1003,8 +1003,6 @@ async fn an_identical_object_that_was_there_before_is_never_taken_as_ours() {
     env.put_row("image/a.png", b"a".to_vec()).await;
     env.put_row("image/slow.png", b"slow".to_vec()).await;
     put(&env, &env.dst_bucket, "avatar/a.png", b"a").await;
-    // Last-Modified has whole seconds: the killed batch reserves in a later one.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     run_killed_while_copying(&env, 1).await;
 
     let (code, err) = env.run(&[]);
@@ -1153,4 +1151,62 @@ async fn rows_the_table_refuses_to_rewrite_back_are_rejected_and_the_rest_rolls_
         vec!["image/a.png".to_string()],
         "copies back for the refused rows were taken back"
     );
+}
+
+/// Only what is ours (found by review): a killed batch that found a *different* object at
+/// a key reserved it but made no copy there; the application then puts the source's
+/// bytes there itself. The rerun finds an identical object and must not take it for
+/// relocator's copy: rollback leaves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_a_killed_batch_found_taken_is_never_claimed() {
+    let env = TestEnv::new("taken-not-claimed").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    env.put_row("image/slow.png", b"slow".to_vec()).await;
+    put(&env, &env.dst_bucket, "avatar/a.png", b"the application's").await;
+    run_killed_while_copying(&env, 1).await;
+    put(&env, &env.dst_bucket, "avatar/a.png", b"a").await;
+
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    rollback(&env);
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(b"a".as_slice()),
+        "rollback removed an object relocator did not make"
+    );
+}
+
+/// Safety #7 with a rollback instead of a rerun (found by review): the killed run's
+/// reservations are void once it is rolled back, and the copies its killed batch made
+/// are removed with it; nothing of relocator's is left at the destination.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_killed_mid_batch_and_rolled_back_leaves_nothing_behind() {
+    let env = TestEnv::new("kill-then-rollback").await;
+    table(&env, false).await;
+    for k in ["a", "b", "c", "slow"] {
+        env.put_row(&format!("image/{k}.png"), k.as_bytes().to_vec())
+            .await;
+    }
+    run_killed_while_copying(&env, 3).await;
+    rollback(&env);
+    assert_eq!(
+        env.keys(&env.dst_bucket, "avatar/").await,
+        Vec::<String>::new(),
+        "the killed batch's copies were left behind"
+    );
+    let reservations: i64 = env
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM relocator.reservations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        reservations, 0,
+        "the rolled-back run's reservations are void"
+    );
+    env.assert_no_row_dangles().await;
 }
