@@ -302,11 +302,27 @@ async fn verify_content(
                 .into(),
         ));
     }
-    s3c.ready_write().await;
-    s3::delete_one(&s3c.dst, db, dst_key).await?;
+    // Removed only while it is the copy this run made: what was read may be an object the
+    // application put there since.
+    let PairResult::Ready { dst_etag, .. } = &ready else {
+        return Ok(ready);
+    };
+    s3c.ready_read().await;
+    let still_ours = s3::head(&s3c.dst, db, dst_key)
+        .await?
+        .is_some_and(|d| d.etag == *dst_etag);
+    if still_ours {
+        s3c.ready_write().await;
+        s3::delete_one(&s3c.dst, db, dst_key).await?;
+    }
     Ok(PairResult::Rejected(format!(
         "the copy at s3://{db}/{dst_key} read back with other bytes than the source \
-         (--verify-content); it was removed again"
+         (--verify-content); {}",
+        if still_ours {
+            "it was removed again"
+        } else {
+            "another object is there by now and was left alone"
+        }
     )))
 }
 
