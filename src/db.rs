@@ -281,6 +281,8 @@ fn one_line(sql: String) -> String {
 /// Every statement relocator sends for one table, built once from the quoted identifiers.
 #[derive(Debug, Clone)]
 pub struct Queries {
+    /// The table as the ledger names it (schema.table).
+    pub table: String,
     /// Keyset scans, indexed by [`Queries::scan`]: with/without a lower bound (exclusive,
     /// the last id seen) and an upper bound (inclusive, the lease's end). Parameters: the
     /// bounds present (as text), then the prefix, then the limit. The sort key is
@@ -355,6 +357,7 @@ impl Queries {
             )
         };
         Queries {
+            table: t.display.clone(),
             scans: [
                 scan(false, false),
                 scan(true, false),
@@ -364,7 +367,7 @@ impl Queries {
             lease_end: [lease_end(false), lease_end(true)],
             commit: one_line(format!(
                 "WITH lease AS (
-                     UPDATE relocator.leases SET last_id = $9, heartbeat = now(), done = $12
+                     UPDATE relocator.leases SET last_id = $9, heartbeat = clock_timestamp(), done = $12
                       WHERE lease_id = $10 AND owner = $11
                   RETURNING lease_id
                  ), u AS (
@@ -396,7 +399,7 @@ impl Queries {
                        FROM upd
                   RETURNING move_id, row_id
                  ), released AS (
-                     DELETE FROM relocator.reservations WHERE holder = $15
+                     DELETE FROM relocator.reservations WHERE holder = $15 AND EXISTS (SELECT 1 FROM lease)
                  ), tb AS (
                      INSERT INTO relocator.take_backs (run_id, dst_bucket, dst_key, src_etag, dst_etag)
                      SELECT DISTINCT $5::bigint, $8::text, u.new_path, u.src_etag, u.dst_etag FROM u
@@ -425,8 +428,7 @@ impl Queries {
                   WHERE t.{path} = ANY ($1::text[]) ORDER BY t.{id}"
             ),
             to_undo: format!(
-                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.copied, t.{path}::text,
-                        m.src_etag, m.dst_etag
+                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, t.{path}::text
                    FROM relocator.moves m
                    LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
                   WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
@@ -454,12 +456,17 @@ impl Queries {
                                       ELSE m.cleaned_at END,
                     cleanup = CASE WHEN upd.move_id IS NOT NULL AND m.cleaned_at IS NULL
                                    THEN 'rolled_back' ELSE m.cleanup END,
-                    -- A new object relocator did not create is not relocator's to delete.
-                    rollback_cleaned_at = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
+                    -- A new object relocator did not create (no move of the table copied
+                    -- it) is not relocator's to delete.
+                    rollback_cleaned_at = CASE WHEN upd.move_id IS NOT NULL AND NOT o.copied
                                                THEN now() END,
-                    rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT m.copied
+                    rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT o.copied
                                             THEN 'not_ours' END
                FROM u LEFT JOIN upd ON upd.move_id = u.move_id
+                      CROSS JOIN LATERAL (
+                          SELECT EXISTS (SELECT 1 FROM relocator.moves c
+                                          WHERE c.table_name = $7 AND c.new_path = u.new_path
+                                            AND c.dst_bucket = $8 AND c.copied) AS copied) o
               WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL AND NOT u.refused
                 AND NOT EXISTS (SELECT 1 FROM chk)
           RETURNING m.move_id, m.rollback = 'restored'"

@@ -446,7 +446,13 @@ async fn copy_stage(
             .await?
         };
         let mut lease = match taken {
-            Take::Lease(l) => l,
+            // Taken (back) by this worker: whatever it lost of it before is its again.
+            Take::Lease(l) => {
+                if let Ok(mut lost) = leases.lost.lock() {
+                    lost.remove(&l.id);
+                }
+                l
+            }
             Take::Done => return Ok(()),
             Take::Wait => {
                 // Another worker is on the remaining leases; if it dies, take over.

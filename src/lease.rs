@@ -445,7 +445,7 @@ pub async fn heartbeat(lease_conn: &deadpool_postgres::Client, me: &str) -> Resu
     rt(1);
     lease_conn
         .execute(
-            "UPDATE relocator.leases SET heartbeat = now() WHERE owner = $1 AND NOT done",
+            "UPDATE relocator.leases SET heartbeat = clock_timestamp() WHERE owner = $1 AND NOT done",
             &[&me],
         )
         .await

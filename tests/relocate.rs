@@ -270,7 +270,22 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         ends_lease: false,
         holder: "test-batch",
     };
-    // Not the lease's owner: nothing is written.
+    // The batch's reservations, one noting a copy it made.
+    db.execute(
+        "INSERT INTO relocator.reservations (bucket, key, holder, lease_id, creating)
+         VALUES ($1, 'avatar/1.png', 'test-batch', $2, true)",
+        &[&env.dst_bucket, &lease_id],
+    )
+    .await
+    .unwrap();
+    let reserved = || async {
+        db.query_one("SELECT count(*) FROM relocator.reservations", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // Not the lease's owner: nothing is written, and the batch's reservations (with the
+    // copy it noted) stay, to become a take-back once the lease is done.
     let r = relocator::commit::commit_batch(&db, &q, &batch("someone-else"))
         .await
         .unwrap();
@@ -280,6 +295,11 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         .await
         .iter()
         .all(|(_, p)| p.starts_with("image/")));
+    assert_eq!(
+        reserved().await,
+        1,
+        "a lost lease's commit releases nothing"
+    );
 
     let Committed::Rows(committed, _) = relocator::commit::commit_batch(&db, &q, &batch("me"))
         .await
@@ -289,6 +309,11 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     };
     assert_eq!(committed.len(), 4);
     assert!(!committed.contains_key("2"));
+    assert_eq!(
+        reserved().await,
+        0,
+        "the owner's commit releases its reservations"
+    );
     let rows = env.rows().await;
     assert_eq!(
         rows[1].1, "image/app-new.png",
