@@ -49,27 +49,12 @@ struct Entry {
     row_id: String,
     old_path: String,
     new_path: String,
-    /// The forward run created the new object (false: it was there before).
-    copied: bool,
     current: Option<String>,
-    /// The source's ETag the forward copy was made from (None in older ledgers).
-    src_etag: Option<String>,
-    /// The new object's ETag as the forward run left it (None in older ledgers).
-    dst_etag: Option<String>,
 }
 
-impl Entry {
-    /// The identity of the new object: its ETag as the ledger recorded it; in older
-    /// ledgers the source's, which a single-part copy keeps (None for a multipart one:
-    /// the key and the reference check alone decide then).
-    fn new_etag(&self) -> Option<&str> {
-        self.dst_etag
-            .as_deref()
-            .or(self.src_etag.as_deref().filter(|e| !e.contains('-')))
-    }
-}
-
-/// [`Entry::new_etag`] in SQL, for ledger entries read by [`cleanup::finish_listed`].
+/// The identity of a move's new object, for [`cleanup::finish_listed`]: its ETag as the
+/// ledger recorded it; in older ledgers the source's, which a single-part copy keeps (None
+/// for a multipart one: the key and the reference check alone decide then).
 const NEW_ETAG_SQL: &str =
     "coalesce(dst_etag, CASE WHEN src_etag NOT LIKE '%-%' THEN src_etag END)";
 
@@ -101,7 +86,7 @@ pub async fn rollback(
     // and copies a killed batch noted become take-backs, removed below.
     cleanup::void_reservations(&main, &runs).await?;
 
-    finish_earlier_cleanups(&sh, &main, &runs).await?;
+    remove_new_objects(&sh, &main, &runs).await?;
     let total: i64 = main
         .query_one(
             "SELECT count(*) FROM relocator.moves
@@ -134,10 +119,7 @@ pub async fn rollback(
                 row_id: r.get(1),
                 old_path: r.get(2),
                 new_path: r.get(3),
-                copied: r.get(4),
-                current: r.get(5),
-                src_etag: r.get(6),
-                dst_etag: r.get(7),
+                current: r.get(4),
             })
             .collect();
         let Some(last) = entries.last() else {
@@ -154,6 +136,7 @@ pub async fn rollback(
     sh.progress.finish();
 
     if !interrupted {
+        remove_new_objects(&sh, &main, &runs).await?;
         // Copies these runs made that no committed move kept (rows the application
         // changed, batches killed before their commit).
         let counters =
@@ -293,20 +276,10 @@ async fn undo_batch(
 
     let (restored, refused) = commit_undo(sh, db, &commit).await?;
     let mut take_back: Vec<(&str, Option<&str>)> = Vec::new();
-    let mut to_delete: Vec<Unreferenced<'_>> = Vec::new();
     for (e, tried) in &commit {
         match restored.get(&e.move_id) {
             Some(true) => {
-                // Only a new object relocator itself created is deleted (the commit marked
-                // the others `not_ours`).
-                if e.copied {
-                    to_delete.push(Unreferenced {
-                        move_id: e.move_id,
-                        bucket: &sh.cfg.dest.bucket,
-                        key: &e.new_path,
-                        etag: e.new_etag(),
-                    });
-                }
+                // The new object goes once every row is restored (see `remove_new_objects`).
                 lines.push(line(e, Outcome::RolledBack, "restored".into()));
             }
             _ => {
@@ -332,16 +305,6 @@ async fn undo_batch(
         batches: 1,
         ..Counters::default()
     };
-    cleanup::delete_unreferenced(
-        db,
-        &sh.s3,
-        Side::Dest,
-        &sh.q,
-        &to_delete,
-        Some(MARK_ROLLBACK_CLEANED),
-        &mut counters,
-    )
-    .await?;
     take_back.sort_unstable();
     take_back.dedup();
     let unused: Vec<Unreferenced<'_>> = take_back
@@ -447,10 +410,16 @@ async fn commit_undo(
         let refused: Vec<bool> = tries.iter().map(|t| !t).collect();
         let (stmt, move_ids, ids, olds, news, tried) =
             (&stmt, &move_ids, &ids, &olds, &news, &tried);
+        let (table, dst_bucket) = (&sh.table.display, &sh.cfg.dest.bucket);
         async move {
             db::rt(1);
-            db.query(stmt, &[move_ids, ids, olds, news, tried, &refused])
-                .await
+            db.query(
+                stmt,
+                &[
+                    move_ids, ids, olds, news, tried, &refused, table, dst_bucket,
+                ],
+            )
+            .await
         }
     })
     .await
@@ -461,8 +430,11 @@ async fn commit_undo(
     ))
 }
 
-/// Before anything else: new objects of rows an earlier, killed rollback restored.
-async fn finish_earlier_cleanups(
+/// The new objects of the rows restored (by this rollback or an earlier, killed one),
+/// where nothing references them and they are still the objects the moves left: at the
+/// start (a killed rollback's), and once every row is restored — not batch by batch, so a
+/// new object two rows share goes with the last of them, whichever batch moved it.
+async fn remove_new_objects(
     sh: &Shared<'_>,
     db: &deadpool_postgres::Client,
     runs: &[i64],
@@ -476,7 +448,7 @@ async fn finish_earlier_cleanups(
         &format!(
             "SELECT move_id, dst_bucket, new_path, {NEW_ETAG_SQL} FROM relocator.moves
               WHERE run_id = ANY ($1) AND rollback = 'restored'
-                AND rollback_cleaned_at IS NULL AND copied AND move_id > $2
+                AND rollback_cleaned_at IS NULL AND move_id > $2
               ORDER BY move_id LIMIT 1000"
         ),
         &runs,
