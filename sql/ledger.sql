@@ -165,3 +165,6 @@ CREATE TABLE IF NOT EXISTS relocator.uploads (
     started_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (bucket, key, upload_id)
 );
+
+-- A delete checks whether rows of another table were moved onto the key (see cleanup.rs).
+CREATE INDEX IF NOT EXISTS moves_dst_key_idx ON relocator.moves (dst_bucket, new_path);

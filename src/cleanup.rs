@@ -270,6 +270,30 @@ pub async fn void_reservations(db: &deadpool_postgres::Client, runs: &[i64]) -> 
     Ok(())
 }
 
+/// Keys among `keys` in `bucket` that rows of another table were moved onto (a move in
+/// the ledger, not rolled back).
+async fn moved_onto_by_others(
+    db: &deadpool_postgres::Client,
+    q: &Queries,
+    bucket: &str,
+    keys: &[&str],
+) -> Result<HashSet<String>> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    crate::db::rt(1);
+    let rows = db
+        .query(
+            "SELECT DISTINCT new_path FROM relocator.moves
+              WHERE dst_bucket = $1 AND new_path = ANY ($2::text[]) AND table_name <> $3
+                AND rolled_back_at IS NULL",
+            &[&bucket, &keys, &q.table],
+        )
+        .await
+        .context("checking which keys other tables' rows were moved onto")?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
 /// Keys among `keys` in `bucket` some batch in flight has reserved (its lease is not
 /// done). Called under the bucket's exclusive reservation lock.
 async fn reserved(
@@ -511,7 +535,18 @@ async fn delete_locked(
             .filter(|k| seen.insert(*k))
             .collect()
     };
-    let referenced = still_referenced(db, q, &keys).await?;
+    let mut referenced = still_referenced(db, q, &keys).await?;
+    // Rows of other tables that relocator moved onto a key rely on it too (another job with
+    // the same destination found the object there): their references are not in this
+    // table, but the ledger knows them.
+    for b in &buckets {
+        let keys: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| items.iter().any(|p| p.bucket == *b && p.key == *k))
+            .collect();
+        referenced.extend(moved_onto_by_others(db, q, b, &keys).await?);
+    }
 
     // Group deletable keys by bucket (a ledger may span jobs with different buckets).
     let mut by_bucket: BTreeMap<&str, Vec<Doomed>> = BTreeMap::new();
