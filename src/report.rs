@@ -163,7 +163,7 @@ impl Summary {
             .collect::<Vec<_>>()
             .join(" ");
         format!(
-            "{}{}: {} rows in {:.1}s ({:.0} rows/s); {}; copies={} deleted={} kept_referenced={} delete_failures={}",
+            "{}{}: {} rows in {:.1}s ({:.0} rows/s); {}; copies={} deleted={} kept_referenced={} copies_removed={} delete_failures={}",
             self.command,
             self.run_id.map(|r| format!(" (run {r})")).unwrap_or_default(),
             self.rows_seen,
@@ -173,6 +173,7 @@ impl Summary {
             self.counters.s3_copies,
             self.counters.sources_deleted,
             self.counters.sources_kept_referenced,
+            self.counters.copies_removed,
             self.counters.delete_failures,
         )
     }

@@ -1210,3 +1210,142 @@ async fn a_run_killed_mid_batch_and_rolled_back_leaves_nothing_behind() {
     );
     env.assert_no_row_dangles().await;
 }
+
+/// Only what is ours (found by review): `--verify-content` reads a fresh copy back; the
+/// application puts its own object at that key between the copy and the read. The
+/// mismatch must not make relocator delete the application's object.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_content_never_removes_an_object_the_application_put_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let env = TestEnv::new("verify-content-app").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    let (bucket, once) = (env.dst_bucket.clone(), Arc::new(AtomicBool::new(false)));
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "GET"
+                && path.ends_with("/avatar/a.png")
+                && !once.swap(true, Ordering::SeqCst)
+            {
+                // The application's upload lands before relocator's read-back is answered.
+                let bucket = bucket.clone();
+                std::thread::spawn(move || {
+                    tokio::runtime::Runtime::new().unwrap().block_on(async {
+                        let c = common::s3_client().await;
+                        s3::put(&c, &bucket, "avatar/a.png", b"app".to_vec(), "image/png")
+                            .await
+                            .unwrap();
+                    })
+                })
+                .join()
+                .unwrap();
+            }
+            Fault::Forward
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--verify-content"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(b"app".as_slice()),
+        "the application's object was removed"
+    );
+    assert_eq!(env.rows().await[0].1, "image/a.png");
+    env.assert_no_row_dangles().await;
+}
+
+/// Only what is ours, all of it (found by review): two rows share a key and are moved in
+/// two batches, the first copying it, the second finding the copy. Rolled back in two
+/// batches, the copy must still go once neither row points at it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_two_rows_share_is_removed_by_the_rollback_of_both() {
+    let env = TestEnv::new("rollback-shared").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    env.db()
+        .await
+        .execute("INSERT INTO avatars (path) VALUES ('image/a.png')", &[])
+        .await
+        .unwrap();
+    let (code, err) = env.run(&["--batch-size", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let out = env
+        .cmd()
+        .args(["rollback", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--batch-size", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.keys(&env.dst_bucket, "avatar/").await,
+        Vec::<String>::new(),
+        "rollback left relocator's copy behind"
+    );
+    env.assert_no_row_dangles().await;
+}
+
+/// Only what is ours (found by review): job X (avatars) copies `avatar/a.png`; job Y
+/// (covers, another source prefix, same destination, same bytes) finds it there and
+/// points its row at it. Rolling back job X must not delete the object covers relies on.
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_back_one_job_keeps_an_object_another_tables_rows_were_moved_onto() {
+    let env = TestEnv::new("cross-job").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE covers (id serial PRIMARY KEY, path varchar);
+         INSERT INTO covers (path) VALUES ('img/a.png');",
+    )
+    .await
+    .unwrap();
+    put(&env, &env.src_bucket, "img/a.png", b"a").await;
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let covers = env
+        .cmd()
+        .args(["run", "--table", "covers"])
+        .args(["--source", &format!("s3://{}/img/", env.src_bucket)])
+        .args(["--dest", &env.dest()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        covers.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&covers.stderr)
+    );
+    rollback(&env);
+    let path: String = db
+        .query_one("SELECT path FROM covers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "avatar/a.png");
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(b"a".as_slice()),
+        "the object covers points at was deleted by avatars' rollback"
+    );
+}
