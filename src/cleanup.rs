@@ -178,6 +178,9 @@ pub struct BatchIntents<'a> {
 struct IntentQueue {
     /// (key, creating, source ETag) asked for since the last statement.
     keys: Vec<(String, bool, Option<String>)>,
+    /// Keys noted as being created (up front, [`BatchIntents::creating_all`], or by their
+    /// copy): noting one again, or withdrawing one never noted, writes nothing.
+    noted: HashSet<String>,
     /// Statements sent so far; an entry queued while `sent` was n goes with statement n+1.
     sent: u64,
     failed: bool,
@@ -194,18 +197,54 @@ impl<'a> BatchIntents<'a> {
         }
     }
 
-    async fn note(&self, key: &str, creating: bool, src_etag: Option<&str>) -> Result<()> {
-        let lock = || {
-            self.queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
+    /// Phase 1: the keys the batch's listing found free, noted in one statement before any
+    /// copy (each copy still looks again right before it copies, and withdraws the note
+    /// if it does not copy after all).
+    pub async fn creating_all(&self, keys: &[(&str, &str)]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         let mine = {
-            let mut q = lock();
+            let mut q = self.lock();
+            for (key, etag) in keys {
+                q.noted.insert((*key).to_owned());
+                q.keys
+                    .push(((*key).to_owned(), true, Some((*etag).to_owned())));
+            }
+            q.sent
+        };
+        self.send(mine).await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IntentQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn note(&self, key: &str, creating: bool, src_etag: Option<&str>) -> Result<()> {
+        let mine = {
+            let mut q = self.lock();
+            // Noted already, or never noted: nothing to write.
+            let changes = if creating {
+                q.noted.insert(key.to_owned())
+            } else {
+                q.noted.remove(key)
+            };
+            if !changes {
+                return Ok(());
+            }
             q.keys
                 .push((key.to_owned(), creating, src_etag.map(str::to_owned)));
             q.sent
         };
+        self.send(mine).await
+    }
+
+    /// Wait until what was queued while `mine` statements were sent is written: by an
+    /// earlier caller's statement, or by this one's.
+    async fn send(&self, mine: u64) -> Result<()> {
+        let lock = || self.lock();
         let _writing = self.writer.lock().await;
         let keys = {
             let mut q = lock();

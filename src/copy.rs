@@ -336,6 +336,10 @@ async fn make_copy(
     mode: Mode<'_>,
 ) -> Result<PairResult> {
     if let Some(existing) = dst {
+        if let Mode::Copy(Some(i)) = mode {
+            // Noted from the batch's listing, but taken by now: not relocator's.
+            i.not_made(dst_key).await?;
+        }
         return Ok(compare_existing(src, existing, &cfg.write));
     }
     let intents = match mode {

@@ -682,6 +682,12 @@ async fn key_batch(
         })
         .collect();
     let intents = at.intents(sh, db);
+    let free: Vec<(&str, &str)> = known
+        .iter()
+        .filter(|(_, _, _, listed)| listed.is_none())
+        .map(|(_, src, dst, _)| (dst.as_str(), src.etag.as_str()))
+        .collect();
+    intents.creating_all(&free).await?;
     let Some(results) =
         copy::copy_all_known(&sh.s3, sh.cfg, &known, &intents, sh.concurrency, cancel).await?
     else {

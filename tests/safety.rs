@@ -887,12 +887,36 @@ async fn a_process_joining_a_run_cannot_bring_another_lease_ttl() {
     env.assert_no_row_dangles().await;
 }
 
+type Meanwhile = Box<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Nothing happens meanwhile.
+fn quiet() -> Meanwhile {
+    Box::new(|_, _| {})
+}
+
+/// The application puts `body` at `key` of `bucket`, waiting for it to land (from inside
+/// the proxy: the request that triggered it is answered after).
+fn app_puts(bucket: &str, key: &str, body: &[u8]) {
+    let (bucket, key, body) = (bucket.to_owned(), key.to_owned(), body.to_vec());
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let c = common::s3_client().await;
+            s3::put(&c, &bucket, &key, body, "image/png").await.unwrap();
+        })
+    })
+    .join()
+    .unwrap();
+}
+
 /// Start a run whose copy of `image/slow.png` hangs, wait until `copied` keys are at the
 /// destination and the hanging copy was sent, and SIGKILL it: the batch never commits.
-async fn run_killed_while_copying(env: &TestEnv, copied: usize) {
+/// `meanwhile` sees each request (method, path) before it is forwarded: the application
+/// acting at that moment.
+async fn run_killed_while_copying(env: &TestEnv, copied: usize, meanwhile: Meanwhile) {
     let proxy = FaultProxy::start(
         &common::var("AWS_ENDPOINT_URL"),
-        Box::new(|_, method, path| {
+        Box::new(move |_, method, path| {
+            meanwhile(method, path);
             if method == "PUT" && path.ends_with("/avatar/slow.png") {
                 Fault::Stall(Duration::from_secs(120))
             } else {
@@ -957,7 +981,7 @@ async fn copies_made_before_a_kill_are_still_known_as_relocators_own() {
         env.put_row(&format!("image/{k}.png"), k.as_bytes().to_vec())
             .await;
     }
-    run_killed_while_copying(&env, 3).await;
+    run_killed_while_copying(&env, 3, quiet()).await;
 
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
@@ -1003,7 +1027,7 @@ async fn an_identical_object_that_was_there_before_is_never_taken_as_ours() {
     env.put_row("image/a.png", b"a".to_vec()).await;
     env.put_row("image/slow.png", b"slow".to_vec()).await;
     put(&env, &env.dst_bucket, "avatar/a.png", b"a").await;
-    run_killed_while_copying(&env, 1).await;
+    run_killed_while_copying(&env, 1, quiet()).await;
 
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
@@ -1164,7 +1188,7 @@ async fn a_key_a_killed_batch_found_taken_is_never_claimed() {
     env.put_row("image/a.png", b"a".to_vec()).await;
     env.put_row("image/slow.png", b"slow".to_vec()).await;
     put(&env, &env.dst_bucket, "avatar/a.png", b"the application's").await;
-    run_killed_while_copying(&env, 1).await;
+    run_killed_while_copying(&env, 1, quiet()).await;
     put(&env, &env.dst_bucket, "avatar/a.png", b"a").await;
 
     let (code, err) = env.run(&[]);
@@ -1190,7 +1214,7 @@ async fn a_run_killed_mid_batch_and_rolled_back_leaves_nothing_behind() {
         env.put_row(&format!("image/{k}.png"), k.as_bytes().to_vec())
             .await;
     }
-    run_killed_while_copying(&env, 3).await;
+    run_killed_while_copying(&env, 3, quiet()).await;
     rollback(&env);
     assert_eq!(
         env.keys(&env.dst_bucket, "avatar/").await,
@@ -1230,17 +1254,7 @@ async fn verify_content_never_removes_an_object_the_application_put_meanwhile() 
                 && !once.swap(true, Ordering::SeqCst)
             {
                 // The application's upload lands before relocator's read-back is answered.
-                let bucket = bucket.clone();
-                std::thread::spawn(move || {
-                    tokio::runtime::Runtime::new().unwrap().block_on(async {
-                        let c = common::s3_client().await;
-                        s3::put(&c, &bucket, "avatar/a.png", b"app".to_vec(), "image/png")
-                            .await
-                            .unwrap();
-                    })
-                })
-                .join()
-                .unwrap();
+                app_puts(&bucket, "avatar/a.png", b"app");
             }
             Fault::Forward
         }),
@@ -1347,5 +1361,43 @@ async fn rolling_back_one_job_keeps_an_object_another_tables_rows_were_moved_ont
             .as_deref(),
         Some(b"a".as_slice()),
         "the object covers points at was deleted by avatars' rollback"
+    );
+}
+
+/// Only what is ours, phase 1: the batch's listing found `avatar/a.png` free and noted
+/// the copy up front; the application puts the source's bytes there before relocator's
+/// look right before the copy. The batch is killed. The note must have been withdrawn:
+/// the rerun does not take the application's object for relocator's, and rollback
+/// leaves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_taken_after_the_listing_is_not_noted_as_relocators() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = TestEnv::new("listing-then-taken").await;
+    table(&env, true).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    env.put_row("image/slow.png", b"slow".to_vec()).await;
+    let (bucket, once) = (env.dst_bucket.clone(), AtomicBool::new(false));
+    run_killed_while_copying(
+        &env,
+        1,
+        Box::new(move |method, path| {
+            if method == "HEAD"
+                && path.ends_with("/avatar/a.png")
+                && !once.swap(true, Ordering::SeqCst)
+            {
+                app_puts(&bucket, "avatar/a.png", b"a");
+            }
+        }),
+    )
+    .await;
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    rollback(&env);
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png")
+            .await
+            .as_deref(),
+        Some(b"a".as_slice()),
+        "rollback removed an object relocator did not make"
     );
 }
