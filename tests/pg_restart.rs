@@ -28,18 +28,9 @@ async fn postgres_restarted_mid_run_loses_nothing_and_the_rerun_completes() {
         .spawn()
         .unwrap();
     // Restart once some batches have committed (on a loaded machine that takes a while).
-    let db = env.db().await;
     let start = std::time::Instant::now();
     loop {
-        let moved: i64 = db
-            .query_one(
-                "SELECT count(*) FROM avatars WHERE path LIKE 'avatar/%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if moved > 0 {
+        if moved(&env).await > 0 {
             break;
         }
         assert!(
@@ -48,7 +39,6 @@ async fn postgres_restarted_mid_run_loses_nothing_and_the_rerun_completes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drop(db);
     assert!(
         child.try_wait().unwrap().is_none(),
         "the run finished before the restart; slow it down"
@@ -70,16 +60,7 @@ async fn postgres_restarted_mid_run_loses_nothing_and_the_rerun_completes() {
     assert!(err.contains("rerun"), "{err}");
 
     env.assert_no_row_dangles().await;
-    let moved: i64 = env
-        .db()
-        .await
-        .query_one(
-            "SELECT count(*) FROM avatars WHERE path LIKE 'avatar/%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let moved = moved(&env).await;
     assert!(
         moved > 0 && moved < 2000,
         "the restart landed mid-run ({moved} moved)"
@@ -93,4 +74,17 @@ async fn postgres_restarted_mid_run_loses_nothing_and_the_rerun_completes() {
         2000 - moved,
         "the rerun moved exactly the rows left, none twice"
     );
+}
+
+/// Rows rewritten so far.
+async fn moved(env: &TestEnv) -> i64 {
+    env.db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM avatars WHERE path LIKE 'avatar/%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -955,6 +955,15 @@ async fn run_killed_while_copying(env: &TestEnv, copied: usize, meanwhile: Meanw
     );
 }
 
+/// The application's object at `key` in the destination is still there, with `body`.
+async fn assert_kept(env: &TestEnv, key: &str, body: &[u8]) {
+    assert_eq!(
+        bytes(env, &env.dst_bucket, key).await.as_deref(),
+        Some(body),
+        "relocator removed an object it did not make"
+    );
+}
+
 /// `relocator rollback` of the test's job, to completion (exit 0).
 fn rollback(env: &TestEnv) {
     let out = env
@@ -1032,13 +1041,7 @@ async fn an_identical_object_that_was_there_before_is_never_taken_as_ours() {
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
     rollback(&env);
-    assert_eq!(
-        bytes(&env, &env.dst_bucket, "avatar/a.png")
-            .await
-            .as_deref(),
-        Some(b"a".as_slice()),
-        "rollback removed an object relocator did not make"
-    );
+    assert_kept(&env, "avatar/a.png", b"a").await;
     assert_eq!(
         env.keys(&env.dst_bucket, "avatar/").await,
         vec!["avatar/a.png".to_string()],
@@ -1194,13 +1197,7 @@ async fn a_key_a_killed_batch_found_taken_is_never_claimed() {
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
     rollback(&env);
-    assert_eq!(
-        bytes(&env, &env.dst_bucket, "avatar/a.png")
-            .await
-            .as_deref(),
-        Some(b"a".as_slice()),
-        "rollback removed an object relocator did not make"
-    );
+    assert_kept(&env, "avatar/a.png", b"a").await;
 }
 
 /// Safety #7 with a rollback instead of a rerun (found by review): the killed run's
@@ -1393,11 +1390,5 @@ async fn a_key_taken_after_the_listing_is_not_noted_as_relocators() {
     let (code, err) = env.run(&[]);
     assert_eq!(code, 0, "{err}");
     rollback(&env);
-    assert_eq!(
-        bytes(&env, &env.dst_bucket, "avatar/a.png")
-            .await
-            .as_deref(),
-        Some(b"a".as_slice()),
-        "rollback removed an object relocator did not make"
-    );
+    assert_kept(&env, "avatar/a.png", b"a").await;
 }
