@@ -168,3 +168,8 @@ CREATE TABLE IF NOT EXISTS relocator.uploads (
 
 -- A delete checks whether rows of another table were moved onto the key (see cleanup.rs).
 CREATE INDEX IF NOT EXISTS moves_dst_key_idx ON relocator.moves (dst_bucket, new_path);
+
+-- Whether the lease's owner holds its advisory lock. A lease taken over from a hung
+-- worker (heartbeat expired) may not get it while that worker lives: its liveness is then
+-- judged by the heartbeat alone (see lease.rs, take_over).
+ALTER TABLE relocator.leases ADD COLUMN IF NOT EXISTS locked boolean NOT NULL DEFAULT true;

@@ -769,7 +769,8 @@ pub async fn take_back(
 /// Ledger entries of this job (its fingerprint: table, columns, source, destination,
 /// rewrite — another job on the same table checks references in another column, so it
 /// must not finish these) whose cleanup was not finished and whose lease no live worker
-/// holds (its process died between COMMIT and cleanup), after `after` (keyset on
+/// holds (its process died between COMMIT and cleanup: the lease's lock is free, and a
+/// lease taken over without its lock has an expired heartbeat), after `after` (keyset on
 /// move_id), at most `limit`.
 pub async fn pending_after(
     db: &deadpool_postgres::Client,
@@ -790,8 +791,19 @@ pub async fn pending_after(
                                                       WHERE datname = current_database())
                                    AND l.classid = $4::bigint::oid AND l.objsubid = 2
                                    AND l.objid = m.lease_id::oid)
+                AND NOT EXISTS (SELECT 1 FROM relocator.leases l
+                                  JOIN relocator.runs r ON r.run_id = l.run_id
+                                 WHERE l.lease_id = m.lease_id AND NOT l.locked AND NOT l.done
+                                   AND l.heartbeat > now() - make_interval(
+                                       secs => coalesce(r.lease_ttl_secs, $5)::float8))
               ORDER BY m.move_id LIMIT $3",
-            &[&job, &after, &limit, &crate::lease::LOCK_CLASS_I64],
+            &[
+                &job,
+                &after,
+                &limit,
+                &crate::lease::LOCK_CLASS_I64,
+                &crate::lease::DEFAULT_TTL_SECS,
+            ],
         )
         .await
         .context("reading unfinished cleanups from the ledger")?;

@@ -180,7 +180,7 @@ pub async fn begin_run(
 }
 
 /// A run's lease TTL when its first process set none (`--lease-ttl`'s default).
-const DEFAULT_TTL_SECS: i64 = crate::job::DEFAULT_LEASE_TTL.as_secs() as i64;
+pub const DEFAULT_TTL_SECS: i64 = crate::job::DEFAULT_LEASE_TTL.as_secs() as i64;
 
 /// Take a lease of `run_id` for worker `me`: first one whose owner is gone (its lock is
 /// free) or hung (heartbeat older than `ttl`); else a new one carved from the run's
@@ -218,7 +218,7 @@ pub async fn take(
                         (SELECT array_agg(l.lease_id ORDER BY l.lease_id) FROM relocator.leases l
                           WHERE l.run_id = $1 AND NOT l.done AND l.owner <> $2
                             AND (l.heartbeat < now() - make_interval(secs => $3::float8)
-                                 OR NOT EXISTS (
+                                 OR l.locked AND NOT EXISTS (
                                      SELECT 1 FROM pg_locks k
                                       WHERE k.locktype = 'advisory' AND k.granted
                                         AND k.database = (SELECT oid FROM pg_database
@@ -409,7 +409,11 @@ async fn carve(
     })
 }
 
-/// Take lease `id` over if its owner is still gone (its advisory lock is free) or hung.
+/// Take lease `id` over if its owner is still gone (its advisory lock is free) or hung
+/// (its heartbeat expired). Taken from a hung owner, the lease's lock may still be that
+/// owner's: the lease then records that its new owner does not hold it (`locked`), so its
+/// liveness is judged by the heartbeat alone — else, once the hung process went away and
+/// its lock with it, the lease would look abandoned while its new owner works on it.
 async fn take_over(
     c: &deadpool_postgres::Client,
     id: i64,
@@ -417,25 +421,43 @@ async fn take_over(
     ttl: Duration,
 ) -> Result<Option<Lease>> {
     rt(1);
-    let taken = c
-        .query_opt(
-            "UPDATE relocator.leases SET owner = $2, heartbeat = now()
-              WHERE lease_id = $1 AND NOT done AND owner <> $2
-                AND (heartbeat < now() - make_interval(secs => $4::float8)
-                     OR pg_try_advisory_lock($3, $1::bigint::int))
-          RETURNING phase, hi, COALESCE(last_id, lo)",
+    let row = c
+        .query_one(
+            "WITH lk AS MATERIALIZED (
+                 SELECT pg_try_advisory_lock($3, $1::bigint::int) AS got
+             ), taken AS (
+                 UPDATE relocator.leases SET owner = $2, heartbeat = clock_timestamp(),
+                        locked = lk.got
+                   FROM lk
+                  WHERE lease_id = $1 AND NOT done AND owner <> $2
+                    AND (lk.got OR heartbeat < now() - make_interval(secs => $4::float8))
+              RETURNING phase, hi, COALESCE(last_id, lo) AS pos
+             )
+             SELECT lk.got, t.phase, t.hi, t.pos FROM lk LEFT JOIN taken t ON true",
             &[&id, &me, &LOCK_CLASS, &ttl.as_secs_f64()],
         )
         .await?;
-    Ok(taken.map(|t| {
-        tracing::info!(lease = id, "took over a lease whose worker is gone");
-        Lease {
-            id,
-            phase: t.get(0),
-            hi: t.get(1),
-            pos: t.get(2),
-            objects: None,
+    let (got, phase): (bool, Option<i16>) = (row.get(0), row.get(1));
+    let Some(phase) = phase else {
+        if got {
+            // Not taken (done, or taken by another meanwhile): the lock is not this
+            // worker's to keep.
+            rt(1);
+            c.execute(
+                "SELECT pg_advisory_unlock($1, $2::bigint::int)",
+                &[&LOCK_CLASS, &id],
+            )
+            .await?;
         }
+        return Ok(None);
+    };
+    tracing::info!(lease = id, "took over a lease whose worker is gone");
+    Ok(Some(Lease {
+        id,
+        phase,
+        hi: row.get(2),
+        pos: row.get(3),
+        objects: None,
     }))
 }
 

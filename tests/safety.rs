@@ -1392,3 +1392,94 @@ async fn a_key_taken_after_the_listing_is_not_noted_as_relocators() {
     rollback(&env);
     assert_kept(&env, "avatar/a.png", b"a").await;
 }
+
+/// Safety #12 (suspected: a takeover that skips the advisory lock). Worker 1 hangs
+/// (SIGSTOP) holding its lease's lock; worker 2 takes the lease over when the heartbeat
+/// expires, without the lock. When worker 1 then dies and its lock goes with it, the
+/// lease must not look abandoned: a third worker leaves it to worker 2, who is alive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_taken_from_a_hung_worker_stays_with_its_new_owner() {
+    let env = TestEnv::new("hung-takeover").await;
+    table(&env, false).await;
+    for i in 0..40u8 {
+        env.put_row(&format!("image/{i:02}.png"), vec![i; 10]).await;
+    }
+    let args = ["--lease-ttl", "2", "--batch-size", "10", "--max-rps", "8"];
+    let signal = |sig: &str, child: &Child| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    let db = env.db().await;
+    let open_lease = || async {
+        db.query_opt(
+            "SELECT lease_id, owner FROM relocator.leases WHERE NOT done ORDER BY lease_id LIMIT 1",
+            &[],
+        )
+        .await
+        .ok() // the ledger may not exist yet
+        .flatten()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+    };
+    let owner_of = |lease: i64| {
+        let db = &db;
+        async move {
+            let r = db
+                .query_one(
+                    "SELECT owner, done FROM relocator.leases WHERE lease_id = $1",
+                    &[&lease],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, String>(0), r.get::<_, bool>(1))
+        }
+    };
+    let until = |what: &str, start: Instant| {
+        assert!(start.elapsed() < Duration::from_secs(60), "{what}");
+    };
+
+    let mut first = spawn(&env, &args);
+    let start = Instant::now();
+    let (lease, hung) = loop {
+        if let Some(l) = open_lease().await {
+            break l;
+        }
+        until("worker 1 never took a lease", start);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    signal("-STOP", &first);
+    let second = spawn(&env, &args);
+    let start = Instant::now();
+    let taker = loop {
+        let (owner, done) = owner_of(lease).await;
+        assert!(!done, "the hung worker's lease was finished");
+        if owner != hung {
+            break owner;
+        }
+        until("worker 2 never took the hung worker's lease over", start);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    signal("-KILL", &first);
+    first.wait().unwrap();
+    let third = spawn(&env, &args);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let (owner, done) = owner_of(lease).await;
+        if done {
+            break;
+        }
+        assert_eq!(
+            owner, taker,
+            "the lease was taken from its live new owner once the hung worker's lock went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for child in [second, third] {
+        let (code, err) = finish(child);
+        assert_eq!(code, 0, "{err}");
+    }
+    env.assert_no_row_dangles().await;
+}
