@@ -244,10 +244,9 @@ impl<'a> BatchIntents<'a> {
     /// Wait until what was queued while `mine` statements were sent is written: by an
     /// earlier caller's statement, or by this one's.
     async fn send(&self, mine: u64) -> Result<()> {
-        let lock = || self.lock();
         let _writing = self.writer.lock().await;
         let keys = {
-            let mut q = lock();
+            let mut q = self.lock();
             anyhow::ensure!(!q.failed, "noting the batch's copies in the ledger failed");
             if q.sent > mine {
                 return Ok(()); // sent with an earlier statement
@@ -270,7 +269,7 @@ impl<'a> BatchIntents<'a> {
             .await
             .context("noting the batch's copies on its reservations");
         if sent.is_err() {
-            lock().failed = true;
+            self.lock().failed = true;
         }
         sent.map(|_| ())
     }

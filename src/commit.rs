@@ -68,15 +68,7 @@ pub async fn commit_batch(
     q: &Queries,
     b: &CommitBatch<'_>,
 ) -> Result<Committed> {
-    let rows: Vec<Rewrite<'_>> = b
-        .moves
-        .iter()
-        .map(|(m, _)| Rewrite {
-            id: &m.row.id,
-            from: &m.row.path,
-            to: &m.dst_key,
-        })
-        .collect();
+    let rows: Vec<Rewrite<'_>> = b.moves.iter().map(|(m, _)| Rewrite::from(*m)).collect();
     let (sent, refused) =
         without_refused(client, q, &rows, |tries| send(client, q, b, tries)).await?;
     Ok(match sent {
@@ -90,6 +82,17 @@ pub struct Rewrite<'a> {
     pub id: &'a str,
     pub from: &'a str,
     pub to: &'a str,
+}
+
+impl<'a> From<&'a Move> for Rewrite<'a> {
+    /// A move's rewrite: the row's path to its destination key.
+    fn from(m: &'a Move) -> Self {
+        Rewrite {
+            id: &m.row.id,
+            from: &m.row.path,
+            to: &m.dst_key,
+        }
+    }
 }
 
 /// Send a batch's statement (`send`, given for each row of `rows` whether to try it);

@@ -1153,11 +1153,7 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         let refused = if may_update {
             let rows: Vec<commit::Rewrite<'_>> = ready
                 .iter()
-                .map(|(m, _)| commit::Rewrite {
-                    id: &m.row.id,
-                    from: &m.row.path,
-                    to: &m.dst_key,
-                })
+                .map(|(m, _)| commit::Rewrite::from(*m))
                 .collect();
             commit::refused_rewrites(&db, &sh.q, &rows).await?
         } else {
