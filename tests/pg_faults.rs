@@ -116,7 +116,7 @@ async fn a_backend_terminated_inside_its_commit_statement_rewrites_nothing_of_th
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                       WHERE datname = current_database() AND state = 'active'
                         AND wait_event_type = 'Lock'
-                        AND query LIKE '%INSERT INTO relocator.moves%'",
+                        AND query LIKE '%UPDATE relocator.leases SET last_id%'",
                     &[],
                 )
                 .await
