@@ -1483,3 +1483,40 @@ async fn a_lease_taken_from_a_hung_worker_stays_with_its_new_owner() {
     }
     env.assert_no_row_dangles().await;
 }
+
+/// Safety round two, item 2, SQLSTATE 42501: a row-level-security policy whose WITH CHECK
+/// refuses the new value (relocator running as the least-privilege role, to which the
+/// policy applies) makes that row `rejected`; the other row moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_level_security_refusal_is_a_rejection() {
+    let env = TestEnv::new("rls").await;
+    table(&env, true).await;
+    env.put_row("image/ok.png", b"ok".to_vec()).await;
+    env.put_row("image/forbidden.png", b"no".to_vec()).await;
+    let url = env.least_privilege_url();
+    env.db()
+        .await
+        .batch_execute(
+            "ALTER TABLE avatars ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY see ON avatars FOR SELECT USING (true);
+             CREATE POLICY change ON avatars FOR UPDATE USING (true)
+                 WITH CHECK (path NOT LIKE 'avatar/forbidden%');",
+        )
+        .await
+        .unwrap();
+    let out = env
+        .run_cmd(&["--report", &env.path("r.csv")])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    assert_eq!(outcomes["1"].0, "moved", "{outcomes:?}");
+    assert_eq!(outcomes["2"].0, "rejected", "{outcomes:?}");
+    let report = std::fs::read_to_string(env.path("r.csv")).unwrap();
+    assert!(report.contains("42501"), "{report}");
+    let rows = env.rows().await;
+    assert_eq!(rows[1].1, "image/forbidden.png");
+    env.assert_no_row_dangles().await;
+}
