@@ -307,10 +307,7 @@ async fn verify_content(
     let PairResult::Ready { dst_etag, .. } = &ready else {
         return Ok(ready);
     };
-    s3c.ready_read().await;
-    let still_ours = s3::head(&s3c.dst, db, dst_key)
-        .await?
-        .is_some_and(|d| d.etag == *dst_etag);
+    let still_ours = s3::still_there(s3c, db, dst_key, dst_etag).await?;
     if still_ours {
         s3c.ready_write().await;
         s3::delete_one(&s3c.dst, db, dst_key).await?;

@@ -1122,12 +1122,7 @@ pub async fn stream_copy(
         etag == src.etag
     };
     if !confirmed {
-        // Removed only while it is the object this PUT made (same ETag).
-        s3c.ready_read().await;
-        if head(&s3c.dst, dst_bucket, dst_key)
-            .await?
-            .is_some_and(|d| d.etag == etag)
-        {
+        if still_there(s3c, dst_bucket, dst_key, &etag).await? {
             s3c.ready_write().await;
             let _ = delete_one(&s3c.dst, dst_bucket, dst_key).await;
         }
@@ -1410,6 +1405,16 @@ pub async fn delete_many_if(
             )
         })
         .collect())
+}
+
+/// Whether the object at `key` of the destination is still the copy relocator just made
+/// (ETag `etag`): the application may have put its own there since, and only relocator's
+/// own copy is removed again.
+pub async fn still_there(s3c: &S3, bucket: &str, key: &str, etag: &str) -> Result<bool, S3Error> {
+    s3c.ready_read().await;
+    Ok(head(&s3c.dst, bucket, key)
+        .await?
+        .is_some_and(|d| d.etag == etag))
 }
 
 /// Delete one object (used for copies relocator made and must take back).
