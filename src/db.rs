@@ -174,8 +174,10 @@ impl TableInfo {
             async move {
                 client
                     .query_opt(
-                        "SELECT a.attnum, format_type(a.atttypid, a.atttypmod)
+                        "SELECT a.attnum, format_type(a.atttypid, a.atttypmod),
+                                c.collname::text, coalesce(c.collisdeterministic, true)
                            FROM pg_attribute a
+                           LEFT JOIN pg_collation c ON c.oid = a.attcollation
                           WHERE a.attrelid = $1 AND a.attname = $2
                             AND a.attnum > 0 AND NOT a.attisdropped",
                         &[&oid, &col],
@@ -210,6 +212,16 @@ impl TableInfo {
             return Err(config_error(format!(
                 "--path-column {:?} is of type {path_pg_type}; it must be text or varchar",
                 cfg.path_column
+            )));
+        }
+        // S3 keys are byte strings. Under a nondeterministic collation `=` takes
+        // `IMAGE/A.PNG` for `image/a.png`: a lookup would pair a row with another row's
+        // object and a compare-and-swap would pass on a changed value.
+        if !path.get::<_, bool>(3) {
+            return Err(config_error(format!(
+                "--path-column {:?} uses the nondeterministic collation {:?}, under which                  different keys compare equal; relocator compares keys byte for byte. Give                  the column a deterministic collation (e.g. \"C\") first",
+                cfg.path_column,
+                path.get::<_, Option<String>>(2).unwrap_or_default()
             )));
         }
         let unique: bool = client

@@ -10,9 +10,9 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::types::{Delete, EncodingType, ObjectIdentifier};
 use aws_sdk_s3::Client;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::config::S3Settings;
 
@@ -1289,23 +1289,43 @@ pub async fn list_uploads(
             .prefix(prefix)
             .set_key_marker(key_marker.clone())
             .set_upload_id_marker(id_marker.clone())
+            .encoding_type(EncodingType::Url)
             .send()
             .await
             .map_err(|e| classify(&format!("LIST uploads s3://{bucket}/{prefix}"), e))?;
-        found.extend(
-            out.uploads()
-                .iter()
-                .filter_map(|u| Some((u.key()?.to_owned(), u.upload_id()?.to_owned()))),
-        );
+        let encoding = out.encoding_type();
+        for u in out.uploads() {
+            if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                found.push((listed_key(encoding, key)?, id.to_owned()));
+            }
+        }
         if !out.is_truncated().unwrap_or(false) {
             return Ok(found);
         }
-        key_marker = out.next_key_marker().map(str::to_owned);
+        key_marker = match out.next_key_marker() {
+            Some(k) => Some(listed_key(encoding, k)?),
+            None => None,
+        };
         id_marker = out.next_upload_id_marker().map(str::to_owned);
         if key_marker.is_none() {
             return Ok(found);
         }
     }
+}
+
+/// A key as a listing answered it. Listings are asked for `encoding-type=url` because XML
+/// 1.0 cannot carry every key (a control character makes Garage answer 500; a carriage
+/// return comes back as a line feed from AWS); a server that honours the request says so
+/// with `EncodingType` and encodes every key, one that ignores it sends keys as they are.
+/// AWS encodes a space as `+` and Garage as `%20`; both encode `+` itself as `%2B`.
+pub fn listed_key(encoding: Option<&EncodingType>, key: &str) -> Result<String, S3Error> {
+    if encoding != Some(&EncodingType::Url) {
+        return Ok(key.to_owned());
+    }
+    percent_decode_str(&key.replace('+', " "))
+        .decode_utf8()
+        .map(|k| k.into_owned())
+        .map_err(|_| S3Error::Other(format!("the listing sent a key that is not UTF-8: {key:?}")))
 }
 
 /// One ListObjectsV2 page under `prefix`, after `start_after` (exclusive), in S3's byte
@@ -1326,22 +1346,19 @@ pub async fn list_page(
         .prefix(prefix)
         .set_start_after(start_after.map(str::to_owned))
         .max_keys(max_keys)
+        .encoding_type(EncodingType::Url)
         .send()
         .await
         .map_err(|e| classify(&format!("LIST s3://{bucket}/{prefix}"), e))?;
-    let objects = out
-        .contents()
-        .iter()
-        .filter_map(|o| {
-            Some((
-                o.key()?.to_owned(),
-                ObjectInfo {
-                    etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
-                    size: o.size().unwrap_or(0),
-                },
-            ))
-        })
-        .collect();
+    let mut objects = Vec::with_capacity(out.contents().len());
+    for o in out.contents() {
+        let Some(key) = o.key() else { continue };
+        let info = ObjectInfo {
+            etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
+            size: o.size().unwrap_or(0),
+        };
+        objects.push((listed_key(out.encoding_type(), key)?, info));
+    }
     Ok((objects, out.is_truncated().unwrap_or(false)))
 }
 
@@ -1524,6 +1541,18 @@ pub async fn get_bytes(client: &Client, bucket: &str, key: &str) -> Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_keys_are_decoded_only_when_the_server_encoded_them() {
+        let url = Some(&EncodingType::Url);
+        // AWS's spelling (space as `+`) and Garage's (`%20`) of the same key.
+        for sent in ["a/x+y%2Bz%25%0D%C3%A9", "a/x%20y%2Bz%25%0D%C3%A9"] {
+            assert_eq!(listed_key(url, sent).unwrap(), "a/x y+z%\ré");
+        }
+        // A server that ignored the request sends the key as it is.
+        assert_eq!(listed_key(None, "a/x+y%2B").unwrap(), "a/x+y%2B");
+        assert!(listed_key(url, "a/%C3%28").is_err(), "not UTF-8");
+    }
 
     #[test]
     fn copy_source_encodes_awkward_keys() {

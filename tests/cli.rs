@@ -36,7 +36,11 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
     let db = env.db().await;
     db.batch_execute(
         "CREATE TABLE nopk (id int, path text);
-         CREATE TABLE intpath (id int PRIMARY KEY, path int);",
+         CREATE TABLE intpath (id int PRIMARY KEY, path int);
+         CREATE COLLATION IF NOT EXISTS caseless
+             (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE TABLE caseless (id int PRIMARY KEY, path text COLLATE caseless);
+         INSERT INTO caseless VALUES (1, 'image/a.png'), (2, 'IMAGE/A.PNG');",
     )
     .await
     .unwrap();
@@ -117,6 +121,11 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
         (
             s(&["--source", &src, "--dest", &dst, "--table", "intpath"]),
             "must be text or varchar",
+        ),
+        (
+            // `=` would take `IMAGE/A.PNG` for `image/a.png`: S3 keys are byte strings.
+            s(&["--source", &src, "--dest", &dst, "--table", "caseless"]),
+            "nondeterministic collation \"caseless\"",
         ),
         (
             s(&[
@@ -341,6 +350,21 @@ async fn hostile_path_values_are_reported_and_left_alone() {
     // whole-bucket source could select it, and a whole-bucket source overlaps every
     // destination prefix (refused with exit 2, tests above).
     let hostile = ["image/ctrl\u{1}char.png", "image/../escape.png"];
+    // Objects whose keys XML 1.0 cannot carry (a control character, a carriage return
+    // that a parser turns into a line feed), in both buckets, under both prefixes: the
+    // listings must still carry them, byte for byte (`encoding-type=url`), or every
+    // listing of those prefixes fails and the run can never finish.
+    let unlistable = ["image/ctrl\u{1}char.png", "image/cr\rlf\n+ %2B.png"];
+    for key in unlistable {
+        for (bucket, key) in [
+            (&env.src_bucket, key.to_owned()),
+            (&env.dst_bucket, key.replacen("image/", "avatar/", 1)),
+        ] {
+            relocator::s3::put(&env.s3, bucket, &key, b"stray".to_vec(), "image/png")
+                .await
+                .unwrap();
+        }
+    }
     for p in hostile.iter().chain([&literal]) {
         db.execute("INSERT INTO avatars (path) VALUES ($1)", &[p])
             .await
@@ -379,6 +403,40 @@ async fn hostile_path_values_are_reported_and_left_alone() {
         .await
         .unwrap();
     assert_eq!(bytes, b"literal");
+    for key in unlistable {
+        let listed = env.keys(&env.src_bucket, "image/").await;
+        assert!(listed.iter().any(|k| k == key), "{key:?} kept: {listed:?}");
+    }
+    // The stray source object no row references is an orphan.
+    let out = env
+        .cmd()
+        .args([
+            "verify",
+            "--orphans",
+            "--source",
+            &env.source(),
+            "--dest",
+            &env.dest(),
+        ])
+        .args(["--out", &env.path("v.csv")])
+        .output()
+        .unwrap();
+    // Exit 3: the rows left alone above still point at the legacy bucket.
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let orphans: Vec<String> = csv::Reader::from_path(env.path("v.csv"))
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap())
+        .filter(|r| &r[3] == "orphan" && &r[1] == env.src_bucket.as_str())
+        .map(|r| r[2].to_owned())
+        .collect();
+    // (The first one is the hostile row's: still legacy, not an orphan.)
+    assert_eq!(orphans, [unlistable[1]], "orphans named byte for byte");
 }
 
 /// Wrong S3 credentials and a wrong region are refused before anything is touched.

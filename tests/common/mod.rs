@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+use aws_sdk_s3::types::EncodingType;
 use aws_sdk_s3::Client;
 use relocator::config::{DatabaseUrl, S3Location, S3Settings, TableName};
 use relocator::s3;
@@ -303,14 +304,16 @@ impl TestEnv {
             .list_objects_v2()
             .bucket(bucket)
             .prefix(prefix)
+            .encoding_type(EncodingType::Url)
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
             let page = page.expect("listing");
+            let encoding = page.encoding_type();
             keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_owned)),
+                page.contents().iter().filter_map(|o| {
+                    Some(s3::listed_key(encoding, o.key()?).expect("a listed key"))
+                }),
             );
         }
         keys
@@ -422,10 +425,16 @@ impl TestEnv {
     async fn cleanup(name: String, src: String, dst: String, dir: PathBuf) {
         let s3 = s3_client().await;
         for b in [&src, &dst] {
-            let mut pages = s3.list_objects_v2().bucket(b).into_paginator().send();
+            let mut pages = s3
+                .list_objects_v2()
+                .bucket(b)
+                .encoding_type(EncodingType::Url)
+                .into_paginator()
+                .send();
             while let Some(Ok(page)) = pages.next().await {
+                let encoding = page.encoding_type();
                 for o in page.contents() {
-                    if let Some(k) = o.key() {
+                    if let Some(Ok(k)) = o.key().map(|k| s3::listed_key(encoding, k)) {
                         let _ = s3.delete_object().bucket(b).key(k).send().await;
                     }
                 }
