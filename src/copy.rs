@@ -375,18 +375,34 @@ async fn copy_free(
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
-    let copied = if in_parts {
+    let uploaded = if in_parts {
         let parts = s3::Parts {
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
-        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write)
-            .await
-            .map(|made| Some(made.etag))
+        Some(s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write).await)
     } else if !s3c.server_side {
-        s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write)
-            .await
-            .map(|made| Some(made.etag))
+        Some(s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write).await)
+    } else {
+        None
+    };
+    let copied = if let Some(uploaded) = uploaded {
+        match uploaded {
+            Ok(made) => Ok(Some(made.etag)),
+            // An upload that failed on the destination side may have been ended by an
+            // object put at the key meanwhile (Garage ends older uploads to a key when a
+            // newer write completes: the next part is answered NoSuchUpload, or the
+            // connection is cut mid-body). Whatever is there now was not overwritten: it
+            // is a conflict, not an error of this copy.
+            Err(e @ (S3Error::Other(_) | S3Error::Rejected(_))) => {
+                s3c.ready_read().await;
+                match s3::head(&s3c.dst, db, dst_key).await {
+                    Ok(Some(existing)) => return Ok(compare_existing(src, &existing, &cfg.write)),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     } else {
         let create_only = s3c.create_only;
         match s3::copy(

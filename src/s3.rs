@@ -451,6 +451,11 @@ where
             let code = e.code().unwrap_or("unknown");
             let msg = e.message().unwrap_or("");
             match status {
+                // The upload is gone, not the object: someone ended it (see
+                // `copy::copy_free`).
+                Some(404) if code == "NoSuchUpload" => {
+                    S3Error::Other(format!("{what}: the upload was ended meanwhile ({code})"))
+                }
                 Some(404) => S3Error::NotFound,
                 Some(412) => S3Error::PreconditionFailed,
                 Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
@@ -1263,15 +1268,19 @@ async fn abort_stale_uploads(s3c: &S3, bucket: &str, key: &str) -> Result<(), S3
 
 /// Abort one multipart upload.
 async fn abort(client: &Client, bucket: &str, key: &str, id: &str) -> Result<(), S3Error> {
-    client
+    match client
         .abort_multipart_upload()
         .bucket(bucket)
         .key(key)
         .upload_id(id)
         .send()
         .await
-        .map_err(|e| classify(&format!("ABORT upload to s3://{bucket}/{key}"), e))?;
-    Ok(())
+    {
+        Ok(_) => Ok(()),
+        // Ended already (aborted, completed, or ended by a newer write to the key).
+        Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+        Err(e) => Err(classify(&format!("ABORT upload to s3://{bucket}/{key}"), e)),
+    }
 }
 
 /// Incomplete multipart uploads under `prefix`: (key, upload id).

@@ -293,6 +293,76 @@ async fn a_part_corrupted_on_the_way_fails_the_checksum_and_nothing_is_left() {
     assert!(copy == body, "the copy differs");
 }
 
+/// The application puts its own object at the destination key while relocator's
+/// multipart upload to it is in progress. Garage ends the older upload (the next part is
+/// answered 404 NoSuchUpload); that is not a missing source: the row is a conflict, the
+/// application's object stays, the source stays, and no upload is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_put_at_the_destination_during_a_multipart_copy_is_a_conflict() {
+    put_during_multipart("put-mid-multipart", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_put_at_the_destination_during_a_streamed_copy_is_a_conflict() {
+    put_during_multipart("put-mid-streamed", &streamed()).await;
+}
+
+async fn put_during_multipart(tag: &str, extra: &[String]) {
+    let env = TestEnv::new(tag).await;
+    env.seed(0, 0).await; // the table only
+    let body = big_row(&env, "image/big.bin").await;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let report = env.path("r.csv");
+    // --max-rps 3 paces the parts, so the put lands mid-upload.
+    let mut child = env
+        .run_cmd(&[&PARTS[..], &extra, &["--max-rps", "3", "--report", &report]].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "no multipart upload started");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let app = b"the application's own object".to_vec();
+    s3::put(
+        &env.s3,
+        &env.dst_bucket,
+        "avatar/big.bin",
+        app.clone(),
+        "image/png",
+    )
+    .await
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let outcomes = common::read_outcomes(&report);
+    assert_eq!(outcomes["1"].0, "conflict", "{outcomes:?}\n{err}");
+    assert_eq!(env.rows().await[0].1, "image/big.bin", "row unchanged");
+    let there = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        .await
+        .unwrap();
+    assert!(there == app, "the application's object stays");
+    let source = s3::get_bytes(&env.s3, &env.src_bucket, "image/big.bin")
+        .await
+        .unwrap();
+    assert!(source == body, "the source stays");
+    assert!(
+        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+            .await
+            .unwrap()
+            .is_empty(),
+        "no incomplete upload left"
+    );
+}
+
 /// Parts that keep failing: the multipart upload is aborted (none left incomplete), the
 /// run stops with exit 1 and nothing committed, and the rerun completes.
 #[tokio::test(flavor = "multi_thread")]
