@@ -8,6 +8,7 @@
 #   scripts/stack.sh status  say what runs
 #   scripts/stack.sh reset   down, then delete all state
 #   scripts/stack.sh pg-restart   restart PostgreSQL (fast shutdown: sessions are cut)
+#   scripts/stack.sh garage-path  print where the Garage binary is cached (built or not)
 #
 # Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
 # second endpoint takes +10), RELOCATOR_STACK_DIR (.stack), RELOCATOR_CACHE_DIR (where the
@@ -20,7 +21,7 @@ PG_PORT=${RELOCATOR_PG_PORT:-54329}
 S3_PORT=${RELOCATOR_S3_PORT:-39000}
 GARAGE_VERSION=2.5.0
 CACHE=${RELOCATOR_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-$ROOT/.stack}/.cache}/relocator}
-TOOLS=$ROOT/.tools
+TOOLS=$STATE/tools
 
 PG_USER=relocator
 PG_PASSWORD=relocator
@@ -312,13 +313,14 @@ case "$cmd" in
             >/dev/null || die "PostgreSQL did not restart, see $STATE/pg/server.log"
         say "PostgreSQL restarted"
         ;;
+    garage-path) echo "$CACHE/garage-$GARAGE_VERSION/bin/garage" ;;
     reset)
         "$0" down
         rm -rf "$STATE"
         say "state removed"
         ;;
     *)
-        echo "usage: scripts/stack.sh up|down|env|status|reset|pg-restart" >&2
+        echo "usage: scripts/stack.sh up|down|env|status|reset|pg-restart|garage-path" >&2
         exit 2
         ;;
 esac
