@@ -18,6 +18,7 @@ pub fn check(data: &[u8]) {
         table: "avatars".into(),
         id_column: "id".into(),
         path_column: "path".into(),
+        referenced_by: Vec::new(),
         source: format!("s3://legacy-s3/{src}"),
         dest: format!("s3://production-s3/{dst}"),
         rewrite: rule.as_ref().map(|(r, _)| r.clone()),

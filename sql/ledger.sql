@@ -138,6 +138,9 @@ $$;
 
 -- The run's lease TTL (`--lease-ttl`), set by its first process and adopted by the others.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS lease_ttl_secs bigint;
+-- The other columns (--referenced-by) whose references keep this job's objects, as
+-- SCHEMA.TABLE.COLUMN, quoted: every later process of the job honours them too.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS referenced_by text[] NOT NULL DEFAULT '{}';
 
 
 -- A batch notes each copy on its reservation of the key before it makes it (`creating`,

@@ -418,7 +418,9 @@ pub async fn delete_unreferenced(
             }
             Err(Locked::Busy) => {
                 return Err(anyhow!(
-                    "the table was not free of writing transactions for {WRITERS_WAIT} in                      {WRITERS_TRIES} tries, so no source could be safely deleted; the ledger                      keeps them pending: rerun when the application's long transactions end"
+                    "the table was not free of writing transactions for {WRITERS_WAIT} in \
+                     {WRITERS_TRIES} tries, so no source could be safely deleted; the ledger \
+                     keeps them pending: rerun when the application's long transactions end"
                 ))
             }
             Err(Locked::Failed(e)) => return Err(e),

@@ -85,6 +85,13 @@ pub struct JobArgs {
     #[arg(long, default_value = "path")]
     pub path_column: String,
 
+    /// Another column that holds keys of these objects (TABLE.COLUMN or
+    /// SCHEMA.TABLE.COLUMN, quoted as for --table; repeatable): an object is deleted only
+    /// when neither the job's column nor any of these references it. A job remembers
+    /// the columns it was given in its ledger, for every later process.
+    #[arg(long, value_name = "TABLE.COLUMN")]
+    pub referenced_by: Vec<String>,
+
     /// Where the objects are now: s3://BUCKET/PREFIX. Rows whose path starts with PREFIX
     /// are selected.
     #[arg(long, value_name = "S3_URL")]

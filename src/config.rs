@@ -141,6 +141,40 @@ pub fn parse_column(flag: &str, s: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// A column of another table that references the same objects (`--referenced-by`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnRef {
+    pub table: TableName,
+    pub column: String,
+}
+
+impl ColumnRef {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = |e: String| ConfigError(format!("--referenced-by {s:?}: {e}"));
+        let mut parts = split_identifier(s).map_err(|e| bad(e.0))?;
+        if !(2..=3).contains(&parts.len()) {
+            return Err(bad(
+                "write TABLE.COLUMN or SCHEMA.TABLE.COLUMN (quote names with dots)".into(),
+            ));
+        }
+        let column = parts.pop().unwrap_or_default();
+        let name = parts.pop().unwrap_or_default();
+        Ok(ColumnRef {
+            table: TableName {
+                schema: parts.pop(),
+                name,
+            },
+            column,
+        })
+    }
+}
+
+impl fmt::Display for ColumnRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.table, quote_ident(&self.column))
+    }
+}
+
 /// Split `a.b` / `"a.b"."c"` into identifier parts. Bare parts must be plain SQL
 /// identifiers; anything else has to be quoted, so a typo never turns into SQL.
 fn split_identifier(s: &str) -> Result<Vec<String>, ConfigError> {
@@ -413,6 +447,8 @@ pub struct JobConfig {
     pub table: TableName,
     pub id_column: String,
     pub path_column: String,
+    /// `--referenced-by`: other columns whose references keep an object.
+    pub referenced_by: Vec<ColumnRef>,
     pub source: S3Location,
     pub dest: S3Location,
     pub rewrite: Rewrite,
@@ -445,6 +481,13 @@ impl JobConfig {
             return Err(ConfigError(
                 "--id-column and --path-column name the same column".into(),
             ));
+        }
+        let mut referenced_by = Vec::new();
+        for r in &a.referenced_by {
+            let r = ColumnRef::parse(r)?;
+            if !referenced_by.contains(&r) {
+                referenced_by.push(r);
+            }
         }
         let source = S3Location::parse("--source", &a.source)?;
         let dest = S3Location::parse("--dest", &a.dest)?;
@@ -540,6 +583,7 @@ impl JobConfig {
             table,
             id_column,
             path_column,
+            referenced_by,
             rewrite: Rewrite::new(&source.prefix, &dest.prefix, rule),
             rewrite_spec: a.rewrite.clone().zip(a.to.clone()),
             source,
@@ -821,6 +865,15 @@ mod tests {
         assert!(TableName::parse("a.b.c").is_err());
         assert!(TableName::parse("\"open").is_err());
         assert!(parse_column("--id-column", "a.b").is_err());
+        let r = ColumnRef::parse(r#"Posts."Image""#).unwrap();
+        assert_eq!((r.table.schema, r.table.name.as_str()), (None, "posts"));
+        assert_eq!(r.column, "Image");
+        let r = ColumnRef::parse(r#"app."a.b".c"#).unwrap();
+        assert_eq!(r.to_string(), r#""app"."a.b"."c""#);
+        for bad in ["posts", "a.b.c.d", "posts.image; --"] {
+            let err = ColumnRef::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("--referenced-by"), "{err}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use crate::config::{config_error, quote_ident, DatabaseUrl, JobConfig};
+use crate::config::{config_error, quote_ident, ColumnRef, DatabaseUrl, JobConfig};
 
 /// Round trips to PostgreSQL made by the job path (process-wide; for the summary and
 /// the benchmark). Each statement relocator sends counts one.
@@ -105,6 +105,21 @@ pub struct TableInfo {
     pub id_type: &'static str,
     /// Whether an index leads with the path column (reference checks are then cheap).
     pub path_indexed: bool,
+    /// `--referenced-by`, and the columns earlier processes of this job were given.
+    pub referencing: Vec<Referencing>,
+}
+
+/// Another table's column whose values reference the same objects.
+#[derive(Debug, Clone)]
+pub struct Referencing {
+    /// schema.table, quoted.
+    pub qualified: String,
+    /// The column, quoted.
+    pub column: String,
+    /// SCHEMA.TABLE.COLUMN, quoted: how the ledger remembers it.
+    pub name: String,
+    /// Whether an index leads with the column (a reference check is then cheap).
+    pub indexed: bool,
 }
 
 /// Id types relocator can page through and cast from text.
@@ -274,13 +289,158 @@ impl TableInfo {
             )
             .await?
             .get(0);
+        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+        let own = format!("{qualified}.{}", quote_ident(&cfg.path_column));
+        let mut referencing: Vec<Referencing> = Vec::new();
+        let mut wanted: Vec<(ColumnRef, bool)> = cfg
+            .referenced_by
+            .iter()
+            .map(|r| (r.clone(), false))
+            .collect();
+        for stored in remembered_references(client, cfg).await? {
+            let r = ColumnRef::parse(&stored).with_context(|| {
+                format!("the ledger remembers --referenced-by {stored:?} for this job")
+            })?;
+            wanted.push((r, true));
+        }
+        for (r, stored) in wanted {
+            let found = Referencing::resolve(client, &r).await.map_err(|e| {
+                if stored {
+                    e.context(format!(
+                        "an earlier run of this job was given --referenced-by {r}, and \
+                         relocator keeps honouring it"
+                    ))
+                } else {
+                    e
+                }
+            })?;
+            if found.name != own && !referencing.iter().any(|x| x.name == found.name) {
+                referencing.push(found);
+            }
+        }
         Ok(TableInfo {
-            qualified: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+            qualified,
             display,
             id_col: quote_ident(&cfg.id_column),
             path_col: quote_ident(&cfg.path_column),
             id_type,
             path_indexed,
+            referencing,
+        })
+    }
+
+    /// The referencing columns as the ledger remembers them.
+    pub fn referencing_names(&self) -> Vec<String> {
+        self.referencing.iter().map(|r| r.name.clone()).collect()
+    }
+}
+
+/// The `--referenced-by` columns earlier processes of this job recorded with their runs.
+async fn remembered_references(
+    client: &tokio_postgres::Client,
+    cfg: &JobConfig,
+) -> Result<Vec<String>> {
+    let has_column: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                             WHERE attrelid = to_regclass('relocator.runs')
+                               AND attname = 'referenced_by' AND NOT attisdropped)",
+            &[],
+        )
+        .await
+        .context("looking for the ledger's referenced_by column")?
+        .get(0);
+    if !has_column {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT unnest(referenced_by) FROM relocator.runs WHERE job = $1",
+            &[&cfg.fingerprint()],
+        )
+        .await
+        .context("reading the columns this job was told reference its objects")?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+impl Referencing {
+    /// Resolve one `--referenced-by` against the catalog: the column must be text or
+    /// varchar under a deterministic collation, readable, and its table lockable against
+    /// writers (`LOCK … IN SHARE MODE` needs UPDATE, DELETE or TRUNCATE). Every mismatch
+    /// is a [`crate::config::ConfigError`] naming the fix.
+    async fn resolve(client: &tokio_postgres::Client, r: &ColumnRef) -> Result<Referencing> {
+        let t = &r.table;
+        let row = client
+            .query_opt(
+                "SELECT n.nspname, c.relname, a.attnum IS NOT NULL,
+                        coalesce(format_type(a.atttypid, a.atttypmod), ''),
+                        coalesce(co.collisdeterministic, true),
+                        a.attnum IS NOT NULL AND has_column_privilege(c.oid, a.attnum, 'SELECT'),
+                        has_table_privilege(c.oid, 'UPDATE') OR has_table_privilege(c.oid, 'DELETE')
+                            OR has_table_privilege(c.oid, 'TRUNCATE'),
+                        EXISTS (SELECT 1 FROM pg_index i
+                                 WHERE i.indrelid = c.oid AND i.indpred IS NULL
+                                   AND i.indkey[0] = a.attnum)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3
+                                           AND a.attnum > 0 AND NOT a.attisdropped
+                   LEFT JOIN pg_collation co ON co.oid = a.attcollation
+                  WHERE c.relname = $1
+                    AND c.relkind IN ('r', 'p')
+                    AND CASE WHEN $2::text IS NULL
+                             THEN n.nspname = ANY (current_schemas(false))
+                             ELSE n.nspname = $2::text END
+                  ORDER BY array_position(current_schemas(false), n.nspname::text)
+                  LIMIT 1",
+                &[&t.name, &t.schema, &r.column],
+            )
+            .await
+            .context("looking up a --referenced-by column in the catalog")?;
+        let Some(row) = row else {
+            return Err(config_error(format!(
+                "--referenced-by {r}: table {t} does not exist (or this role cannot see it); \
+                 name it as for --table"
+            )));
+        };
+        let (schema, name): (String, String) = (row.get(0), row.get(1));
+        let ty: String = row.get(3);
+        let fail = |why: &str| Err(config_error(format!("--referenced-by {r}: {why}")));
+        if !row.get::<_, bool>(2) {
+            return fail(&format!(
+                "table {schema}.{name} has no column {:?}",
+                r.column
+            ));
+        }
+        if !(ty == "text" || ty.starts_with("character varying")) {
+            return fail(&format!(
+                "the column is of type {ty}; it must be text or varchar"
+            ));
+        }
+        if !row.get::<_, bool>(4) {
+            return fail(
+                "the column uses a nondeterministic collation, under which different keys \
+                 compare equal",
+            );
+        }
+        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+        if !row.get::<_, bool>(5) {
+            return fail(&format!(
+                "this role cannot read the column; GRANT SELECT ON {qualified} TO the role"
+            ));
+        }
+        if !row.get::<_, bool>(6) {
+            return fail(&format!(
+                "before each delete relocator holds the table's writers off for a moment \
+                 (LOCK … IN SHARE MODE), which needs UPDATE; GRANT UPDATE ON {qualified} \
+                 TO the role"
+            ));
+        }
+        let column = quote_ident(&r.column);
+        Ok(Referencing {
+            name: format!("{qualified}.{column}"),
+            qualified,
+            column,
+            indexed: row.get(7),
         })
     }
 }
@@ -421,7 +581,13 @@ impl Queries {
                  SELECT l.lease_id, led.move_id, led.row_id FROM lease l LEFT JOIN led ON true
                   WHERE NOT EXISTS (SELECT 1 FROM chk)"
             )),
-            lock_writers: format!("LOCK TABLE {tbl} IN SHARE MODE"),
+            lock_writers: format!(
+                "LOCK TABLE {} IN SHARE MODE",
+                std::iter::once(tbl.as_str())
+                    .chain(t.referencing.iter().map(|r| r.qualified.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             probe_batch: format!(
                 "UPDATE {tbl} AS t SET {path} = u.new_path
                    FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, old_path, new_path)
@@ -432,9 +598,15 @@ impl Queries {
                 "UPDATE {tbl} AS t SET {path} = $3 WHERE t.{id} = $1::text::{ty} AND t.{path} = $2
                  RETURNING t.{path}::text"
             ),
-            referenced: format!(
-                "SELECT DISTINCT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
-            ),
+            referenced: std::iter::once(format!(
+                "SELECT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
+            ))
+            .chain(t.referencing.iter().map(|r| {
+                let (other, col) = (&r.qualified, &r.column);
+                format!("SELECT {col}::text FROM {other} WHERE {col} = ANY ($1::text[])")
+            }))
+            .collect::<Vec<_>>()
+            .join(" UNION "),
             lookup: format!(
                 "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
                   WHERE t.{path} = ANY ($1::text[]) ORDER BY t.{id}"

@@ -102,6 +102,14 @@ pub(crate) async fn open<'a>(
             table.qualified, table.path_col
         );
     }
+    for r in table.referencing.iter().filter(|r| !r.indexed) {
+        warn!(
+            "no index leads with --referenced-by {}: each cleanup batch scans {} for \
+             references. On a large table create one first (CREATE INDEX CONCURRENTLY ... \
+             ON {} ({}))",
+            r.name, r.qualified, r.qualified, r.column
+        );
+    }
     let mut s3c = S3::for_job(cfg).await;
     // Its own two connections (opened only when a multipart copy starts): the stages
     // hold the job pool's connections for as long as they run.

@@ -148,9 +148,9 @@ pub async fn begin_run(
             };
             tx.execute(
                 "UPDATE relocator.runs SET status = 'running', updated_at = now(),
-                        lease_ttl_secs = $2
+                        lease_ttl_secs = $2, referenced_by = $3
                   WHERE run_id = $1",
-                &[&run_id, &secs],
+                &[&run_id, &secs, &table.referencing_names()],
             )
             .await
             .context("joining the unfinished run")?;
@@ -160,14 +160,16 @@ pub async fn begin_run(
             let secs = asked.unwrap_or(DEFAULT_TTL_SECS);
             let r = tx
                 .query_one(
-                    "INSERT INTO relocator.runs (job, table_name, source, dest, lease_ttl_secs)
-                     VALUES ($1, $2, $3, $4, $5) RETURNING run_id",
+                    "INSERT INTO relocator.runs
+                            (job, table_name, source, dest, lease_ttl_secs, referenced_by)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING run_id",
                     &[
                         &job,
                         &table.display,
                         &cfg.source.to_string(),
                         &cfg.dest.to_string(),
                         &secs,
+                        &table.referencing_names(),
                     ],
                 )
                 .await

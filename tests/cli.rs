@@ -123,6 +123,43 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             "must be text or varchar",
         ),
         (
+            s(&["--source", &src, "--dest", &dst, "--referenced-by", "posts"]),
+            "write TABLE.COLUMN",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--referenced-by",
+                "nosuch.image",
+            ]),
+            "table \"nosuch\" does not exist",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--referenced-by",
+                "intpath.path",
+            ]),
+            "must be text or varchar",
+        ),
+        (
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--referenced-by",
+                "intpath.nope",
+            ]),
+            "has no column \"nope\"",
+        ),
+        (
             // `=` would take `IMAGE/A.PNG` for `image/a.png`: S3 keys are byte strings.
             s(&["--source", &src, "--dest", &dst, "--table", "caseless"]),
             "nondeterministic collation \"caseless\"",

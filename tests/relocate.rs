@@ -186,6 +186,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         table: "avatars".into(),
         id_column: "id".into(),
         path_column: "path".into(),
+        referenced_by: Vec::new(),
         source: env.source(),
         dest: env.dest(),
         rewrite: None,

@@ -1509,3 +1509,104 @@ async fn a_row_level_security_refusal_is_a_rejection() {
     assert_eq!(rows[1].1, "image/forbidden.png");
     env.assert_no_row_dangles().await;
 }
+
+/// Another table references some of the job's objects (a post reusing an avatar): with
+/// `--referenced-by` those sources are kept and counted, the rest deleted. The job
+/// remembers the column: a later process of it that was not given the option honours it
+/// too (before, only the job's own column was looked at).
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_another_table_references_are_kept() {
+    let env = TestEnv::new("referenced-by").await;
+    table(&env, true).await;
+    for i in 0..4 {
+        env.put_row(&format!("image/a{i}.png"), format!("a{i}").into_bytes())
+            .await;
+    }
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE SCHEMA blog;
+         CREATE TABLE blog.\"Posts\" (id serial PRIMARY KEY, \"Image\" text);
+         INSERT INTO blog.\"Posts\" (\"Image\") VALUES ('image/a1.png'), ('elsewhere/x.png')",
+    )
+    .await
+    .unwrap();
+    let summary = env.path("s.json");
+    let (code, err) = env.run(&[
+        "--referenced-by",
+        r#"blog."Posts"."Image""#,
+        "--summary-json",
+        &summary,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("no index leads with --referenced-by"),
+        "the missing index is named: {err}"
+    );
+    let s = common::read_summary(&summary);
+    assert_eq!(s["counters"]["sources_kept_referenced"], 1, "{s}");
+    assert_eq!(
+        env.keys(&env.src_bucket, "image/").await,
+        ["image/a1.png"],
+        "only the source the post references is kept"
+    );
+    assert!(env
+        .rows()
+        .await
+        .iter()
+        .all(|(_, p)| p.starts_with("avatar/")));
+
+    // A later process of the same job, not given the option: the application added a row
+    // whose object a post references too.
+    env.put_row("image/a9.png", b"a9".to_vec()).await;
+    db.execute(
+        "INSERT INTO blog.\"Posts\" (\"Image\") VALUES ('image/a9.png')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let mut kept = env.keys(&env.src_bucket, "image/").await;
+    kept.sort();
+    assert_eq!(kept, ["image/a1.png", "image/a9.png"], "remembered");
+    env.assert_no_row_dangles().await;
+}
+
+/// An application transaction that inserts a post referencing a legacy key is open while
+/// the cleanup checks references: the cleanup waits for it (it holds the other table's
+/// writers off too) and then sees the post.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_being_written_in_another_table_during_the_cleanup_is_seen() {
+    let env = TestEnv::new("inflight-other").await;
+    table(&env, true).await;
+    env.put_row("image/shared.png", b"shared".to_vec()).await;
+    let mut app = env.db().await;
+    app.batch_execute(
+        "CREATE TABLE posts (id serial PRIMARY KEY, image text);
+         CREATE INDEX ON posts (image)",
+    )
+    .await
+    .unwrap();
+    let tx = app.transaction().await.unwrap();
+    tx.execute("INSERT INTO posts (image) VALUES ('image/shared.png')", &[])
+        .await
+        .unwrap();
+    let child = spawn(&env, &["--referenced-by", "posts.image"]);
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        until_a_session_waits_for_a_lock(&env),
+    )
+    .await;
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert!(waited.is_ok(), "the cleanup did not wait for the writer");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        s3::head(&env.s3, &env.src_bucket, "image/shared.png")
+            .await
+            .unwrap()
+            .is_some(),
+        "the object the new post references is kept"
+    );
+    assert_eq!(env.rows().await[0].1, "avatar/shared.png");
+}
