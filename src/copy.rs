@@ -214,7 +214,23 @@ pub(crate) async fn copy_known(
 ) -> Result<PairResult> {
     let dry_run = mode.dry_run();
     let result = make_copy(s3c, cfg, src_key, src, dst_key, dst, mode).await?;
-    let size_only = dst.is_some_and(|d| !etags_comparable(src, d, &cfg.write));
+    // An object found at the destination (by the look, or after a create-only copy was
+    // refused) that matched the source by size alone.
+    let size_only = match &result {
+        PairResult::Ready {
+            created: false,
+            size,
+            dst_etag,
+            ..
+        } => {
+            let found = ObjectInfo {
+                etag: dst_etag.clone(),
+                size: *size,
+            };
+            !etags_comparable(src, &found, &cfg.write)
+        }
+        _ => false,
+    };
     match result {
         PairResult::Ready { created, .. } if cfg.verify_content && !dry_run => {
             verify_content(s3c, cfg, src_key, dst_key, created, result).await
@@ -375,34 +391,24 @@ async fn copy_free(
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
     let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
-    let uploaded = if in_parts {
+    // A multipart or streamed upload that failed stops the run (exit 1) with its copy
+    // still noted: it may have completed (an answer lost), or been ended by an object put
+    // at the key meanwhile (Garage ends older uploads to a key when a newer write
+    // completes: NoSuchUpload). The rerun looks at what is there: its own copy is claimed
+    // through the note, anything else is compared with the source like any object found
+    // at the destination.
+    let copied = if in_parts {
         let parts = s3::Parts {
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
-        Some(s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write).await)
+        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write)
+            .await
+            .map(|made| Some(made.etag))
     } else if !s3c.server_side {
-        Some(s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write).await)
-    } else {
-        None
-    };
-    let copied = if let Some(uploaded) = uploaded {
-        match uploaded {
-            Ok(made) => Ok(Some(made.etag)),
-            // An upload that failed on the destination side may have been ended by an
-            // object put at the key meanwhile (Garage ends older uploads to a key when a
-            // newer write completes: the next part is answered NoSuchUpload, or the
-            // connection is cut mid-body). Whatever is there now was not overwritten: it
-            // is a conflict, not an error of this copy.
-            Err(e @ (S3Error::Other(_) | S3Error::Rejected(_))) => {
-                s3c.ready_read().await;
-                match s3::head(&s3c.dst, db, dst_key).await {
-                    Ok(Some(existing)) => return Ok(compare_existing(src, &existing, &cfg.write)),
-                    _ => Err(e),
-                }
-            }
-            Err(e) => Err(e),
-        }
+        s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write)
+            .await
+            .map(|made| Some(made.etag))
     } else {
         let create_only = s3c.create_only;
         match s3::copy(

@@ -329,6 +329,20 @@ impl TableInfo {
         })
     }
 
+    /// $1 keys: which of them a `--referenced-by` column references (`None` without
+    /// such columns).
+    pub fn referenced_elsewhere(&self) -> Option<String> {
+        let parts: Vec<String> = self
+            .referencing
+            .iter()
+            .map(|r| {
+                let (other, col) = (&r.qualified, &r.column);
+                format!("SELECT {col}::text FROM {other} WHERE {col} = ANY ($1::text[])")
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" UNION "))
+    }
+
     /// The referencing columns as the ledger remembers them.
     pub fn referencing_names(&self) -> Vec<String> {
         self.referencing.iter().map(|r| r.name.clone()).collect()
@@ -601,10 +615,7 @@ impl Queries {
             referenced: std::iter::once(format!(
                 "SELECT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
             ))
-            .chain(t.referencing.iter().map(|r| {
-                let (other, col) = (&r.qualified, &r.column);
-                format!("SELECT {col}::text FROM {other} WHERE {col} = ANY ($1::text[])")
-            }))
+            .chain(t.referenced_elsewhere())
             .collect::<Vec<_>>()
             .join(" UNION "),
             lookup: format!(

@@ -37,6 +37,9 @@ pub enum Check {
     Missing,
     /// Moved (per the ledger), but its old source object still exists.
     LegacyLeftover,
+    /// An object under either prefix that no row of the table references but a
+    /// `--referenced-by` column does: kept on purpose.
+    KeptReferenced,
     /// An object under either prefix that no row references (with `--orphans`).
     Orphan,
 }
@@ -50,6 +53,7 @@ impl Check {
             Check::StillLegacy => "still_legacy",
             Check::Missing => "missing",
             Check::LegacyLeftover => "legacy_leftover",
+            Check::KeptReferenced => "kept_referenced",
             Check::Orphan => "orphan",
         }
     }
@@ -62,7 +66,11 @@ pub struct VerifySummary {
 
 impl VerifySummary {
     pub fn all_ok(&self) -> bool {
-        self.checked() > 0 && self.counts.iter().all(|(c, n)| *c == Check::Ok || *n == 0)
+        self.checked() > 0
+            && self
+                .counts
+                .iter()
+                .all(|(c, n)| matches!(c, Check::Ok | Check::KeptReferenced) || *n == 0)
     }
 
     /// Rows and objects looked at.
@@ -105,6 +113,38 @@ impl Out {
         }
         Ok(())
     }
+}
+
+/// Of keys no row of the table references, those a `--referenced-by` column does are
+/// recorded `kept_referenced`; the others are returned.
+async fn kept_elsewhere(
+    client: &tokio_postgres::Client,
+    table: &TableInfo,
+    o: &mut Out,
+    bucket: &str,
+    keys: Vec<String>,
+) -> Result<Vec<String>> {
+    let Some(sql) = table.referenced_elsewhere() else {
+        return Ok(keys);
+    };
+    let mut rest = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        let kept: std::collections::HashSet<String> = client
+            .query(&sql, &[&chunk])
+            .await
+            .context("looking up references in the --referenced-by columns")?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        for k in chunk {
+            if kept.contains(k) {
+                o.record(Check::KeptReferenced, "", bucket, k)?;
+            } else {
+                rest.push(k.clone());
+            }
+        }
+    }
+    Ok(rest)
 }
 
 /// `relocator verify`.
@@ -156,8 +196,10 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
         &mut |k| unreferenced.push(k),
     )
     .await?;
+    let unreferenced =
+        kept_elsewhere(&client, &table, &mut o, &cfg.dest.bucket, unreferenced).await?;
     if orphans {
-        for k in unreferenced.drain(..) {
+        for k in unreferenced {
             o.record(Check::Orphan, "", &cfg.dest.bucket, &k)?;
         }
     }
@@ -176,6 +218,7 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
         &mut |k| leftovers.push(k),
     )
     .await?;
+    let leftovers = kept_elsewhere(&client, &table, &mut o, &cfg.source.bucket, leftovers).await?;
     for chunk in leftovers.chunks(1000) {
         let moved: BTreeMap<String, String> = if ledger {
             client
