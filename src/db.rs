@@ -107,6 +107,8 @@ pub struct TableInfo {
     pub path_indexed: bool,
     /// `--referenced-by`, and the columns earlier processes of this job were given.
     pub referencing: Vec<Referencing>,
+    /// Which keys the database can hold (its encoding).
+    pub held_keys: crate::s3::HeldKeys,
 }
 
 /// Another table's column whose values reference the same objects.
@@ -234,7 +236,9 @@ impl TableInfo {
         // object and a compare-and-swap would pass on a changed value.
         if !path.get::<_, bool>(3) {
             return Err(config_error(format!(
-                "--path-column {:?} uses the nondeterministic collation {:?}, under which                  different keys compare equal; relocator compares keys byte for byte. Give                  the column a deterministic collation (e.g. \"C\") first",
+                "--path-column {:?} uses the nondeterministic collation {:?}, under which \
+                 different keys compare equal; relocator compares keys byte for byte. Give \
+                 the column a deterministic collation (e.g. \"C\") first",
                 cfg.path_column,
                 path.get::<_, Option<String>>(2).unwrap_or_default()
             )));
@@ -318,7 +322,15 @@ impl TableInfo {
                 referencing.push(found);
             }
         }
+        let encoding: String = client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await
+            .context("reading the database's encoding")?
+            .get(0);
         Ok(TableInfo {
+            held_keys: crate::s3::HeldKeys {
+                ascii_only: !matches!(encoding.as_str(), "UTF8" | "SQL_ASCII"),
+            },
             qualified,
             display,
             id_col: quote_ident(&cfg.id_column),

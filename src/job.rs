@@ -111,6 +111,7 @@ pub(crate) async fn open<'a>(
         );
     }
     let mut s3c = S3::for_job(cfg).await;
+    s3c.held = table.held_keys;
     // Its own two connections (opened only when a multipart copy starts): the stages
     // hold the job pool's connections for as long as they run.
     let uploads = db::pool(&cfg.database_url, 2, Some(cfg.batch_timeout))?;

@@ -228,6 +228,25 @@ pub struct S3 {
     /// Where the multipart uploads relocator starts are noted; None: nothing is known as
     /// relocator's, so no incomplete upload is ever aborted but the one in hand.
     pub uploads: Option<std::sync::Arc<dyn Uploads>>,
+    /// Which listed keys [`list_page`] returns.
+    pub held: HeldKeys,
+}
+
+/// Which listed keys a job can work with. PostgreSQL's text holds no NUL character, and
+/// a database not encoded in UTF-8 (or SQL_ASCII) may not hold every character: no row
+/// can reference such a key, and a statement given one as a parameter fails, which would
+/// stop every run at that page of the listing. Listings leave those keys out (phase 2
+/// still finds every row, by id).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeldKeys {
+    /// The database is not encoded in UTF-8: keep ASCII keys only.
+    pub ascii_only: bool,
+}
+
+impl HeldKeys {
+    pub fn holds(self, key: &str) -> bool {
+        !key.contains('\0') && (!self.ascii_only || key.is_ascii())
+    }
 }
 
 /// A note of the multipart uploads relocator started (kept by the job in its ledger),
@@ -273,6 +292,7 @@ impl S3 {
             create_only: false,
             limiter,
             uploads: None,
+            held: HeldKeys::default(),
         }
     }
 
@@ -1338,7 +1358,9 @@ pub fn listed_key(encoding: Option<&EncodingType>, key: &str) -> Result<String, 
 }
 
 /// One ListObjectsV2 page under `prefix`, after `start_after` (exclusive), in S3's byte
-/// order: (key, identity) pairs, and whether more follow.
+/// order: (key, identity) pairs of the keys the job can work with ([`HeldKeys`]), and
+/// whether more follow. Never empty while more follow: a page of keys left out is
+/// listed past.
 pub async fn list_page(
     s3c: &S3,
     side: Side,
@@ -1347,28 +1369,38 @@ pub async fn list_page(
     start_after: Option<&str>,
     max_keys: i32,
 ) -> Result<(Vec<(String, ObjectInfo)>, bool), S3Error> {
-    s3c.ready_read().await;
-    let out = s3c
-        .client(side)
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(prefix)
-        .set_start_after(start_after.map(str::to_owned))
-        .max_keys(max_keys)
-        .encoding_type(EncodingType::Url)
-        .send()
-        .await
-        .map_err(|e| classify(&format!("LIST s3://{bucket}/{prefix}"), e))?;
-    let mut objects = Vec::with_capacity(out.contents().len());
-    for o in out.contents() {
-        let Some(key) = o.key() else { continue };
-        let info = ObjectInfo {
-            etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
-            size: o.size().unwrap_or(0),
-        };
-        objects.push((listed_key(out.encoding_type(), key)?, info));
+    let mut after = start_after.map(str::to_owned);
+    loop {
+        s3c.ready_read().await;
+        let out = s3c
+            .client(side)
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_start_after(after.clone())
+            .max_keys(max_keys)
+            .encoding_type(EncodingType::Url)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("LIST s3://{bucket}/{prefix}"), e))?;
+        let more = out.is_truncated().unwrap_or(false);
+        let mut objects = Vec::with_capacity(out.contents().len());
+        for o in out.contents() {
+            let Some(key) = o.key() else { continue };
+            let key = listed_key(out.encoding_type(), key)?;
+            let info = ObjectInfo {
+                etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
+                size: o.size().unwrap_or(0),
+            };
+            after = Some(key.clone());
+            if s3c.held.holds(&key) {
+                objects.push((key, info));
+            }
+        }
+        if !objects.is_empty() || !more || after.is_none() {
+            return Ok((objects, more));
+        }
     }
-    Ok((objects, out.is_truncated().unwrap_or(false)))
 }
 
 /// Delete up to [`DELETE_BATCH`] keys in one request. Returns the keys S3 reported as not
@@ -1550,6 +1582,16 @@ pub async fn get_bytes(client: &Client, bucket: &str, key: &str) -> Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_the_database_cannot_hold_are_left_out() {
+        let utf8 = HeldKeys::default();
+        assert!(utf8.holds("image/日本 é.png"));
+        assert!(!utf8.holds("image/a\0b"));
+        let latin1 = HeldKeys { ascii_only: true };
+        assert!(latin1.holds("image/a b+c.png"));
+        assert!(!latin1.holds("image/é.png"));
+    }
 
     #[test]
     fn listed_keys_are_decoded_only_when_the_server_encoded_them() {

@@ -152,7 +152,8 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     let pool = db::pool(&cfg.database_url, 2, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
-    let s3c = S3::for_job(cfg).await;
+    let mut s3c = S3::for_job(cfg).await;
+    s3c.held = table.held_keys;
     s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
     s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
     let ledger = db::ledger_exists(&client).await?;
