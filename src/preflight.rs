@@ -258,6 +258,29 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
             ),
         );
     }
+    for other in &table.referencing {
+        r.ok(
+            "referenced by",
+            format!(
+                "{user} may read {} and hold its writers off while deleting",
+                other.name
+            ),
+        );
+        if !other.indexed {
+            r.warn(
+                "referenced-by index",
+                format!(
+                    "no index leads with {}: each cleanup batch would scan {} for references",
+                    other.name, other.qualified
+                ),
+                format!(
+                    "CREATE INDEX CONCURRENTLY ON {} ({});",
+                    other.qualified, other.column
+                ),
+            );
+        }
+    }
+    other_references(&client, cfg, &table, r).await?;
     let (rows, exact) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
     r.rows_to_move = Some(rows);
     r.rows_exact = exact;
@@ -270,6 +293,120 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
         ),
     );
     Ok(())
+}
+
+/// How long one column's probe for keys under the source prefix may take, and all of
+/// them together.
+const PROBE_TIMEOUT: &str = "500ms";
+const PROBES_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Other columns whose values look like keys under the source prefix: relocator would
+/// delete objects they point at unless they are passed with `--referenced-by`. Every text
+/// or varchar column the role can read outside the job's column, one bounded probe each
+/// (the first row that starts with the prefix).
+async fn other_references(
+    client: &tokio_postgres::Client,
+    cfg: &JobConfig,
+    table: &TableInfo,
+    r: &mut Report,
+) -> Result<()> {
+    let columns = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, a.attname::text
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE c.relkind IN ('r', 'p')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'relocator')
+                AND n.nspname NOT LIKE 'pg_toast%'
+                AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)
+                AND has_schema_privilege(n.oid, 'USAGE')
+                AND has_column_privilege(c.oid, a.attnum, 'SELECT')
+              ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("listing the database's text columns: {e}"))?;
+    let own = format!("{}.{}", table.qualified, table.path_col);
+    let given: Vec<&str> = table.referencing.iter().map(|x| x.name.as_str()).collect();
+    let mut found = Vec::new();
+    let mut unknown = Vec::new();
+    let start = std::time::Instant::now();
+    client
+        .batch_execute(&format!("SET statement_timeout = '{PROBE_TIMEOUT}'"))
+        .await?;
+    for row in columns {
+        let tbl = format!(
+            "{}.{}",
+            quote_ident(row.get::<_, &str>(0)),
+            quote_ident(row.get::<_, &str>(1))
+        );
+        let col = quote_ident(row.get::<_, &str>(2));
+        let name = format!("{tbl}.{col}");
+        if name == own || given.contains(&name.as_str()) {
+            continue;
+        }
+        if start.elapsed() > PROBES_BUDGET {
+            unknown.push(name);
+            continue;
+        }
+        let probe = format!("SELECT 1 FROM {tbl} WHERE starts_with({col}::text, $1) LIMIT 1");
+        match client.query_opt(&probe, &[&cfg.source.prefix]).await {
+            Ok(Some(_)) => found.push(name),
+            Ok(None) => {}
+            // Timed out (a large table without a matching row near its start), or refused.
+            Err(_) => unknown.push(name),
+        }
+    }
+    client.batch_execute("RESET statement_timeout").await?;
+    if !found.is_empty() {
+        r.warn(
+            "other references",
+            format!(
+                "{} hold values under the source prefix {:?}: relocator would delete objects \
+                 they point at once the job's own rows no longer do",
+                found.join(", "),
+                cfg.source.prefix
+            ),
+            found
+                .iter()
+                .map(|n| format!("--referenced-by {}", shell_word(n)))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    } else if unknown.is_empty() {
+        r.ok(
+            "other references",
+            format!(
+                "no other readable text column holds a value under {:?}",
+                cfg.source.prefix
+            ),
+        );
+    }
+    if !unknown.is_empty() {
+        r.warn(
+            "other references",
+            format!(
+                "could not tell within {PROBE_TIMEOUT} each (or {}s in all) whether {} hold \
+                 values under the source prefix",
+                PROBES_BUDGET.as_secs(),
+                unknown.join(", ")
+            ),
+            "check them by hand, and pass those that reference these objects with \
+             --referenced-by"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A name as one shell word (quoted names carry `"`).
+fn shell_word(s: &str) -> String {
+    if s.contains('"') {
+        format!("'{s}'")
+    } else {
+        s.to_owned()
+    }
 }
 
 /// S3: both buckets, then each permission a run (and a rollback) uses, tried for real.

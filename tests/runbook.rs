@@ -300,6 +300,43 @@ async fn preflight_passes_on_a_good_stack_and_names_the_fix_for_each_problem() {
         "the probes were removed"
     );
 
+    assert!(out.contains("ok    other references"), "{out}");
+
+    // Another table points at objects under the source prefix: preflight names it and
+    // the option that keeps them; given the option, it checks what the cleanup needs.
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE posts (id int PRIMARY KEY, image text, title varchar(40));
+         INSERT INTO posts VALUES (1, 'elsewhere/a.png', 'image/ in a title'),
+                                  (2, (SELECT path FROM avatars LIMIT 1), 'x')",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = output(job(&env, "preflight", &[]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("warn  other references"), "{out}");
+    assert!(
+        out.contains(r#"fix: --referenced-by '"public"."posts"."image"' --referenced-by '"public"."posts"."title"'"#),
+        "{out}"
+    );
+    let (code, out, err) = output(job(
+        &env,
+        "preflight",
+        &[
+            "--referenced-by",
+            "posts.image",
+            "--referenced-by",
+            "posts.title",
+        ],
+    ));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(r#"ok    referenced by    relocator may read "public"."posts"."image""#),
+        "{out}"
+    );
+    assert!(out.contains("warn  referenced-by index"), "{out}");
+    assert!(out.contains("ok    other references"), "{out}");
+
     let fails = |extra: &[&str], env_vars: &[(&str, &str)], expect: &[&str]| {
         let mut c = job(&env, "preflight", extra);
         for (k, v) in env_vars {
@@ -334,7 +371,6 @@ async fn preflight_passes_on_a_good_stack_and_names_the_fix_for_each_problem() {
 
     // A role that may read but not update the table.
     let role = format!("ro_{}", env.name.replace('-', "_"));
-    let db = env.db().await;
     db.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD 'ro-pw';
          GRANT USAGE ON SCHEMA public TO {role};

@@ -1570,6 +1570,48 @@ async fn objects_another_table_references_are_kept() {
     kept.sort();
     assert_eq!(kept, ["image/a1.png", "image/a9.png"], "remembered");
     env.assert_no_row_dangles().await;
+
+    // verify: the kept sources are neither leftovers nor orphans.
+    let job = ["--source", &env.source(), "--dest", &env.dest()];
+    let out = env
+        .cmd()
+        .arg("verify")
+        .args(job)
+        .arg("--orphans")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("kept_referenced=2"), "{said}");
+    assert!(
+        !said.contains("orphan") && !said.contains("leftover"),
+        "{said}"
+    );
+
+    // rollback: a post that took up a new key keeps its object.
+    db.execute(
+        "INSERT INTO blog.\"Posts\" (\"Image\") VALUES ('avatar/a2.png')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = env.cmd().arg("rollback").args(job).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.keys(&env.dst_bucket, "avatar/").await,
+        ["avatar/a2.png"],
+        "the new object a post references is kept"
+    );
+    assert!(env
+        .rows()
+        .await
+        .iter()
+        .all(|(_, p)| p.starts_with("image/")));
 }
 
 /// An application transaction that inserts a post referencing a legacy key is open while
