@@ -431,10 +431,11 @@ async fn a_multipart_copy_whose_completion_answer_is_lost_stays_relocators_own()
     let proxy = FaultProxy::start(
         &common::var("AWS_ENDPOINT_URL"),
         Box::new(move |_, method, path| {
-            if method == "POST" && path.ends_with("/avatar/big.bin") {
-                if posts.fetch_add(1, Ordering::SeqCst) == 1 {
-                    return Fault::ErrorIn200;
-                }
+            if method == "POST"
+                && path.ends_with("/avatar/big.bin")
+                && posts.fetch_add(1, Ordering::SeqCst) == 1
+            {
+                return Fault::ErrorIn200;
             }
             Fault::Forward
         }),
