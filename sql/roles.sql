@@ -11,6 +11,9 @@
 --                            cleanup takes for a moment so that no row the application is
 --                            writing at that instant can reference a key being deleted
 --   own schema "relocator"   its ledger (runs, moves), created by relocator on first use
+--   each --referenced-by     SELECT on the column and UPDATE on its table, for the same
+--                            reason: the cleanup holds that table's writers off too, e.g.
+--                              GRANT SELECT (image), UPDATE ON public.posts TO relocator_job;
 -- Nothing else: no DELETE/INSERT on the table, no DDL outside its own schema.
 DO $$
 BEGIN
