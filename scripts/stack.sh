@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The local development stack, without Docker: a private PostgreSQL cluster and a
-# single-node Garage S3 server, both on loopback, state under .stack/ (git-ignored).
+# The local development stack, without Docker: a private PostgreSQL cluster (and a second
+# one that accepts TLS connections only, on the next port) and single-node Garage S3
+# servers, all on loopback, state under .stack/ (git-ignored).
 #
 #   scripts/stack.sh up      install what is missing, start both, create key and buckets
 #   scripts/stack.sh down    stop both (data is kept)
@@ -70,15 +71,39 @@ as_pg() {
     fi
 }
 
+# A throwaway CA, a server certificate for "localhost" (DNS name only: connecting by
+# 127.0.0.1 under sslmode=verify-full is a host name mismatch) and a second CA that signed
+# nothing, for the TLS-only cluster and the tests of sslmode/sslrootcert.
+tls_certs() {
+    local d=$STATE/tls
+    [ -f "$d/server.crt" ] && return 0
+    command -v openssl >/dev/null || die "openssl not found: install the 'openssl' package, then rerun"
+    mkdir -p "$d"
+    (
+        cd "$d"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=relocator test CA" \
+            -keyout ca.key -out ca.crt
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=some other CA" \
+            -keyout wrong-ca.key -out wrong-ca.crt
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+        printf 'subjectAltName=DNS:localhost\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+            -extfile server.ext -out server.crt
+    ) >"$STATE/tls.log" 2>&1 || die "making the test certificates failed, see $STATE/tls.log"
+}
+
+# One private cluster: $1 = its directory under the state directory, $2 = port,
+# $3 = "tls" for a cluster that accepts TLS connections only.
 pg_up() {
-    local bin pgdata=$STATE/pg/data
+    local name=$1 port=$2 tls=${3:-} bin
+    local dir=$STATE/$name pgdata=$STATE/$name/data
     bin=$(pg_bindir)
-    mkdir -p "$STATE/pg"
+    mkdir -p "$dir"
     if [ "$(id -u)" -eq 0 ]; then
         id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user (install the postgresql package)"
-        chown postgres "$STATE/pg"
-        as_pg test -x "$STATE/pg" \
-            || die "the 'postgres' user cannot reach $STATE/pg; set RELOCATOR_STACK_DIR to a directory it can traverse"
+        chown postgres "$dir"
+        as_pg test -x "$dir" \
+            || die "the 'postgres' user cannot reach $dir; set RELOCATOR_STACK_DIR to a directory it can traverse"
     fi
     if [ ! -f "$pgdata/PG_VERSION" ]; then
         say "initialising PostgreSQL cluster in $pgdata"
@@ -87,34 +112,47 @@ pg_up() {
         echo "$PG_PASSWORD" >"$pw"
         chmod 644 "$pw"
         as_pg "$bin/initdb" -D "$pgdata" -U "$PG_USER" --pwfile="$pw" --auth=scram-sha-256 \
-            -E UTF8 --no-locale >"$STATE/pg/initdb.log" 2>&1 \
-            || { rm -f "$pw"; die "initdb failed, see $STATE/pg/initdb.log"; }
+            -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
+            || { rm -f "$pw"; die "initdb failed, see $dir/initdb.log"; }
         rm -f "$pw"
+        if [ "$tls" = tls ]; then
+            tls_certs
+            cp "$STATE/tls/server.crt" "$STATE/tls/server.key" "$pgdata/"
+            chmod 600 "$pgdata/server.key"
+            [ "$(id -u)" -ne 0 ] || chown postgres "$pgdata/server.crt" "$pgdata/server.key"
+            # TLS only: no line lets a plain connection in.
+            printf 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n' \
+                >"$pgdata/pg_hba.conf"
+        fi
+    fi
+    local opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_buffers=256MB"
+    if [ "$tls" = tls ]; then
+        opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=50 -c ssl=on"
     fi
     if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
-        say "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+        say "PostgreSQL ($name) already running on 127.0.0.1:$port"
     else
-        port_open "$PG_PORT" && die "port $PG_PORT is taken by another process; stop it or set RELOCATOR_PG_PORT"
-        as_pg "$bin/pg_ctl" -D "$pgdata" -l "$STATE/pg/server.log" -w -t 60 start \
-            -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_buffers=256MB" \
-            >/dev/null || die "PostgreSQL did not start, see $STATE/pg/server.log"
-        say "PostgreSQL started on 127.0.0.1:$PG_PORT"
+        port_open "$port" && die "port $port is taken by another process; stop it or set RELOCATOR_PG_PORT"
+        as_pg "$bin/pg_ctl" -D "$pgdata" -l "$dir/server.log" -w -t 60 start -o "$opts" \
+            >/dev/null || die "PostgreSQL ($name) did not start, see $dir/server.log"
+        say "PostgreSQL ($name) started on 127.0.0.1:$port"
     fi
-    local exists
-    exists=$(PGPASSWORD=$PG_PASSWORD psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
-        "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'") || die "cannot connect to PostgreSQL on port $PG_PORT"
+    local exists conn="host=127.0.0.1 port=$port user=$PG_USER dbname=postgres"
+    [ "$tls" = tls ] && conn="$conn sslmode=require"
+    exists=$(PGPASSWORD=$PG_PASSWORD psql "$conn" -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'") || die "cannot connect to PostgreSQL ($name) on port $port"
     if [ "$exists" != 1 ]; then
-        PGPASSWORD=$PG_PASSWORD psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $PG_DB" >/dev/null
+        PGPASSWORD=$PG_PASSWORD psql "$conn" -qc "CREATE DATABASE $PG_DB" >/dev/null
     fi
 }
 
 pg_down() {
-    local bin pgdata=$STATE/pg/data
+    local name=$1 bin pgdata=$STATE/$1/data
     [ -f "$pgdata/PG_VERSION" ] || return 0
     bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
     [ -n "$bin" ] || return 0
     if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
-        as_pg "$bin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null && say "PostgreSQL stopped"
+        as_pg "$bin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null && say "PostgreSQL ($name) stopped"
     fi
 }
 
@@ -264,6 +302,8 @@ export RELOCATOR_TEST_READONLY_KEY_ID='${ro% *}'
 export RELOCATOR_TEST_READONLY_SECRET='${ro#* }'
 export RELOCATOR_TEST_JOB_KEY_ID='${job% *}'
 export RELOCATOR_TEST_JOB_SECRET='${job#* }'
+export RELOCATOR_TEST_TLS_PORT='$((PG_PORT + 1))'
+export RELOCATOR_TEST_TLS_DIR='$STATE/tls'
 unset AWS_CA_BUNDLE
 EOF
     if [ -f "$STATE/garage2/key-main.env" ]; then
@@ -279,11 +319,16 @@ EOF
 status() {
     local bin
     bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
-    if [ -n "$bin" ] && [ -f "$STATE/pg/data/PG_VERSION" ] && as_pg "$bin/pg_ctl" -D "$STATE/pg/data" status >/dev/null 2>&1; then
-        echo "postgres: running on 127.0.0.1:$PG_PORT"
-    else
-        echo "postgres: stopped"
-    fi
+    local name port=$PG_PORT
+    for name in pg pg-tls; do
+        if [ -n "$bin" ] && [ -f "$STATE/$name/data/PG_VERSION" ] \
+            && as_pg "$bin/pg_ctl" -D "$STATE/$name/data" status >/dev/null 2>&1; then
+            echo "postgres ($name): running on 127.0.0.1:$port"
+        else
+            echo "postgres ($name): stopped"
+        fi
+        port=$((port + 1))
+    done
     local n
     for n in garage garage2; do
         if pid_alive "$STATE/$n/pid"; then echo "$n: running"; else echo "$n: stopped"; fi
@@ -294,7 +339,10 @@ cmd=${1:-}
 case "$cmd" in
     up)
         mkdir -p "$STATE"
-        pg_up
+        pg_up pg "$PG_PORT"
+        # A second cluster that accepts TLS connections only (certificates from a
+        # throwaway CA), for the sslmode/sslrootcert tests.
+        pg_up pg-tls $((PG_PORT + 1)) tls
         garage_up garage "$S3_PORT"
         # A second, independent S3 endpoint with its own keys, for cross-endpoint moves.
         garage_up garage2 $((S3_PORT + 10))
@@ -303,7 +351,8 @@ case "$cmd" in
     down)
         garage_down garage2
         garage_down garage
-        pg_down
+        pg_down pg-tls
+        pg_down pg
         ;;
     env) print_env ;;
     status) status ;;

@@ -251,10 +251,25 @@ pub fn quote_ident(s: &str) -> String {
 
 /// The DATABASE_URL, with the password kept out of every `Debug`/`Display`.
 #[derive(Clone)]
-pub struct DatabaseUrl(String);
+pub struct DatabaseUrl {
+    /// As given: shown redacted.
+    raw: String,
+    /// Without the TLS settings: what tokio-postgres parses.
+    conn: String,
+    /// `sslmode`, `sslrootcert`, ... (see [`crate::pg_tls`]).
+    pub tls: crate::pg_tls::TlsSettings,
+}
 
 impl DatabaseUrl {
-    pub fn new(s: &str) -> Result<Self, ConfigError> {
+    pub fn new(raw: &str) -> Result<Self, ConfigError> {
+        let (conn, tls) = crate::pg_tls::split(raw).map_err(|e| {
+            ConfigError(format!(
+                "--database-url / DATABASE_URL {}: {}",
+                redact_url(raw),
+                scrub(&e.0, raw)
+            ))
+        })?;
+        let s = conn.as_str();
         let invalid = |why: &str| {
             ConfigError(format!(
                 "--database-url / DATABASE_URL {} is not a valid PostgreSQL URL ({why}); \
@@ -279,24 +294,28 @@ impl DatabaseUrl {
                 "the host holds an '@', so the password has an unencoded '@'",
             ));
         }
-        Ok(DatabaseUrl(s.to_owned()))
+        Ok(DatabaseUrl {
+            raw: raw.to_owned(),
+            conn,
+            tls,
+        })
     }
 
-    /// The real URL, for the connection only.
+    /// The real URL without its TLS settings, for the connection only.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.conn
     }
 }
 
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", redact_url(&self.0))
+        write!(f, "{}", redact_url(&self.raw))
     }
 }
 
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", redact_url(&self.0))
+        write!(f, "{}", redact_url(&self.raw))
     }
 }
 

@@ -4,7 +4,6 @@
 
 use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use crate::config::{config_error, quote_ident, ColumnRef, DatabaseUrl, JobConfig};
 
@@ -50,9 +49,10 @@ pub fn pool(
         );
         cfg.options(options.trim());
     }
+    cfg.ssl_mode(url.tls.pg_mode());
     let mgr = Manager::from_config(
         cfg,
-        NoTls,
+        url.tls.connector()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -82,9 +82,21 @@ pub async fn connect_checked(pool: &Pool, url: &DatabaseUrl) -> Result<deadpool_
             }
         }
         let inner = match &e {
-            deadpool_postgres::PoolError::Backend(be) => be.to_string(),
+            // The TLS error sits in the source chain: all of it, each with its cause.
+            deadpool_postgres::PoolError::Backend(be) => {
+                let mut chain = vec![be.to_string()];
+                let mut cause = std::error::Error::source(be);
+                while let Some(c) = cause {
+                    chain.push(format!("{c} ({c:?})"));
+                    cause = c.source();
+                }
+                crate::config::scrub(&chain.join(": "), url.expose())
+            }
             other => other.to_string(),
         };
+        if let Some(why) = url.tls.explain(&inner) {
+            return config_error(format!("cannot connect to PostgreSQL at {url}: {why}"));
+        }
         config_error(format!(
             "cannot connect to PostgreSQL at {url}: {inner}. Check --database-url / DATABASE_URL \
              and that the server is running (locally: scripts/stack.sh up)"

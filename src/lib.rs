@@ -44,6 +44,7 @@ pub mod copy;
 pub mod db;
 pub mod job;
 pub mod lease;
+pub mod pg_tls;
 pub mod plan;
 pub mod preflight;
 pub mod progress;

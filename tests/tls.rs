@@ -1,0 +1,174 @@
+//! TLS to PostgreSQL, against the stack's TLS-only cluster (certificates from a throwaway
+//! CA, the server's naming `localhost` only): a whole job over `sslmode=verify-full`
+//! with the URL `psql` accepts, and each way the settings can be wrong refused with exit
+//! 2, the setting to change named, the password in no message, nothing changed.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::process::Command;
+
+use common::{var, TestEnv};
+
+/// A role of the TLS cluster with a password no other string contains.
+const ROLE: &str = "tls_job";
+const PASSWORD: &str = "tls-Secret-9d2f";
+
+fn url(host: &str, query: &str) -> String {
+    format!(
+        "postgres://{ROLE}:{PASSWORD}@{host}:{}/relocator?{query}",
+        var("RELOCATOR_TEST_TLS_PORT")
+    )
+}
+
+fn ca(file: &str) -> String {
+    format!("{}/{file}", var("RELOCATOR_TEST_TLS_DIR"))
+}
+
+/// `psql` with the stack's own role, over TLS.
+fn psql(sql: &str) {
+    let admin = format!(
+        "postgres://relocator:relocator@localhost:{}/relocator?sslmode=verify-full&sslrootcert={}",
+        var("RELOCATOR_TEST_TLS_PORT"),
+        ca("ca.crt")
+    );
+    let out = Command::new("psql")
+        .args([&admin, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
+    let env = TestEnv::new("tls").await;
+    let table = format!("tls_{}", env.name.replace('-', "_"));
+    psql(&format!(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}') THEN
+                 CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
+             END IF;
+         END $$;
+         GRANT CREATE ON DATABASE relocator TO {ROLE};
+         GRANT CREATE ON SCHEMA public TO {ROLE};"
+    ));
+    let good = url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", ca("ca.crt")),
+    );
+    // The same URL works with psql.
+    let out = Command::new("psql")
+        .args([
+            &good,
+            "-tAc",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
+
+    let seeded = env
+        .cmd()
+        .args(["seed", "--database-url", &good, "--table", &table])
+        .args(["--rows", "50", "--target", &env.source()])
+        .output()
+        .unwrap();
+    assert!(
+        seeded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seeded.stderr)
+    );
+    let job = |database_url: &str| {
+        let mut c = env.cmd();
+        c.args(["run", "--database-url", database_url, "--table", &table])
+            .args(["--source", &env.source(), "--dest", &env.dest()]);
+        c
+    };
+
+    for (database_url, needle) in [
+        // A CA that did not sign the server's certificate.
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={}", ca("wrong-ca.crt")),
+            ),
+            "set sslrootcert to the CA that signed it",
+        ),
+        // A host name the certificate does not carry.
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&sslrootcert={}", ca("ca.crt")),
+            ),
+            "use sslmode=verify-ca",
+        ),
+        // No TLS against a server that accepts TLS only.
+        (url("localhost", "sslmode=disable"), "set sslmode=require"),
+        // Verification asked for without a CA.
+        (
+            url("localhost", "sslmode=verify-full"),
+            "set sslrootcert=FILE",
+        ),
+    ] {
+        let out = job(&database_url).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{database_url}: {err}");
+        assert!(err.contains(needle), "{database_url}: {needle:?} in {err}");
+        assert!(!err.contains(PASSWORD), "the password leaked: {err}");
+    }
+    // The same through PGSSLMODE, as libpq reads it.
+    let out = job(&url("localhost", ""))
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    // The job over verify-full. Nothing was moved before.
+    let summary = env.path("s.json");
+    let out = job(&good)
+        .args(["--summary-json", &summary])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = common::read_summary(&summary);
+    assert_eq!(
+        s["counters"]["s3_copies"], 50,
+        "every row moved by this run: {s}"
+    );
+
+    // verify-ca checks the CA only: 127.0.0.1 is fine.
+    let verify_ca = url(
+        "127.0.0.1",
+        &format!("sslmode=verify-ca&sslrootcert={}", ca("ca.crt")),
+    );
+    let out = env
+        .cmd()
+        .args(["verify", "--database-url", &verify_ca, "--table", &table])
+        .args([
+            "--source",
+            &env.source(),
+            "--dest",
+            &env.dest(),
+            "--orphans",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    psql(&format!(
+        "DROP TABLE {table}; DROP SCHEMA IF EXISTS relocator CASCADE"
+    ));
+}
