@@ -89,6 +89,12 @@ tls_certs() {
         printf 'subjectAltName=DNS:localhost\n' >server.ext
         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
             -extfile server.ext -out server.crt
+        # A client certificate for the role tls_cert (authenticated by it alone).
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=tls_cert" -keyout client.key -out client.csr
+        printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' >client.ext
+        openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+            -extfile client.ext -out client.crt
+        chmod 600 client.key
     ) >"$STATE/tls.log" 2>&1 || die "making the test certificates failed, see $STATE/tls.log"
 }
 
@@ -117,17 +123,21 @@ pg_up() {
         rm -f "$pw"
         if [ "$tls" = tls ]; then
             tls_certs
-            cp "$STATE/tls/server.crt" "$STATE/tls/server.key" "$pgdata/"
+            cp "$STATE/tls/server.crt" "$STATE/tls/server.key" "$STATE/tls/ca.crt" "$pgdata/"
             chmod 600 "$pgdata/server.key"
-            [ "$(id -u)" -ne 0 ] || chown postgres "$pgdata/server.crt" "$pgdata/server.key"
-            # TLS only: no line lets a plain connection in.
-            printf 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n' \
-                >"$pgdata/pg_hba.conf"
+            [ "$(id -u)" -ne 0 ] || chown postgres "$pgdata/server.crt" "$pgdata/server.key" "$pgdata/ca.crt"
+            # TLS only: no line lets a plain connection in. The role tls_cert logs in
+            # with a client certificate signed by the CA (its CN), the others with a
+            # password.
+            printf '%s\n' \
+                'hostssl all tls_cert 127.0.0.1/32 cert' \
+                'hostssl all all 127.0.0.1/32 scram-sha-256' \
+                'hostssl all all ::1/128 scram-sha-256' >"$pgdata/pg_hba.conf"
         fi
     fi
     local opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_buffers=256MB"
     if [ "$tls" = tls ]; then
-        opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=50 -c ssl=on"
+        opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=50 -c ssl=on -c ssl_ca_file=ca.crt"
     fi
     if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
         say "PostgreSQL ($name) already running on 127.0.0.1:$port"
@@ -143,6 +153,14 @@ pg_up() {
         "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'") || die "cannot connect to PostgreSQL ($name) on port $port"
     if [ "$exists" != 1 ]; then
         PGPASSWORD=$PG_PASSWORD psql "$conn" -qc "CREATE DATABASE $PG_DB" >/dev/null
+    fi
+    if [ "$tls" = tls ]; then
+        PGPASSWORD=$PG_PASSWORD psql "${conn/dbname=postgres/dbname=$PG_DB}" -qc "DO \$\$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tls_cert') THEN
+                CREATE ROLE tls_cert LOGIN;
+            END IF; END \$\$; GRANT CREATE ON DATABASE $PG_DB TO tls_cert;
+            GRANT CREATE ON SCHEMA public TO tls_cert" >/dev/null \
+            || die "cannot prepare the TLS cluster's roles"
     fi
 }
 

@@ -378,11 +378,17 @@ async fn remembered_references(
     client: &tokio_postgres::Client,
     cfg: &JobConfig,
 ) -> Result<Vec<String>> {
+    // From the catalog alone: to_regclass would fail for a role without USAGE on the
+    // ledger's schema (a reader running `verify` or `status`).
     let has_column: bool = client
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute
-                             WHERE attrelid = to_regclass('relocator.runs')
-                               AND attname = 'referenced_by' AND NOT attisdropped)",
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute a
+                              JOIN pg_class c ON c.oid = a.attrelid
+                              JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = 'relocator' AND c.relname = 'runs'
+                               AND a.attname = 'referenced_by' AND NOT a.attisdropped
+                               AND has_schema_privilege(n.oid, 'USAGE')
+                               AND has_table_privilege(c.oid, 'SELECT'))",
             &[],
         )
         .await

@@ -14,15 +14,27 @@ use common::{var, TestEnv};
 const ROLE: &str = "tls_job";
 const PASSWORD: &str = "tls-Secret-9d2f";
 
-fn url(host: &str, query: &str) -> String {
+/// The test's database on the TLS cluster.
+fn db_name(env: &TestEnv) -> String {
+    format!("tls_{}", env.name.replace('-', "_"))
+}
+
+fn url(env: &TestEnv, host: &str, query: &str) -> String {
     format!(
-        "postgres://{ROLE}:{PASSWORD}@{host}:{}/relocator?{query}",
-        var("RELOCATOR_TEST_TLS_PORT")
+        "postgres://{ROLE}:{PASSWORD}@{host}:{}/{}?{query}",
+        var("RELOCATOR_TEST_TLS_PORT"),
+        db_name(env)
     )
 }
 
 fn ca(file: &str) -> String {
     format!("{}/{file}", var("RELOCATOR_TEST_TLS_DIR"))
+}
+
+/// A new database `db` on the TLS cluster, owned by `owner`.
+fn fresh_db(db: &str, owner: &str) {
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql(&format!("CREATE DATABASE {db} OWNER {owner}"));
 }
 
 /// `psql` with the stack's own role, over TLS.
@@ -47,16 +59,17 @@ fn psql(sql: &str) {
 async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
     let env = TestEnv::new("tls").await;
     let table = format!("tls_{}", env.name.replace('-', "_"));
+    let db = db_name(&env);
     psql(&format!(
         "DO $$ BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}') THEN
                  CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
              END IF;
-         END $$;
-         GRANT CREATE ON DATABASE relocator TO {ROLE};
-         GRANT CREATE ON SCHEMA public TO {ROLE};"
+         END $$;"
     ));
+    fresh_db(&db, ROLE);
     let good = url(
+        &env,
         "localhost",
         &format!("sslmode=verify-full&sslrootcert={}", ca("ca.crt")),
     );
@@ -93,6 +106,7 @@ async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
         // A CA that did not sign the server's certificate.
         (
             url(
+                &env,
                 "localhost",
                 &format!("sslmode=verify-full&sslrootcert={}", ca("wrong-ca.crt")),
             ),
@@ -101,16 +115,20 @@ async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
         // A host name the certificate does not carry.
         (
             url(
+                &env,
                 "127.0.0.1",
                 &format!("sslmode=verify-full&sslrootcert={}", ca("ca.crt")),
             ),
             "use sslmode=verify-ca",
         ),
         // No TLS against a server that accepts TLS only.
-        (url("localhost", "sslmode=disable"), "set sslmode=require"),
+        (
+            url(&env, "localhost", "sslmode=disable"),
+            "set sslmode=require",
+        ),
         // Verification asked for without a CA.
         (
-            url("localhost", "sslmode=verify-full"),
+            url(&env, "localhost", "sslmode=verify-full"),
             "set sslrootcert=FILE",
         ),
     ] {
@@ -121,7 +139,7 @@ async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
         assert!(!err.contains(PASSWORD), "the password leaked: {err}");
     }
     // The same through PGSSLMODE, as libpq reads it.
-    let out = job(&url("localhost", ""))
+    let out = job(&url(&env, "localhost", ""))
         .env("PGSSLMODE", "disable")
         .output()
         .unwrap();
@@ -147,6 +165,7 @@ async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
 
     // verify-ca checks the CA only: 127.0.0.1 is fine.
     let verify_ca = url(
+        &env,
         "127.0.0.1",
         &format!("sslmode=verify-ca&sslrootcert={}", ca("ca.crt")),
     );
@@ -168,7 +187,52 @@ async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    psql(&format!(
-        "DROP TABLE {table}; DROP SCHEMA IF EXISTS relocator CASCADE"
-    ));
+    psql(&format!("DROP DATABASE {db} WITH (FORCE)"));
+}
+
+/// A role that logs in with a client certificate (`cert` authentication): `sslcert` and
+/// `sslkey`, here from `PGSSLCERT` / `PGSSLKEY` as libpq reads them, and a whole job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_logs_in() {
+    let env = TestEnv::new("tls-cert").await;
+    let table = format!("tls_{}", env.name.replace('-', "_"));
+    let db = db_name(&env);
+    fresh_db(&db, "tls_cert");
+    let database_url = format!(
+        "postgres://tls_cert@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
+        var("RELOCATOR_TEST_TLS_PORT"),
+        ca("ca.crt")
+    );
+    let with_cert = |c: &mut Command| {
+        c.env("PGSSLCERT", ca("client.crt"))
+            .env("PGSSLKEY", ca("client.key"));
+    };
+    let mut seed = env.cmd();
+    seed.args(["seed", "--database-url", &database_url, "--table", &table])
+        .args(["--rows", "10", "--target", &env.source()]);
+    with_cert(&mut seed);
+    let out = seed.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut run = env.cmd();
+    run.args(["run", "--database-url", &database_url, "--table", &table])
+        .args(["--source", &env.source(), "--dest", &env.dest()]);
+    with_cert(&mut run);
+    let out = run.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the certificate the server refuses the role: exit 2.
+    let mut bare = env.cmd();
+    bare.args(["status", "--database-url", &database_url, "--table", &table])
+        .args(["--source", &env.source(), "--dest", &env.dest()]);
+    let out = bare.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    psql(&format!("DROP DATABASE {db} WITH (FORCE)"));
 }
