@@ -541,6 +541,35 @@ async fn delete_locked(
         .await
         .context("waiting for the table's writers in flight (LOCK TABLE … IN SHARE MODE)")?;
     let locked_at = std::time::Instant::now();
+    // A column another process of a run on this table was given after this one started
+    // (`--referenced-by`): this process does not look at it, so it deletes nothing.
+    crate::db::rt(1);
+    let remembered: Vec<String> = db
+        .query(
+            "SELECT DISTINCT unnest(referenced_by) FROM relocator.runs WHERE table_name = $1",
+            &[&q.table],
+        )
+        .await
+        .context("reading the columns runs on this table were told reference its objects")?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unseen: Vec<&String> = remembered
+        .iter()
+        .filter(|c| !q.referencing.contains(c))
+        .collect();
+    if !unseen.is_empty() {
+        return Err(Locked::Failed(anyhow!(
+            "another process on {} was given --referenced-by {} after this one started, so \
+             this one deleted nothing; rerun (the column is remembered now)",
+            q.table,
+            unseen
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     // Batches in flight: wait for reservations being made, then see every one there is.
     let mut buckets: Vec<&str> = items.iter().map(|p| p.bucket).collect();
     buckets.sort_unstable();

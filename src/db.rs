@@ -296,6 +296,14 @@ impl TableInfo {
                 cfg.id_column
             )));
         }
+        if rls_hides_rows(client, oid).await? {
+            return Err(config_error(format!(
+                "row-level security on {display} may hide rows from this role (a SELECT \
+                 policy other than USING (true)): relocator must see every row, or it would \
+                 delete objects that rows it cannot see still use. Run as the table's \
+                 owner or a role with BYPASSRLS"
+            )));
+        }
         let path_indexed: bool = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_index i
@@ -313,9 +321,9 @@ impl TableInfo {
             .iter()
             .map(|r| (r.clone(), false))
             .collect();
-        for stored in remembered_references(client, cfg).await? {
+        for stored in remembered_references(client, &display).await? {
             let r = ColumnRef::parse(&stored).with_context(|| {
-                format!("the ledger remembers --referenced-by {stored:?} for this job")
+                format!("the ledger remembers --referenced-by {stored:?} for this table")
             })?;
             wanted.push((r, true));
         }
@@ -323,7 +331,7 @@ impl TableInfo {
             let found = Referencing::resolve(client, &r).await.map_err(|e| {
                 if stored {
                     e.context(format!(
-                        "an earlier run of this job was given --referenced-by {r}, and \
+                        "an earlier run on this table was given --referenced-by {r}, and \
                          relocator keeps honouring it"
                     ))
                 } else {
@@ -373,10 +381,41 @@ impl TableInfo {
     }
 }
 
-/// The `--referenced-by` columns earlier processes of this job recorded with their runs.
+/// Whether row-level security may hide rows of table `oid` from this role: it is on, the
+/// role does not bypass it (superuser, BYPASSRLS, the owner of a table that does not
+/// FORCE it), and the SELECT policies that apply to the role are not all-seeing (a
+/// permissive `USING (true)` and no restrictive one).
+async fn rls_hides_rows(client: &tokio_postgres::Client, oid: u32) -> Result<bool> {
+    let hides: bool = client
+        .query_one(
+            "WITH me AS (SELECT rolsuper OR rolbypassrls AS bypass FROM pg_roles
+                          WHERE rolname = current_user),
+                  applies AS (SELECT p.polpermissive,
+                                     coalesce(pg_get_expr(p.polqual, p.polrelid), '') AS qual
+                                FROM pg_policy p
+                               WHERE p.polrelid = $1 AND p.polcmd IN ('r', '*')
+                                 AND (0::oid = ANY (p.polroles)
+                                      OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
+                                                  WHERE pg_has_role(r, 'USAGE'))))
+             SELECT c.relrowsecurity
+                    AND NOT (SELECT bypass FROM me)
+                    AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+                    AND NOT (EXISTS (SELECT 1 FROM applies WHERE polpermissive AND qual = 'true')
+                             AND NOT EXISTS (SELECT 1 FROM applies
+                                              WHERE NOT polpermissive AND qual <> 'true'))
+               FROM pg_class c WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .context("looking at the table's row-level security")?
+        .get(0);
+    Ok(hides)
+}
+
+/// The `--referenced-by` columns earlier runs on this table recorded.
 async fn remembered_references(
     client: &tokio_postgres::Client,
-    cfg: &JobConfig,
+    display: &str,
 ) -> Result<Vec<String>> {
     // From the catalog alone: to_regclass would fail for a role without USAGE on the
     // ledger's schema (a reader running `verify` or `status`).
@@ -399,11 +438,13 @@ async fn remembered_references(
     }
     let rows = client
         .query(
-            "SELECT DISTINCT unnest(referenced_by) FROM relocator.runs WHERE job = $1",
-            &[&cfg.fingerprint()],
+            "SELECT DISTINCT unnest(referenced_by) FROM relocator.runs WHERE table_name = $1",
+            &[&display],
         )
         .await
-        .context("reading the columns this job was told reference its objects")?;
+        .context(
+            "reading the columns earlier runs on this table were told reference its objects",
+        )?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
@@ -416,7 +457,7 @@ impl Referencing {
         let t = &r.table;
         let row = client
             .query_opt(
-                "SELECT n.nspname, c.relname, a.attnum IS NOT NULL,
+                "SELECT n.nspname::text, c.relname::text, a.attnum IS NOT NULL,
                         coalesce(format_type(a.atttypid, a.atttypmod), ''),
                         coalesce(co.collisdeterministic, true),
                         a.attnum IS NOT NULL AND has_column_privilege(c.oid, a.attnum, 'SELECT'),
@@ -424,7 +465,8 @@ impl Referencing {
                             OR has_table_privilege(c.oid, 'TRUNCATE'),
                         EXISTS (SELECT 1 FROM pg_index i
                                  WHERE i.indrelid = c.oid AND i.indpred IS NULL
-                                   AND i.indkey[0] = a.attnum)
+                                   AND i.indkey[0] = a.attnum),
+                        c.oid
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                    LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3
                                            AND a.attnum > 0 AND NOT a.attisdropped
@@ -449,6 +491,22 @@ impl Referencing {
         let (schema, name): (String, String) = (row.get(0), row.get(1));
         let ty: String = row.get(3);
         let fail = |why: &str| Err(config_error(format!("--referenced-by {r}: {why}")));
+        if schema == LEDGER_SCHEMA {
+            return fail(&format!(
+                "resolves to {schema}.{name}, relocator's own ledger (the role's search_path \
+                 finds the schema \"relocator\" first); name the application's table with \
+                 its schema (e.g. public.{name}.{})",
+                r.column
+            ));
+        }
+        if rls_hides_rows(client, row.get(8)).await? {
+            return fail(&format!(
+                "row-level security on {schema}.{name} may hide rows from this role (a \
+                 SELECT policy other than USING (true)), and a reference relocator cannot \
+                 see does not keep an object. Run as the table's owner or a role with \
+                 BYPASSRLS"
+            ));
+        }
         if !row.get::<_, bool>(2) {
             return fail(&format!(
                 "table {schema}.{name} has no column {:?}",
@@ -499,6 +557,9 @@ fn one_line(sql: String) -> String {
 pub struct Queries {
     /// The table as the ledger names it (schema.table).
     pub table: String,
+    /// The `--referenced-by` columns the reference checks look at, as the ledger names
+    /// them.
+    pub referencing: Vec<String>,
     /// Keyset scans, indexed by [`Queries::scan`]: with/without a lower bound (exclusive,
     /// the last id seen) and an upper bound (inclusive, the lease's end). Parameters: the
     /// bounds present (as text), then the prefix, then the limit. The sort key is
@@ -574,6 +635,7 @@ impl Queries {
         };
         Queries {
             table: t.display.clone(),
+            referencing: t.referencing_names(),
             scans: [
                 scan(false, false),
                 scan(true, false),

@@ -148,7 +148,9 @@ pub async fn begin_run(
             };
             tx.execute(
                 "UPDATE relocator.runs SET status = 'running', updated_at = now(),
-                        lease_ttl_secs = $2, referenced_by = $3
+                        lease_ttl_secs = $2,
+                        referenced_by = ARRAY(SELECT DISTINCT c
+                                                FROM unnest(referenced_by || $3::text[]) c)
                   WHERE run_id = $1",
                 &[&run_id, &secs, &table.referencing_names()],
             )

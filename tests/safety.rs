@@ -1555,6 +1555,15 @@ async fn objects_another_table_references_are_kept() {
         .iter()
         .all(|(_, p)| p.starts_with("avatar/")));
 
+    // Review: for a role named like the ledger's schema, an unqualified name finds the
+    // ledger's table first (`relocator.uploads` before the application's `uploads`).
+    db.batch_execute("CREATE TABLE public.uploads (key text)")
+        .await
+        .unwrap();
+    let (code, err) = env.run(&["--referenced-by", "uploads.key"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("relocator's own ledger"), "{err}");
+
     // A later process of the same job, not given the option: the application added a row
     // whose object a post references too.
     env.put_row("image/a9.png", b"a9".to_vec()).await;
@@ -1651,4 +1660,173 @@ async fn a_reference_being_written_in_another_table_during_the_cleanup_is_seen()
         "the object the new post references is kept"
     );
     assert_eq!(env.rows().await[0].1, "avatar/shared.png");
+}
+
+/// Review: row-level security that hides rows from relocator's role (a tenant policy)
+/// would make the reference check blind: the object a hidden row still uses was deleted.
+/// Refused up front (exit 2, nothing changed), on the job's table and on a
+/// `--referenced-by` table; an all-seeing SELECT policy is fine (the rejection test above).
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_that_hides_rows_is_refused() {
+    let env = TestEnv::new("rls-hides").await;
+    table(&env, true).await;
+    env.put_row("image/shared.png", b"shared".to_vec()).await;
+    let url = env.least_privilege_url();
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE public.other (id int PRIMARY KEY, tenant int, path text);
+         INSERT INTO public.other VALUES (1, 2, 'image/shared.png');
+         GRANT SELECT, UPDATE ON public.other TO relocator_job;
+         ALTER TABLE public.other ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY tenant ON public.other FOR SELECT USING (tenant = 1);",
+    )
+    .await
+    .unwrap();
+    let out = env
+        .run_cmd(&["--referenced-by", "other.path"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("row-level security on public.other"), "{err}");
+
+    db.batch_execute(
+        "ALTER TABLE public.avatars ADD COLUMN tenant int DEFAULT 1;
+         ALTER TABLE public.avatars ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY tenant ON public.avatars USING (tenant = 1);",
+    )
+    .await
+    .unwrap();
+    let out = env.run_cmd(&[]).env("DATABASE_URL", &url).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("row-level security on public.avatars"),
+        "{err}"
+    );
+    assert_eq!(env.rows().await[0].1, "image/shared.png", "nothing changed");
+    assert!(s3::head(&env.s3, &env.src_bucket, "image/shared.png")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+/// Review: two processes of one job start together, one with `--referenced-by`, one
+/// without; both resolve their columns before either registers the run (a session holds
+/// the job's registration lock). The run must keep the column, and neither process may
+/// delete an object the column references (before: the second process erased the run's
+/// column, and it and every later process deleted such objects).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_was_not_given_the_column_deletes_nothing_it_references() {
+    let env = TestEnv::new("refby-race").await;
+    table(&env, true).await;
+    for i in 0..6 {
+        env.put_row(&format!("image/n{i}.png"), format!("n{i}").into_bytes())
+            .await;
+    }
+    let mut db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE other (id int PRIMARY KEY, path text);
+         INSERT INTO other VALUES (1, 'image/n1.png'), (2, 'image/n4.png');",
+    )
+    .await
+    .unwrap();
+    // The job's registration lock (lease::begin_run), held by this session.
+    let args = relocator::cli::JobArgs {
+        database_url: env.database_url.clone(),
+        table: "avatars".into(),
+        id_column: "id".into(),
+        path_column: "path".into(),
+        referenced_by: Vec::new(),
+        source: env.source(),
+        dest: env.dest(),
+        rewrite: None,
+        to: None,
+        batch_size: 2,
+        concurrency: 4,
+        batch_timeout: 600,
+        multipart_threshold: None,
+        set_metadata: Vec::new(),
+        storage_class: None,
+        sse: None,
+        sse_kms_key_id: None,
+        verify_content: false,
+        part_size: "256MiB".into(),
+        source_endpoint_url: None,
+        source_profile: None,
+        source_region: None,
+        dest_endpoint_url: None,
+        dest_profile: None,
+        dest_region: None,
+        s3: relocator::cli::S3Args {
+            endpoint_url: Some(common::var("AWS_ENDPOINT_URL")),
+            s3_timeout: 30,
+            s3_max_attempts: 3,
+            max_rps: None,
+        },
+    };
+    let job = relocator::config::JobConfig::from_args(&args)
+        .unwrap()
+        .fingerprint();
+    let hold = db.transaction().await.unwrap();
+    hold.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&job])
+        .await
+        .unwrap();
+    let with = spawn(
+        &env,
+        &["--batch-size", "2", "--referenced-by", "other.path"],
+    );
+    let without = spawn(&env, &["--batch-size", "2"]);
+    let waiting = env.db().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = waiting
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both processes wait to register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hold.commit().await.unwrap();
+    let (a, a_err) = finish(with);
+    let (b, b_err) = finish(without);
+    assert!(a == 0 || a == 1, "{a_err}");
+    assert!(b == 0 || b == 1, "{b_err}");
+    for key in ["image/n1.png", "image/n4.png"] {
+        assert!(
+            s3::head(&env.s3, &env.src_bucket, key)
+                .await
+                .unwrap()
+                .is_some(),
+            "{key} is referenced by other.path: kept\n{a_err}\n{b_err}"
+        );
+    }
+    let stored: Vec<String> = db
+        .query_one(
+            "SELECT referenced_by FROM relocator.runs ORDER BY run_id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored,
+        [r#""public"."other"."path""#],
+        "the run keeps the column"
+    );
+    // A later process without the option converges and still keeps them.
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let mut kept = env.keys(&env.src_bucket, "image/").await;
+    kept.sort();
+    assert_eq!(kept, ["image/n1.png", "image/n4.png"]);
+    env.assert_no_row_dangles().await;
 }
