@@ -10,6 +10,7 @@
 #   scripts/stack.sh reset   down, then delete all state
 #   scripts/stack.sh pg-restart   restart PostgreSQL (fast shutdown: sessions are cut)
 #   scripts/stack.sh garage-path  print where the Garage binary is cached (built or not)
+#   scripts/stack.sh moto-path    print where moto's virtualenv is kept (installed or not)
 #
 # Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
 # second endpoint takes +10), RELOCATOR_STACK_DIR (.stack), RELOCATOR_CACHE_DIR (where the
@@ -290,6 +291,67 @@ garage_up() {
     done
 }
 
+# ---------------------------------------------------------------- moto
+
+# moto's S3 server, a second S3 implementation (it has versioning, which Garage lacks),
+# from PyPI into a virtualenv under the cache directory, pinned. Any access key works.
+MOTO_VERSION=5.2.5
+MOTO_PORT=$((S3_PORT + 20))
+MOTO_VENV=${RELOCATOR_MOTO_VENV:-$CACHE/moto-$MOTO_VERSION}
+
+moto_up() {
+    local dir=$STATE/moto
+    mkdir -p "$dir"
+    if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+        if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+            say "python3 with venv not found; installing Debian's python3-venv package"
+            local sudo=""
+            [ "$(id -u)" -eq 0 ] || sudo="sudo"
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >&2 \
+                || die "apt-get install python3-venv failed; install it by hand, then rerun"
+        fi
+        say "installing moto $MOTO_VERSION into $MOTO_VENV (once)"
+        mkdir -p "$CACHE"
+        { python3 -m venv "$MOTO_VENV" \
+            && "$MOTO_VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION"; } >"$CACHE/moto-install.log" 2>&1 \
+            || { rm -rf "$MOTO_VENV"; die "installing moto failed, see $CACHE/moto-install.log"; }
+    fi
+    if pid_alive "$dir/pid"; then
+        say "moto already running on 127.0.0.1:$MOTO_PORT"
+    else
+        port_open "$MOTO_PORT" && die "port $MOTO_PORT is taken by another process; stop it or set RELOCATOR_S3_PORT"
+        nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$dir/server.log" 2>&1 &
+        echo $! >"$dir/pid"
+        local i
+        for i in $(seq 1 100); do
+            port_open "$MOTO_PORT" && break
+            pid_alive "$dir/pid" || die "moto exited at start, see $dir/server.log"
+            sleep 0.1
+        done
+        port_open "$MOTO_PORT" || die "moto did not open port $MOTO_PORT, see $dir/server.log"
+        say "moto started on 127.0.0.1:$MOTO_PORT"
+    fi
+    # moto keeps everything in memory: the buckets are made at every start.
+    "$MOTO_VENV/bin/python" - "$MOTO_PORT" "${BUCKETS[@]}" <<'PY' || die "cannot create moto's buckets"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1",
+                  aws_access_key_id="moto", aws_secret_access_key="moto-secret")
+have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+for b in sys.argv[2:]:
+    if b not in have:
+        s3.create_bucket(Bucket=b)
+PY
+}
+
+moto_down() {
+    local dir=$STATE/moto
+    if pid_alive "$dir/pid"; then
+        kill "$(cat "$dir/pid")"
+        say "moto stopped"
+    fi
+    rm -f "$dir/pid"
+}
+
 garage_down() {
     local name=$1 dir=$STATE/$1
     if pid_alive "$dir/pid"; then
@@ -322,6 +384,7 @@ export RELOCATOR_TEST_JOB_KEY_ID='${job% *}'
 export RELOCATOR_TEST_JOB_SECRET='${job#* }'
 export RELOCATOR_TEST_TLS_PORT='$((PG_PORT + 1))'
 export RELOCATOR_TEST_TLS_DIR='$STATE/tls'
+export RELOCATOR_TEST_MOTO_ENDPOINT='http://127.0.0.1:$MOTO_PORT'
 unset AWS_CA_BUNDLE
 EOF
     if [ -f "$STATE/garage2/key-main.env" ]; then
@@ -348,7 +411,7 @@ status() {
         port=$((port + 1))
     done
     local n
-    for n in garage garage2; do
+    for n in garage garage2 moto; do
         if pid_alive "$STATE/$n/pid"; then echo "$n: running"; else echo "$n: stopped"; fi
     done
 }
@@ -364,9 +427,12 @@ case "$cmd" in
         garage_up garage "$S3_PORT"
         # A second, independent S3 endpoint with its own keys, for cross-endpoint moves.
         garage_up garage2 $((S3_PORT + 10))
+        # A second S3 implementation, with versioning.
+        moto_up
         say "ready: eval \"\$(scripts/stack.sh env)\""
         ;;
     down)
+        moto_down
         garage_down garage2
         garage_down garage
         pg_down pg-tls
@@ -381,13 +447,14 @@ case "$cmd" in
         say "PostgreSQL restarted"
         ;;
     garage-path) echo "$CACHE/garage-$GARAGE_VERSION/bin/garage" ;;
+    moto-path) echo "$MOTO_VENV" ;;
     reset)
         "$0" down
         rm -rf "$STATE"
         say "state removed"
         ;;
     *)
-        echo "usage: scripts/stack.sh up|down|env|status|reset|pg-restart|garage-path" >&2
+        echo "usage: scripts/stack.sh up|down|env|status|reset|pg-restart|garage-path|moto-path" >&2
         exit 2
         ;;
 esac

@@ -31,7 +31,8 @@ fresh_env=(env -u XDG_CACHE_HOME -u RELOCATOR_CACHE_DIR HOME="$fresh/home"
     PATH="$fresh/bin:$PATH" RELOCATOR_STACK_DIR="$fresh/stack"
     RELOCATOR_PG_PORT="${RELOCATOR_FRESH_PG_PORT:-54339}"
     RELOCATOR_S3_PORT="${RELOCATOR_FRESH_S3_PORT:-39100}"
-    STANDIN_GARAGE="$(scripts/stack.sh garage-path)")
+    STANDIN_GARAGE="$(scripts/stack.sh garage-path)"
+    RELOCATOR_MOTO_VENV="$(scripts/stack.sh moto-path)")
 fresh_down() {
     "${fresh_env[@]}" scripts/stack.sh down 2>/dev/null || true
     rm -rf "$fresh"

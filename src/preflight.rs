@@ -430,6 +430,9 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     if !buckets_ok {
         return Ok(());
     }
+    for (flag, loc, c) in [("--source", src, sc), ("--dest", dst, dc)] {
+        versioning(r, flag, &loc.bucket, c).await;
+    }
     let arn = |bucket: &str, prefix: &str| format!("arn:aws:s3:::{bucket}/{prefix}*");
 
     // Source: list, read, delete (a key that does not exist: deleting it changes nothing).
@@ -633,6 +636,46 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
         ),
     }
     Ok(())
+}
+
+/// A bucket's versioning and Object Lock, and what a delete means there.
+async fn versioning(r: &mut Report, flag: &str, bucket: &str, c: &aws_sdk_s3::Client) {
+    let name = if flag == "--source" {
+        "source versions"
+    } else {
+        "dest versions"
+    };
+    match s3::versioning(c, bucket).await {
+        Ok(s3::Versioning::Off) => r.ok(
+            name,
+            format!("bucket {bucket} is not versioned: a delete removes the object"),
+        ),
+        Ok(state) => {
+            let lock = if state == s3::Versioning::EnabledWithObjectLock {
+                " Object Lock is on: locked versions stay until their retention ends."
+            } else {
+                ""
+            };
+            r.warn(
+                name,
+                format!(
+                    "bucket {bucket} is versioned ({}): a delete (of a moved source, or of \
+                     a copy taken back) leaves a delete marker and keeps the object as a \
+                     noncurrent version, still stored and billed.{lock}",
+                    state.as_str()
+                ),
+                format!(
+                    "to let them go, a lifecycle rule expiring noncurrent versions, e.g. \
+                     NoncurrentVersionExpiration {{NoncurrentDays: 30}} on bucket {bucket} \
+                     (see the README)"
+                ),
+            )
+        }
+        Err(e) => r.ok(
+            name,
+            format!("bucket {bucket}: the server does not say whether it is versioned ({e})"),
+        ),
+    }
 }
 
 fn bucket_check(flag: &str) -> &'static str {

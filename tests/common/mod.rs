@@ -66,10 +66,35 @@ pub fn stack_env() -> &'static HashMap<String, String> {
 }
 
 pub fn var(name: &str) -> String {
+    if let Some(v) = moto_var(name) {
+        return v;
+    }
     stack_env()
         .get(name)
         .cloned()
         .unwrap_or_else(|| panic!("{name} is not set: {HOW_TO_START}"))
+}
+
+/// `RELOCATOR_TEST_S3=moto`: the tests' S3 server is the stack's moto instead of Garage
+/// (any key works there; buckets, objects and versioning in memory).
+pub fn on_moto() -> bool {
+    std::env::var("RELOCATOR_TEST_S3").is_ok_and(|v| v == "moto")
+}
+
+fn moto_var(name: &str) -> Option<String> {
+    if !on_moto() {
+        return None;
+    }
+    Some(match name {
+        "AWS_ENDPOINT_URL" => stack_env()
+            .get("RELOCATOR_TEST_MOTO_ENDPOINT")
+            .cloned()
+            .unwrap_or_else(|| panic!("RELOCATOR_TEST_MOTO_ENDPOINT is not set: {HOW_TO_START}")),
+        "AWS_ACCESS_KEY_ID" => "moto".into(),
+        "AWS_SECRET_ACCESS_KEY" => "moto-secret".into(),
+        "AWS_REGION" => "us-east-1".into(),
+        _ => return None,
+    })
 }
 
 /// The URL of another database on the same server.

@@ -1,0 +1,179 @@
+//! Versioned buckets, on the stack's moto (Garage has no versioning): preflight says what
+//! a delete means there, a run leaves delete markers over noncurrent versions of the
+//! moved sources (never deleting a version), a rollback restores every row and object,
+//! and Object Lock does not stop the run.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+use common::TestEnv;
+use relocator::s3;
+
+/// This binary's S3 server is moto, whatever the suite's.
+fn on_moto() {
+    std::env::set_var("RELOCATOR_TEST_S3", "moto");
+}
+
+async fn enable_versioning(env: &TestEnv, bucket: &str) {
+    env.s3
+        .put_bucket_versioning()
+        .bucket(bucket)
+        .versioning_configuration(
+            VersioningConfiguration::builder()
+                .status(BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+/// (key, is a delete marker) of every version under `prefix`.
+async fn versions(env: &TestEnv, bucket: &str, prefix: &str) -> (usize, usize) {
+    let out = env
+        .s3
+        .list_object_versions()
+        .bucket(bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    (out.versions().len(), out.delete_markers().len())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_versioned_source_keeps_its_versions_and_rolls_back() {
+    on_moto();
+    let env = TestEnv::new("versioned").await;
+    enable_versioning(&env, &env.src_bucket).await;
+    let seeded = env.seed(20, 0).await;
+    let distinct: std::collections::HashSet<&str> =
+        seeded.iter().map(|r| r.path.as_str()).collect();
+    let mut before = std::collections::HashMap::new();
+    for key in &distinct {
+        let bytes = s3::get_bytes(&env.s3, &env.src_bucket, key).await.unwrap();
+        before.insert(key.to_string(), bytes);
+    }
+
+    let out = env
+        .cmd()
+        .args([
+            "preflight",
+            "--source",
+            &env.source(),
+            "--dest",
+            &env.dest(),
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("warn  source versions") && said.contains("is versioned (enabled)"),
+        "{said}"
+    );
+    assert!(said.contains("NoncurrentVersionExpiration"), "{said}");
+    assert!(said.contains("ok    dest versions"), "{said}");
+
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    env.assert_converged(&seeded).await;
+    assert!(env.keys(&env.src_bucket, "image/").await.is_empty());
+    assert_eq!(
+        versions(&env, &env.src_bucket, "image/").await,
+        (distinct.len(), distinct.len()),
+        "each source is a noncurrent version under a delete marker"
+    );
+
+    let out = env
+        .cmd()
+        .args(["rollback", "--source", &env.source(), "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (key, was) in &before {
+        let bytes = s3::get_bytes(&env.s3, &env.src_bucket, key).await.unwrap();
+        assert!(&bytes == was, "{key} back, byte for byte");
+    }
+    assert!(env
+        .rows()
+        .await
+        .iter()
+        .all(|(_, p)| p.starts_with("image/")));
+    assert!(env.keys(&env.dst_bucket, "avatar/").await.is_empty());
+}
+
+/// Object Lock on the source: a locked version may not be deleted, but relocator never
+/// deletes a version — its delete puts a delete marker, which the lock allows. The run
+/// completes and the locked bytes stay as a noncurrent version.
+#[tokio::test(flavor = "multi_thread")]
+async fn object_lock_on_the_source_does_not_stop_the_run() {
+    on_moto();
+    let env = TestEnv::new("locked").await;
+    let locked = format!("{}-lock", env.src_bucket);
+    env.s3
+        .create_bucket()
+        .bucket(&locked)
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .unwrap();
+    env.seed(0, 0).await; // the table only
+    let until = aws_sdk_s3::primitives::DateTime::from_secs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 86_400,
+    );
+    env.s3
+        .put_object()
+        .bucket(&locked)
+        .key("image/kept.png")
+        .body(b"locked bytes".to_vec().into())
+        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+        .object_lock_mode(aws_sdk_s3::types::ObjectLockMode::Compliance)
+        .object_lock_retain_until_date(until)
+        .send()
+        .await
+        .unwrap();
+    env.db()
+        .await
+        .execute("INSERT INTO avatars (path) VALUES ('image/kept.png')", &[])
+        .await
+        .unwrap();
+    let source = format!("s3://{locked}/image/");
+    let out = env
+        .cmd()
+        .args(["preflight", "--source", &source, "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("with Object Lock"), "{said}");
+    let out = env
+        .cmd()
+        .args(["run", "--source", &source, "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.rows().await[0].1, "avatar/kept.png");
+    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/kept.png")
+        .await
+        .unwrap();
+    assert_eq!(copy, b"locked bytes");
+    assert_eq!(
+        versions(&env, &locked, "image/").await,
+        (1, 1),
+        "the locked version stays, under a delete marker"
+    );
+}
