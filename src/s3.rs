@@ -1074,6 +1074,22 @@ pub async fn copy_multipart(
         // the next attempt on this key.
         let _ = u.ended(dst_bucket, dst_key, &upload_id).await;
     }
+    // The source must still be the object the parts were read from: a server that
+    // ignores x-amz-copy-source-if-match on UploadPartCopy (moto, checked against it)
+    // would let a source replaced between two parts make an object of both.
+    s3c.ready_read().await;
+    let after = head_object(&s3c.src, src_bucket, src_key).await?;
+    if after.as_ref().is_none_or(|a| a.info.etag != src.etag) {
+        s3c.ready_read().await;
+        if head(client, dst_bucket, dst_key)
+            .await?
+            .is_some_and(|d| d.etag == made)
+        {
+            s3c.ready_write().await;
+            let _ = delete_one(client, dst_bucket, dst_key).await;
+        }
+        return Err(S3Error::PreconditionFailed);
+    }
     s3c.ready_read().await;
     let done = head_object(client, dst_bucket, dst_key).await?;
     let want = checksum.filter(|_| s3c.server_side);

@@ -366,6 +366,62 @@ async fn put_during_multipart(tag: &str, extra: &[String]) {
     );
 }
 
+/// The application replaces the source (same size, other bytes) while relocator copies
+/// it in parts. No object made of both is ever committed: the parts still to copy are
+/// refused (412; on a server that ignores the condition, the source's ETag is looked at
+/// again after the upload), the upload is undone, the row is reported and stays, and the
+/// rerun copies the new version whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_replaced_between_two_parts_is_never_copied_half() {
+    let env = TestEnv::new("src-mid-multipart").await;
+    env.seed(0, 0).await; // the table only
+    let body = big_row(&env, "image/big.bin").await;
+    let mut child = env
+        .run_cmd(&[&PARTS[..], &["--max-rps", "1"]].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "no multipart upload started");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut new = body.clone();
+    new.reverse();
+    s3::put(
+        &env.s3,
+        &env.src_bucket,
+        "image/big.bin",
+        new.clone(),
+        "image/png",
+    )
+    .await
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(env.rows().await[0].1, "image/big.bin", "row unchanged");
+    if let Ok(there) = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin").await {
+        assert!(
+            there == new || there == body,
+            "an object made of both versions"
+        );
+    }
+    let (code, err) = env.run(&PARTS);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(env.rows().await[0].1, "avatar/big.bin");
+    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        .await
+        .unwrap();
+    assert!(copy == new, "the new version, whole");
+}
+
 /// An application's own multipart upload of `body` to the destination bucket.
 async fn put_in_parts(env: &TestEnv, key: &str, body: &[u8]) {
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
