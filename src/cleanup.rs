@@ -543,17 +543,8 @@ async fn delete_locked(
     let locked_at = std::time::Instant::now();
     // A column another process of a run on this table was given after this one started
     // (`--referenced-by`): this process does not look at it, so it deletes nothing.
-    crate::db::rt(1);
-    let remembered: Vec<String> = db
-        .query(
-            "SELECT DISTINCT unnest(referenced_by) FROM relocator.runs WHERE table_name = $1",
-            &[&q.table],
-        )
-        .await
-        .context("reading the columns runs on this table were told reference its objects")?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    crate::db::rt(2);
+    let remembered = crate::db::remembered_references(db, &q.table).await?;
     let unseen: Vec<&String> = remembered
         .iter()
         .filter(|c| !q.referencing.contains(c))

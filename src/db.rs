@@ -412,8 +412,9 @@ async fn rls_hides_rows(client: &tokio_postgres::Client, oid: u32) -> Result<boo
     Ok(hides)
 }
 
-/// The `--referenced-by` columns earlier runs on this table recorded.
-async fn remembered_references(
+/// The `--referenced-by` columns runs on this table recorded (`display`: schema.table as
+/// the ledger names it). Read at start, and again by every cleanup before it deletes.
+pub async fn remembered_references(
     client: &tokio_postgres::Client,
     display: &str,
 ) -> Result<Vec<String>> {
