@@ -547,7 +547,7 @@ async fn delete_locked(
     let remembered = crate::db::remembered_references(db, &q.table).await?;
     let unseen: Vec<&String> = remembered
         .iter()
-        .filter(|c| !q.referencing.contains(c))
+        .filter(|c| !q.checked_columns.contains(c))
         .collect();
     if !unseen.is_empty() {
         return Err(Locked::Failed(anyhow!(

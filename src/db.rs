@@ -558,9 +558,9 @@ fn one_line(sql: String) -> String {
 pub struct Queries {
     /// The table as the ledger names it (schema.table).
     pub table: String,
-    /// The `--referenced-by` columns the reference checks look at, as the ledger names
-    /// them.
-    pub referencing: Vec<String>,
+    /// The columns the reference checks look at (the job's own and `--referenced-by`),
+    /// as the ledger names them.
+    pub checked_columns: Vec<String>,
     /// Keyset scans, indexed by [`Queries::scan`]: with/without a lower bound (exclusive,
     /// the last id seen) and an upper bound (inclusive, the lease's end). Parameters: the
     /// bounds present (as text), then the prefix, then the limit. The sort key is
@@ -636,7 +636,11 @@ impl Queries {
         };
         Queries {
             table: t.display.clone(),
-            referencing: t.referencing_names(),
+            checked_columns: t
+                .referencing_names()
+                .into_iter()
+                .chain([format!("{tbl}.{path}")])
+                .collect(),
             scans: [
                 scan(false, false),
                 scan(true, false),

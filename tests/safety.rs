@@ -1830,3 +1830,49 @@ async fn a_process_that_was_not_given_the_column_deletes_nothing_it_references()
     assert_eq!(kept, ["image/n1.png", "image/n4.png"]);
     env.assert_no_row_dangles().await;
 }
+
+/// Two jobs on one table: the first moves `path` and keeps what `thumb` references; the
+/// second moves `thumb` itself. The column the first job remembers is the second job's
+/// own: its cleanup checks it (as its own column) and is not refused for "not checking"
+/// it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remembered_column_that_is_another_jobs_own_column_is_checked() {
+    let env = TestEnv::new("refby-own").await;
+    table(&env, true).await;
+    let db = env.db().await;
+    db.batch_execute("ALTER TABLE avatars ADD COLUMN thumb text")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let (img, th) = (format!("image/p{i}.png"), format!("thumbs/p{i}.png"));
+        for key in [&img, &th] {
+            put(&env, &env.src_bucket, key, key.as_bytes()).await;
+        }
+        db.execute(
+            "INSERT INTO avatars (path, thumb) VALUES ($1, $2)",
+            &[&img, &th],
+        )
+        .await
+        .unwrap();
+    }
+    let (code, err) = env.run(&["--referenced-by", "avatars.thumb"]);
+    assert_eq!(code, 0, "{err}");
+    let thumbs_src = format!("s3://{}/thumbs/", env.src_bucket);
+    let thumbs_dst = format!("s3://{}/thumbs2/", env.dst_bucket);
+    let out = env
+        .cmd()
+        .args(["run", "--path-column", "thumb"])
+        .args(["--source", &thumbs_src, "--dest", &thumbs_dst])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        env.keys(&env.src_bucket, "").await.is_empty(),
+        "both jobs cleaned up"
+    );
+}
