@@ -111,9 +111,11 @@ fn split_with(
     } else {
         split_key_values(conn)
     };
+    // As libpq: a key given twice takes its last value.
     let get = |key: &str, var: &str| {
         found
             .iter()
+            .rev()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.clone())
             .or_else(|| env(var).filter(|v| !v.is_empty()))
@@ -193,13 +195,17 @@ fn split_url(conn: &str) -> (String, Vec<(String, String)>) {
     };
     let mut found = Vec::new();
     let mut kept = Vec::new();
+    let decode = |x: &str| {
+        percent_encoding::percent_decode_str(x)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if KEYS.contains(&k) {
-            let v = percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned();
-            found.push((k.to_owned(), v));
+        // libpq decodes keys too: `%73slmode` is sslmode.
+        let k = decode(k);
+        if KEYS.contains(&k.as_str()) {
+            found.push((k, decode(v)));
         } else {
             kept.push(pair);
         }
@@ -212,17 +218,63 @@ fn split_url(conn: &str) -> (String, Vec<(String, String)>) {
     (rest, found)
 }
 
-/// key=value form: take out the TLS keys (values without spaces or quotes, as file paths
-/// and modes are written).
+/// key=value form, parsed as libpq does (spaces around `=`, single-quoted values with
+/// `\'` and `\\` escapes): take out the TLS keys, keep every other pair as it was
+/// written — a quoted password with spaces in it stays whole, and is never taken for a
+/// key.
 fn split_key_values(conn: &str) -> (String, Vec<(String, String)>) {
     let mut found = Vec::new();
-    let mut kept = Vec::new();
-    for word in conn.split_whitespace() {
-        match word.split_once('=') {
-            Some((k, v)) if KEYS.contains(&k) => {
-                found.push((k.to_owned(), v.trim_matches('\'').to_owned()))
+    let mut kept: Vec<&str> = Vec::new();
+    let chars: Vec<(usize, char)> = conn.char_indices().collect();
+    let end = conn.len();
+    let at = |i: usize| chars.get(i).map(|&(b, _)| b).unwrap_or(end);
+    let mut i = 0;
+    while i < chars.len() {
+        while i < chars.len() && chars[i].1.is_whitespace() {
+            i += 1;
+        }
+        if i >= chars.len() {
+            break;
+        }
+        let start = i;
+        let key_start = at(i);
+        while i < chars.len() && chars[i].1 != '=' && !chars[i].1.is_whitespace() {
+            i += 1;
+        }
+        let key = &conn[key_start..at(i)];
+        while i < chars.len() && chars[i].1.is_whitespace() {
+            i += 1;
+        }
+        if i < chars.len() && chars[i].1 == '=' {
+            i += 1;
+        }
+        while i < chars.len() && chars[i].1.is_whitespace() {
+            i += 1;
+        }
+        let mut value = String::new();
+        if i < chars.len() && chars[i].1 == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i].1 != '\'' {
+                if chars[i].1 == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i].1);
+                i += 1;
             }
-            _ => kept.push(word),
+            i += 1; // the closing quote
+        } else {
+            while i < chars.len() && !chars[i].1.is_whitespace() {
+                if chars[i].1 == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i].1);
+                i += 1;
+            }
+        }
+        if KEYS.contains(&key) {
+            found.push((key.to_owned(), value));
+        } else {
+            kept.push(&conn[at(start)..at(i.min(chars.len()))]);
         }
     }
     (kept.join(" "), found)
@@ -239,25 +291,33 @@ impl TlsSettings {
         }
     }
 
+    /// Whether the server's certificate chain is checked: verify-ca and verify-full, and,
+    /// as in libpq, any mode that uses TLS once a CA file is given (or
+    /// `~/.postgresql/root.crt` exists).
+    pub fn checks_chain(&self) -> bool {
+        self.mode.verifies()
+            || (self.mode != SslMode::Disable && matches!(self.root_cert, Some(RootCert::File(_))))
+    }
+
     /// The TLS connector for these settings.
     pub fn connector(&self) -> Result<MakeRustlsConnect, ConfigError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| ConfigError(format!("TLS to PostgreSQL: {e}")))?;
-        let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, &self.root_cert) {
-            (SslMode::VerifyCa | SslMode::VerifyFull, Some(root)) => {
+        let verifier: Arc<dyn ServerCertVerifier> = match &self.root_cert {
+            Some(root) if self.checks_chain() => {
                 let roots = Arc::new(self.roots(root)?);
                 let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
                     .map_err(|e| ConfigError(format!("sslrootcert: {e}")))?;
-                if self.mode == SslMode::VerifyCa {
-                    Arc::new(ChainOnly(webpki))
-                } else {
+                if self.mode == SslMode::VerifyFull {
                     webpki
+                } else {
+                    Arc::new(ChainOnly(webpki))
                 }
             }
-            // Encrypted, not checked (libpq's disable/allow/prefer/require).
+            // Encrypted, not checked (libpq's allow/prefer/require without a CA file).
             _ => Arc::new(Unchecked(provider)),
         };
         let builder = builder
@@ -512,6 +572,30 @@ mod tests {
         );
         let (_, s) = split_env("postgres://u@db/app?sslrootcert=system", &[]).unwrap();
         assert_eq!(s.mode, SslMode::VerifyFull);
+        // As libpq: the last of a repeated key, keys percent-decoded, spaces around `=`,
+        // quoted values whole (a password with spaces is never read as a key).
+        let (_, s) = split_env("postgres://u@db/app?sslmode=disable&sslmode=require", &[]).unwrap();
+        assert_eq!(s.mode, SslMode::Require);
+        let (rest, s) = split_env("postgres://u@db/app?%73slmode=require", &[]).unwrap();
+        assert_eq!(
+            (rest.as_str(), s.mode),
+            ("postgres://u@db/app", SslMode::Require)
+        );
+        let (rest, s) = split_env(
+            r"host=db password='a sslmode=disable \' b' sslmode = 'require' user=u",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.mode, SslMode::Require);
+        assert_eq!(rest, r"host=db password='a sslmode=disable \' b' user=u");
+        // A CA file makes prefer check the chain, as libpq does.
+        let (_, s) = split_env(
+            &format!("postgres://u@db/app?sslrootcert={}", ca.display()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.mode, SslMode::Prefer);
+        assert!(s.checks_chain());
         std::fs::remove_file(&ca).unwrap();
     }
 

@@ -138,6 +138,25 @@ async fn a_whole_job_over_verify_full_and_each_wrong_setting_refused() {
         assert!(err.contains(needle), "{database_url}: {needle:?} in {err}");
         assert!(!err.contains(PASSWORD), "the password leaked: {err}");
     }
+    // A server without TLS (the stack's main cluster): TLS required is refused, also
+    // when the URL says sslmode twice (the last one counts, as in libpq) or
+    // percent-encodes the key.
+    for query in ["sslmode=disable&sslmode=require", "%73slmode=require"] {
+        let plain = format!("{}?{query}", env.database_url);
+        let out = job(&plain).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{query}: {err}");
+        assert!(err.contains("does not offer TLS"), "{query}: {err}");
+    }
+    // A CA file given without sslmode (prefer) checks the certificate, as libpq does.
+    let out = job(&url(
+        &env,
+        "localhost",
+        &format!("sslrootcert={}", ca("wrong-ca.crt")),
+    ))
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
     // The same through PGSSLMODE, as libpq reads it.
     let out = job(&url(&env, "localhost", ""))
         .env("PGSSLMODE", "disable")
