@@ -561,6 +561,21 @@ async fn delete_locked(
                 .join(", ")
         )));
     }
+    // Row-level security turned on (or BYPASSRLS taken away) since the run started would
+    // hide rows from the reference check: delete nothing.
+    crate::db::rt(1);
+    let hiding = crate::db::rls_hiding(db, &q.checked_tables).await?;
+    if !hiding.is_empty() {
+        return Err(Locked::Failed(
+            crate::config::config_error(format!(
+                "row-level security on {} may now hide rows from this role, so this cleanup \
+                 deleted nothing (the ledger keeps it pending). Run as the table's owner or \
+                 a role with BYPASSRLS, then rerun",
+                hiding.join(", ")
+            ))
+            .into(),
+        ));
+    }
     // Batches in flight: wait for reservations being made, then see every one there is.
     let mut buckets: Vec<&str> = items.iter().map(|p| p.bucket).collect();
     buckets.sort_unstable();

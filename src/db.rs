@@ -296,7 +296,11 @@ impl TableInfo {
                 cfg.id_column
             )));
         }
-        if rls_hides_rows(client, oid).await? {
+        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+        if !rls_hiding(client, std::slice::from_ref(&qualified))
+            .await?
+            .is_empty()
+        {
             return Err(config_error(format!(
                 "row-level security on {display} may hide rows from this role (a SELECT \
                  policy other than USING (true)): relocator must see every row, or it would \
@@ -313,7 +317,6 @@ impl TableInfo {
             )
             .await?
             .get(0);
-        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
         let own = format!("{qualified}.{}", quote_ident(&cfg.path_column));
         let mut referencing: Vec<Referencing> = Vec::new();
         let mut wanted: Vec<(ColumnRef, bool)> = cfg
@@ -381,35 +384,42 @@ impl TableInfo {
     }
 }
 
-/// Whether row-level security may hide rows of table `oid` from this role: it is on, the
-/// role does not bypass it (superuser, BYPASSRLS, the owner of a table that does not
-/// FORCE it), and the SELECT policies that apply to the role are not all-seeing (a
-/// permissive `USING (true)` and no restrictive one).
-async fn rls_hides_rows(client: &tokio_postgres::Client, oid: u32) -> Result<bool> {
-    let hides: bool = client
-        .query_one(
+/// Of `tables` (quoted schema.table names), those whose rows row-level security may hide
+/// from this role: it is on, the role does not bypass it (superuser, BYPASSRLS, the
+/// owner of a table that does not FORCE it), and the SELECT policies that apply to the
+/// role are not all-seeing (a permissive `USING (true)` and no restrictive one). Checked
+/// when the tables are resolved and again inside every cleanup's locked transaction (a
+/// policy enabled, or BYPASSRLS taken away, while a run works).
+pub async fn rls_hiding(client: &tokio_postgres::Client, tables: &[String]) -> Result<Vec<String>> {
+    let rows = client
+        .query(
             "WITH me AS (SELECT rolsuper OR rolbypassrls AS bypass FROM pg_roles
-                          WHERE rolname = current_user),
-                  applies AS (SELECT p.polpermissive,
-                                     coalesce(pg_get_expr(p.polqual, p.polrelid), '') AS qual
-                                FROM pg_policy p
-                               WHERE p.polrelid = $1 AND p.polcmd IN ('r', '*')
-                                 AND (0::oid = ANY (p.polroles)
-                                      OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
-                                                  WHERE pg_has_role(r, 'USAGE'))))
-             SELECT c.relrowsecurity
-                    AND NOT (SELECT bypass FROM me)
-                    AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
-                    AND NOT (EXISTS (SELECT 1 FROM applies WHERE polpermissive AND qual = 'true')
-                             AND NOT EXISTS (SELECT 1 FROM applies
-                                              WHERE NOT polpermissive AND qual <> 'true'))
-               FROM pg_class c WHERE c.oid = $1",
-            &[&oid],
+                          WHERE rolname = current_user)
+             SELECT n.nspname || '.' || c.relname
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = ANY ($1::text[]::regclass[])
+                AND c.relrowsecurity
+                AND NOT (SELECT bypass FROM me)
+                AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+                AND NOT (EXISTS (SELECT 1 FROM pg_policy p
+                                  WHERE p.polrelid = c.oid AND p.polcmd IN ('r', '*')
+                                    AND p.polpermissive
+                                    AND pg_get_expr(p.polqual, p.polrelid) = 'true'
+                                    AND (0::oid = ANY (p.polroles)
+                                         OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
+                                                     WHERE pg_has_role(r, 'USAGE'))))
+                         AND NOT EXISTS (SELECT 1 FROM pg_policy p
+                                  WHERE p.polrelid = c.oid AND p.polcmd IN ('r', '*')
+                                    AND NOT p.polpermissive
+                                    AND coalesce(pg_get_expr(p.polqual, p.polrelid), '') <> 'true'
+                                    AND (0::oid = ANY (p.polroles)
+                                         OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
+                                                     WHERE pg_has_role(r, 'USAGE')))))",
+            &[&tables],
         )
         .await
-        .context("looking at the table's row-level security")?
-        .get(0);
-    Ok(hides)
+        .context("looking at the tables' row-level security")?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
 /// The `--referenced-by` columns runs on this table recorded (`display`: schema.table as
@@ -500,7 +510,11 @@ impl Referencing {
                 r.column
             ));
         }
-        if rls_hides_rows(client, row.get(8)).await? {
+        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+        if !rls_hiding(client, std::slice::from_ref(&qualified))
+            .await?
+            .is_empty()
+        {
             return fail(&format!(
                 "row-level security on {schema}.{name} may hide rows from this role (a \
                  SELECT policy other than USING (true)), and a reference relocator cannot \
@@ -525,7 +539,6 @@ impl Referencing {
                  compare equal",
             );
         }
-        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
         if !row.get::<_, bool>(5) {
             return fail(&format!(
                 "this role cannot read the column; GRANT SELECT ON {qualified} TO the role"
@@ -561,6 +574,9 @@ pub struct Queries {
     /// The columns the reference checks look at (the job's own and `--referenced-by`),
     /// as the ledger names them.
     pub checked_columns: Vec<String>,
+    /// The tables those columns are in (quoted): the cleanup holds their writers off and
+    /// checks their row-level security again.
+    pub checked_tables: Vec<String>,
     /// Keyset scans, indexed by [`Queries::scan`]: with/without a lower bound (exclusive,
     /// the last id seen) and an upper bound (inclusive, the lease's end). Parameters: the
     /// bounds present (as text), then the prefix, then the limit. The sort key is
@@ -636,6 +652,9 @@ impl Queries {
         };
         Queries {
             table: t.display.clone(),
+            checked_tables: std::iter::once(tbl.clone())
+                .chain(t.referencing.iter().map(|r| r.qualified.clone()))
+                .collect(),
             checked_columns: t
                 .referencing_names()
                 .into_iter()

@@ -1876,3 +1876,58 @@ async fn a_remembered_column_that_is_another_jobs_own_column_is_checked() {
         "both jobs cleaned up"
     );
 }
+
+/// Review: row-level security enabled on a `--referenced-by` table while a run works
+/// (after its start-up check) would hide the row that references an object from the
+/// cleanup: it is looked at again inside every cleanup, which then deletes nothing
+/// (exit 2, the fix named) and keeps the delete pending.
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_turned_on_during_a_run_stops_the_cleanup() {
+    let env = TestEnv::new("rls-midrun").await;
+    table(&env, true).await;
+    env.put_row("image/a.png", b"a".to_vec()).await;
+    let url = env.least_privilege_url();
+    let mut db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE public.other (id int PRIMARY KEY, path text);
+         INSERT INTO public.other VALUES (1, 'image/a.png');
+         GRANT SELECT, UPDATE ON public.other TO relocator_job;
+         CREATE POLICY nobody ON public.other FOR SELECT USING (false);",
+    )
+    .await
+    .unwrap();
+    // The row held, so the run waits at its commit while the policy is switched on.
+    let tx = db.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM avatars WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let mut child = env.run_cmd(&["--referenced-by", "public.other.path"]);
+    let child = child
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        until_a_session_waits_for_a_lock(&env),
+    )
+    .await
+    .expect("the run waits at its commit");
+    env.db()
+        .await
+        .batch_execute("ALTER TABLE public.other ENABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("row-level security on public.other"), "{err}");
+    assert!(
+        s3::head(&env.s3, &env.src_bucket, "image/a.png")
+            .await
+            .unwrap()
+            .is_some(),
+        "the object other.path references is kept"
+    );
+}
