@@ -566,15 +566,12 @@ async fn delete_locked(
     crate::db::rt(1);
     let hiding = crate::db::rls_hiding(db, &q.checked_tables).await?;
     if !hiding.is_empty() {
-        return Err(Locked::Failed(
-            crate::config::config_error(format!(
-                "row-level security on {} may now hide rows from this role, so this cleanup \
+        return Err(Locked::Failed(crate::config::config_error(format!(
+            "row-level security on {} may now hide rows from this role, so this cleanup \
                  deleted nothing (the ledger keeps it pending). Run as the table's owner or \
                  a role with BYPASSRLS, then rerun",
-                hiding.join(", ")
-            ))
-            .into(),
-        ));
+            hiding.join(", ")
+        ))));
     }
     // Batches in flight: wait for reservations being made, then see every one there is.
     let mut buckets: Vec<&str> = items.iter().map(|p| p.bucket).collect();
