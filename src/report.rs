@@ -139,6 +139,11 @@ pub struct Summary {
     pub duration_secs: f64,
     pub rows_per_sec: f64,
     pub interrupted: bool,
+    /// `run`: rows under the source prefix when the run finished that this process did
+    /// not report — written after the run had passed their place (an id, or a key, below
+    /// where it had got to; a rerun moves them), or reported by another process of the
+    /// run.
+    pub rows_left_unreported: u64,
 }
 
 impl Summary {
@@ -255,6 +260,11 @@ impl Report {
 
     /// Whether this run already reported the row, holding this path, as needing
     /// attention (phase 1 did; phase 2 then passes over it: one line per row per run).
+    /// How many rows were reported as needing attention.
+    pub fn judged_count(&self) -> usize {
+        self.judged.len()
+    }
+
     pub fn judged(&self, id: &str, path: &str) -> bool {
         self.judged.contains(&(id.to_owned(), path.to_owned()))
     }
@@ -294,6 +304,7 @@ impl Report {
             rows_seen: self.rows_seen,
             duration_secs: secs,
             interrupted,
+            rows_left_unreported: 0,
         })
     }
 }

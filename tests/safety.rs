@@ -1931,3 +1931,73 @@ async fn row_level_security_turned_on_during_a_run_stops_the_cleanup() {
         "the object other.path references is kept"
     );
 }
+
+/// Safety #12, suspected case: uuid ids on a live table. A row the application inserts
+/// with an id below where the run has got to is not visited by that run; the run must not
+/// claim the table whole: it says how many rows it left under the source prefix
+/// unreported, and the rerun moves them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_written_behind_the_run_is_counted_not_claimed() {
+    let env = TestEnv::new("behind").await;
+    let mut db = env.db().await;
+    db.batch_execute("CREATE TABLE avatars (id uuid PRIMARY KEY, path varchar)")
+        .await
+        .unwrap();
+    for (id, key) in [
+        ("80000000-0000-0000-0000-000000000001", "image/a.png"),
+        ("80000000-0000-0000-0000-000000000002", "image/b.png"),
+    ] {
+        put(&env, &env.src_bucket, key, key.as_bytes()).await;
+        db.execute(
+            "INSERT INTO avatars VALUES ($1::text::uuid, $2)",
+            &[&id, &key],
+        )
+        .await
+        .unwrap();
+    }
+    // The second row held: the run waits at its second commit, past the first id.
+    let tx = db.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM avatars WHERE id = '80000000-0000-0000-0000-000000000002' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let summary = env.path("s.json");
+    let child = spawn(&env, &["--batch-size", "1", "--summary-json", &summary]);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        until_a_session_waits_for_a_lock(&env),
+    )
+    .await
+    .expect("the run waits at its second commit");
+    put(&env, &env.src_bucket, "image/early.png", b"early").await;
+    env.db()
+        .await
+        .execute(
+            "INSERT INTO avatars VALUES ('00000000-0000-0000-0000-000000000001', 'image/early.png')",
+            &[],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(read_summary(&summary)["rows_left_unreported"], 1, "{err}");
+    assert!(err.contains("did not report"), "{err}");
+
+    let (code, err) = env.run(&["--summary-json", &summary]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(read_summary(&summary)["rows_left_unreported"], 0);
+    assert!(env.keys(&env.src_bucket, "image/").await.is_empty());
+    let paths: Vec<String> = env
+        .db()
+        .await
+        .query("SELECT path FROM avatars ORDER BY path", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(paths, ["avatar/a.png", "avatar/b.png", "avatar/early.png"]);
+}
