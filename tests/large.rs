@@ -155,6 +155,20 @@ fn streamed() -> [String; 2] {
     ["--dest-endpoint-url".to_owned(), url]
 }
 
+/// Wait until the run `child` has a multipart upload in progress at the destination.
+async fn until_an_upload_starts(env: &TestEnv, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "no multipart upload started");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// SIGKILL while the parts are being copied, then a rerun: the row ends pointing at a
 /// complete, identical object with the source's checksum, and no upload is left.
 async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
@@ -172,16 +186,7 @@ async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
-        .await
-        .unwrap()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "no multipart upload started");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_an_upload_starts(&env, &mut child).await;
     tokio::time::sleep(Duration::from_millis(700)).await; // a part or two in
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -323,16 +328,7 @@ async fn put_during_multipart(tag: &str, extra: &[String]) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
-        .await
-        .unwrap()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "no multipart upload started");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_an_upload_starts(&env, &mut child).await;
     // Uploaded in parts: its ETag says nothing about its bytes, so only its size can be
     // compared with the source's without reading it.
     let mut app = body.clone();
@@ -382,16 +378,7 @@ async fn a_source_replaced_between_two_parts_is_never_copied_half() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
-        .await
-        .unwrap()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "no multipart upload started");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_an_upload_starts(&env, &mut child).await;
     let mut new = body.clone();
     new.reverse();
     s3::put(

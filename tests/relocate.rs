@@ -182,37 +182,8 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     let env = TestEnv::new("cas").await;
     env.seed(5, 0).await;
     let args = relocator::cli::JobArgs {
-        database_url: env.database_url.clone(),
-        table: "avatars".into(),
-        id_column: "id".into(),
-        path_column: "path".into(),
-        referenced_by: Vec::new(),
-        source: env.source(),
-        dest: env.dest(),
-        rewrite: None,
-        to: None,
         batch_size: 10,
-        concurrency: 4,
-        batch_timeout: 600,
-        multipart_threshold: None,
-        set_metadata: Vec::new(),
-        storage_class: None,
-        sse: None,
-        sse_kms_key_id: None,
-        verify_content: false,
-        part_size: "256MiB".into(),
-        source_endpoint_url: None,
-        source_profile: None,
-        source_region: None,
-        dest_endpoint_url: None,
-        dest_profile: None,
-        dest_region: None,
-        s3: relocator::cli::S3Args {
-            endpoint_url: Some(common::var("AWS_ENDPOINT_URL")),
-            s3_timeout: 30,
-            s3_max_attempts: 3,
-            max_rps: None,
-        },
+        ..env.job_args()
     };
     let cfg = JobConfig::from_args(&args).unwrap();
     let pool = relocator::db::pool(&cfg.database_url, 2, None).unwrap();

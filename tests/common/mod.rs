@@ -269,6 +269,44 @@ impl TestEnv {
         c
     }
 
+    /// The job options as the command line gives them for this test's table, source and
+    /// destination (defaults otherwise), for tests that build a job in process.
+    pub fn job_args(&self) -> relocator::cli::JobArgs {
+        relocator::cli::JobArgs {
+            database_url: self.database_url.clone(),
+            table: "avatars".into(),
+            id_column: "id".into(),
+            path_column: "path".into(),
+            referenced_by: Vec::new(),
+            source: self.source(),
+            dest: self.dest(),
+            rewrite: None,
+            to: None,
+            batch_size: 5000,
+            concurrency: 4,
+            batch_timeout: 600,
+            multipart_threshold: None,
+            set_metadata: Vec::new(),
+            storage_class: None,
+            sse: None,
+            sse_kms_key_id: None,
+            verify_content: false,
+            part_size: "256MiB".into(),
+            source_endpoint_url: None,
+            source_profile: None,
+            source_region: None,
+            dest_endpoint_url: None,
+            dest_profile: None,
+            dest_region: None,
+            s3: relocator::cli::S3Args {
+                endpoint_url: Some(var("AWS_ENDPOINT_URL")),
+                s3_timeout: 30,
+                s3_max_attempts: 3,
+                max_rps: None,
+            },
+        }
+    }
+
     /// `relocator run` with the test's source and destination, plus `extra`.
     pub fn run_cmd(&self, extra: &[&str]) -> Command {
         let mut c = self.cmd();
