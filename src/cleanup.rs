@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{self, Side, DELETE_BATCH, S3};
+use crate::s3::{Side, DELETE_BATCH, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -493,8 +493,9 @@ async fn look(s3c: &S3, side: Side, items: &[Unreferenced<'_>]) -> Result<Looked
     }
     let found: Vec<(String, Option<bool>)> = stream::iter(expect)
         .map(|((bucket, key), etags)| async move {
-            s3c.ready_read().await;
-            let now = s3::head(s3c.client(side), bucket, key)
+            let now = s3c
+                .side(side)
+                .head(bucket, key)
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("looking at s3://{bucket}/{key} before deleting it"))?;
@@ -639,8 +640,9 @@ async fn delete_locked(
         .collect();
     let answers: Vec<DeleteAnswer<'_>> = stream::iter(requests)
         .map(|(bucket, chunk)| async move {
-            s3c.ready_write().await;
-            let errors = s3::delete_many_if(s3c.client(side), bucket, chunk)
+            let errors = s3c
+                .side(side)
+                .delete_many_if(bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("deleting objects in s3://{bucket}"))?;

@@ -2,8 +2,8 @@
 //! overwriting a different one. Copies in flight are bounded by `--concurrency`.
 //!
 //! Invariant enforced here: *a different object already at the destination is never
-//! overwritten* — [`copy_known`] copies only when the destination key was found free by
-//! a HEAD right before the copy (phase 2, plan, and phase 1 on servers without
+//! overwritten* — [`copy_known`] copies only onto a [`Destination`] found free by a HEAD
+//! right before the copy (phase 2, plan, rollback, and phase 1 on servers without
 //! create-only copies) or by the batch's listing. Where the server honours
 //! `If-None-Match: *` on CopyObject (learned per run, [`S3::learn_create_only`]) the copy
 //! itself is create-only and a 412 means "look at what is there"; where it does not
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::JobConfig;
-use crate::s3::{self, ObjectInfo, S3Error, WriteOptions, S3};
+use crate::s3::{self, ObjectInfo, Permit, S3Error, WriteOptions, S3};
 
 /// Where a batch notes each copy before it makes it, and a noted copy it did not make
 /// after all (kept with the batch's reservation of the key; see
@@ -69,6 +69,37 @@ pub struct Made {
     pub dst_etag: String,
 }
 
+/// What the destination key held when relocator last looked, and the rate permit of the
+/// copy that look may decide (taken before the look, so `--max-rps` never waits between
+/// the two). Built only here, from a server's answer: a HEAD ([`Destination::look`]) or
+/// the batch's listing ([`Destination::listed`]). Promise 2 rests on it: a copy is made
+/// only onto a key one of them found free, and no caller can hand the copy stage a
+/// guessed "free".
+pub struct Destination {
+    found: Option<ObjectInfo>,
+    permit: Option<Permit>,
+}
+
+impl Destination {
+    /// HEAD the key now; with the copy's permit first unless only looking (`plan`).
+    async fn look(s3c: &S3, bucket: &str, key: &str, mode: Mode<'_>) -> Result<Self, S3Error> {
+        let permit = match mode {
+            Mode::DryRun => None,
+            Mode::Copy(_) => Some(s3c.dst.permit().await),
+        };
+        let found = s3c.dst.head(bucket, key).await?;
+        Ok(Destination { found, permit })
+    }
+
+    /// What the batch's listing, taken before its copies began, said of the key.
+    fn listed(found: Option<ObjectInfo>) -> Self {
+        Destination {
+            found,
+            permit: None,
+        }
+    }
+}
+
 /// Copy every pair, at most `concurrency` at once, results in input order.
 /// `dry_run` only looks (HEAD) and reports what a real run would do.
 /// Returns `Ok(None)` when cancelled: nothing of the batch is committed then.
@@ -102,33 +133,18 @@ pub async fn copy_all_known(
             // The listing was taken before the batch's copies began. Where the server does
             // not make the copy itself create-only, look again right before copying a key the
             // listing found free: the window for an object put there meanwhile is then one
-            // HEAD→COPY round trip, not the batch's copy time. The copy's rate permit is
-            // taken before the look, so `--max-rps` never waits between the two.
-            s3c.ready_write().await;
-            let fresh;
+            // HEAD→COPY round trip, not the batch's copy time.
+            let mode = Mode::Copy(Some(intents));
             let dst = match listed {
                 None if !s3c.create_only => {
-                    s3c.ready_read().await;
-                    match s3::head(&s3c.dst, &cfg.dest.bucket, dst_key).await {
-                        Ok(d) => {
-                            fresh = d;
-                            fresh.as_ref()
-                        }
+                    match Destination::look(s3c, &cfg.dest.bucket, dst_key, mode).await {
+                        Ok(d) => d,
                         Err(e) => return per_object(e),
                     }
                 }
-                other => other.as_ref(),
+                listed => Destination::listed(listed.clone()),
             };
-            copy_known(
-                s3c,
-                cfg,
-                src_key,
-                src,
-                dst_key,
-                dst,
-                Mode::Copy(Some(intents)),
-            )
-            .await
+            copy_known(s3c, cfg, src_key, src, dst_key, dst, mode).await
         });
     bounded(copies, concurrency, cancel).await
 }
@@ -163,23 +179,29 @@ async fn copy_pair(
     dst_key: &str,
     mode: Mode<'_>,
 ) -> Result<PairResult> {
-    let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
-    s3c.ready_read().await;
-    let src = match s3::head(&s3c.src, sb, src_key).await {
+    let src = match s3c.src.head(&cfg.source.bucket, src_key).await {
         Ok(Some(info)) => info,
         Ok(None) => return Ok(PairResult::MissingSource),
         Err(e) => return per_object(e),
     };
-    if !mode.dry_run() {
-        // The copy's rate permit before the look: no `--max-rps` wait between the two.
-        s3c.ready_write().await;
-    }
-    s3c.ready_read().await;
-    let dst = match s3::head(&s3c.dst, db, dst_key).await {
+    copy_looking(s3c, cfg, src_key, &src, dst_key, mode).await
+}
+
+/// Copy `src` (seen with this identity) to `dst_key` if a look at the destination, made
+/// now, finds it free: phase 2, `plan`, and rollback's copies back.
+pub(crate) async fn copy_looking(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    src: &ObjectInfo,
+    dst_key: &str,
+    mode: Mode<'_>,
+) -> Result<PairResult> {
+    let dst = match Destination::look(s3c, &cfg.dest.bucket, dst_key, mode).await {
         Ok(d) => d,
         Err(e) => return per_object(e),
     };
-    copy_known(s3c, cfg, src_key, &src, dst_key, dst.as_ref(), mode).await
+    copy_known(s3c, cfg, src_key, src, dst_key, dst, mode).await
 }
 
 /// Whether a copy is made, and where it is noted first.
@@ -199,17 +221,15 @@ impl Mode<'_> {
 }
 
 /// The one place a destination object is created: only when the destination was found
-/// free (`dst` None), from a source that must still have the ETag it was seen with. With
-/// `--verify-content` the result is then read back on both sides and compared. The
-/// caller took the copy's rate permit ([`S3::ready_write`]) before it looked at the
-/// destination, so the look and a single-request copy follow each other at once.
-pub(crate) async fn copy_known(
+/// free, from a source that must still have the ETag it was seen with. With
+/// `--verify-content` the result is then read back on both sides and compared.
+async fn copy_known(
     s3c: &S3,
     cfg: &JobConfig,
     src_key: &str,
     src: &ObjectInfo,
     dst_key: &str,
-    dst: Option<&ObjectInfo>,
+    dst: Destination,
     mode: Mode<'_>,
 ) -> Result<PairResult> {
     let dry_run = mode.dry_run();
@@ -261,11 +281,9 @@ async fn confirm_existing(
     ready: PairResult,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
-    s3c.ready_read().await;
-    s3c.ready_read().await;
     let (a, b) = futures::join!(
-        s3::head_object(&s3c.src, sb, src_key),
-        s3::head_object(&s3c.dst, db, dst_key)
+        s3c.src.head_object(sb, src_key),
+        s3c.dst.head_object(db, dst_key)
     );
     let (a, b) = match (a, b) {
         (Ok(a), Ok(b)) => (a.and_then(|h| h.checksum), b.and_then(|h| h.checksum)),
@@ -298,12 +316,7 @@ async fn verify_content(
     ready: PairResult,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
-    s3c.ready_read().await;
-    s3c.ready_read().await;
-    let (a, b) = futures::join!(
-        s3::sha256(&s3c.src, sb, src_key),
-        s3::sha256(&s3c.dst, db, dst_key)
-    );
+    let (a, b) = futures::join!(s3c.src.sha256(sb, src_key), s3c.dst.sha256(db, dst_key));
     let (a, b) = match (a, b) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return per_object(e),
@@ -323,10 +336,9 @@ async fn verify_content(
     let PairResult::Ready { dst_etag, .. } = &ready else {
         return Ok(ready);
     };
-    let still_ours = s3::still_there(s3c, db, dst_key, dst_etag).await?;
+    let still_ours = s3c.dst.still_there(db, dst_key, dst_etag).await?;
     if still_ours {
-        s3c.ready_write().await;
-        s3::delete_one(&s3c.dst, db, dst_key).await?;
+        s3c.dst.delete_one(db, dst_key).await?;
     }
     Ok(PairResult::Rejected(format!(
         "the copy at s3://{db}/{dst_key} read back with other bytes than the source \
@@ -345,10 +357,10 @@ async fn make_copy(
     src_key: &str,
     src: &ObjectInfo,
     dst_key: &str,
-    dst: Option<&ObjectInfo>,
+    dst: Destination,
     mode: Mode<'_>,
 ) -> Result<PairResult> {
-    if let Some(existing) = dst {
+    if let Some(existing) = &dst.found {
         if let Mode::Copy(Some(i)) = mode {
             // Noted from the batch's listing, but taken by now: not relocator's.
             i.not_made(dst_key).await?;
@@ -369,7 +381,11 @@ async fn make_copy(
     if let Some(i) = intents {
         i.creating(dst_key, &src.etag).await?;
     }
-    let made = copy_free(s3c, cfg, src_key, src, dst_key).await;
+    let permit = match dst.permit {
+        Some(p) => p,
+        None => s3c.dst.permit().await,
+    };
+    let made = copy_free(s3c, cfg, permit, src_key, src, dst_key).await;
     if let Some(i) = intents {
         // Not made after all (refused, found taken meanwhile, the source gone or
         // changed): no longer noted as relocator's. (After an error the copy may or may
@@ -385,6 +401,7 @@ async fn make_copy(
 async fn copy_free(
     s3c: &S3,
     cfg: &JobConfig,
+    permit: Permit,
     src_key: &str,
     src: &ObjectInfo,
     dst_key: &str,
@@ -402,32 +419,33 @@ async fn copy_free(
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
-        s3::copy_multipart(s3c, sb, src_key, src, db, dst_key, parts, &cfg.write)
+        s3c.copy_multipart(permit, sb, src_key, src, db, dst_key, parts, &cfg.write)
             .await
             .map(|made| Some(made.etag))
     } else if !s3c.server_side {
-        s3::stream_copy(s3c, sb, src_key, src, db, dst_key, &cfg.write)
+        s3c.stream_copy(permit, sb, src_key, src, db, dst_key, &cfg.write)
             .await
             .map(|made| Some(made.etag))
     } else {
         let create_only = s3c.create_only;
-        match s3::copy(
-            &s3c.dst,
-            sb,
-            src_key,
-            src,
-            db,
-            dst_key,
-            &cfg.write,
-            create_only,
-        )
-        .await
+        match s3c
+            .dst
+            .copy(
+                permit,
+                sb,
+                src_key,
+                src,
+                db,
+                dst_key,
+                &cfg.write,
+                create_only,
+            )
+            .await
         {
             // Refused: either the source changed (copy-source-if-match) or, create-only,
             // something is at the destination by now. Look at what is there.
             Err(S3Error::PreconditionFailed) if create_only => {
-                s3c.ready_read().await;
-                return match s3::head(&s3c.dst, db, dst_key).await {
+                return match s3c.dst.head(db, dst_key).await {
                     Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
                     Ok(None) => Ok(source_changed()),
                     Err(e) => per_object(e),
@@ -444,8 +462,7 @@ async fn copy_free(
         Ok(None) => {
             // The ETags are not comparable (a multipart source, an SSE-KMS copy); confirm
             // the size instead.
-            s3c.ready_read().await;
-            match s3::head(&s3c.dst, db, dst_key).await {
+            match s3c.dst.head(db, dst_key).await {
                 Ok(Some(d)) if d.size == src.size => d.etag,
                 Ok(other) => {
                     return Err(anyhow!(

@@ -116,8 +116,8 @@ pub(crate) async fn open<'a>(
     // hold the job pool's connections for as long as they run.
     let uploads = db::pool(&cfg.database_url, 2, Some(cfg.batch_timeout))?;
     s3c.uploads = Some(std::sync::Arc::new(db::LedgerUploads(uploads)));
-    s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
-    s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
+    s3c.src.check_bucket("--source", &cfg.source.bucket).await?;
+    s3c.dst.check_bucket("--dest", &cfg.dest.bucket).await?;
     if !s3c.server_side {
         info!("source and destination differ in endpoint or credentials: objects are streamed");
     }
@@ -757,22 +757,20 @@ async fn list_until(
     };
     let (bucket, prefix) = (&loc.bucket, &loc.prefix);
     let mut found = Vec::new();
-    let mut after = after;
-    loop {
-        let (page, more) = s3::list_page(&sh.s3, side, bucket, prefix, after.as_deref(), 1000)
-            .await
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("listing s3://{bucket}/{prefix}"))?;
-        let Some((last, _)) = page.last() else {
-            return Ok(found);
-        };
-        let past = last.as_str() >= to;
-        after = Some(last.clone());
+    let mut listing = sh.s3.listing(side, bucket, prefix, after);
+    while let Some(page) = listing
+        .page(1000)
+        .await
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("listing s3://{bucket}/{prefix}"))?
+    {
+        let past = page.last().is_some_and(|(last, _)| last.as_str() >= to);
         found.extend(page.into_iter().filter(|(k, _)| k.as_str() <= to));
-        if past || !more {
-            return Ok(found);
+        if past {
+            break;
         }
     }
+    Ok(found)
 }
 
 /// After a takeover: the source objects of a phase-1 lease still to do, (after, hi].

@@ -338,24 +338,18 @@ async fn list_keys(
     n: usize,
 ) -> Result<Vec<(String, ObjectInfo)>> {
     let mut objects: Vec<(String, ObjectInfo)> = Vec::with_capacity(n);
-    let mut after = after.map(str::to_owned);
+    let (bucket, prefix) = (&cfg.source.bucket, &cfg.source.prefix);
+    let mut listing = s3c.listing(s3::Side::Source, bucket, prefix, after.map(str::to_owned));
     while objects.len() < n {
         let want = (n - objects.len()).min(1000) as i32;
-        let (page, more) = s3::list_page(
-            s3c,
-            s3::Side::Source,
-            &cfg.source.bucket,
-            &cfg.source.prefix,
-            after.as_deref(),
-            want,
-        )
-        .await
-        .map_err(anyhow::Error::from)
-        .context("listing the source")?;
-        after = page.last().map(|(k, _)| k.clone());
-        objects.extend(page);
-        if !more || after.is_none() {
-            break;
+        match listing
+            .page(want)
+            .await
+            .map_err(anyhow::Error::from)
+            .context("listing the source")?
+        {
+            Some(page) => objects.extend(page),
+            None => break,
         }
     }
     Ok(objects)

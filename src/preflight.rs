@@ -416,7 +416,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     let (src, dst) = (&cfg.source, &cfg.dest);
     let mut buckets_ok = true;
     for (flag, loc, c) in [("--source", src, sc), ("--dest", dst, dc)] {
-        match s3::check_bucket(c, flag, &loc.bucket).await {
+        match c.check_bucket(flag, &loc.bucket).await {
             Ok(()) => r.ok(
                 bucket_check(flag),
                 format!("bucket {} reachable", loc.bucket),
@@ -436,26 +436,29 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     let arn = |bucket: &str, prefix: &str| format!("arn:aws:s3:::{bucket}/{prefix}*");
 
     // Source: list, read, delete (a key that does not exist: deleting it changes nothing).
-    let sample: Option<(String, ObjectInfo)> =
-        match s3::list_page(&s3c, s3::Side::Source, &src.bucket, &src.prefix, None, 1).await {
-            Ok((page, _)) => {
-                r.ok("source list", format!("may list {src}"));
-                page.into_iter().next()
-            }
-            Err(e) => {
-                r.fail(
-                    "source list",
-                    e.to_string(),
-                    Some(format!(
-                        "allow s3:ListBucket on arn:aws:s3:::{} (prefix {})",
-                        src.bucket, src.prefix
-                    )),
-                );
-                None
-            }
-        };
+    let sample: Option<(String, ObjectInfo)> = match s3c
+        .listing(s3::Side::Source, &src.bucket, &src.prefix, None)
+        .page(1)
+        .await
+    {
+        Ok(page) => {
+            r.ok("source list", format!("may list {src}"));
+            page.into_iter().flatten().next()
+        }
+        Err(e) => {
+            r.fail(
+                "source list",
+                e.to_string(),
+                Some(format!(
+                    "allow s3:ListBucket on arn:aws:s3:::{} (prefix {})",
+                    src.bucket, src.prefix
+                )),
+            );
+            None
+        }
+    };
     if let Some((key, _)) = &sample {
-        match s3::head(sc, &src.bucket, key).await {
+        match sc.head(&src.bucket, key).await {
             Ok(_) => r.ok("source read", format!("may read objects under {src}")),
             Err(e) => r.fail(
                 "source read",
@@ -469,7 +472,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     }
     let probe = format!(".relocator-preflight-{:016x}", rand::random::<u64>());
     let src_probe = format!("{}{probe}", src.prefix);
-    match s3::delete_one(sc, &src.bucket, &src_probe).await {
+    match sc.delete_one(&src.bucket, &src_probe).await {
         Ok(()) => r.ok("source delete", format!("may delete objects under {src}")),
         Err(e) => r.fail(
             "source delete",
@@ -484,7 +487,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
     // Destination: write a probe, read it, copy into the prefix, delete.
     let dst_probe = format!("{}{probe}", dst.prefix);
     let body = b"relocator preflight probe; safe to delete".to_vec();
-    if let Err(e) = s3::put(dc, &dst.bucket, &dst_probe, body, "text/plain").await {
+    if let Err(e) = dc.put(&dst.bucket, &dst_probe, body, "text/plain").await {
         r.fail(
             "dest write",
             format!("{e}: no object could be copied there"),
@@ -496,7 +499,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
         return Ok(());
     }
     r.ok("dest write", format!("may write objects under {dst}"));
-    let probe_info = match s3::head(dc, &dst.bucket, &dst_probe).await {
+    let probe_info = match dc.head(&dst.bucket, &dst_probe).await {
         Ok(Some(i)) => {
             r.ok("dest read", format!("may read objects under {dst}"));
             Some(i)
@@ -533,7 +536,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             dst.bucket.clone(),
             dst_probe.clone(),
             i.clone(),
-            S3::new(dc.clone(), None),
+            s3c.dest_only(),
         )),
         (None, None) => None,
     };
@@ -549,21 +552,23 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             .map(|k| {
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
+                    let permit = via.dst.permit().await;
                     if via.server_side {
-                        s3::copy(
-                            &via.dst,
-                            from_bucket,
-                            from_key,
-                            info,
-                            &dst.bucket,
-                            k,
-                            write,
-                            false,
-                        )
-                        .await
-                        .map(|_| ())
+                        via.dst
+                            .copy(
+                                permit,
+                                from_bucket,
+                                from_key,
+                                info,
+                                &dst.bucket,
+                                k,
+                                write,
+                                false,
+                            )
+                            .await
+                            .map(|_| ())
                     } else {
-                        s3::stream_copy(via, from_bucket, from_key, info, &dst.bucket, k, write)
+                        via.stream_copy(permit, from_bucket, from_key, info, &dst.bucket, k, write)
                             .await
                             .map(|_| ())
                     }
@@ -608,7 +613,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             ),
         }
     }
-    match s3::delete_many(dc, &dst.bucket, &written).await {
+    match dc.delete_many(&dst.bucket, &written).await {
         Ok(errors) if errors.is_empty() => r.ok(
             "dest delete",
             format!("may delete objects under {dst} (probes removed)"),
@@ -639,13 +644,13 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
 }
 
 /// A bucket's versioning and Object Lock, and what a delete means there.
-async fn versioning(r: &mut Report, flag: &str, bucket: &str, c: &aws_sdk_s3::Client) {
+async fn versioning(r: &mut Report, flag: &str, bucket: &str, c: &s3::Endpoint) {
     let name = if flag == "--source" {
         "source versions"
     } else {
         "dest versions"
     };
-    match s3::versioning(c, bucket).await {
+    match c.versioning(bucket).await {
         Ok(s3::Versioning::Off) => r.ok(
             name,
             format!("bucket {bucket} is not versioned: a delete removes the object"),

@@ -32,7 +32,7 @@ use crate::job::{self, Shared};
 use crate::lease::{self, TableLock};
 use crate::progress::Progress;
 use crate::report::{Counters, Outcome, Report, ReportLine, Summary};
-use crate::s3::{self, Side, S3};
+use crate::s3::{Side, S3};
 
 /// Options of `rollback` beyond the job itself.
 #[derive(Debug, Clone, Default)]
@@ -339,43 +339,33 @@ async fn restore_pair(
     new: &str,
     old: &str,
 ) -> Result<PairResult> {
-    // Every rate permit before the looks (see copy::copy_known): none falls between the
-    // look at the old key and the copy back onto it.
-    sh.s3.ready_write().await;
-    sh.s3.ready_read().await;
-    sh.s3.ready_read().await;
-    let at_new = match s3::head(&sh.s3.dst, &sh.cfg.dest.bucket, new).await {
+    let at_new = match sh.s3.dst.head(&sh.cfg.dest.bucket, new).await {
         Ok(n) => n,
         Err(e) => return copy::per_object(e),
     };
-    // The old key last: the copy back follows this look at once.
-    let at_old = match s3::head(&sh.s3.src, &sh.cfg.source.bucket, old).await {
-        Ok(o) => o,
-        Err(e) => return copy::per_object(e),
+    let Some(n) = at_new else {
+        // The row points at a missing object either way; the old key at least may exist.
+        return match sh.s3.src.head(&sh.cfg.source.bucket, old).await {
+            Ok(Some(o)) => Ok(PairResult::Ready {
+                created: false,
+                size: o.size,
+                src_etag: o.etag.clone(),
+                dst_etag: o.etag,
+            }),
+            Ok(None) => Ok(PairResult::MissingSource),
+            Err(e) => copy::per_object(e),
+        };
     };
-    match (at_new, at_old) {
-        // The row points at a missing object either way; the old key at least exists.
-        (None, Some(o)) => Ok(PairResult::Ready {
-            created: false,
-            size: o.size,
-            src_etag: o.etag.clone(),
-            dst_etag: o.etag,
-        }),
-        (None, None) => Ok(PairResult::MissingSource),
-        (Some(n), at_old) => {
-            copy::copy_known(
-                &reversed.1,
-                &reversed.0,
-                new,
-                &n,
-                old,
-                at_old.as_ref(),
-                // Copies back are taken back by the rollback itself (see undo_batch).
-                copy::Mode::Copy(None),
-            )
-            .await
-        }
-    }
+    // Copies back are taken back by the rollback itself (see undo_batch).
+    copy::copy_looking(
+        &reversed.1,
+        &reversed.0,
+        new,
+        &n,
+        old,
+        copy::Mode::Copy(None),
+    )
+    .await
 }
 
 /// One statement: rewrite the candidate rows back (compare-and-swap on the new path) and

@@ -6,7 +6,6 @@
 use std::ops::Range;
 
 use anyhow::{Context, Result};
-use aws_sdk_s3::Client;
 use futures::{stream, StreamExt, TryStreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -201,8 +200,8 @@ pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
         .await
         .with_context(|| format!("indexing {}", cfg.table))?;
 
-    let s3c = s3::client(&cfg.s3).await;
-    s3::check_bucket(&s3c, "--target", &cfg.target.bucket).await?;
+    let s3c = s3::Endpoint::from(s3::client(&cfg.s3).await);
+    s3c.check_bucket("--target", &cfg.target.bucket).await?;
     for loc in &cfg.clear {
         clear(&s3c, loc).await?;
     }
@@ -233,26 +232,22 @@ pub async fn seed(cfg: &SeedConfig) -> Result<Seeded> {
 }
 
 /// Delete every object under `loc` (demo reruns start from empty prefixes).
-async fn clear(s3c: &Client, loc: &S3Location) -> Result<()> {
-    let wrapped = s3::S3::new(s3c.clone(), None);
+async fn clear(s3c: &s3::Endpoint, loc: &S3Location) -> Result<()> {
+    let wrapped = s3::S3::new(s3c.clone());
     let mut deleted = 0;
     loop {
-        let (page, _) = s3::list_page(
-            &wrapped,
-            s3::Side::Source,
-            &loc.bucket,
-            &loc.prefix,
-            None,
-            1000,
-        )
-        .await
-        .with_context(|| format!("listing {loc} to clear it"))?;
-        if page.is_empty() {
+        let page = wrapped
+            .listing(s3::Side::Source, &loc.bucket, &loc.prefix, None)
+            .page(1000)
+            .await
+            .with_context(|| format!("listing {loc} to clear it"))?;
+        let Some(page) = page else {
             info!(%loc, deleted, "cleared");
             return Ok(());
-        }
+        };
         let keys: Vec<String> = page.into_iter().map(|(k, _)| k).collect();
-        let failed = s3::delete_many(s3c, &loc.bucket, &keys)
+        let failed = s3c
+            .delete_many(&loc.bucket, &keys)
             .await
             .with_context(|| format!("clearing {loc}"))?;
         if let Some((key, why)) = failed.first() {
@@ -262,13 +257,13 @@ async fn clear(s3c: &Client, loc: &S3Location) -> Result<()> {
     }
 }
 
-async fn upload(s3c: &Client, cfg: &SeedConfig, keys: &[&str]) -> Result<u64> {
+async fn upload(s3c: &s3::Endpoint, cfg: &SeedConfig, keys: &[&str]) -> Result<u64> {
     let bucket = &cfg.target.bucket;
     let sizes: Vec<u64> = stream::iter(keys)
         .map(|key| async move {
             let body = object_bytes(cfg.seed, key, &cfg.sizes);
             let len = body.len() as u64;
-            s3::put_with(s3c, bucket, key, body, &headers(cfg.seed, key))
+            s3c.put_with(bucket, key, body, &headers(cfg.seed, key))
                 .await
                 .with_context(|| format!("uploading seed object {key:?}"))?;
             Ok::<_, anyhow::Error>(len)

@@ -7,7 +7,7 @@
 //! its ETag. Moves whose rows point outside both prefixes are looked up one by one. A
 //! verify that found nothing to check says so and does not exit 0.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -159,8 +159,8 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     // Every key a row could hold is listed (rows are matched to keys here, by a merge in
     // byte order); only keys sent to the database are limited to what it can hold.
     let s3c = S3::for_job(cfg).await;
-    s3::check_bucket(&s3c.src, "--source", &cfg.source.bucket).await?;
-    s3::check_bucket(&s3c.dst, "--dest", &cfg.dest.bucket).await?;
+    s3c.src.check_bucket("--source", &cfg.source.bucket).await?;
+    s3c.dst.check_bucket("--dest", &cfg.dest.bucket).await?;
     let ledger = db::ledger_exists(&client).await?;
     let (on_dest, _) = db::count_selected(&client, &table, &cfg.dest.prefix).await?;
     let (on_source, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
@@ -333,8 +333,7 @@ fn same(found: &ObjectInfo, etag: &Option<String>, size: Option<i64>) -> bool {
 
 /// `--verify-content`: the object's bytes against its ETag.
 async fn content(s3c: &S3, bucket: &str, key: &str, etag: &str) -> Result<Check> {
-    s3c.ready_read().await;
-    match s3::bytes_match_etag(&s3c.dst, bucket, key, etag).await {
+    match s3c.dst.bytes_match_etag(bucket, key, etag).await {
         Ok(Some(true)) => Ok(Check::Ok),
         Ok(Some(false)) => Ok(Check::Corrupt),
         // Encrypted with a key (its ETag is no MD5): the bytes cannot be checked here.
@@ -390,8 +389,7 @@ async fn elsewhere(
         after = last.get(0);
         for r in rows {
             let (id, bucket, key): (String, String, String) = (r.get(1), r.get(2), r.get(3));
-            s3c.ready_read().await;
-            let check = match s3::head(&s3c.dst, &bucket, &key).await? {
+            let check = match s3c.dst.head(&bucket, &key).await? {
                 None => Check::Missing,
                 Some(found) if !same(&found, &r.get(4), r.get(5)) => Check::Replaced,
                 Some(found) if cfg.verify_content => {
@@ -438,15 +436,7 @@ async fn merge_side(
         .await
         .context("scanning rows in key order")?;
     pin_mut!(rows);
-    let mut listing = Listing {
-        s3c,
-        side,
-        bucket,
-        prefix,
-        after: None,
-        done: false,
-        buf: VecDeque::new(),
-    };
+    let mut listing = s3c.listing(side, bucket, prefix, None);
     let mut next = listing.next().await?;
     let mut last_matched: Option<(String, ObjectInfo)> = None;
     while let Some(row) = rows.next().await {
@@ -483,41 +473,4 @@ async fn merge_side(
         next = listing.next().await?;
     }
     Ok(())
-}
-
-/// The objects under a prefix, in S3's (byte) order, one ListObjectsV2 page at a time.
-struct Listing<'a> {
-    s3c: &'a S3,
-    side: Side,
-    bucket: &'a str,
-    prefix: &'a str,
-    after: Option<String>,
-    done: bool,
-    buf: VecDeque<(String, ObjectInfo)>,
-}
-
-impl Listing<'_> {
-    async fn next(&mut self) -> Result<Option<(String, ObjectInfo)>> {
-        loop {
-            if let Some(k) = self.buf.pop_front() {
-                return Ok(Some(k));
-            }
-            if self.done {
-                return Ok(None);
-            }
-            let (page, more) = s3::list_page(
-                self.s3c,
-                self.side,
-                self.bucket,
-                self.prefix,
-                self.after.as_deref(),
-                1000,
-            )
-            .await
-            .with_context(|| format!("listing s3://{}/{}", self.bucket, self.prefix))?;
-            self.after = page.last().map(|(k, _)| k.clone());
-            self.done = !more || self.after.is_none();
-            self.buf.extend(page);
-        }
-    }
 }

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
@@ -10,7 +11,6 @@ use std::time::Duration;
 use common::TestEnv;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use relocator::s3;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_then_rerun_converges_with_nothing_done_twice() {
@@ -82,15 +82,11 @@ async fn live_application_writes_are_never_lost() {
         } else {
             (&env.dst_bucket, format!("avatar/app-upload-{id}.png"))
         };
-        s3::put(
-            &env.s3,
-            bucket,
-            &key,
-            format!("app-{id}").into_bytes(),
-            "image/png",
-        )
-        .await
-        .unwrap();
+        env.s3
+            .ep()
+            .put(bucket, &key, format!("app-{id}").into_bytes(), "image/png")
+            .await
+            .unwrap();
         db.execute("UPDATE avatars SET path = $1 WHERE id = $2", &[&key, &id])
             .await
             .unwrap();
@@ -107,7 +103,10 @@ async fn live_application_writes_are_never_lost() {
     assert_eq!(code, 0, "{err}");
 
     for (id, path) in env.rows().await {
-        let bytes = s3::get_bytes(&env.s3, env.bucket_of(&path), &path)
+        let bytes = env
+            .s3
+            .ep()
+            .get_bytes(env.bucket_of(&path), &path)
             .await
             .unwrap_or_else(|e| panic!("row {id} points at a missing object {path}: {e:#}"));
         match app.get(&id) {

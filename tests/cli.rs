@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use common::TestEnv;
 
@@ -374,15 +375,11 @@ async fn hostile_path_values_are_reported_and_left_alone() {
     env.seed(20, 0).await;
     let db = env.db().await;
     let literal = "image/%C3%28 not an escape.png";
-    relocator::s3::put(
-        &env.s3,
-        &env.src_bucket,
-        literal,
-        b"literal".to_vec(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(&env.src_bucket, literal, b"literal".to_vec(), "image/png")
+        .await
+        .unwrap();
     // A leading `/` is refused by the key rules too (rewrite's unit tests): only a
     // whole-bucket source could select it, and a whole-bucket source overlaps every
     // destination prefix (refused with exit 2, tests above).
@@ -397,22 +394,25 @@ async fn hostile_path_values_are_reported_and_left_alone() {
             (&env.src_bucket, key.to_owned()),
             (&env.dst_bucket, key.replacen("image/", "avatar/", 1)),
         ] {
-            relocator::s3::put(&env.s3, bucket, &key, b"stray".to_vec(), "image/png")
+            env.s3
+                .ep()
+                .put(bucket, &key, b"stray".to_vec(), "image/png")
                 .await
                 .unwrap();
         }
     }
     // A key no row can hold (PostgreSQL's text has no NUL): left out of the listings, so
     // it cannot fail every statement that would carry it.
-    relocator::s3::put(
-        &env.s3,
-        &env.src_bucket,
-        "image/nul\u{0}byte.png",
-        b"stray".to_vec(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(
+            &env.src_bucket,
+            "image/nul\u{0}byte.png",
+            b"stray".to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
     for p in hostile.iter().chain([&literal]) {
         db.execute("INSERT INTO avatars (path) VALUES ($1)", &[p])
             .await
@@ -447,9 +447,7 @@ async fn hostile_path_values_are_reported_and_left_alone() {
     let (id, path) = rows.iter().find(|(_, p)| p.contains("%C3%28")).unwrap();
     let moved = format!("avatar/{}", literal.strip_prefix("image/").unwrap());
     assert_eq!(path, &moved, "row {id}");
-    let bytes = relocator::s3::get_bytes(&env.s3, &env.dst_bucket, path)
-        .await
-        .unwrap();
+    let bytes = env.s3.ep().get_bytes(&env.dst_bucket, path).await.unwrap();
     assert_eq!(bytes, b"literal");
     for key in unlistable {
         let listed = env.keys(&env.src_bucket, "image/").await;

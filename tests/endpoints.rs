@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use std::process::Stdio;
 
@@ -18,16 +19,20 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
     let seeded = env.seed(300, 0).await;
     let mut big = vec![0u8; 128 << 20];
     rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut big);
-    s3::put_with(
-        &env.s3,
-        &env.src_bucket,
-        "image/big.bin",
-        big.clone(),
-        &seed::headers(env.seed, "image/big.bin"),
-    )
-    .await
-    .unwrap();
-    let source_checksum = s3::head_object(&env.s3, &env.src_bucket, "image/big.bin")
+    env.s3
+        .ep()
+        .put_with(
+            &env.src_bucket,
+            "image/big.bin",
+            big.clone(),
+            &seed::headers(env.seed, "image/big.bin"),
+        )
+        .await
+        .unwrap();
+    let source_checksum = env
+        .s3
+        .ep()
+        .head_object(&env.src_bucket, "image/big.bin")
         .await
         .unwrap()
         .unwrap()
@@ -95,32 +100,40 @@ async fn objects_are_streamed_between_two_endpoints_with_their_headers() {
         }
         for s in seeded.iter().step_by(37) {
             let key = format!("avatar/{}", s.path.strip_prefix("image/").unwrap());
-            let bytes = s3::get_bytes(&far, &far_bucket, &key).await.unwrap();
+            let bytes = far.ep().get_bytes(&far_bucket, &key).await.unwrap();
             assert_eq!(
                 bytes,
                 seed::object_bytes(env.seed, &s.path, &(100..4096)),
                 "{key}"
             );
-            let h = s3::head_object(&far, &far_bucket, &key)
+            let h = far
+                .ep()
+                .head_object(&far_bucket, &key)
                 .await
                 .unwrap()
                 .unwrap()
                 .headers;
             assert_eq!(h, seed::headers(env.seed, &s.path).with(&extra), "{key}");
         }
-        let copy = s3::get_bytes(&far, &far_bucket, "avatar/big.bin")
+        let copy = far
+            .ep()
+            .get_bytes(&far_bucket, "avatar/big.bin")
             .await
             .unwrap();
         assert!(copy == big, "the 128 MiB object differs");
         let s3::Head {
             info, headers: h, ..
-        } = s3::head_object(&far, &far_bucket, "avatar/big.bin")
+        } = far
+            .ep()
+            .head_object(&far_bucket, "avatar/big.bin")
             .await
             .unwrap()
             .unwrap();
         assert!(info.is_multipart(), "streamed in parts: {}", info.etag);
         assert_eq!(h, seed::headers(env.seed, "image/big.bin").with(&extra));
-        assert!(s3::list_uploads(&far, &far_bucket, "")
+        assert!(far
+            .ep()
+            .list_uploads(&far_bucket, "")
             .await
             .unwrap()
             .is_empty());

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -40,7 +41,10 @@ async fn big_row(env: &TestEnv, key: &str) -> Vec<u8> {
 /// The full-object checksum the server keeps for a source object (the seed asks for a
 /// CRC64NVME, as AWS gives every new object).
 async fn source_checksum(env: &TestEnv, key: &str) -> Option<s3::Checksum> {
-    let checksum = s3::head_object(&env.s3, &env.src_bucket, key)
+    let checksum = env
+        .s3
+        .ep()
+        .head_object(&env.src_bucket, key)
         .await
         .unwrap()
         .unwrap()
@@ -91,7 +95,10 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
         "--verify-content read both sides: {summary}"
     );
 
-    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big one.bin")
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big one.bin")
         .await
         .unwrap();
     assert!(copy == body, "the 64 MiB copy differs");
@@ -99,7 +106,10 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
         info,
         headers,
         checksum,
-    } = s3::head_object(&env.s3, &env.dst_bucket, "avatar/big one.bin")
+    } = env
+        .s3
+        .ep()
+        .head_object(&env.dst_bucket, "avatar/big one.bin")
         .await
         .unwrap()
         .unwrap();
@@ -121,14 +131,20 @@ async fn a_64_mib_object_is_copied_in_parts_with_every_header_kept_and_verified(
         .find(|(_, p)| p.starts_with("avatar/") && p.ends_with(".png"))
         .unwrap()
         .1;
-    let small_headers = s3::head_object(&env.s3, &env.dst_bucket, &small)
+    let small_headers = env
+        .s3
+        .ep()
+        .head_object(&env.dst_bucket, &small)
         .await
         .unwrap()
         .unwrap()
         .headers;
     let original = format!("image/{}", small.strip_prefix("avatar/").unwrap());
     assert_eq!(small_headers, expected(&env, &original));
-    assert!(s3::list_uploads(&env.s3, &env.dst_bucket, "")
+    assert!(env
+        .s3
+        .ep()
+        .list_uploads(&env.dst_bucket, "")
         .await
         .unwrap()
         .is_empty());
@@ -158,7 +174,10 @@ fn streamed() -> [String; 2] {
 /// Wait until the run `child` has a multipart upload in progress at the destination.
 async fn until_an_upload_starts(env: &TestEnv, child: &mut std::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while s3::list_uploads(&env.s3, &env.dst_bucket, "")
+    while env
+        .s3
+        .ep()
+        .list_uploads(&env.dst_bucket, "")
         .await
         .unwrap()
         .is_empty()
@@ -191,7 +210,9 @@ async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_eq!(
-        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        env.s3
+            .ep()
+            .list_uploads(&env.dst_bucket, "")
             .await
             .unwrap()
             .len(),
@@ -199,7 +220,10 @@ async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
         "the killed run left its upload incomplete"
     );
     assert_eq!(env.rows().await[0].1, "image/big.bin", "nothing committed");
-    assert!(s3::head(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    assert!(env
+        .s3
+        .ep()
+        .head(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap()
         .is_none());
@@ -207,14 +231,20 @@ async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
     let (code, err) = env.run(&args);
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.rows().await[0].1, "avatar/big.bin");
-    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap();
     assert!(copy == body, "the copy differs");
     if extra.is_empty() {
         // Server-side, the upload carried the source's algorithm as a FULL_OBJECT checksum
         // (streamed, relocator checked the bytes itself: see the corruption test).
-        let done = s3::head_object(&env.s3, &env.dst_bucket, "avatar/big.bin")
+        let done = env
+            .s3
+            .ep()
+            .head_object(&env.dst_bucket, "avatar/big.bin")
             .await
             .unwrap()
             .unwrap();
@@ -224,7 +254,9 @@ async fn sigkill_mid_multipart(tag: &str, extra: &[String]) {
         );
     }
     assert!(
-        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        env.s3
+            .ep()
+            .list_uploads(&env.dst_bucket, "")
             .await
             .unwrap()
             .is_empty(),
@@ -273,18 +305,26 @@ async fn a_part_corrupted_on_the_way_fails_the_checksum_and_nothing_is_left() {
         "{err}"
     );
     assert!(
-        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        env.s3
+            .ep()
+            .list_uploads(&env.dst_bucket, "")
             .await
             .unwrap()
             .is_empty(),
         "the refused upload was aborted"
     );
-    assert!(s3::head(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    assert!(env
+        .s3
+        .ep()
+        .head(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap()
         .is_none());
     assert_eq!(env.rows().await[0].1, "image/big.bin", "nothing committed");
-    assert!(s3::head(&env.s3, &env.src_bucket, "image/big.bin")
+    assert!(env
+        .s3
+        .ep()
+        .head(&env.src_bucket, "image/big.bin")
         .await
         .unwrap()
         .is_some());
@@ -292,7 +332,10 @@ async fn a_part_corrupted_on_the_way_fails_the_checksum_and_nothing_is_left() {
     let (code, err) = env.run(&[&PARTS[..], &streamed().each_ref().map(String::as_str)].concat());
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.rows().await[0].1, "avatar/big.bin");
-    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap();
     assert!(copy == body, "the copy differs");
@@ -345,16 +388,24 @@ async fn put_during_multipart(tag: &str, extra: &[String]) {
     let outcomes = common::read_outcomes(&report);
     assert_eq!(outcomes["1"].0, "conflict", "{outcomes:?}\n{err}");
     assert_eq!(env.rows().await[0].1, "image/big.bin", "row unchanged");
-    let there = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    let there = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap();
     assert!(there == app, "the application's object stays");
-    let source = s3::get_bytes(&env.s3, &env.src_bucket, "image/big.bin")
+    let source = env
+        .s3
+        .ep()
+        .get_bytes(&env.src_bucket, "image/big.bin")
         .await
         .unwrap();
     assert!(source == body, "the source stays");
     assert!(
-        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        env.s3
+            .ep()
+            .list_uploads(&env.dst_bucket, "")
             .await
             .unwrap()
             .is_empty(),
@@ -381,20 +432,21 @@ async fn a_source_replaced_between_two_parts_is_never_copied_half() {
     until_an_upload_starts(&env, &mut child).await;
     let mut new = body.clone();
     new.reverse();
-    s3::put(
-        &env.s3,
-        &env.src_bucket,
-        "image/big.bin",
-        new.clone(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(&env.src_bucket, "image/big.bin", new.clone(), "image/png")
+        .await
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert_eq!(env.rows().await[0].1, "image/big.bin", "row unchanged");
-    if let Ok(there) = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin").await {
+    if let Ok(there) = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big.bin")
+        .await
+    {
         assert!(
             there == new || there == body,
             "an object made of both versions"
@@ -403,7 +455,10 @@ async fn a_source_replaced_between_two_parts_is_never_copied_half() {
     let (code, err) = env.run(&PARTS);
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.rows().await[0].1, "avatar/big.bin");
-    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap();
     assert!(copy == new, "the new version, whole");
@@ -520,7 +575,10 @@ async fn a_multipart_copy_whose_completion_answer_is_lost_stays_relocators_own()
         env.keys(&env.dst_bucket, "").await.is_empty(),
         "rollback removed relocator's copy"
     );
-    let source = s3::get_bytes(&env.s3, &env.src_bucket, "image/big.bin")
+    let source = env
+        .s3
+        .ep()
+        .get_bytes(&env.src_bucket, "image/big.bin")
         .await
         .unwrap();
     assert!(source == body, "the object is back at its old key");
@@ -554,7 +612,9 @@ async fn a_failing_multipart_copy_is_aborted_and_the_rerun_completes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        s3::list_uploads(&env.s3, &env.dst_bucket, "")
+        env.s3
+            .ep()
+            .list_uploads(&env.dst_bucket, "")
             .await
             .unwrap()
             .is_empty(),
@@ -565,7 +625,10 @@ async fn a_failing_multipart_copy_is_aborted_and_the_rerun_completes() {
     proxy.set_plan(Box::new(|_, _, _| Fault::Forward));
     let (code, err) = env.run(&PARTS);
     assert_eq!(code, 0, "{err}");
-    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap();
     assert!(copy == body, "the copy differs");

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use std::collections::HashSet;
 
@@ -11,7 +12,6 @@ use relocator::commit::Committed;
 use relocator::config::JobConfig;
 use relocator::db::{Queries, Row, TableInfo};
 use relocator::plan::Move;
-use relocator::s3;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn moves_2000_awkward_avatars_byte_identical_then_rerun_does_nothing() {
@@ -70,15 +70,11 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
     let db = env.db().await;
     // Two rows whose objects collide under the rewrite below.
     for k in ["image/coll-a.png", "image/coll-b.png"] {
-        s3::put(
-            &env.s3,
-            &env.src_bucket,
-            k,
-            k.as_bytes().to_vec(),
-            "image/png",
-        )
-        .await
-        .unwrap();
+        env.s3
+            .ep()
+            .put(&env.src_bucket, k, k.as_bytes().to_vec(), "image/png")
+            .await
+            .unwrap();
         db.execute("INSERT INTO avatars (path) VALUES ($1)", &[&k])
             .await
             .unwrap();
@@ -86,15 +82,16 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
     // A different object already where row 2 would go.
     let victim = &seeded[1].path;
     let victim_dst = format!("avatar/{}", victim.strip_prefix("image/").unwrap());
-    s3::put(
-        &env.s3,
-        &env.dst_bucket,
-        &victim_dst,
-        b"someone else's".to_vec(),
-        "text/plain",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(
+            &env.dst_bucket,
+            &victim_dst,
+            b"someone else's".to_vec(),
+            "text/plain",
+        )
+        .await
+        .unwrap();
     let rewrite = [
         "--rewrite",
         r"^(?:(?P<c>coll)-[ab](?P<e>\.png)|(?P<rest>.+))$",
@@ -146,13 +143,19 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
     assert_eq!(count("moved"), 300 - 3 - 1 + 1);
 
     // The foreign object is untouched, its row and its source too.
-    let bytes = s3::get_bytes(&env.s3, &env.dst_bucket, &victim_dst)
+    let bytes = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, &victim_dst)
         .await
         .unwrap();
     assert_eq!(bytes, b"someone else's");
     let rows = env.rows().await;
     assert_eq!(&rows[1].1, victim);
-    assert!(s3::head(&env.s3, &env.src_bucket, victim)
+    assert!(env
+        .s3
+        .ep()
+        .head(&env.src_bucket, victim)
         .await
         .unwrap()
         .is_some());
@@ -161,7 +164,10 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
         .iter()
         .find(|(_, p)| p.starts_with("image/coll-"))
         .unwrap();
-    assert!(s3::head(&env.s3, &env.src_bucket, &loser.1)
+    assert!(env
+        .s3
+        .ep()
+        .head(&env.src_bucket, &loser.1)
         .await
         .unwrap()
         .is_some());
@@ -328,7 +334,9 @@ async fn a_rerun_finishes_pending_cleanups_and_recopies_nothing() {
         let k: String = r.get(0);
         if restored.insert(k.clone()) {
             let body = relocator::seed::object_bytes(env.seed, &k, &(100..4096));
-            s3::put(&env.s3, &env.src_bucket, &k, body, "image/png")
+            env.s3
+                .ep()
+                .put(&env.src_bucket, &k, body, "image/png")
                 .await
                 .unwrap();
         }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use common::{read_summary, var, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use relocator::{s3, seed};
+use relocator::seed;
 
 /// `relocator SUB --source … --dest … EXTRA` for this test.
 fn job(env: &TestEnv, sub: &str, extra: &[&str]) -> Command {
@@ -51,7 +52,10 @@ async fn assert_rolled_back(env: &TestEnv, seeded: &[seed::SeedRow]) {
     for ((id, path), s) in rows.iter().zip(seeded) {
         assert_eq!(path, &s.path, "row {id} is not back at its old key");
         if s.has_object {
-            let bytes = s3::get_bytes(&env.s3, &env.src_bucket, path)
+            let bytes = env
+                .s3
+                .ep()
+                .get_bytes(&env.src_bucket, path)
                 .await
                 .unwrap_or_else(|e| panic!("row {id}: no object at its old key {path}: {e:#}"));
             assert_eq!(
@@ -138,15 +142,16 @@ async fn rollback_killed_with_sigkill_and_rerun_still_ends_at_the_backup() {
     )
     .await
     .unwrap();
-    s3::put(
-        &env.s3,
-        &env.dst_bucket,
-        "avatar/uploaded-later.png",
-        b"new upload".to_vec(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(
+            &env.dst_bucket,
+            "avatar/uploaded-later.png",
+            b"new upload".to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
 
     let mut rng = StdRng::seed_from_u64(0xb4c4);
     let mut kills = 0;
@@ -214,7 +219,7 @@ async fn rollback_killed_with_sigkill_and_rerun_still_ends_at_the_backup() {
         .zip(&seeded)
         .filter(|((id, _), _)| *id != 7)
     {
-        let bytes = s3::get_bytes(&env.s3, &env.src_bucket, path).await.unwrap();
+        let bytes = env.s3.ep().get_bytes(&env.src_bucket, path).await.unwrap();
         assert_eq!(
             bytes,
             seed::object_bytes(env.seed, &s.path, &(100..4096)),
@@ -400,15 +405,16 @@ async fn preflight_passes_on_a_good_stack_and_names_the_fix_for_each_problem() {
         format!("s3://legacy-s3/{prefix}/image/"),
         format!("s3://production-s3/{prefix}/avatar/"),
     );
-    s3::put(
-        &env.s3,
-        "legacy-s3",
-        &format!("{prefix}/image/a.png"),
-        b"a".to_vec(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(
+            "legacy-s3",
+            &format!("{prefix}/image/a.png"),
+            b"a".to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
     let mut c = env.cmd();
     c.args(["preflight", "--source", &src, "--dest", &dst])
         .env("AWS_ACCESS_KEY_ID", var("RELOCATOR_TEST_READONLY_KEY_ID"))

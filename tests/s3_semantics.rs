@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use aws_sdk_s3::error::SdkError;
 use common::TestEnv;
@@ -17,13 +18,15 @@ async fn server_semantics_relocator_depends_on() {
     let env = TestEnv::new("semantics").await;
     let c = &env.s3;
     let (sb, db) = (&env.src_bucket, &env.dst_bucket);
-    s3::put(c, sb, "a b+c%#ü.png", b"source".to_vec(), "image/png")
+    c.ep()
+        .put(sb, "a b+c%#ü.png", b"source".to_vec(), "image/png")
         .await
         .unwrap();
-    s3::put(c, db, "taken.png", b"other".to_vec(), "image/png")
+    c.ep()
+        .put(db, "taken.png", b"other".to_vec(), "image/png")
         .await
         .unwrap();
-    let src = s3::head(c, sb, "a b+c%#ü.png").await.unwrap().unwrap();
+    let src = c.ep().head(sb, "a b+c%#ü.png").await.unwrap().unwrap();
 
     // Copy source with awkward characters, percent-encoded, keeps Content-Type.
     let out = c
@@ -77,7 +80,7 @@ async fn server_semantics_relocator_depends_on() {
         );
     } else {
         assert_eq!(status(&stale.unwrap_err()), Some(412));
-        assert!(s3::head(c, db, "stale.png").await.unwrap().is_none());
+        assert!(c.ep().head(db, "stale.png").await.unwrap().is_none());
     }
 
     // Copying from a missing source: 404.
@@ -92,7 +95,9 @@ async fn server_semantics_relocator_depends_on() {
     assert_eq!(status(&missing), Some(404));
 
     // DeleteObjects of keys that do not exist succeeds (a repeated cleanup is harmless).
-    let errors = s3::delete_many(c, sb, &["never-existed.png".to_owned()])
+    let errors = c
+        .ep()
+        .delete_many(sb, &["never-existed.png".to_owned()])
         .await
         .unwrap();
     assert!(errors.is_empty());
@@ -107,7 +112,7 @@ async fn server_semantics_relocator_depends_on() {
         .key("taken.png")
         .send()
         .await;
-    let after = s3::get_bytes(c, db, "taken.png").await.unwrap();
+    let after = c.ep().get_bytes(db, "taken.png").await.unwrap();
     eprintln!(
         "CopyObject If-None-Match on an existing key: {:?}; destination now {:?}",
         cond.as_ref().map(|_| "200").map_err(status),

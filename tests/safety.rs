@@ -5,13 +5,13 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, FaultProxy};
 use common::{read_summary, TestEnv};
-use relocator::s3;
 
 /// The table as the application has it, without the seeder: `avatars(id, path)`, with
 /// or without the index on `path` (without it the run takes phase 2: HEAD per object,
@@ -29,13 +29,15 @@ async fn table(env: &TestEnv, path_index: bool) {
 }
 
 async fn put(env: &TestEnv, bucket: &str, key: &str, body: &[u8]) {
-    s3::put(&env.s3, bucket, key, body.to_vec(), "image/png")
+    env.s3
+        .ep()
+        .put(bucket, key, body.to_vec(), "image/png")
         .await
         .unwrap_or_else(|e| panic!("putting {key}: {e}"));
 }
 
 async fn bytes(env: &TestEnv, bucket: &str, key: &str) -> Option<Vec<u8>> {
-    s3::get_bytes(&env.s3, bucket, key).await.ok()
+    env.s3.ep().get_bytes(bucket, key).await.ok()
 }
 
 /// Start the binary in the background.
@@ -901,7 +903,7 @@ fn app_puts(bucket: &str, key: &str, body: &[u8]) {
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(async {
             let c = common::s3_client().await;
-            s3::put(&c, &bucket, &key, body, "image/png").await.unwrap();
+            c.ep().put(&bucket, &key, body, "image/png").await.unwrap();
         })
     })
     .join()
@@ -1653,7 +1655,9 @@ async fn a_reference_being_written_in_another_table_during_the_cleanup_is_seen()
     assert!(waited.is_ok(), "the cleanup did not wait for the writer");
     assert_eq!(code, 0, "{err}");
     assert!(
-        s3::head(&env.s3, &env.src_bucket, "image/shared.png")
+        env.s3
+            .ep()
+            .head(&env.src_bucket, "image/shared.png")
             .await
             .unwrap()
             .is_some(),
@@ -1706,7 +1710,10 @@ async fn row_level_security_that_hides_rows_is_refused() {
         "{err}"
     );
     assert_eq!(env.rows().await[0].1, "image/shared.png", "nothing changed");
-    assert!(s3::head(&env.s3, &env.src_bucket, "image/shared.png")
+    assert!(env
+        .s3
+        .ep()
+        .head(&env.src_bucket, "image/shared.png")
         .await
         .unwrap()
         .is_some());
@@ -1770,7 +1777,9 @@ async fn a_process_that_was_not_given_the_column_deletes_nothing_it_references()
     assert!(b == 0 || b == 1, "{b_err}");
     for key in ["image/n1.png", "image/n4.png"] {
         assert!(
-            s3::head(&env.s3, &env.src_bucket, key)
+            env.s3
+                .ep()
+                .head(&env.src_bucket, key)
                 .await
                 .unwrap()
                 .is_some(),
@@ -1892,7 +1901,9 @@ async fn row_level_security_turned_on_during_a_run_stops_the_cleanup() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("row-level security on public.other"), "{err}");
     assert!(
-        s3::head(&env.s3, &env.src_bucket, "image/a.png")
+        env.s3
+            .ep()
+            .head(&env.src_bucket, "image/a.png")
             .await
             .unwrap()
             .is_some(),

@@ -3,9 +3,9 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use common::{read_summary, TestEnv};
-use relocator::s3;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_classifies_a_prepared_mess() {
@@ -37,18 +37,21 @@ async fn verify_classifies_a_prepared_mess() {
         .unwrap();
     let (left_id, _) = moved[1];
     let old = &seeded[(*left_id - 1) as usize].path;
-    s3::put(&env.s3, &env.src_bucket, old, b"old".to_vec(), "image/png")
+    env.s3
+        .ep()
+        .put(&env.src_bucket, old, b"old".to_vec(), "image/png")
         .await
         .unwrap();
-    s3::put(
-        &env.s3,
-        &env.dst_bucket,
-        "avatar/orphan.png",
-        b"x".to_vec(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(
+            &env.dst_bucket,
+            "avatar/orphan.png",
+            b"x".to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
 
     let out = env
         .cmd()
@@ -165,7 +168,10 @@ async fn verify_tells_the_truth() {
     let (code, err) = env.run(&["--multipart-threshold", "5MiB", "--part-size", "5MiB"]);
     assert_eq!(code, 0, "{err}");
     let rows = env.rows().await;
-    let head = s3::head(&env.s3, &env.dst_bucket, "avatar/big.bin")
+    let head = env
+        .s3
+        .ep()
+        .head(&env.dst_bucket, "avatar/big.bin")
         .await
         .unwrap()
         .unwrap();
@@ -222,7 +228,9 @@ async fn verify_tells_the_truth() {
 
     // The object at a moved row's key replaced by 0 bytes: the listing already shows it.
     let key = &rows[0].1;
-    s3::put(&env.s3, &env.dst_bucket, key, Vec::new(), "image/png")
+    env.s3
+        .ep()
+        .put(&env.dst_bucket, key, Vec::new(), "image/png")
         .await
         .unwrap();
     let sharing = rows.iter().filter(|(_, p)| p == key).count() as u64;
@@ -276,28 +284,20 @@ async fn verify_sees_every_key_of_a_latin1_database() {
         .await
         .unwrap();
     for key in ["image/a.png", "image/é1.png", "image/ß3.png"] {
-        s3::put(
-            &env.s3,
-            &env.src_bucket,
-            key,
-            key.as_bytes().to_vec(),
-            "image/png",
-        )
-        .await
-        .unwrap();
+        env.s3
+            .ep()
+            .put(&env.src_bucket, key, key.as_bytes().to_vec(), "image/png")
+            .await
+            .unwrap();
         db.execute("INSERT INTO avatars (path) VALUES ($1)", &[&key])
             .await
             .unwrap();
     }
-    s3::put(
-        &env.s3,
-        &env.src_bucket,
-        "image/日.png",
-        b"x".to_vec(),
-        "image/png",
-    )
-    .await
-    .unwrap();
+    env.s3
+        .ep()
+        .put(&env.src_bucket, "image/日.png", b"x".to_vec(), "image/png")
+        .await
+        .unwrap();
     let run = env
         .run_cmd(&["--batch-size", "2"])
         .env("DATABASE_URL", &url)

@@ -5,10 +5,10 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+use common::ClientExt;
 
 use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
 use common::TestEnv;
-use relocator::s3;
 
 /// This binary's S3 server is moto, whatever the suite's.
 fn on_moto() {
@@ -52,7 +52,7 @@ async fn a_versioned_source_keeps_its_versions_and_rolls_back() {
         seeded.iter().map(|r| r.path.as_str()).collect();
     let mut before = std::collections::HashMap::new();
     for key in &distinct {
-        let bytes = s3::get_bytes(&env.s3, &env.src_bucket, key).await.unwrap();
+        let bytes = env.s3.ep().get_bytes(&env.src_bucket, key).await.unwrap();
         before.insert(key.to_string(), bytes);
     }
 
@@ -97,7 +97,7 @@ async fn a_versioned_source_keeps_its_versions_and_rolls_back() {
         String::from_utf8_lossy(&out.stderr)
     );
     for (key, was) in &before {
-        let bytes = s3::get_bytes(&env.s3, &env.src_bucket, key).await.unwrap();
+        let bytes = env.s3.ep().get_bytes(&env.src_bucket, key).await.unwrap();
         assert!(&bytes == was, "{key} back, byte for byte");
     }
     assert!(env
@@ -167,7 +167,10 @@ async fn object_lock_on_the_source_does_not_stop_the_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(env.rows().await[0].1, "avatar/kept.png");
-    let copy = s3::get_bytes(&env.s3, &env.dst_bucket, "avatar/kept.png")
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/kept.png")
         .await
         .unwrap();
     assert_eq!(copy, b"locked bytes");

@@ -309,7 +309,9 @@ impl Ctx<'_> {
             stream::iter(&keys)
                 .map(|k| async move {
                     let body = seed::object_bytes(1, k, &self.sizes);
-                    s3::put(&self.client, bucket, k, body, seed::content_type(k)).await
+                    s3::Endpoint::from(self.client.clone())
+                        .put(bucket, k, body, seed::content_type(k))
+                        .await
                 })
                 .buffer_unordered(64)
                 .try_collect::<Vec<_>>()
@@ -337,7 +339,9 @@ impl Ctx<'_> {
                 .filter_map(|o| o.key().map(str::to_owned))
                 .collect();
             for chunk in keys.chunks(1000) {
-                let _ = s3::delete_many(&self.client, b, chunk).await;
+                let _ = s3::Endpoint::from(self.client.clone())
+                    .delete_many(b, chunk)
+                    .await;
             }
             token = out.next_continuation_token().map(str::to_owned);
             if token.is_none() {
@@ -484,13 +488,17 @@ async fn ceiling(
         while let Some(k) = rx.recv().await {
             batch.push(k);
             if batch.len() == 1000 {
-                s3::delete_many(&client, &src_bucket, &batch).await?;
+                s3::Endpoint::from(client.clone())
+                    .delete_many(&src_bucket, &batch)
+                    .await?;
                 deletes += 1;
                 batch.clear();
             }
         }
         if !batch.is_empty() {
-            s3::delete_many(&client, &src_bucket, &batch).await?;
+            s3::Endpoint::from(client.clone())
+                .delete_many(&src_bucket, &batch)
+                .await?;
             deletes += 1;
         }
         Ok::<_, anyhow::Error>(deletes)

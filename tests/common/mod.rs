@@ -17,6 +17,17 @@ use relocator::config::{DatabaseUrl, S3Location, S3Settings, TableName};
 use relocator::s3;
 use relocator::seed::{self, SeedConfig};
 
+/// relocator's own S3 calls on a test's client (no rate cap).
+pub trait ClientExt {
+    fn ep(&self) -> s3::Endpoint;
+}
+
+impl ClientExt for Client {
+    fn ep(&self) -> s3::Endpoint {
+        s3::Endpoint::from(self.clone())
+    }
+}
+
 pub const HOW_TO_START: &str =
     "the local stack is not reachable: start it with `scripts/stack.sh up` (the README's test \
      command does this for you)";
@@ -331,15 +342,11 @@ impl TestEnv {
     /// Put `body` at `key` in the source bucket with the seed's headers, and a row
     /// pointing at it.
     pub async fn put_row(&self, key: &str, body: Vec<u8>) {
-        s3::put_with(
-            &self.s3,
-            &self.src_bucket,
-            key,
-            body,
-            &seed::headers(self.seed, key),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("putting {key}: {e}"));
+        self.s3
+            .ep()
+            .put_with(&self.src_bucket, key, body, &seed::headers(self.seed, key))
+            .await
+            .unwrap_or_else(|e| panic!("putting {key}: {e}"));
         self.db()
             .await
             .execute("INSERT INTO avatars (path) VALUES ($1)", &[&key])
@@ -403,7 +410,10 @@ impl TestEnv {
             }
             let expect_new = format!("avatar/{}", s.path.strip_prefix("image/").unwrap());
             assert_eq!(path, &expect_new, "row {id} was not moved");
-            let bytes = s3::get_bytes(&self.s3, &self.dst_bucket, path)
+            let bytes = self
+                .s3
+                .ep()
+                .get_bytes(&self.dst_bucket, path)
                 .await
                 .unwrap_or_else(|e| panic!("row {id} points at a missing object {path}: {e:#}"));
             assert_eq!(
