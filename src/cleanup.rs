@@ -816,22 +816,20 @@ pub async fn pending_after(
     crate::db::rt(1);
     let rows = db
         .query(
-            "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket, m.src_etag
+            &format!(
+                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket, m.src_etag
                FROM relocator.moves m
               WHERE m.run_id IN (SELECT run_id FROM relocator.runs WHERE job = $1)
                 AND m.cleaned_at IS NULL AND m.move_id > $2
-                AND NOT EXISTS (SELECT 1 FROM pg_locks l
-                                 WHERE l.locktype = 'advisory' AND l.granted
-                                   AND l.database = (SELECT oid FROM pg_database
-                                                      WHERE datname = current_database())
-                                   AND l.classid = $4::bigint::oid AND l.objsubid = 2
-                                   AND l.objid = m.lease_id::oid)
+                AND NOT {}
                 AND NOT EXISTS (SELECT 1 FROM relocator.leases l
                                   JOIN relocator.runs r ON r.run_id = l.run_id
                                  WHERE l.lease_id = m.lease_id AND NOT l.locked AND NOT l.done
                                    AND l.heartbeat > now() - make_interval(
                                        secs => coalesce(r.lease_ttl_secs, $5)::float8))
               ORDER BY m.move_id LIMIT $3",
+                crate::lease::holder_alive("m.lease_id", "$4")
+            ),
             &[
                 &job,
                 &after,

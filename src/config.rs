@@ -13,7 +13,7 @@ use crate::cli::{JobArgs, S3Args};
 use crate::rewrite::Rewrite;
 
 /// Bad input: the message names the problem and the fix. Exit code 2, nothing changed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
@@ -459,6 +459,48 @@ impl S3Settings {
     }
 }
 
+/// What `run` takes beyond the job, validated: the policy a run follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPolicy {
+    /// Pipelines in this process (1 to 256).
+    pub workers: usize,
+    /// `--lease-ttl`, at least a second; None: the run's, or the default.
+    pub lease_ttl: Option<Duration>,
+    /// The backup file the run follows, to be checked and recorded; None only where the
+    /// job looks local or the operator said `--no-backup`.
+    pub backup: Option<std::path::PathBuf>,
+}
+
+impl RunPolicy {
+    pub fn from_args(a: &crate::cli::RunArgs, cfg: &JobConfig) -> Result<Self, ConfigError> {
+        if a.workers == 0 || a.workers > 256 {
+            return Err(ConfigError(format!(
+                "--workers {} is out of range; use 1 to 256",
+                a.workers
+            )));
+        }
+        if a.lease_ttl == Some(0) {
+            return Err(ConfigError(
+                "--lease-ttl 0 would let any worker take any lease at once; give at least 1 \
+                 second (default 120)"
+                    .into(),
+            ));
+        }
+        if let (None, false, Some(why)) = (&a.backup, a.no_backup, cfg.production_reason()) {
+            return Err(ConfigError(format!(
+                "this run looks like production ({why}) and follows no backup. Back up the \
+                 selected rows first with `relocator backup --out FILE.csv` (same options), \
+                 then pass --backup FILE.csv; or say --no-backup"
+            )));
+        }
+        Ok(RunPolicy {
+            workers: a.workers,
+            lease_ttl: a.lease_ttl.map(Duration::from_secs),
+            backup: a.backup.clone(),
+        })
+    }
+}
+
 /// Everything a job command needs, validated. Built once in `main`, passed by reference.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
@@ -487,7 +529,6 @@ pub struct JobConfig {
     /// `--multipart-threshold` if given; see [`JobConfig::multipart_threshold`].
     pub multipart_threshold: Option<u64>,
     pub part_size: u64,
-    pub s3: S3Settings,
 }
 
 impl JobConfig {
@@ -609,7 +650,6 @@ impl JobConfig {
             dest,
             batch_size: a.batch_size,
             concurrency: a.concurrency,
-            s3: common,
         })
     }
 
@@ -626,17 +666,23 @@ impl JobConfig {
                 }
             }
         }
-        match &self.s3.endpoint_url {
-            None => remote.push("S3 on AWS (no endpoint URL)".to_owned()),
-            Some(e) => {
-                let host = url::Url::parse(e)
-                    .ok()
-                    .and_then(|u| u.host_str().map(str::to_owned))
-                    .unwrap_or_default();
-                if !is_local_host(&host) {
-                    remote.push(format!("S3 endpoint {host}"));
+        // Each side's own endpoint: a remote --dest-endpoint-url beside a local
+        // --endpoint-url is production too.
+        for (side, s) in [("source", &self.source_s3), ("dest", &self.dest_s3)] {
+            let why = match &s.endpoint_url {
+                None => format!("{side} S3 on AWS (no endpoint URL)"),
+                Some(e) => {
+                    let host = url::Url::parse(e)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    if is_local_host(&host) {
+                        continue;
+                    }
+                    format!("{side} S3 endpoint {host}")
                 }
-            }
+            };
+            remote.push(why);
         }
         (!remote.is_empty()).then(|| remote.join(", "))
     }
@@ -838,6 +884,95 @@ fn check_template(re: &Regex, to: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `relocator run` with these options after the job's own.
+    fn run_args(extra: &[&str]) -> crate::cli::RunArgs {
+        use clap::Parser;
+        let mut argv = vec![
+            "relocator",
+            "run",
+            "--database-url",
+            "postgres://u:secret@127.0.0.1/db",
+            "--table",
+            "avatars",
+            "--source",
+            "s3://legacy-s3/image/",
+            "--dest",
+            "s3://production-s3/avatar/",
+            "--endpoint-url",
+            "http://127.0.0.1:9000",
+        ];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(argv) {
+            Ok(crate::cli::Cli {
+                command: crate::cli::Command::Run(a),
+                ..
+            }) => a,
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
+    fn policy(extra: &[&str]) -> Result<RunPolicy, ConfigError> {
+        let a = run_args(extra);
+        let cfg = JobConfig::from_args(&a.job).expect("a valid job");
+        RunPolicy::from_args(&a, &cfg)
+    }
+
+    #[test]
+    fn a_run_on_any_remote_endpoint_must_follow_a_backup() {
+        assert_eq!(
+            policy(&[]).map(|p| p.backup),
+            Ok(None),
+            "a local stack needs no backup"
+        );
+        // A remote destination beside a local shared endpoint: production.
+        let e = policy(&["--dest-endpoint-url", "https://s3.eu-west-1.amazonaws.com"])
+            .expect_err("a remote destination needs a backup");
+        assert!(
+            e.0.contains("dest S3 endpoint s3.eu-west-1.amazonaws.com"),
+            "{e}"
+        );
+        assert!(e.0.contains("--backup FILE.csv"), "{e}");
+        let e = policy(&["--source-endpoint-url", "https://minio.example.com"])
+            .expect_err("a remote source needs a backup");
+        assert!(e.0.contains("source S3 endpoint minio.example.com"), "{e}");
+        assert!(policy(&[
+            "--dest-endpoint-url",
+            "https://s3.eu-west-1.amazonaws.com",
+            "--no-backup"
+        ])
+        .is_ok());
+        assert_eq!(
+            policy(&[
+                "--dest-endpoint-url",
+                "https://s3.eu-west-1.amazonaws.com",
+                "--backup",
+                "b.csv"
+            ])
+            .map(|p| p.backup),
+            Ok(Some("b.csv".into()))
+        );
+    }
+
+    #[test]
+    fn run_options_out_of_range_are_refused() {
+        for (extra, names) in [
+            (&["--workers", "0"][..], "--workers 0"),
+            (&["--workers", "257"][..], "--workers 257"),
+            (&["--lease-ttl", "0"][..], "--lease-ttl 0"),
+        ] {
+            let e = policy(extra).expect_err(names);
+            assert!(e.0.contains(names), "{e}");
+        }
+        assert_eq!(
+            policy(&["--workers", "4", "--lease-ttl", "30"]),
+            Ok(RunPolicy {
+                workers: 4,
+                lease_ttl: Some(Duration::from_secs(30)),
+                backup: None,
+            })
+        );
+    }
 
     #[test]
     fn s3_urls_normalise_the_prefix() {

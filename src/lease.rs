@@ -23,6 +23,21 @@ pub const LOCK_CLASS: i32 = 0x7265_6c6f;
 /// The same, typed for comparisons with `pg_locks.classid`.
 pub const LOCK_CLASS_I64: i64 = LOCK_CLASS as i64;
 
+/// SQL: the session that holds the lease `lease_id` (an SQL expression) is alive — its
+/// advisory lock on the lease is granted. The one test relocator has for "the holder is
+/// gone": a worker whose process died loses its session, and with it the lock. `class`
+/// is the statement's parameter carrying [`LOCK_CLASS_I64`].
+pub(crate) fn holder_alive(lease_id: &str, class: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks k
+                  WHERE k.locktype = 'advisory' AND k.granted
+                    AND k.database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database())
+                    AND k.classid = {class}::bigint::oid AND k.objsubid = 2
+                    AND k.objid = {lease_id}::oid)"
+    )
+}
+
 /// First key of the lock on a table's relocations: every `run` holds it shared for its
 /// whole duration, a `rollback` exclusively, so the two never work on a table at once.
 /// The second key is `hashtext` of the table's name.
@@ -212,7 +227,8 @@ pub async fn take(
         rt(1);
         let run = lease_conn
             .query_one(
-                "WITH released AS (
+                &format!(
+                    "WITH released AS (
                      SELECT pg_advisory_unlock($6, x::int) FROM unnest($5::bigint[]) AS x
                  )
                  SELECT key_frontier, key_frontier_end, frontier, frontier_end,
@@ -222,15 +238,11 @@ pub async fn take(
                         (SELECT array_agg(l.lease_id ORDER BY l.lease_id) FROM relocator.leases l
                           WHERE l.run_id = $1 AND NOT l.done AND l.owner <> $2
                             AND (l.heartbeat < now() - make_interval(secs => $3::float8)
-                                 OR l.locked AND NOT EXISTS (
-                                     SELECT 1 FROM pg_locks k
-                                      WHERE k.locktype = 'advisory' AND k.granted
-                                        AND k.database = (SELECT oid FROM pg_database
-                                                           WHERE datname = current_database())
-                                        AND k.classid = $4::bigint::oid AND k.objsubid = 2
-                                        AND k.objid = l.lease_id::oid))),
+                                 OR l.locked AND NOT {})),
                         (SELECT count(*) FROM released)
                    FROM relocator.runs WHERE run_id = $1",
+                    holder_alive("l.lease_id", "$4")
+                ),
                 &[
                     &run_id,
                     &me,

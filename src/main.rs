@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use relocator::cli::{Cli, Command, LogFormat};
-use relocator::config::JobConfig;
+use relocator::config::{JobConfig, RunPolicy};
 use relocator::job::{self, RunOptions};
 use relocator::report::Summary;
 use relocator::seed::{self, SeedConfig};
@@ -53,33 +53,15 @@ async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result<i32
     match cmd {
         Command::Run(a) => {
             let cfg = JobConfig::from_args(&a.job)?;
-            let backup = match (&a.backup, a.no_backup, cfg.production_reason()) {
-                (Some(path), _, _) => Some(relocator::backup::check(&cfg, path)?),
-                (None, false, Some(why)) => {
-                    return Err(relocator::config::config_error(format!(
-                        "this run looks like production ({why}) and follows no backup. Back up \
-                         the selected rows first with `relocator backup --out FILE.csv` (same \
-                         options), then pass --backup FILE.csv; or say --no-backup"
-                    )))
-                }
-                (None, _, _) => None,
+            let policy = RunPolicy::from_args(&a, &cfg)?;
+            let backup = match &policy.backup {
+                Some(path) => Some(relocator::backup::check(&cfg, path)?),
+                None => None,
             };
-            if a.workers == 0 || a.workers > 256 {
-                return Err(relocator::config::config_error(format!(
-                    "--workers {} is out of range; use 1 to 256",
-                    a.workers
-                )));
-            }
-            if a.lease_ttl == Some(0) {
-                return Err(relocator::config::config_error(
-                    "--lease-ttl 0 would let any worker take any lease at once; give at least 1 \
-                     second (default 120)",
-                ));
-            }
             let opts = RunOptions {
                 report: a.report.as_deref(),
-                workers: a.workers,
-                lease_ttl: a.lease_ttl.map(std::time::Duration::from_secs),
+                workers: policy.workers,
+                lease_ttl: policy.lease_ttl,
                 backup,
             };
             let summary = job::run(&cfg, &opts, cancel).await?;

@@ -260,6 +260,18 @@ async fn bad_input_is_refused_with_exit_2_and_nothing_changes() {
             "looks like production (database host db.example.com)",
         ),
         (
+            // A remote destination beside the local shared endpoint is production too.
+            s(&[
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+                "--dest-endpoint-url",
+                "https://s3.example.invalid",
+            ]),
+            "looks like production (dest S3 endpoint s3.example.invalid)",
+        ),
+        (
             s(&[
                 "--source",
                 &src,

@@ -285,6 +285,29 @@ async fn rollback_refuses_while_a_run_holds_the_table_and_a_run_refuses_during_a
     );
 }
 
+/// `--max-rps` caps every S3 request a command sends, not only a run's copies:
+/// preflight's bucket checks, probes and its 64 sample copies wait for it too.
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_waits_for_max_rps_on_every_request() {
+    let env = TestEnv::new("preflight_rps").await;
+    env.seed(5, 0).await;
+    let started = std::time::Instant::now();
+    let (code, out, err) = output(job(
+        &env,
+        "preflight",
+        &["--max-rps", "10", "--summary-json", &env.path("pf.json")],
+    ));
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{out}{err}");
+    // At least the 64 sample copies and the 2 bucket checks, at 10 a second (one burst).
+    assert!(
+        took >= 6.5,
+        "preflight sent its requests in {took:.1}s, faster than --max-rps 10 allows"
+    );
+    let pf = read_summary(&env.path("pf.json"));
+    assert!(pf["copies_per_sec"].as_f64().unwrap() <= 11.0, "{pf}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn preflight_passes_on_a_good_stack_and_names_the_fix_for_each_problem() {
     let env = TestEnv::new("preflight").await;

@@ -295,7 +295,7 @@ impl S3 {
         } else {
             client(&cfg.dest_s3).await
         };
-        S3::pair(src, dst, same, cfg.s3.max_rps)
+        S3::pair(src, dst, same, cfg.source_s3.max_rps)
     }
 
     pub fn side(&self, side: Side) -> &Endpoint {
