@@ -256,13 +256,13 @@ pub struct DatabaseUrl {
     raw: String,
     /// Without the TLS settings: what tokio-postgres parses.
     conn: String,
-    /// `sslmode`, `sslrootcert`, ... (see [`crate::pg_tls`]).
-    pub tls: crate::pg_tls::TlsSettings,
+    /// `sslmode`, `sslrootcert`, ... (see [`crate::db::tls`]).
+    pub tls: crate::db::tls::TlsSettings,
 }
 
 impl DatabaseUrl {
     pub fn new(raw: &str) -> Result<Self, ConfigError> {
-        let (conn, tls) = crate::pg_tls::split(raw).map_err(|e| {
+        let (conn, tls) = crate::db::tls::split(raw).map_err(|e| {
             ConfigError(format!(
                 "--database-url / DATABASE_URL {}: {}",
                 redact_url(raw),
@@ -459,6 +459,39 @@ impl S3Settings {
     }
 }
 
+/// User metadata (x-amz-meta-*, without the prefix).
+pub type Metadata = std::collections::BTreeMap<String, String>;
+
+/// How relocator writes destination objects beyond the source's own headers:
+/// `--set-metadata`, `--storage-class`, `--sse` / `--sse-kms-key-id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// User metadata added to (or replacing same-named entries of) the source's.
+    pub metadata: Metadata,
+    pub storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    pub encryption: Option<Encryption>,
+}
+
+impl WriteOptions {
+    /// Whether the ETag of an object written with these options — whose write was
+    /// answered with `answered` encryption, if known — is the MD5 of its bytes: S3
+    /// documents that SSE-KMS (and DSSE-KMS) objects' ETags are not.
+    pub fn etag_is_md5(&self, answered: Option<&aws_sdk_s3::types::ServerSideEncryption>) -> bool {
+        use aws_sdk_s3::types::ServerSideEncryption as Sse;
+        !matches!(self.encryption, Some(Encryption::Kms(_)))
+            && !matches!(answered, Some(Sse::AwsKms | Sse::AwsKmsDsse))
+    }
+}
+
+/// Server-side encryption of the objects relocator writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encryption {
+    /// SSE-S3 (`AES256`).
+    S3,
+    /// SSE-KMS with this key (id, ARN or alias); `None`: the account's `aws/s3` key.
+    Kms(Option<String>),
+}
+
 /// What `run` takes beyond the job, validated: the policy a run follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPolicy {
@@ -524,7 +557,7 @@ pub struct JobConfig {
     /// See `--batch-timeout`.
     pub batch_timeout: Duration,
     /// `--set-metadata`, `--storage-class`, `--sse`, `--sse-kms-key-id`, validated.
-    pub write: crate::s3::WriteOptions,
+    pub write: WriteOptions,
     pub verify_content: bool,
     /// `--multipart-threshold` if given; see [`JobConfig::multipart_threshold`].
     pub multipart_threshold: Option<u64>,
@@ -618,7 +651,7 @@ impl JobConfig {
             &a.dest_region,
             "RELOCATOR_DEST",
         )?;
-        let write = crate::s3::WriteOptions {
+        let write = WriteOptions {
             metadata: a
                 .set_metadata
                 .iter()
@@ -706,7 +739,7 @@ impl JobConfig {
             source_s3: self.dest_s3.clone(),
             dest_s3: self.source_s3.clone(),
             // Objects go back as they were: the options were for the destination.
-            write: crate::s3::WriteOptions::default(),
+            write: WriteOptions::default(),
             ..self.clone()
         }
     }
@@ -769,8 +802,7 @@ fn parse_storage_class(s: &str) -> Result<aws_sdk_s3::types::StorageClass, Confi
 fn parse_encryption(
     sse: Option<&str>,
     kms_key: Option<&str>,
-) -> Result<Option<crate::s3::Encryption>, ConfigError> {
-    use crate::s3::Encryption;
+) -> Result<Option<Encryption>, ConfigError> {
     match (sse, kms_key) {
         (None, None) => Ok(None),
         (Some("AES256"), None) => Ok(Some(Encryption::S3)),
@@ -1052,7 +1084,6 @@ mod tests {
 
     #[test]
     fn storage_classes_and_encryption_are_checked() {
-        use crate::s3::Encryption;
         assert_eq!(
             parse_storage_class("STANDARD_IA").unwrap().as_str(),
             "STANDARD_IA"

@@ -35,26 +35,15 @@
 //!   [`seed`] the demo data; [`verify`] checks every row against the buckets;
 //!   [`status`] reads the ledger.
 
-pub mod backup;
-pub mod cleanup;
 pub mod cli;
-pub mod commit;
+pub mod commands;
 pub mod config;
-pub mod copy;
 pub mod db;
-pub mod job;
-pub mod lease;
-pub mod pg_tls;
-pub mod plan;
-pub mod preflight;
+pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod rewrite;
-pub mod rollback;
 pub mod s3;
-pub mod seed;
-pub mod status;
-pub mod verify;
 
 /// Process exit codes, as documented in `--help` and the README.
 pub mod exit {
@@ -83,7 +72,11 @@ pub fn exit_code(summary: &report::Summary) -> i32 {
 
 /// The exit code for an error: configuration problems are 2, everything else 1.
 pub fn error_exit_code(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|e| e.is::<config::ConfigError>()) {
+    let input = |e: &(dyn std::error::Error + 'static)| {
+        e.is::<config::ConfigError>()
+            || e.downcast_ref::<s3::BucketError>().is_some_and(|b| b.input)
+    };
+    if err.chain().any(input) {
         exit::USAGE
     } else {
         exit::FAILED

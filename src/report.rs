@@ -308,3 +308,21 @@ impl Report {
         })
     }
 }
+
+/// What a backup file holds, as printed and recorded in the ledger.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BackupInfo {
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl BackupInfo {
+    pub fn one_line(&self) -> String {
+        format!(
+            "backup {}: {} rows, {} bytes, sha256 {}",
+            self.file, self.rows, self.bytes, self.sha256
+        )
+    }
+}

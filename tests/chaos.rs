@@ -123,7 +123,7 @@ async fn live_application_writes_are_never_lost() {
                 assert_eq!(path, s.path.replacen("image/", "avatar/", 1), "row {id}");
                 assert_eq!(
                     bytes,
-                    relocator::seed::object_bytes(env.seed, &s.path, &(100..4096)),
+                    relocator::commands::seed::object_bytes(env.seed, &s.path, &(100..4096)),
                     "row {id}"
                 );
             }

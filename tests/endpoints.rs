@@ -11,7 +11,8 @@ use std::process::Stdio;
 
 use common::{second_s3_client, var, TestEnv};
 use rand::{RngCore, SeedableRng};
-use relocator::{s3, seed};
+use relocator::commands::seed;
+use relocator::s3;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn objects_are_streamed_between_two_endpoints_with_their_headers() {

@@ -215,7 +215,7 @@ async fn storage_class_and_encryption_go_with_every_write() {
 }
 
 /// Objects the seeded rows point at (rows may share one).
-fn env_distinct(seeded: &[relocator::seed::SeedRow]) -> usize {
+fn env_distinct(seeded: &[relocator::commands::seed::SeedRow]) -> usize {
     seeded
         .iter()
         .map(|r| r.path.as_str())

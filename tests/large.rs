@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::TestEnv;
 use rand::{RngCore, SeedableRng};
-use relocator::{s3, seed};
+use relocator::commands::seed;
+use relocator::s3;
 
 const BIG: usize = 64 << 20;
 const PARTS: [&str; 4] = ["--multipart-threshold", "8MiB", "--part-size", "8MiB"];

@@ -8,10 +8,10 @@ use common::ClientExt;
 use std::collections::HashSet;
 
 use common::{read_outcomes, read_summary, TestEnv};
-use relocator::commit::Committed;
 use relocator::config::JobConfig;
 use relocator::db::{Queries, Row, TableInfo};
-use relocator::plan::Move;
+use relocator::pipeline::commit::Committed;
+use relocator::pipeline::plan::Move;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn moves_2000_awkward_avatars_byte_identical_then_rerun_does_nothing() {
@@ -230,13 +230,13 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     )
     .await
     .unwrap();
-    let made = relocator::copy::Made {
+    let made = relocator::pipeline::copy::Made {
         created: true,
         src_etag: "etag".into(),
         size: 1,
         dst_etag: "etag".into(),
     };
-    let batch = |owner: &'static str| relocator::commit::CommitBatch {
+    let batch = |owner: &'static str| relocator::pipeline::commit::CommitBatch {
         run_id,
         lease_id,
         owner,
@@ -264,7 +264,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     };
     // Not the lease's owner: nothing is written, and the batch's reservations (with the
     // copy it noted) stay, to become a take-back once the lease is done.
-    let r = relocator::commit::commit_batch(&db, &q, &batch("someone-else"))
+    let r = relocator::pipeline::commit::commit_batch(&db, &q, &batch("someone-else"))
         .await
         .unwrap();
     assert!(matches!(r, Committed::LeaseLost));
@@ -279,9 +279,10 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         "a lost lease's commit releases nothing"
     );
 
-    let Committed::Rows(committed, _) = relocator::commit::commit_batch(&db, &q, &batch("me"))
-        .await
-        .unwrap()
+    let Committed::Rows(committed, _) =
+        relocator::pipeline::commit::commit_batch(&db, &q, &batch("me"))
+            .await
+            .unwrap()
     else {
         panic!("the owner's commit went through");
     };
@@ -333,7 +334,7 @@ async fn a_rerun_finishes_pending_cleanups_and_recopies_nothing() {
     for r in &pending {
         let k: String = r.get(0);
         if restored.insert(k.clone()) {
-            let body = relocator::seed::object_bytes(env.seed, &k, &(100..4096));
+            let body = relocator::commands::seed::object_bytes(env.seed, &k, &(100..4096));
             env.s3
                 .ep()
                 .put(&env.src_bucket, &k, body, "image/png")

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{read_summary, var, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use relocator::seed;
+use relocator::commands::seed;
 
 /// `relocator SUB --source … --dest … EXTRA` for this test.
 fn job(env: &TestEnv, sub: &str, extra: &[&str]) -> Command {

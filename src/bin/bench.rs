@@ -21,8 +21,9 @@ use anyhow::{bail, Context, Result};
 use aws_sdk_s3::Client;
 use clap::Parser;
 use futures::{stream, StreamExt, TryStreamExt};
+use relocator::commands::seed;
 use relocator::config::{DatabaseUrl, S3Location, S3Settings, TableName};
-use relocator::{s3, seed};
+use relocator::s3;
 use serde::Serialize;
 
 #[derive(Debug, Parser)]

@@ -31,6 +31,16 @@ pub use options::{Checksum, Encryption, Headers, Metadata, WriteOptions};
 /// DeleteObjects takes at most this many keys per request.
 pub const DELETE_BATCH: usize = 1000;
 
+/// Why a bucket cannot be used ([`Endpoint::check_bucket`]). `input`: the operator's to
+/// fix — a missing bucket, denied access, a wrong region or endpoint — so the command
+/// exits 2; else the server is failing, and a rerun later may pass.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BucketError {
+    pub message: String,
+    pub input: bool,
+}
+
 /// What callers branch on. Everything else is `Other`, with the S3 code and message.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -288,14 +298,19 @@ impl S3 {
 
     /// Both sides' clients, for a job's settings.
     pub async fn for_job(cfg: &crate::config::JobConfig) -> S3 {
-        let src = client(&cfg.source_s3).await;
-        let same = cfg.source_s3 == cfg.dest_s3;
+        S3::for_sides(&cfg.source_s3, &cfg.dest_s3).await
+    }
+
+    /// A client per side, the same one where both sides' settings are equal.
+    pub async fn for_sides(source: &S3Settings, dest: &S3Settings) -> S3 {
+        let src = client(source).await;
+        let same = source == dest;
         let dst = if same {
             src.clone()
         } else {
-            client(&cfg.dest_s3).await
+            client(dest).await
         };
-        S3::pair(src, dst, same, cfg.source_s3.max_rps)
+        S3::pair(src, dst, same, source.max_rps)
     }
 
     pub fn side(&self, side: Side) -> &Endpoint {
@@ -858,7 +873,7 @@ impl Endpoint {
 
     /// Check that a bucket exists and these credentials reach it. Errors are worded for a
     /// person: which bucket, what S3 said, what to check.
-    pub async fn check_bucket(&self, flag: &str, bucket: &str) -> Result<()> {
+    pub async fn check_bucket(&self, flag: &str, bucket: &str) -> Result<(), BucketError> {
         match self.read().await.head_bucket().bucket(bucket).send().await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -877,10 +892,14 @@ impl Endpoint {
                     ),
                     Some(s) if s >= 500 => {
                         // Not bad input: the server is failing or throttling. Exit 1, rerun.
-                        return Err(anyhow!(
-                            "{flag}: bucket {bucket:?} answered HTTP {s} after retries (the S3 \
-                             server is failing or throttling); nothing was changed, rerun later"
-                        ));
+                        return Err(BucketError {
+                            message: format!(
+                                "{flag}: bucket {bucket:?} answered HTTP {s} after retries (the \
+                                 S3 server is failing or throttling); nothing was changed, rerun \
+                                 later"
+                            ),
+                            input: false,
+                        });
                     }
                     Some(s) => format!("bucket {bucket:?} answered HTTP {s}: {detail}"),
                     None => format!(
@@ -888,7 +907,10 @@ impl Endpoint {
                          AWS_ENDPOINT_URL, AWS_REGION and the credentials"
                     ),
                 };
-                Err(crate::config::config_error(format!("{flag}: {why}")))
+                Err(BucketError {
+                    message: format!("{flag}: {why}"),
+                    input: true,
+                })
             }
         }
     }

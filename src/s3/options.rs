@@ -1,7 +1,10 @@
 //! What relocator writes besides the bytes: an object's headers and user metadata, the
-//! job's storage class and encryption, full-object checksums — and the macros that read
-//! them off an answer or set them on a request (the SDK's request and answer types share
-//! these accessors but no trait).
+//! job's storage class and encryption ([`WriteOptions`], validated in
+//! [`crate::config`]), full-object checksums — and the macros that read them off an
+//! answer or set them on a request (the SDK's request and answer types share these
+//! accessors but no trait).
+
+pub use crate::config::{Encryption, Metadata, WriteOptions};
 
 /// The headers a copy keeps, read off a HeadObject or GetObject answer (the two have the
 /// same accessors but no common trait).
@@ -109,39 +112,6 @@ pub struct Headers {
     pub expires: Option<String>,
     /// x-amz-meta-* (without the prefix).
     pub metadata: std::collections::BTreeMap<String, String>,
-}
-
-/// User metadata (x-amz-meta-*, without the prefix).
-pub type Metadata = std::collections::BTreeMap<String, String>;
-
-/// How relocator writes destination objects beyond the source's own headers:
-/// `--set-metadata`, `--storage-class`, `--sse` / `--sse-kms-key-id`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WriteOptions {
-    /// User metadata added to (or replacing same-named entries of) the source's.
-    pub metadata: Metadata,
-    pub storage_class: Option<aws_sdk_s3::types::StorageClass>,
-    pub encryption: Option<Encryption>,
-}
-
-impl WriteOptions {
-    /// Whether the ETag of an object written with these options — whose write was
-    /// answered with `answered` encryption, if known — is the MD5 of its bytes: S3
-    /// documents that SSE-KMS (and DSSE-KMS) objects' ETags are not.
-    pub fn etag_is_md5(&self, answered: Option<&aws_sdk_s3::types::ServerSideEncryption>) -> bool {
-        use aws_sdk_s3::types::ServerSideEncryption as Sse;
-        !matches!(self.encryption, Some(Encryption::Kms(_)))
-            && !matches!(answered, Some(Sse::AwsKms | Sse::AwsKmsDsse))
-    }
-}
-
-/// Server-side encryption of the objects relocator writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Encryption {
-    /// SSE-S3 (`AES256`).
-    S3,
-    /// SSE-KMS with this key (id, ARN or alias); `None`: the account's `aws/s3` key.
-    Kms(Option<String>),
 }
 
 /// A full-object checksum as S3 reports it (base64, x-amz-checksum-*).

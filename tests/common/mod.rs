@@ -13,9 +13,9 @@ use std::sync::OnceLock;
 
 use aws_sdk_s3::types::EncodingType;
 use aws_sdk_s3::Client;
+use relocator::commands::seed::{self, SeedConfig};
 use relocator::config::{DatabaseUrl, S3Location, S3Settings, TableName};
 use relocator::s3;
-use relocator::seed::{self, SeedConfig};
 
 /// relocator's own S3 calls on a test's client (no rate cap).
 pub trait ClientExt {

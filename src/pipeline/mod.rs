@@ -1,8 +1,14 @@
 //! The relocation job. `run`: finish what earlier runs left committed-but-not-cleaned,
-//! then each worker takes leases ([`crate::lease`]) and pushes their keyset batches
+//! then each worker takes leases ([`self::lease`]) and pushes their keyset batches
 //! through a three-stage pipeline — copy → commit → cleanup, joined by bounded channels —
 //! so S3 never waits on the database and the database never waits on S3. `plan` runs
 //! the same planning and checks batch by batch, only looking.
+
+pub mod cleanup;
+pub mod commit;
+pub mod copy;
+pub mod lease;
+pub mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -14,17 +20,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
-use crate::backup::BackupInfo;
-use crate::cleanup::{self, Pending};
-use crate::commit::{self, CommitBatch, Committed};
 use crate::config::JobConfig;
-use crate::copy::{self, Made, PairResult};
 use crate::db::{self, Queries, Row, TableInfo};
-use crate::lease::{self, TableLock, Take};
-use crate::plan::{self, Move};
 use crate::progress::Progress;
-use crate::report::{Outcome, Report, ReportLine, Summary};
+use crate::report::{BackupInfo, Outcome, Report, ReportLine, Summary};
 use crate::s3::{self, Side, S3};
+use cleanup::Pending;
+use commit::{CommitBatch, Committed};
+use copy::{Made, PairResult};
+use lease::{TableLock, Take};
+use plan::{attention, moved_line, split_ready, Move};
 
 /// `--lease-ttl` of a run whose first process did not set one.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(120);
@@ -831,57 +836,6 @@ async fn settle(
     Ok(ready)
 }
 
-/// Rows whose pair is ready, with whether relocator created the copy; report lines for
-/// the others. Shared by `run` and `plan`, so both classify alike.
-fn split_ready<'m>(
-    moves: &'m [Move],
-    by_pair: &HashMap<(&str, &str), PairResult>,
-    src_bucket: &str,
-) -> (Vec<(&'m Move, Made)>, Vec<ReportLine>) {
-    let mut ready = Vec::new();
-    let mut lines = Vec::new();
-    for m in moves {
-        let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
-            PairResult::Ready {
-                created,
-                size,
-                src_etag,
-                dst_etag,
-            } => {
-                ready.push((
-                    m,
-                    Made {
-                        created: *created,
-                        src_etag: src_etag.clone(),
-                        size: *size,
-                        dst_etag: dst_etag.clone(),
-                    },
-                ));
-                continue;
-            }
-            PairResult::MissingSource => (
-                Outcome::MissingSource,
-                format!("no object s3://{src_bucket}/{}", m.row.path),
-            ),
-            PairResult::Conflict(d) => (Outcome::Conflict, d.clone()),
-            PairResult::Collision(d) => (Outcome::Collision, d.clone()),
-            PairResult::Rejected(d) => (Outcome::Error, d.clone()),
-        };
-        lines.push(attention(m, outcome, detail));
-    }
-    (ready, lines)
-}
-
-fn attention(m: &Move, outcome: Outcome, detail: String) -> ReportLine {
-    ReportLine {
-        id: m.row.id.clone(),
-        old_path: m.row.path.clone(),
-        new_path: m.dst_key.clone(),
-        outcome,
-        detail,
-    }
-}
-
 /// Insert this batch's destination claims; returns the destinations already claimed by
 /// a different source (in this run).
 async fn claim_destinations(
@@ -1097,131 +1051,4 @@ async fn cleanup_stage(
         report.flush()?;
     }
     Ok(())
-}
-
-fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
-    let detail = match (created, dry_run) {
-        (true, false) => "copied",
-        (false, false) => "an identical object was already at the destination",
-        (true, true) => "would copy",
-        (false, true) => "an identical object is already at the destination",
-    };
-    ReportLine {
-        id: m.row.id.clone(),
-        old_path: m.row.path.clone(),
-        new_path: m.dst_key.clone(),
-        outcome: Outcome::Moved,
-        detail: detail.into(),
-    }
-}
-
-/// `relocator plan`: the dry run. Changes nothing in PostgreSQL or S3 (each batch's
-/// rewrites are tried in a transaction that is rolled back).
-#[instrument(skip_all, fields(table = %cfg.table))]
-pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
-    let mut sh = open(cfg, 1, Report::new("plan", Some(out))?).await?;
-    let db = sh.conn().await?;
-    let (total, _) = db::count_selected(&db, &sh.table, &cfg.source.prefix).await?;
-    sh.progress = Progress::new("plan", Some(total));
-    // Rows the table would refuse are found by trying the rewrites (rolled back), which
-    // needs the UPDATE a run needs anyway.
-    let may_update: bool = db
-        .query_one(
-            "SELECT has_column_privilege($1::text::regclass, $2, 'UPDATE')",
-            &[&sh.table.qualified, &cfg.path_column],
-        )
-        .await
-        .context("checking the UPDATE privilege")?
-        .get(0);
-    if !may_update {
-        warn!(
-            "this role may not UPDATE the path column: plan cannot try the rewrites, so rows \
-             the table would refuse are predicted as moved"
-        );
-    }
-    // Destinations earlier batches would have filled, to predict collisions across
-    // batches the way run detects them (destination exists and differs, ledger says who).
-    let mut claimed: HashMap<String, String> = HashMap::new();
-    let mut last_id: Option<String> = None;
-    let mut interrupted = false;
-    loop {
-        if cancel.is_cancelled() {
-            interrupted = true;
-            break;
-        }
-        let rows = db::scan(
-            &db,
-            &sh.q,
-            &cfg.source.prefix,
-            last_id.as_deref(),
-            None,
-            cfg.batch_size,
-        )
-        .await?;
-        let Some(last) = rows.last() else {
-            break;
-        };
-        last_id = Some(last.id.clone());
-        sh.progress.inc(rows.len() as u64, 0);
-        let batch = plan::plan_batch(rows, &cfg.rewrite);
-        let pairs = plan::distinct_pairs(&batch.moves);
-        let Some(results) = copy::copy_all(
-            &sh.s3,
-            cfg,
-            &pairs,
-            copy::Mode::DryRun,
-            cfg.concurrency,
-            &cancel,
-        )
-        .await?
-        else {
-            interrupted = true;
-            break;
-        };
-        let mut by_pair = HashMap::new();
-        for ((src, dst), r) in pairs.iter().zip(results) {
-            let r = match (claimed.get(dst), r) {
-                (Some(other), PairResult::Ready { .. } | PairResult::Conflict(_))
-                    if other != src =>
-                {
-                    PairResult::Collision(format!("{other:?} maps to the same destination key"))
-                }
-                (_, r) => r,
-            };
-            if matches!(r, PairResult::Ready { .. }) {
-                claimed.insert(dst.clone(), src.clone());
-            }
-            by_pair.insert((src.as_str(), dst.as_str()), r);
-        }
-        let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
-        let refused = if may_update {
-            let rows: Vec<commit::Rewrite<'_>> = ready
-                .iter()
-                .map(|(m, _)| commit::Rewrite::from(*m))
-                .collect();
-            commit::refused_rewrites(&db, &sh.q, &rows).await?
-        } else {
-            HashMap::new()
-        };
-        let mut report = sh.report();
-        for l in batch.skipped.into_iter().chain(lines) {
-            report.record(l)?;
-        }
-        for (m, made) in ready {
-            match refused.get(&m.row.id) {
-                Some(why) => report.record(attention(m, Outcome::Rejected, why.clone()))?,
-                None => report.record(moved_line(m, made.created, true))?,
-            }
-        }
-        report.counters.batches += 1;
-        report.flush()?;
-    }
-    sh.progress.finish();
-    let report = sh
-        .report
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let summary = report.finish(None, interrupted)?;
-    info!("{}", summary.one_line());
-    Ok(summary)
 }

@@ -2,6 +2,8 @@
 //! ledger, and every SQL statement relocator sends (user identifiers always quoted and
 //! checked against the catalog, values always bound).
 
+pub mod tls;
+
 use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
@@ -20,7 +22,7 @@ pub fn rt(n: u64) {
 pub const LEDGER_SCHEMA: &str = "relocator";
 
 /// The ledger's DDL, applied idempotently on first use.
-const LEDGER_SQL: &str = include_str!("../sql/ledger.sql");
+const LEDGER_SQL: &str = include_str!("../../sql/ledger.sql");
 
 /// Connecting gives up after this unless DATABASE_URL sets `connect_timeout`.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -587,32 +589,32 @@ pub struct Queries {
     /// without a lower bound.
     lease_end: [String; 2],
     /// The guarded rewrite + ledger rows + lease progress, one statement. See
-    /// [`crate::commit`]. Rows the table refused (`try` false) are not rewritten; copies
+    /// [`crate::pipeline::commit`]. Rows the table refused (`try` false) are not rewritten; copies
     /// made for rows not rewritten go to `relocator.take_backs`, taken back only once the
     /// run is finished. An object the batch found already there counts as relocator's
     /// copy when another batch of the same run noted it was creating it (see
-    /// [`crate::cleanup::BatchIntents`]): that batch was killed, or lost its lease, before
+    /// [`crate::pipeline::cleanup::BatchIntents`]): that batch was killed, or lost its lease, before
     /// its commit. (No SQL comments inside: pg_stat_activity shows the first 1 KiB.)
     pub commit: String,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
     /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
-    /// is rolled back: which rows of a batch the table refuses. See [`crate::commit`].
+    /// is rolled back: which rows of a batch the table refuses. See [`crate::pipeline::commit`].
     pub probe: String,
     /// A batch's guarded rewrites ($1 ids, $2 olds, $3 news) tried at once inside a
     /// transaction that is rolled back (`plan`): (id, new, stored) of the rows it wrote.
     pub probe_batch: String,
     /// Waits for every application transaction writing the table to end and keeps new
-    /// ones out until the transaction ends: see [`crate::cleanup::delete_unreferenced`].
+    /// ones out until the transaction ends: see [`crate::pipeline::cleanup::delete_unreferenced`].
     pub lock_writers: String,
     /// $1 keys: the rows referencing them, in id order (phase 1; uses the path index).
     pub lookup: String,
     /// Rollback: the ledger entries of runs $1 not rolled back yet, after move $2, at most
-    /// $3, with the row's current path. See [`crate::rollback`].
+    /// $3, with the row's current path. See [`crate::commands::rollback`].
     pub to_undo: String,
     /// Rollback: the guarded rewrite back + the ledger marks, one statement. Rows the
     /// table refused (`refused`) are left out, their moves not marked; like the forward
-    /// commit it checks what the table stored. See [`crate::rollback`].
+    /// commit it checks what the table stored. See [`crate::commands::rollback`].
     pub undo: String,
 }
 

@@ -18,9 +18,9 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
-use crate::copy::Made;
 use crate::db::{Queries, TableInfo};
-use crate::plan::Move;
+use crate::pipeline::copy::Made;
+use crate::pipeline::plan::Move;
 
 /// Where the batch's rows go and what the ledger needs to know about them.
 pub struct CommitBatch<'a> {
@@ -37,7 +37,7 @@ pub struct CommitBatch<'a> {
     pub last_id: &'a str,
     /// This batch is the lease's last: mark it done in the same statement.
     pub ends_lease: bool,
-    /// The batch's destination reservations ([`crate::cleanup::reserve`]), released in
+    /// The batch's destination reservations ([`crate::pipeline::cleanup::reserve`]), released in
     /// the same statement.
     pub holder: &'a str,
 }

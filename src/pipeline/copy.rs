@@ -20,7 +20,7 @@ use crate::s3::{self, ObjectInfo, Permit, S3Error, WriteOptions, S3};
 
 /// Where a batch notes each copy before it makes it, and a noted copy it did not make
 /// after all (kept with the batch's reservation of the key; see
-/// [`crate::cleanup::BatchIntents`]). After a kill between the copies and their commit,
+/// [`crate::pipeline::cleanup::BatchIntents`]). After a kill between the copies and their commit,
 /// the next attempt still knows which objects at the destination relocator made.
 pub trait Intents: Sync {
     fn creating<'a>(&'a self, dst_key: &'a str, src_etag: &'a str) -> BoxFuture<'a>;

@@ -9,30 +9,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::{config_error, JobConfig};
 use crate::db::{self, TableInfo};
 use crate::progress::Progress;
-
-/// What a backup file holds, as printed and recorded in the ledger.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct BackupInfo {
-    pub file: String,
-    pub rows: u64,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-impl BackupInfo {
-    pub fn one_line(&self) -> String {
-        format!(
-            "backup {}: {} rows, {} bytes, sha256 {}",
-            self.file, self.rows, self.bytes, self.sha256
-        )
-    }
-}
+pub use crate::report::BackupInfo;
 
 /// Counts CSV records and hashes the bytes as they stream past.
 struct Digester {

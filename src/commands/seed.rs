@@ -15,7 +15,7 @@ use crate::config::{ConfigError, DatabaseUrl, S3Location, S3Settings, TableName}
 use crate::db;
 use crate::s3;
 
-const AWKWARD: &str = include_str!("../seeds/awkward-keys.txt");
+const AWKWARD: &str = include_str!("../../seeds/awkward-keys.txt");
 
 /// Every this-many rows, one points at the shared default avatar.
 const SHARED_EVERY: usize = 50;

@@ -8,7 +8,7 @@
 //!   lease's last committed position.
 //! - A worker that is alive but stuck keeps its lock; its lease is taken over when its
 //!   heartbeat is older than `--lease-ttl`. It cannot do harm afterwards: every commit
-//!   checks lease ownership in the same statement ([`crate::commit`]).
+//!   checks lease ownership in the same statement ([`crate::pipeline::commit`]).
 
 use std::time::Duration;
 
@@ -199,7 +199,7 @@ pub async fn begin_run(
 }
 
 /// A run's lease TTL when its first process set none (`--lease-ttl`'s default).
-pub const DEFAULT_TTL_SECS: i64 = crate::job::DEFAULT_LEASE_TTL.as_secs() as i64;
+pub const DEFAULT_TTL_SECS: i64 = crate::pipeline::DEFAULT_LEASE_TTL.as_secs() as i64;
 
 /// Take a lease of `run_id` for worker `me`: first one whose owner is gone (its lock is
 /// free) or hung (heartbeat older than `ttl`); else a new one carved from the run's

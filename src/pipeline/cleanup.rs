@@ -95,7 +95,7 @@ const MARK_CLEANED: &str = "UPDATE relocator.moves m SET cleaned_at = now(), cle
                              WHERE m.move_id = u.move_id AND m.cleaned_at IS NULL
                          RETURNING m.move_id";
 
-/// Marks an undone move's new object as dealt with ([`crate::rollback`]).
+/// Marks an undone move's new object as dealt with ([`crate::commands::rollback`]).
 pub const MARK_ROLLBACK_CLEANED: &str =
     "UPDATE relocator.moves m SET rollback_cleaned_at = now(), rollback_cleanup = u.outcome
        FROM unnest($1::bigint[], $2::text[]) AS u(move_id, outcome)
@@ -275,12 +275,16 @@ impl<'a> BatchIntents<'a> {
     }
 }
 
-impl crate::copy::Intents for BatchIntents<'_> {
-    fn creating<'b>(&'b self, dst_key: &'b str, src_etag: &'b str) -> crate::copy::BoxFuture<'b> {
+impl crate::pipeline::copy::Intents for BatchIntents<'_> {
+    fn creating<'b>(
+        &'b self,
+        dst_key: &'b str,
+        src_etag: &'b str,
+    ) -> crate::pipeline::copy::BoxFuture<'b> {
         Box::pin(self.note(dst_key, true, Some(src_etag)))
     }
 
-    fn not_made<'b>(&'b self, dst_key: &'b str) -> crate::copy::BoxFuture<'b> {
+    fn not_made<'b>(&'b self, dst_key: &'b str) -> crate::pipeline::copy::BoxFuture<'b> {
         Box::pin(self.note(dst_key, false, None))
     }
 }
@@ -828,14 +832,14 @@ pub async fn pending_after(
                                    AND l.heartbeat > now() - make_interval(
                                        secs => coalesce(r.lease_ttl_secs, $5)::float8))
               ORDER BY m.move_id LIMIT $3",
-                crate::lease::holder_alive("m.lease_id", "$4")
+                crate::pipeline::lease::holder_alive("m.lease_id", "$4")
             ),
             &[
                 &job,
                 &after,
                 &limit,
-                &crate::lease::LOCK_CLASS_I64,
-                &crate::lease::DEFAULT_TTL_SECS,
+                &crate::pipeline::lease::LOCK_CLASS_I64,
+                &crate::pipeline::lease::DEFAULT_TTL_SECS,
             ],
         )
         .await

@@ -23,13 +23,13 @@ use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument};
 
-use crate::cleanup::{self, Unreferenced, MARK_ROLLBACK_CLEANED};
-use crate::commit::{self, Rewrite};
 use crate::config::{config_error, JobConfig};
-use crate::copy::{self, PairResult};
 use crate::db;
-use crate::job::{self, Shared};
-use crate::lease::{self, TableLock};
+use crate::pipeline::cleanup::{self, Unreferenced, MARK_ROLLBACK_CLEANED};
+use crate::pipeline::commit::{self, Rewrite};
+use crate::pipeline::copy::{self, PairResult};
+use crate::pipeline::lease::{self, TableLock};
+use crate::pipeline::{self, Shared};
 use crate::progress::Progress;
 use crate::report::{Counters, Outcome, Report, ReportLine, Summary};
 use crate::s3::{Side, S3};
@@ -65,7 +65,7 @@ pub async fn rollback(
     opts: &RollbackOptions<'_>,
     cancel: CancellationToken,
 ) -> Result<Summary> {
-    let mut sh = job::open(cfg, 2, Report::new("rollback", opts.report)?).await?;
+    let mut sh = pipeline::open(cfg, 2, Report::new("rollback", opts.report)?).await?;
     let mut main = sh.conn().await?;
     db::ensure_ledger(&mut main).await?;
     let runs = select_runs(&main, cfg, opts.run).await?;

@@ -1,0 +1,115 @@
+//! `relocator plan`: the dry run. It walks the table as `run` does and asks the copy
+//! stage the same questions in its looking-only mode, so it predicts what `run` does —
+//! without changing anything in PostgreSQL or S3.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use crate::config::JobConfig;
+use crate::db;
+use crate::pipeline::plan::{self, attention, moved_line, split_ready, Claims};
+use crate::pipeline::{self, commit, copy};
+use crate::progress::Progress;
+use crate::report::{Outcome, Report, Summary};
+
+/// `relocator plan`: the dry run. Changes nothing in PostgreSQL or S3 (each batch's
+/// rewrites are tried in a transaction that is rolled back).
+#[instrument(skip_all, fields(table = %cfg.table))]
+pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
+    let mut sh = pipeline::open(cfg, 1, Report::new("plan", Some(out))?).await?;
+    let db = sh.conn().await?;
+    let (total, _) = db::count_selected(&db, &sh.table, &cfg.source.prefix).await?;
+    sh.progress = Progress::new("plan", Some(total));
+    // Rows the table would refuse are found by trying the rewrites (rolled back), which
+    // needs the UPDATE a run needs anyway.
+    let may_update: bool = db
+        .query_one(
+            "SELECT has_column_privilege($1::text::regclass, $2, 'UPDATE')",
+            &[&sh.table.qualified, &cfg.path_column],
+        )
+        .await
+        .context("checking the UPDATE privilege")?
+        .get(0);
+    if !may_update {
+        warn!(
+            "this role may not UPDATE the path column: plan cannot try the rewrites, so rows \
+             the table would refuse are predicted as moved"
+        );
+    }
+    let mut claims = Claims::default();
+    let mut last_id: Option<String> = None;
+    let mut interrupted = false;
+    loop {
+        if cancel.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+        let rows = db::scan(
+            &db,
+            &sh.q,
+            &cfg.source.prefix,
+            last_id.as_deref(),
+            None,
+            cfg.batch_size,
+        )
+        .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        last_id = Some(last.id.clone());
+        sh.progress.inc(rows.len() as u64, 0);
+        let batch = plan::plan_batch(rows, &cfg.rewrite);
+        let pairs = plan::distinct_pairs(&batch.moves);
+        let Some(results) = copy::copy_all(
+            &sh.s3,
+            cfg,
+            &pairs,
+            copy::Mode::DryRun,
+            cfg.concurrency,
+            &cancel,
+        )
+        .await?
+        else {
+            interrupted = true;
+            break;
+        };
+        let mut by_pair = HashMap::new();
+        for ((src, dst), r) in pairs.iter().zip(results) {
+            by_pair.insert((src.as_str(), dst.as_str()), claims.judge(src, dst, r));
+        }
+        let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
+        let refused = if may_update {
+            let rows: Vec<commit::Rewrite<'_>> = ready
+                .iter()
+                .map(|(m, _)| commit::Rewrite::from(*m))
+                .collect();
+            commit::refused_rewrites(&db, &sh.q, &rows).await?
+        } else {
+            HashMap::new()
+        };
+        let mut report = sh.report();
+        for l in batch.skipped.into_iter().chain(lines) {
+            report.record(l)?;
+        }
+        for (m, made) in ready {
+            match refused.get(&m.row.id) {
+                Some(why) => report.record(attention(m, Outcome::Rejected, why.clone()))?,
+                None => report.record(moved_line(m, made.created, true))?,
+            }
+        }
+        report.counters.batches += 1;
+        report.flush()?;
+    }
+    sh.progress.finish();
+    let report = sh
+        .report
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let summary = report.finish(None, interrupted)?;
+    info!("{}", summary.one_line());
+    Ok(summary)
+}
