@@ -5,35 +5,42 @@
 //!
 //! 1. **A source object is deleted only after the row rewrite that stops referencing it
 //!    has committed, and only when no row still references that key** —
-//!    [`cleanup::delete_sources`], fed only from ledger rows written in the rewrite's own
-//!    transaction.
+//!    [`pipeline::cleanup::delete_sources`], fed only from ledger rows written in the
+//!    rewrite's own transaction, deleting under a SHARE lock on every referencing column.
 //! 2. **A different object already at the destination is never overwritten** —
-//!    [`copy`]: the copy is made only after HEAD found the destination free; an identical
-//!    object (same ETag and size) counts as copied, a different one is a `conflict`.
-//! 3. **A row the application changed meanwhile is not rewritten** — [`commit`]: the
-//!    UPDATE is guarded by the old value (compare-and-swap); a copy made for such a row is
-//!    taken back only if relocator created it and nothing references it.
+//!    [`pipeline::copy`]: a copy is made only onto a [`pipeline::copy::Destination`],
+//!    which only a HEAD or the batch's listing can build and which found the key free;
+//!    an identical object counts as copied, a different one is a `conflict`.
+//! 3. **A row the application changed meanwhile is not rewritten** —
+//!    [`pipeline::commit`]: the UPDATE is guarded by the old value (compare-and-swap); a
+//!    copy made for such a row is taken back only if relocator created it and nothing
+//!    references it.
 //! 4. **Kill it at any instant, rerun it, and it converges** — the ledger
 //!    (`relocator.moves`) is written in the same transaction as the rewrite, so after a
 //!    crash a rerun first finishes the cleanups the ledger says are pending, then resumes
-//!    the keyset scan at the run's last committed id. Moved rows no longer match the source
-//!    prefix, so nothing is copied twice.
-//! 5. **Bad input changes nothing** — [`config`] validates arguments, then the catalog
-//!    and the buckets are checked before the first write; all of it maps to exit code 2.
-//!    Secrets (the database password, AWS keys) are never logged: see
-//!    [`config::DatabaseUrl`].
+//!    at the leases' frontiers ([`pipeline::lease`]). Moved rows no longer match the
+//!    source prefix, so nothing is copied twice.
+//! 5. **Bad input changes nothing** — [`config`] validates every option once (the job's
+//!    in [`config::JobConfig`], `run`'s policy in [`config::RunPolicy`]), then the
+//!    catalog and the buckets are checked before the first write; all of it maps to exit
+//!    code 2 ([`error_exit_code`]). Secrets (the database password, AWS keys) are never
+//!    logged: see [`config::DatabaseUrl`].
 //!
-//! # Layout
+//! # Where things are
 //!
-//! - [`cli`] the command line as typed → [`config`] validated once, passed by reference.
-//! - [`job`] orchestrates the stages per keyset batch:
-//!   [`plan`] (pure: destination keys, collisions) → [`copy`] (S3) → [`commit`]
-//!   (one transaction) → [`cleanup`] (delete after commit).
-//! - [`lease`] shares a run among workers and processes (leases on id ranges).
-//! - [`db`] and [`s3`] are thin adapters; all SQL is in [`db`] and the stage modules.
-//! - [`rewrite`] is the pure key arithmetic; [`report`] the outcomes, CSV and summary;
-//!   [`seed`] the demo data; [`verify`] checks every row against the buckets;
-//!   [`status`] reads the ledger.
+//! Imports run one way: [`commands`] → [`pipeline`] → ([`db`], [`s3`]) → [`config`].
+//!
+//! - [`cli`] the command line as typed → [`config`] every option validated once.
+//! - [`commands`] one file per command, and [`commands::dispatch`], which `main` calls.
+//! - [`pipeline`] `run`: the table lock, the workers, the channels between the stages
+//!   [`pipeline::plan`] (pure: destination keys, collisions, each row's outcome) →
+//!   [`pipeline::copy`] (S3) → [`pipeline::commit`] (one transaction) →
+//!   [`pipeline::cleanup`] (delete after commit); [`pipeline::lease`] shares a run among
+//!   workers and processes.
+//! - [`db`] the pool, TLS ([`db::tls`]), table introspection and the user-table queries;
+//!   [`s3`] the only way to reach S3 (rate cap, counters, one listing, typed errors).
+//! - [`rewrite`] the pure key arithmetic; [`report`] the outcomes, CSV and summary;
+//!   [`progress`] the bar.
 
 pub mod cli;
 pub mod commands;

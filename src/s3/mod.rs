@@ -1,8 +1,8 @@
 //! The S3 adapter, and the only way relocator reaches S3: one shared client per endpoint
 //! ([`Endpoint`]), through which every request waits for `--max-rps` and is counted; the
-//! handful of calls relocator makes; one listing ([`S3::list_page`]); the S3 error codes
-//! callers branch on mapped to [`S3Error`]. Large copies are in [`multipart`], copies
-//! streamed through relocator in [`stream`], what a write sets in [`options`].
+//! handful of calls relocator makes; one listing ([`S3::listing`]); the S3 error codes
+//! callers branch on mapped to [`S3Error`]. Large copies are in `multipart.rs`, copies
+//! streamed through relocator in `stream.rs`, what a write sets in `options.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
