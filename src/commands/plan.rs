@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, instrument, warn};
+use tracing::{instrument, warn};
 
 use crate::config::JobConfig;
 use crate::db;
@@ -105,11 +105,5 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         report.flush()?;
     }
     sh.progress.finish();
-    let report = sh
-        .report
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let summary = report.finish(None, interrupted)?;
-    info!("{}", summary.one_line());
-    Ok(summary)
+    sh.finish(interrupted)
 }

@@ -71,7 +71,7 @@ pub async fn rollback(
     let runs = select_runs(&main, cfg, opts.run).await?;
     if runs.is_empty() {
         info!("the ledger has no run of this job: nothing to roll back");
-        return finish(sh, false);
+        return sh.finish(false);
     }
     lease::lock_table(&main, &sh.table, TableLock::Rollback).await?;
     main.execute(
@@ -154,17 +154,7 @@ pub async fn rollback(
     }
     lease::unlock_table(&main, &sh.table, TableLock::Rollback).await?;
     drop(main);
-    finish(sh, interrupted)
-}
-
-fn finish(sh: Shared<'_>, interrupted: bool) -> Result<Summary> {
-    let report = sh
-        .report
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let summary = report.finish(None, interrupted)?;
-    info!("{}", summary.one_line());
-    Ok(summary)
+    sh.finish(interrupted)
 }
 
 /// The runs to undo: `--run N` (which must be this job's), or every run of the job.

@@ -80,6 +80,20 @@ impl Shared<'_> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The report, once the stages are done with it.
+    pub(crate) fn into_report(self) -> Report {
+        self.report
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The summary of a command that keeps no run of its own (`plan`, `rollback`), logged.
+    pub(crate) fn finish(self, interrupted: bool) -> Result<Summary> {
+        let summary = self.into_report().finish(None, interrupted)?;
+        info!("{}", summary.one_line());
+        Ok(summary)
+    }
+
     pub(crate) async fn conn(&self) -> Result<deadpool_postgres::Client> {
         self.pool
             .get()
@@ -213,12 +227,10 @@ pub async fn run(
     }
     result?;
     lease::unlock_table(&main, &sh.table, TableLock::Run).await?;
-    let report = sh
-        .report
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let q = sh.q.clone();
+    let report = sh.into_report();
     let unreported = if status == "finished" {
-        rows_left_unreported(&main, &sh.q, &cfg.source.prefix, &report).await?
+        rows_left_unreported(&main, &q, &cfg.source.prefix, &report).await?
     } else {
         0
     };
