@@ -28,7 +28,8 @@
 //!
 //! # Where things are
 //!
-//! Imports run one way: [`commands`] → [`pipeline`] → ([`db`], [`s3`]) → [`config`].
+//! Imports run one way: [`commands`] → [`pipeline`] → ([`db`], [`ledger`], [`s3`]) →
+//! [`config`].
 //!
 //! - [`cli`] the command line as typed → [`config`] every option validated once.
 //! - [`commands`] one file per command, and [`commands::dispatch`], which `main` calls.
@@ -38,6 +39,7 @@
 //!   [`pipeline::cleanup`] (delete after commit); [`pipeline::lease`] shares a run among
 //!   workers and processes.
 //! - [`db`] the pool, TLS ([`db::tls`]), table introspection and the user-table queries;
+//!   [`ledger`] relocator's own schema and the multipart uploads it started;
 //!   [`s3`] the only way to reach S3 (rate cap, counters, one listing, typed errors).
 //! - [`rewrite`] the pure key arithmetic; [`report`] the outcomes, CSV and summary;
 //!   [`progress`] the bar.
@@ -46,6 +48,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod ledger;
 pub mod pipeline;
 pub mod progress;
 pub mod report;

@@ -194,7 +194,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     let cfg = JobConfig::from_args(&args).unwrap();
     let pool = relocator::db::pool(&cfg.database_url, 2, None).unwrap();
     let mut db = pool.get().await.unwrap();
-    relocator::db::ensure_ledger(&mut db).await.unwrap();
+    relocator::ledger::ensure(&mut db).await.unwrap();
     let table = TableInfo::resolve(&db, &cfg).await.unwrap();
     let q = Queries::new(&table);
     let run_id: i64 = db

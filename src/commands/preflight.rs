@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::config::{quote_ident, JobConfig};
 use crate::db::{self, TableInfo};
+use crate::ledger;
 use crate::s3::{self, ObjectInfo, S3};
 
 /// Copies made to measure the server's copy rate.
@@ -231,7 +232,7 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
     }
     // The ledger's DDL in a transaction that is rolled back: exactly the rights it needs.
     let tx = client.transaction().await?;
-    match db::apply_ledger(&tx).await {
+    match ledger::apply(&tx).await {
         Ok(()) => r.ok(
             "ledger",
             format!("{user} may create and use relocator's ledger (schema relocator)"),

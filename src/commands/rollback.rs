@@ -25,6 +25,7 @@ use tracing::{info, instrument};
 
 use crate::config::{config_error, JobConfig};
 use crate::db;
+use crate::ledger;
 use crate::pipeline::cleanup::{self, Unreferenced, MARK_ROLLBACK_CLEANED};
 use crate::pipeline::commit::{self, Rewrite};
 use crate::pipeline::copy::{self, PairResult};
@@ -67,7 +68,7 @@ pub async fn rollback(
 ) -> Result<Summary> {
     let mut sh = pipeline::open(cfg, 2, Report::new("rollback", opts.report)?).await?;
     let mut main = sh.conn().await?;
-    db::ensure_ledger(&mut main).await?;
+    ledger::ensure(&mut main).await?;
     let runs = select_runs(&main, cfg, opts.run).await?;
     if runs.is_empty() {
         info!("the ledger has no run of this job: nothing to roll back");

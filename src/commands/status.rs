@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::config::JobConfig;
 use crate::db::{self, TableInfo};
+use crate::ledger;
 
 /// One run of the job, as the ledger has it.
 #[derive(Debug, Clone, Serialize)]
@@ -95,7 +96,7 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
         .await
         .context("counting the rows left")?
         .get(0);
-    if !db::ledger_exists(&client).await? {
+    if !ledger::exists(&client).await? {
         return Ok(Status {
             runs: Vec::new(),
             rows_left: left,

@@ -161,7 +161,7 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     let s3c = S3::for_job(cfg).await;
     s3c.src.check_bucket("--source", &cfg.source.bucket).await?;
     s3c.dst.check_bucket("--dest", &cfg.dest.bucket).await?;
-    let ledger = db::ledger_exists(&client).await?;
+    let ledger = crate::ledger::exists(&client).await?;
     let (on_dest, _) = db::count_selected(&client, &table, &cfg.dest.prefix).await?;
     let (on_source, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
 

@@ -22,6 +22,7 @@ use tracing::{info, instrument, warn};
 
 use crate::config::JobConfig;
 use crate::db::{self, Queries, Row, TableInfo};
+use crate::ledger;
 use crate::progress::Progress;
 use crate::report::{BackupInfo, Outcome, Report, ReportLine, Summary};
 use crate::s3::{self, Side, S3};
@@ -134,7 +135,7 @@ pub(crate) async fn open<'a>(
     // Its own two connections (opened only when a multipart copy starts): the stages
     // hold the job pool's connections for as long as they run.
     let uploads = db::pool(&cfg.database_url, 2, Some(cfg.batch_timeout))?;
-    s3c.uploads = Some(std::sync::Arc::new(db::LedgerUploads(uploads)));
+    s3c.uploads = Some(std::sync::Arc::new(ledger::UploadNotes(uploads)));
     s3c.src.check_bucket("--source", &cfg.source.bucket).await?;
     s3c.dst.check_bucket("--dest", &cfg.dest.bucket).await?;
     if !s3c.server_side {
@@ -168,7 +169,7 @@ pub async fn run(
         .learn_create_only(&cfg.dest.bucket, &cfg.dest.prefix, &cfg.write)
         .await;
     let mut main = sh.conn().await?;
-    db::ensure_ledger(&mut main).await?;
+    ledger::ensure(&mut main).await?;
     lease::lock_table(&main, &sh.table, TableLock::Run).await?;
     let (run_id, resumed, lease_ttl) =
         lease::begin_run(&mut main, cfg, &sh.table, opts.lease_ttl).await?;
