@@ -380,9 +380,53 @@ pub struct S3Settings {
     /// AWS profile (shared config files) instead of the default chain's.
     pub profile: Option<String>,
     pub region: Option<String>,
-    /// Credentials from `{prefix}_AWS_ACCESS_KEY_ID` / `{prefix}_AWS_SECRET_ACCESS_KEY`
-    /// (read when the client is built, never kept here), when those are set.
-    pub credentials_env: Option<&'static str>,
+    /// This side's own key pair, where `RELOCATOR_SOURCE_…` / `RELOCATOR_DEST_…` give one;
+    /// else the standard chain's.
+    pub credentials: Option<Credentials>,
+}
+
+/// An access key pair read from `{prefix}_AWS_ACCESS_KEY_ID` and
+/// `{prefix}_AWS_SECRET_ACCESS_KEY` — the one place relocator reads its own credential
+/// variables. Its `Debug` never shows the secret. Pairs from different prefixes never
+/// compare equal, so a side given its own keys is its own endpoint (copies are streamed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    prefix: &'static str,
+    pub access_key_id: String,
+    secret_access_key: String,
+}
+
+impl Credentials {
+    /// The pair under `prefix`, if set; one of the two without the other is bad input.
+    pub fn from_env(prefix: &'static str) -> Result<Option<Credentials>, ConfigError> {
+        let var = |name: &str| std::env::var(format!("{prefix}_{name}")).ok();
+        match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+            (Some(access_key_id), Some(secret_access_key)) => Ok(Some(Credentials {
+                prefix,
+                access_key_id,
+                secret_access_key,
+            })),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError(format!(
+                "set both {prefix}_AWS_ACCESS_KEY_ID and {prefix}_AWS_SECRET_ACCESS_KEY, or \
+                 neither"
+            ))),
+        }
+    }
+
+    pub fn secret_access_key(&self) -> &str {
+        &self.secret_access_key
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"***")
+            .finish()
+    }
 }
 
 /// `flag`'s value must be an http(s) URL.
@@ -424,7 +468,7 @@ impl S3Settings {
             max_rps,
             profile: None,
             region: None,
-            credentials_env: None,
+            credentials: None,
         })
     }
 
@@ -441,19 +485,12 @@ impl S3Settings {
         if let Some(e) = endpoint {
             check_endpoint(&format!("--{side}-endpoint-url"), e)?;
         }
-        let id = std::env::var_os(format!("{credentials_env}_AWS_ACCESS_KEY_ID"));
-        let secret = std::env::var_os(format!("{credentials_env}_AWS_SECRET_ACCESS_KEY"));
-        if id.is_some() != secret.is_some() {
-            return Err(ConfigError(format!(
-                "set both {credentials_env}_AWS_ACCESS_KEY_ID and \
-                 {credentials_env}_AWS_SECRET_ACCESS_KEY, or neither"
-            )));
-        }
+        let credentials = Credentials::from_env(credentials_env)?;
         Ok(S3Settings {
             endpoint_url: endpoint.clone().or_else(|| self.endpoint_url.clone()),
             profile: profile.clone(),
             region: region.clone(),
-            credentials_env: id.map(|_| credentials_env),
+            credentials,
             ..self.clone()
         })
     }
@@ -701,9 +738,15 @@ impl JobConfig {
         }
         // Each side's own endpoint: a remote --dest-endpoint-url beside a local
         // --endpoint-url is production too.
-        for (side, s) in [("source", &self.source_s3), ("dest", &self.dest_s3)] {
+        let sides: &[(&str, &S3Settings)] =
+            if self.source_s3.endpoint_url == self.dest_s3.endpoint_url {
+                &[("", &self.source_s3)]
+            } else {
+                &[("source ", &self.source_s3), ("dest ", &self.dest_s3)]
+            };
+        for (side, s) in sides {
             let why = match &s.endpoint_url {
-                None => format!("{side} S3 on AWS (no endpoint URL)"),
+                None => format!("{side}S3 on AWS (no endpoint URL)"),
                 Some(e) => {
                     let host = url::Url::parse(e)
                         .ok()
@@ -712,7 +755,7 @@ impl JobConfig {
                     if is_local_host(&host) {
                         continue;
                     }
-                    format!("{side} S3 endpoint {host}")
+                    format!("{side}S3 endpoint {host}")
                 }
             };
             remote.push(why);
@@ -957,6 +1000,15 @@ mod tests {
             Ok(None),
             "a local stack needs no backup"
         );
+        // Both sides on one remote endpoint: named once.
+        let e = policy(&[
+            "--source-endpoint-url",
+            "https://s3.example.com",
+            "--dest-endpoint-url",
+            "https://s3.example.com",
+        ])
+        .expect_err("remote");
+        assert!(e.0.contains("(S3 endpoint s3.example.com)"), "{e}");
         // A remote destination beside a local shared endpoint: production.
         let e = policy(&["--dest-endpoint-url", "https://s3.eu-west-1.amazonaws.com"])
             .expect_err("a remote destination needs a backup");

@@ -84,7 +84,7 @@ async fn main() -> Result<()> {
         max_rps: None,
         profile: None,
         region: None,
-        credentials_env: None,
+        credentials: None,
     };
     let client = s3::client(&settings).await;
     let tag = format!(

@@ -553,7 +553,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             .map(|k| {
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
-                    let permit = via.dst.permit().await;
+                    let permit = via.dst.permit(write).await;
                     if via.server_side {
                         via.dst
                             .copy(

@@ -81,11 +81,12 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// HEAD the key now; with the copy's permit first unless only looking (`plan`).
-    async fn look(s3c: &S3, bucket: &str, key: &str, mode: Mode<'_>) -> Result<Self, S3Error> {
+    /// HEAD the key now; with the copy's permits first unless only looking (`plan`).
+    async fn look(s3c: &S3, cfg: &JobConfig, key: &str, mode: Mode<'_>) -> Result<Self, S3Error> {
+        let (bucket, write) = (&cfg.dest.bucket, &cfg.write);
         let permit = match mode {
             Mode::DryRun => None,
-            Mode::Copy(_) => Some(s3c.dst.permit().await),
+            Mode::Copy(_) => Some(s3c.dst.permit(write).await),
         };
         let found = s3c.dst.head(bucket, key).await?;
         Ok(Destination { found, permit })
@@ -137,7 +138,7 @@ pub async fn copy_all_known(
             let mode = Mode::Copy(Some(intents));
             let dst = match listed {
                 None if !s3c.create_only => {
-                    match Destination::look(s3c, &cfg.dest.bucket, dst_key, mode).await {
+                    match Destination::look(s3c, cfg, dst_key, mode).await {
                         Ok(d) => d,
                         Err(e) => return per_object(e),
                     }
@@ -197,7 +198,7 @@ pub(crate) async fn copy_looking(
     dst_key: &str,
     mode: Mode<'_>,
 ) -> Result<PairResult> {
-    let dst = match Destination::look(s3c, &cfg.dest.bucket, dst_key, mode).await {
+    let dst = match Destination::look(s3c, cfg, dst_key, mode).await {
         Ok(d) => d,
         Err(e) => return per_object(e),
     };
@@ -383,7 +384,7 @@ async fn make_copy(
     }
     let permit = match dst.permit {
         Some(p) => p,
-        None => s3c.dst.permit().await,
+        None => s3c.dst.permit(&cfg.write).await,
     };
     let made = copy_free(s3c, cfg, permit, src_key, src, dst_key).await;
     if let Some(i) = intents {

@@ -90,11 +90,10 @@ pub async fn client(settings: &S3Settings) -> Client {
     if let Some(r) = &settings.region {
         loader = loader.region(aws_sdk_s3::config::Region::new(r.clone()));
     }
-    if let Some(prefix) = settings.credentials_env {
-        let var = |name: &str| std::env::var(format!("{prefix}_{name}")).unwrap_or_default();
+    if let Some(c) = &settings.credentials {
         loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
-            var("AWS_ACCESS_KEY_ID"),
-            var("AWS_SECRET_ACCESS_KEY"),
+            &c.access_key_id,
+            c.secret_access_key(),
             None,
             None,
             "relocator-env",
@@ -149,10 +148,14 @@ pub struct Endpoint {
     limiter: Option<Arc<Limiter>>,
 }
 
-/// A write request's rate permit, taken before relocator looks at the destination, so
-/// that `--max-rps` never waits between the look and the copy it decides ([`Endpoint::permit`]).
+/// A copy's rate permits, taken before relocator looks at the destination, so that
+/// `--max-rps` never waits between the look and the copy it decides
+/// ([`Endpoint::permit`]): the write, and the reads the copy makes before it that are
+/// already paid for.
 #[must_use]
-pub struct Permit(());
+pub struct Permit {
+    reads: u32,
+}
 
 impl From<Client> for Endpoint {
     /// An endpoint without a rate cap (seeding, the benchmark, tests).
@@ -175,14 +178,34 @@ impl Endpoint {
     /// Before a write request (COPY, PUT, DELETE, an upload's steps): wait for the rate
     /// cap, count it.
     async fn write(&self) -> &Client {
-        self.permit().await.spend(self)
-    }
-
-    /// A write's permit now, for a write decided by a look that follows.
-    pub async fn permit(&self) -> Permit {
         REQUESTS.writes.fetch_add(1, Ordering::Relaxed);
         self.wait().await;
-        Permit(())
+        &self.client
+    }
+
+    /// A copy's permits now, for a copy decided by a look that follows: its write, and —
+    /// a server-side copy with extra metadata reads the source's headers first — that
+    /// read.
+    pub async fn permit(&self, write: &WriteOptions) -> Permit {
+        let reads = u32::from(!write.metadata.is_empty());
+        REQUESTS.writes.fetch_add(1, Ordering::Relaxed);
+        REQUESTS
+            .reads
+            .fetch_add(u64::from(reads), Ordering::Relaxed);
+        for _ in 0..=reads {
+            self.wait().await;
+        }
+        Permit { reads }
+    }
+
+    /// The client for a read the permit has paid for, else one that waits its turn.
+    pub(super) async fn paid_read(&self, permit: &mut Permit) -> &Client {
+        if permit.reads > 0 {
+            permit.reads -= 1;
+            &self.client
+        } else {
+            self.read().await
+        }
     }
 
     async fn wait(&self) {
@@ -566,9 +589,15 @@ impl Endpoint {
     /// HEAD an object with the headers a copy keeps and its checksum: `Ok(None)` when it
     /// does not exist.
     pub async fn head_object(&self, bucket: &str, key: &str) -> Result<Option<Head>, S3Error> {
-        let req = self
-            .read()
-            .await
+        Endpoint::head_object_with(self.read().await, bucket, key).await
+    }
+
+    pub(super) async fn head_object_with(
+        client: &Client,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Head>, S3Error> {
+        let req = client
             .head_object()
             .bucket(bucket)
             .key(key)
@@ -600,7 +629,7 @@ impl Endpoint {
     #[allow(clippy::too_many_arguments)]
     pub async fn copy(
         &self,
-        permit: Permit,
+        mut permit: Permit,
         src_bucket: &str,
         src_key: &str,
         src: &ObjectInfo,
@@ -611,8 +640,7 @@ impl Endpoint {
     ) -> Result<bool, S3Error> {
         let what = format!("COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
         let mut req = with_write_options!(
-            permit
-                .spend(self)
+            self.client
                 .copy_object()
                 .copy_source(copy_source(src_bucket, src_key))
                 .copy_source_if_match(format!("\"{}\"", src.etag))
@@ -625,8 +653,8 @@ impl Endpoint {
             req = req.if_none_match("*");
         }
         if !write.metadata.is_empty() {
-            let h = self
-                .head_object(src_bucket, src_key)
+            let client = self.paid_read(&mut permit).await;
+            let h = Endpoint::head_object_with(client, src_bucket, src_key)
                 .await?
                 .ok_or(S3Error::NotFound)?
                 .headers;

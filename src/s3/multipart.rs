@@ -57,7 +57,7 @@ impl S3 {
     #[allow(clippy::too_many_arguments)]
     pub async fn copy_multipart(
         &self,
-        permit: Permit,
+        mut permit: Permit,
         src_bucket: &str,
         src_key: &str,
         src: &ObjectInfo,
@@ -71,11 +71,10 @@ impl S3 {
 
         let what =
             format!("multipart COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
-        let now = self
-            .src
-            .head_object(src_bucket, src_key)
-            .await?
-            .ok_or(S3Error::NotFound)?;
+        let now =
+            Endpoint::head_object_with(self.src.paid_read(&mut permit).await, src_bucket, src_key)
+                .await?
+                .ok_or(S3Error::NotFound)?;
         if now.info.etag != src.etag {
             return Err(S3Error::PreconditionFailed);
         }

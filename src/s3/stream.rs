@@ -154,7 +154,7 @@ impl S3 {
     #[allow(clippy::too_many_arguments)]
     pub async fn stream_copy(
         &self,
-        permit: Permit,
+        mut permit: Permit,
         src_bucket: &str,
         src_key: &str,
         src: &ObjectInfo,
@@ -166,7 +166,7 @@ impl S3 {
             format!("streamed COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
         let got = self
             .src
-            .read()
+            .paid_read(&mut permit)
             .await
             .get_object()
             .bucket(src_bucket)

@@ -137,7 +137,7 @@ pub fn s3_settings() -> S3Settings {
         max_rps: None,
         profile: None,
         region: None,
-        credentials_env: None,
+        credentials: None,
     }
 }
 
@@ -168,7 +168,8 @@ pub async fn second_s3_client() -> Client {
     );
     s3::client(&S3Settings {
         endpoint_url: Some(var("RELOCATOR_TEST_SECOND_ENDPOINT")),
-        credentials_env: Some("RELOCATOR_TEST_SECOND"),
+        credentials: relocator::config::Credentials::from_env("RELOCATOR_TEST_SECOND")
+            .expect("both of the second endpoint's keys"),
         ..s3_settings()
     })
     .await
