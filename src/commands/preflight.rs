@@ -554,24 +554,18 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
                     let permit = via.dst.permit(write).await;
+                    let spec = s3::CopySpec {
+                        src_bucket: from_bucket,
+                        src_key: from_key,
+                        src: info,
+                        dst_bucket: &dst.bucket,
+                        dst_key: k,
+                        write,
+                    };
                     if via.server_side {
-                        via.dst
-                            .copy(
-                                permit,
-                                from_bucket,
-                                from_key,
-                                info,
-                                &dst.bucket,
-                                k,
-                                write,
-                                false,
-                            )
-                            .await
-                            .map(|_| ())
+                        via.dst.copy(permit, spec, false).await.map(|_| ())
                     } else {
-                        via.stream_copy(permit, from_bucket, from_key, info, &dst.bucket, k, write)
-                            .await
-                            .map(|_| ())
+                        via.stream_copy(permit, spec).await.map(|_| ())
                     }
                 }
             })

@@ -415,34 +415,29 @@ async fn copy_free(
     // completes: NoSuchUpload). The rerun looks at what is there: its own copy is claimed
     // through the note, anything else is compared with the source like any object found
     // at the destination.
+    let spec = s3::CopySpec {
+        src_bucket: sb,
+        src_key,
+        src,
+        dst_bucket: db,
+        dst_key,
+        write: &cfg.write,
+    };
     let copied = if in_parts {
         let parts = s3::Parts {
             size: cfg.part_size,
             parallel: PARTS_IN_FLIGHT,
         };
-        s3c.copy_multipart(permit, sb, src_key, src, db, dst_key, parts, &cfg.write)
+        s3c.copy_multipart(permit, spec, parts)
             .await
             .map(|made| Some(made.etag))
     } else if !s3c.server_side {
-        s3c.stream_copy(permit, sb, src_key, src, db, dst_key, &cfg.write)
+        s3c.stream_copy(permit, spec)
             .await
             .map(|made| Some(made.etag))
     } else {
         let create_only = s3c.create_only;
-        match s3c
-            .dst
-            .copy(
-                permit,
-                sb,
-                src_key,
-                src,
-                db,
-                dst_key,
-                &cfg.write,
-                create_only,
-            )
-            .await
-        {
+        match s3c.dst.copy(permit, spec, create_only).await {
             // Refused: either the source changed (copy-source-if-match) or, create-only,
             // something is at the destination by now. Look at what is there.
             Err(S3Error::PreconditionFailed) if create_only => {

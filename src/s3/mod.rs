@@ -222,6 +222,19 @@ impl Permit {
     }
 }
 
+/// One copy: the source as relocator saw it, where it goes, and how it is written.
+#[derive(Debug, Clone, Copy)]
+pub struct CopySpec<'a> {
+    pub src_bucket: &'a str,
+    pub src_key: &'a str,
+    /// The source's identity when it was looked at: the copy is made only while the
+    /// source still has this ETag.
+    pub src: &'a ObjectInfo,
+    pub dst_bucket: &'a str,
+    pub dst_key: &'a str,
+    pub write: &'a WriteOptions,
+}
+
 /// The S3 side of a job: one endpoint per side (the same client when both sides are one
 /// endpoint with one set of credentials; cloned cheaply into every worker) sharing the
 /// optional `--max-rps` cap.
@@ -626,18 +639,20 @@ impl Endpoint {
     /// ETag must match the source's where both are MD5s of the bytes. `Ok(false)`: they are
     /// not (a multipart source, an SSE-KMS copy), and the caller confirms the size instead.
     /// `permit`: the copy's, taken before the look that found the destination free.
-    #[allow(clippy::too_many_arguments)]
     pub async fn copy(
         &self,
         mut permit: Permit,
-        src_bucket: &str,
-        src_key: &str,
-        src: &ObjectInfo,
-        dst_bucket: &str,
-        dst_key: &str,
-        write: &WriteOptions,
+        spec: CopySpec<'_>,
         create_only: bool,
     ) -> Result<bool, S3Error> {
+        let CopySpec {
+            src_bucket,
+            src_key,
+            src,
+            dst_bucket,
+            dst_key,
+            write,
+        } = spec;
         let what = format!("COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
         let mut req = with_write_options!(
             self.client

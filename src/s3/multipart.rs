@@ -6,8 +6,8 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 
 use super::stream::{combined, crc_algorithm, digesting, Digested};
 use super::{
-    classify, copy_source, strip_quotes, Checksum, Endpoint, ObjectInfo, Permit, S3Error,
-    WriteOptions, S3,
+    classify, copy_source, strip_quotes, Checksum, CopySpec, Endpoint, ObjectInfo, Permit, S3Error,
+    S3,
 };
 
 /// Ask CompleteMultipartUpload to check the finished object against this checksum.
@@ -54,18 +54,20 @@ impl S3 {
     /// `FULL_OBJECT` checksum, CompleteMultipartUpload carries the source's value (the server
     /// refuses to complete an upload whose bytes do not match it), and the finished object's
     /// checksum is compared again. A multipart ETag is not comparable.
-    #[allow(clippy::too_many_arguments)]
     pub async fn copy_multipart(
         &self,
         mut permit: Permit,
-        src_bucket: &str,
-        src_key: &str,
-        src: &ObjectInfo,
-        dst_bucket: &str,
-        dst_key: &str,
+        spec: CopySpec<'_>,
         parts: Parts,
-        write: &WriteOptions,
     ) -> Result<ObjectInfo, S3Error> {
+        let CopySpec {
+            src_bucket,
+            src_key,
+            src,
+            dst_bucket,
+            dst_key,
+            write,
+        } = spec;
         use aws_sdk_s3::types::{ChecksumType, CompletedMultipartUpload, CompletedPart};
         use futures::{stream, StreamExt, TryStreamExt};
 

@@ -3,7 +3,7 @@
 
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{classify, strip_quotes, Endpoint, ObjectInfo, Permit, S3Error, WriteOptions, S3};
+use super::{classify, strip_quotes, CopySpec, Endpoint, ObjectInfo, Permit, S3Error, S3};
 
 /// What a streamed part's bytes hashed to on their way through relocator.
 #[derive(Debug, Clone)]
@@ -151,17 +151,19 @@ impl S3 {
     /// headers, user metadata and the job's [`WriteOptions`]. Checked like a server-side copy:
     /// the new ETag must equal the source's where both are MD5s of the bytes, else the size
     /// must; a copy that fails the check is removed again.
-    #[allow(clippy::too_many_arguments)]
     pub async fn stream_copy(
         &self,
         mut permit: Permit,
-        src_bucket: &str,
-        src_key: &str,
-        src: &ObjectInfo,
-        dst_bucket: &str,
-        dst_key: &str,
-        write: &WriteOptions,
+        spec: CopySpec<'_>,
     ) -> Result<ObjectInfo, S3Error> {
+        let CopySpec {
+            src_bucket,
+            src_key,
+            src,
+            dst_bucket,
+            dst_key,
+            write,
+        } = spec;
         let what =
             format!("streamed COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
         let got = self
