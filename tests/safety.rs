@@ -8,6 +8,7 @@ mod common;
 use common::ClientExt;
 
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, FaultProxy};
@@ -1979,4 +1980,88 @@ async fn a_row_written_behind_the_run_is_counted_not_claimed() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(paths, ["avatar/a.png", "avatar/b.png", "avatar/early.png"]);
+}
+
+/// `--max-rps` never waits inside a window a promise depends on: between the look at a
+/// destination key and the copy it decides (here a multipart copy, which reads the source
+/// first), and between the cleanup's look at each source (still the object copied?) and
+/// the delete. Each wait there is time for the application to put an object the copy
+/// would overwrite, or to replace a source the delete would remove. The proxy only notes
+/// when each request arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_rps_waits_before_a_look_never_between_it_and_the_write() {
+    let env = TestEnv::new("rps-window").await;
+    table(&env, false).await;
+    let big: Vec<u8> = (0..6 << 20).map(|i: u32| (i % 251) as u8).collect();
+    env.put_row("image/big.bin", big).await;
+    for k in ["a", "b", "c"] {
+        env.put_row(&format!("image/{k}.png"), k.as_bytes().to_vec())
+            .await;
+    }
+    let started = std::time::Instant::now();
+    let arrivals: Arc<std::sync::Mutex<Vec<(f64, String, String)>>> = Default::default();
+    let noted = arrivals.clone();
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            let at = started.elapsed().as_secs_f64();
+            if let Ok(mut n) = noted.lock() {
+                n.push((at, method.to_owned(), path.to_owned()));
+            }
+            Fault::Forward
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&[
+            "--max-rps",
+            "2",
+            "--multipart-threshold",
+            "5MiB",
+            "--part-size",
+            "5MiB",
+        ])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = arrivals.lock().unwrap().clone();
+    let (src, dst) = (&env.src_bucket, &env.dst_bucket);
+    let first = |method: &str, path: &str| {
+        seen.iter()
+            .find(|(_, m, p)| m == method && p.trim_end_matches('/') == path)
+            .map(|(t, _, _)| *t)
+            .unwrap_or_else(|| panic!("no {method} {path} in {seen:#?}"))
+    };
+    // The look at the big object's destination, then CreateMultipartUpload.
+    let look = first("HEAD", &format!("/{dst}/avatar/big.bin"));
+    let create = first("POST", &format!("/{dst}/avatar/big.bin"));
+    assert!(
+        create - look < 0.4,
+        "{:.2}s between the look at the destination and the copy's first write",
+        create - look
+    );
+    // The cleanup: the DeleteObjects, and the last look at each source before it.
+    let delete = first("POST", &format!("/{src}"));
+    let looks: Vec<f64> = ["big.bin", "a.png", "b.png", "c.png"]
+        .iter()
+        .map(|k| {
+            seen.iter()
+                .filter(|(t, m, p)| *t < delete && m == "HEAD" && *p == format!("/{src}/image/{k}"))
+                .map(|(t, _, _)| *t)
+                .fold(f64::NAN, f64::max)
+        })
+        .collect();
+    let earliest = looks.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        delete - earliest < 0.4,
+        "{:.2}s between the cleanup's first look at a source and the delete ({looks:?})",
+        delete - earliest
+    );
+    assert_eq!(env.keys(src, "image/").await, Vec::<String>::new());
 }

@@ -553,7 +553,7 @@ async fn buckets_and_permissions(cfg: &JobConfig, r: &mut Report) -> Result<()> 
             .map(|k| {
                 let (via, from_bucket, from_key, info) = (&via, &from_bucket, &from_key, &info);
                 async move {
-                    let permit = via.dst.permit(write).await;
+                    let permit = via.dst.permit(via.reads_first(write, false)).await;
                     let spec = s3::CopySpec {
                         src_bucket: from_bucket,
                         src_key: from_key,

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{Side, DELETE_BATCH, S3};
+use crate::s3::{Endpoint, Side, DELETE_BATCH, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -399,11 +399,14 @@ pub async fn delete_unreferenced(
         // waited for is seen: the window left is this look, one lock wait (at most
         // WRITERS_WAIT) and the delete; on servers that honour the ETag in DeleteObjects,
         // none.
-        let looked = look(s3c, side, items).await?;
+        // Every request from the first look to the last delete paid for now, so that no
+        // `--max-rps` wait falls between them.
+        let ep = s3c.side(side).prepaid(requests_upto(items)).await;
+        let looked = look(&ep, items).await?;
         db.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{WRITERS_WAIT}'"))
             .await
             .context("starting the cleanup's transaction")?;
-        let r = delete_locked(db, s3c, side, q, items, &looked, mark, counters).await;
+        let r = delete_locked(db, &ep, q, items, &looked, mark, counters).await;
         let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = db.batch_execute(end).await;
         if let Ok((_, locked_at)) = &r {
@@ -478,6 +481,19 @@ impl Cleaned {
     }
 }
 
+/// The most S3 requests one try of a cleanup sends: a HEAD per distinct key whose
+/// identity is known, and the DeleteObjects requests (per bucket, [`DELETE_BATCH`] keys
+/// each).
+fn requests_upto(items: &[Unreferenced<'_>]) -> usize {
+    let heads: HashSet<(&str, &str)> = items
+        .iter()
+        .filter(|p| p.etag.is_some())
+        .map(|p| (p.bucket, p.key))
+        .collect();
+    let buckets: HashSet<&str> = items.iter().map(|p| p.bucket).collect();
+    heads.len() + items.len().div_ceil(DELETE_BATCH) + buckets.len()
+}
+
 /// What a look at the keys with a known identity found.
 #[derive(Default)]
 struct Looked {
@@ -488,7 +504,7 @@ struct Looked {
 }
 
 /// Look at each key whose identity is known (HEAD): is it still the object copied?
-async fn look(s3c: &S3, side: Side, items: &[Unreferenced<'_>]) -> Result<Looked> {
+async fn look(ep: &Endpoint, items: &[Unreferenced<'_>]) -> Result<Looked> {
     let mut expect: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
     for p in items {
         if let Some(e) = p.etag {
@@ -497,8 +513,7 @@ async fn look(s3c: &S3, side: Side, items: &[Unreferenced<'_>]) -> Result<Looked
     }
     let found: Vec<(String, Option<bool>)> = stream::iter(expect)
         .map(|((bucket, key), etags)| async move {
-            let now = s3c
-                .side(side)
+            let now = ep
                 .head(bucket, key)
                 .await
                 .map_err(anyhow::Error::from)
@@ -533,8 +548,7 @@ async fn look(s3c: &S3, side: Side, items: &[Unreferenced<'_>]) -> Result<Looked
 #[allow(clippy::too_many_arguments)]
 async fn delete_locked(
     db: &deadpool_postgres::Client,
-    s3c: &S3,
-    side: Side,
+    ep: &Endpoint,
     q: &Queries,
     items: &[Unreferenced<'_>],
     looked: &Looked,
@@ -644,8 +658,7 @@ async fn delete_locked(
         .collect();
     let answers: Vec<DeleteAnswer<'_>> = stream::iter(requests)
         .map(|(bucket, chunk)| async move {
-            let errors = s3c
-                .side(side)
+            let errors = ep
                 .delete_many_if(bucket, chunk)
                 .await
                 .map_err(anyhow::Error::from)

@@ -81,12 +81,19 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// HEAD the key now; with the copy's permits first unless only looking (`plan`).
-    async fn look(s3c: &S3, cfg: &JobConfig, key: &str, mode: Mode<'_>) -> Result<Self, S3Error> {
-        let (bucket, write) = (&cfg.dest.bucket, &cfg.write);
+    /// HEAD the key now; with the permits of the copy of `src` first unless only
+    /// looking (`plan`).
+    async fn look(
+        s3c: &S3,
+        cfg: &JobConfig,
+        src: &ObjectInfo,
+        key: &str,
+        mode: Mode<'_>,
+    ) -> Result<Self, S3Error> {
+        let bucket = &cfg.dest.bucket;
         let permit = match mode {
             Mode::DryRun => None,
-            Mode::Copy(_) => Some(s3c.dst.permit(write).await),
+            Mode::Copy(_) => Some(copy_permit(s3c, cfg, src).await),
         };
         let found = s3c.dst.head(bucket, key).await?;
         Ok(Destination { found, permit })
@@ -138,7 +145,7 @@ pub async fn copy_all_known(
             let mode = Mode::Copy(Some(intents));
             let dst = match listed {
                 None if !s3c.create_only => {
-                    match Destination::look(s3c, cfg, dst_key, mode).await {
+                    match Destination::look(s3c, cfg, src, dst_key, mode).await {
                         Ok(d) => d,
                         Err(e) => return per_object(e),
                     }
@@ -198,7 +205,7 @@ pub(crate) async fn copy_looking(
     dst_key: &str,
     mode: Mode<'_>,
 ) -> Result<PairResult> {
-    let dst = match Destination::look(s3c, cfg, dst_key, mode).await {
+    let dst = match Destination::look(s3c, cfg, src, dst_key, mode).await {
         Ok(d) => d,
         Err(e) => return per_object(e),
     };
@@ -384,7 +391,7 @@ async fn make_copy(
     }
     let permit = match dst.permit {
         Some(p) => p,
-        None => s3c.dst.permit(&cfg.write).await,
+        None => copy_permit(s3c, cfg, src).await,
     };
     let made = copy_free(s3c, cfg, permit, src_key, src, dst_key).await;
     if let Some(i) = intents {
@@ -408,7 +415,7 @@ async fn copy_free(
     dst_key: &str,
 ) -> Result<PairResult> {
     let (sb, db) = (&cfg.source.bucket, &cfg.dest.bucket);
-    let in_parts = src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side);
+    let in_parts = in_parts(s3c, cfg, src);
     // A multipart or streamed upload that failed stops the run (exit 1) with its copy
     // still noted: it may have completed (an answer lost), or been ended by an object put
     // at the key meanwhile (Garage ends older uploads to a key when a newer write
@@ -481,6 +488,17 @@ async fn copy_free(
         src_etag: src.etag.clone(),
         dst_etag,
     })
+}
+
+/// Whether `src` is copied in parts.
+fn in_parts(s3c: &S3, cfg: &JobConfig, src: &ObjectInfo) -> bool {
+    src.size.max(0) as u64 > cfg.multipart_threshold(s3c.server_side)
+}
+
+/// The rate permits of the copy of `src`: its write, and the source read it starts with.
+async fn copy_permit(s3c: &S3, cfg: &JobConfig, src: &ObjectInfo) -> Permit {
+    let reads_first = s3c.reads_first(&cfg.write, in_parts(s3c, cfg, src));
+    s3c.dst.permit(reads_first).await
 }
 
 fn source_changed() -> PairResult {

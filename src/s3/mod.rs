@@ -183,11 +183,11 @@ impl Endpoint {
         &self.client
     }
 
-    /// A copy's permits now, for a copy decided by a look that follows: its write, and —
-    /// a server-side copy with extra metadata reads the source's headers first — that
-    /// read.
-    pub async fn permit(&self, write: &WriteOptions) -> Permit {
-        let reads = u32::from(!write.metadata.is_empty());
+    /// A copy's permits now, for a copy decided by a look that follows: its write, and
+    /// the source read it makes first where it makes one (`reads_first`: a streamed or
+    /// multipart copy, or a server-side one with extra metadata; see [`S3::reads_first`]).
+    pub async fn permit(&self, reads_first: bool) -> Permit {
+        let reads = u32::from(reads_first);
         REQUESTS.writes.fetch_add(1, Ordering::Relaxed);
         REQUESTS
             .reads
@@ -205,6 +205,22 @@ impl Endpoint {
             &self.client
         } else {
             self.read().await
+        }
+    }
+
+    /// This endpoint with the rate permits of `n` requests paid now, for requests that
+    /// must follow each other without a `--max-rps` wait between them (a cleanup's looks
+    /// and the deletes they decide). The endpoint returned counts its requests but waits
+    /// no more: use it for those `n` only.
+    pub async fn prepaid(&self, n: usize) -> Endpoint {
+        if self.limiter.is_some() {
+            for _ in 0..n {
+                self.wait().await;
+            }
+        }
+        Endpoint {
+            client: self.client.clone(),
+            limiter: None,
         }
     }
 
@@ -354,6 +370,12 @@ impl S3 {
             Side::Source => &self.src,
             Side::Dest => &self.dst,
         }
+    }
+
+    /// Whether a copy of `src` reads the source before its write: streamed and multipart
+    /// copies do (GET, HEAD), a server-side one only to add `--set-metadata`.
+    pub fn reads_first(&self, write: &WriteOptions, in_parts: bool) -> bool {
+        !self.server_side || in_parts || !write.metadata.is_empty()
     }
 
     /// Both sides the destination's endpoint (copies within it: preflight's probes).
