@@ -545,7 +545,6 @@ async fn look(ep: &Endpoint, items: &[Unreferenced<'_>]) -> Result<Looked> {
 
 /// Inside the cleanup's transaction: wait for the writers, check references, delete,
 /// mark.
-#[allow(clippy::too_many_arguments)]
 async fn delete_locked(
     db: &deadpool_postgres::Client,
     ep: &Endpoint,
