@@ -169,6 +169,10 @@ CREATE TABLE IF NOT EXISTS relocator.uploads (
     PRIMARY KEY (bucket, key, upload_id)
 );
 
+-- The source's version the copy was made from, in a versioned bucket: the copy names it
+-- in its copy source, and the source is deleted only while it still is that version.
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS src_version text;
+
 -- A delete checks whether rows of another table were moved onto the key (see cleanup.rs).
 CREATE INDEX IF NOT EXISTS moves_dst_key_idx ON relocator.moves (dst_bucket, new_path);
 

@@ -233,6 +233,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
     let made = relocator::pipeline::copy::Made {
         created: true,
         src_etag: "etag".into(),
+        src_version: None,
         size: 1,
         dst_etag: "etag".into(),
     };

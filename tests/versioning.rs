@@ -1,14 +1,16 @@
 //! Versioned buckets, on the stack's moto (Garage has no versioning): preflight says what
 //! a delete means there, a run leaves delete markers over noncurrent versions of the
 //! moved sources (never deleting a version), a rollback restores every row and object,
-//! and Object Lock does not stop the run.
+//! Object Lock does not stop the run, and a copy takes the version it looked at.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 use common::ClientExt;
 
 use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+use common::proxy::{Fault, FaultProxy};
 use common::TestEnv;
+use std::time::Duration;
 
 /// This binary's S3 server is moto, whatever the suite's.
 fn on_moto() {
@@ -106,6 +108,141 @@ async fn a_versioned_source_keeps_its_versions_and_rolls_back() {
         .iter()
         .all(|(_, p)| p.starts_with("image/")));
     assert!(env.keys(&env.dst_bucket, "avatar/").await.is_empty());
+}
+
+/// The source overwritten between relocator's look at it and its copy: the copy takes the
+/// version looked at (its versionId in the copy source), recorded with the move, and the
+/// source, no longer that version, is kept. moto ignores `x-amz-copy-source-if-match`, so
+/// a copy without the version took the new bytes. Both ways relocator learns the source:
+/// a HEAD per object (no index on the path column) and the listing (indexed).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_takes_the_version_it_looked_at_after_a_head() {
+    copy_takes_the_version_looked_at(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_takes_the_version_it_looked_at_in_a_listing() {
+    copy_takes_the_version_looked_at(true).await;
+}
+
+async fn copy_takes_the_version_looked_at(indexed: bool) {
+    on_moto();
+    let env = TestEnv::new(if indexed { "pin-listed" } else { "pin-head" }).await;
+    enable_versioning(&env, &env.src_bucket).await;
+    env.seed(0, 0).await; // the table only, with an index on the path
+    if !indexed {
+        env.db()
+            .await
+            .batch_execute("DROP INDEX avatars_path_idx")
+            .await
+            .unwrap();
+    }
+    env.put_row("image/a.png", b"first bytes".to_vec()).await;
+    let looked_at = env
+        .s3
+        .head_object()
+        .bucket(&env.src_bucket)
+        .key("image/a.png")
+        .send()
+        .await
+        .unwrap()
+        .version_id()
+        .unwrap()
+        .to_owned();
+
+    // The copy onto avatar/a.png waits in the proxy; meanwhile the source is replaced.
+    let copy_path = format!("/{}/avatar/a.png", env.dst_bucket);
+    let plan_path = copy_path.clone();
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "PUT" && path == plan_path {
+                Fault::Delay(Duration::from_secs(2))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let mut run = env.run_cmd(&["--endpoint-url", &proxy.url()]);
+    let child = tokio::task::spawn_blocking(move || run.output().unwrap());
+    let mut waited = 0;
+    while !proxy
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s.method == "PUT" && s.target.starts_with(&copy_path))
+    {
+        assert!(waited < 300, "the copy never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+    }
+    env.s3
+        .ep()
+        .put(
+            &env.src_bucket,
+            "image/a.png",
+            b"second byte".to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
+    let out = child.await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    // Moved, and the source kept for a look: exit 3 (rows need attention).
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("source_changed=1"), "{said}");
+
+    {
+        let seen = proxy.seen.lock().unwrap();
+        let at = seen
+            .iter()
+            .position(|s| s.method == "PUT" && s.target.starts_with(&copy_path))
+            .unwrap();
+        let named = seen[at].headers["x-amz-copy-source"].to_str().unwrap();
+        assert!(
+            named.ends_with(&format!("?versionId={looked_at}")),
+            "{named}"
+        );
+        let looked = |method: &str, target: &str| {
+            seen[..at]
+                .iter()
+                .any(|s| s.method == method && s.target.contains(target))
+        };
+        let head = format!("/{}/image/a.png", env.src_bucket);
+        assert_eq!(
+            (looked("GET", "versions"), looked("HEAD", &head)),
+            (indexed, !indexed),
+            "learnt from the versions listing (indexed) or a HEAD (not)"
+        );
+    }
+    assert_eq!(env.rows().await[0].1, "avatar/a.png");
+    let copy = env
+        .s3
+        .ep()
+        .get_bytes(&env.dst_bucket, "avatar/a.png")
+        .await
+        .unwrap();
+    assert_eq!(
+        copy, b"first bytes",
+        "the version looked at, not the new one"
+    );
+    let recorded: Option<String> = env
+        .db()
+        .await
+        .query_one("SELECT src_version FROM relocator.moves", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded.as_deref(), Some(looked_at.as_str()));
+    let source = env
+        .s3
+        .ep()
+        .get_bytes(&env.src_bucket, "image/a.png")
+        .await
+        .unwrap();
+    assert_eq!(source, b"second byte", "replaced since the copy: kept");
 }
 
 /// Object Lock on the source: a locked version may not be deleted, but relocator never

@@ -305,6 +305,7 @@ async fn undo_batch(
             bucket: &sh.cfg.source.bucket,
             key,
             etag: *etag,
+            version: None,
         })
         .collect();
     let mut taken = Counters::default();
@@ -341,6 +342,7 @@ async fn restore_pair(
                 created: false,
                 size: o.size,
                 src_etag: o.etag.clone(),
+                src_version: None,
                 dst_etag: o.etag,
             }),
             Ok(None) => Ok(PairResult::MissingSource),

@@ -673,30 +673,34 @@ impl Queries {
                   RETURNING lease_id
                  ), u AS (
                      SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try, u.dst_etag, u.size,
+                            u.src_version,
                             u.copied OR EXISTS (
                                 SELECT 1 FROM relocator.reservations r
                                   JOIN relocator.leases l ON l.lease_id = r.lease_id
                                  WHERE r.bucket = $8 AND r.key = u.new_path AND r.creating
                                    AND r.holder <> $15 AND l.run_id = $5) AS copied
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
-                                   $13::text[], $14::bool[], $16::text[], $17::bigint[])
-                              AS u(id, old_path, new_path, copied, src_etag, try, dst_etag, size)
+                                   $13::text[], $14::bool[], $16::text[], $17::bigint[],
+                                   $18::text[])
+                              AS u(id, old_path, new_path, copied, src_etag, try, dst_etag, size,
+                                   src_version)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
                      UPDATE {tbl} AS t SET {path} = u.new_path
                        FROM u
                       WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path
                   RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag, u.dst_etag, u.size,
-                            t.{path}::text AS stored
+                            u.src_version, t.{path}::text AS stored
                  ), chk AS (
                      SELECT 1 FROM upd WHERE stored IS DISTINCT FROM new_path
                         AND relocator.refuse_stored(new_path, stored)
                  ), led AS (
                      INSERT INTO relocator.moves
                             (run_id, table_name, row_id, old_path, new_path,
-                             src_bucket, dst_bucket, copied, lease_id, src_etag, dst_etag, size)
+                             src_bucket, dst_bucket, copied, lease_id, src_etag, dst_etag, size,
+                             src_version)
                      SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag,
-                            dst_etag, size
+                            dst_etag, size, src_version
                        FROM upd
                   RETURNING move_id, row_id
                  ), released AS (

@@ -31,6 +31,8 @@ pub struct Pending {
     pub src_bucket: String,
     /// The source's ETag when it was copied (None in ledgers from before it was kept).
     pub src_etag: Option<String>,
+    /// The source's version when it was copied, in a versioned bucket.
+    pub src_version: Option<String>,
 }
 
 /// A key to delete, with the ETag it must still have (where the server checks it).
@@ -75,6 +77,7 @@ pub async fn delete_sources(
             bucket: &p.src_bucket,
             key: &p.old_path,
             etag: p.src_etag.as_deref(),
+            version: p.src_version.as_deref(),
         })
         .collect();
     delete_unreferenced(
@@ -120,6 +123,8 @@ pub struct Unreferenced<'a> {
     /// The object must still have this ETag (it is then the object relocator copied);
     /// None: no identity is known, the key alone decides.
     pub etag: Option<&'a str>,
+    /// With the ETag, in a versioned bucket: the object must still be this version.
+    pub version: Option<&'a str>,
 }
 
 /// Advisory lock class for a bucket's reservations: a reservation takes it shared, a
@@ -505,11 +510,9 @@ struct Looked {
 
 /// Look at each key whose identity is known (HEAD): is it still the object copied?
 async fn look(ep: &Endpoint, items: &[Unreferenced<'_>]) -> Result<Looked> {
-    let mut expect: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
-    for p in items {
-        if let Some(e) = p.etag {
-            expect.entry((p.bucket, p.key)).or_default().push(e);
-        }
+    let mut expect: HashMap<(&str, &str), Vec<&Unreferenced<'_>>> = HashMap::new();
+    for p in items.iter().filter(|p| p.etag.is_some()) {
+        expect.entry((p.bucket, p.key)).or_default().push(p);
     }
     let found: Vec<(String, Option<bool>)> = stream::iter(expect)
         .map(|((bucket, key), etags)| async move {
@@ -518,7 +521,11 @@ async fn look(ep: &Endpoint, items: &[Unreferenced<'_>]) -> Result<Looked> {
                 .await
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("looking at s3://{bucket}/{key} before deleting it"))?;
-            let same = now.map(|o| etags.iter().all(|e| *e == o.etag));
+            let same = now.map(|o| {
+                etags
+                    .iter()
+                    .all(|p| p.etag.is_some_and(|e| o.is(e, p.version)))
+            });
             if same == Some(false) {
                 warn!(bucket = %bucket, key = %key,
                       "the object is no longer the one relocator copied (replaced since): kept");
@@ -774,6 +781,7 @@ pub async fn finish_listed(
                 bucket,
                 key,
                 etag: etag.as_deref(),
+                version: None,
             })
             .collect();
         info!(
@@ -833,7 +841,8 @@ pub async fn pending_after(
     let rows = db
         .query(
             &format!(
-                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket, m.src_etag
+                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, m.src_bucket, m.src_etag,
+                    m.src_version
                FROM relocator.moves m
               WHERE m.run_id IN (SELECT run_id FROM relocator.runs WHERE job = $1)
                 AND m.cleaned_at IS NULL AND m.move_id > $2
@@ -865,6 +874,7 @@ pub async fn pending_after(
             new_path: r.get(3),
             src_bucket: r.get(4),
             src_etag: r.get(5),
+            src_version: r.get(6),
         })
         .collect())
 }

@@ -237,6 +237,11 @@ async fn send(
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
     let dst_etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.dst_etag.as_str()).collect();
     let sizes: Vec<i64> = b.moves.iter().map(|(_, c)| c.size).collect();
+    let versions: Vec<Option<&str>> = b
+        .moves
+        .iter()
+        .map(|(_, c)| c.src_version.as_deref())
+        .collect();
     let stmt = client.prepare_cached(&q.commit).await?;
     crate::db::rt(1);
     let rows = client
@@ -260,6 +265,7 @@ async fn send(
                 &b.holder,
                 &dst_etags,
                 &sizes,
+                &versions,
             ],
         )
         .await?;

@@ -44,6 +44,9 @@ pub enum PairResult {
         /// The source's ETag the copy was made from (or found identical to): recorded
         /// with the move, so the source is deleted only while it still is that object.
         src_etag: String,
+        /// The source's version the copy was made from (or found identical to), in a
+        /// versioned bucket: recorded with the move, and checked like the ETag.
+        src_version: Option<String>,
         /// The destination object's ETag: recorded with the move, so `verify` can tell
         /// it is still the object relocator moved there.
         dst_etag: String,
@@ -64,6 +67,7 @@ pub enum PairResult {
 pub struct Made {
     pub created: bool,
     pub src_etag: String,
+    pub src_version: Option<String>,
     /// The destination object's identity, recorded with the move for `verify`.
     pub size: i64,
     pub dst_etag: String,
@@ -254,6 +258,7 @@ async fn copy_known(
             let found = ObjectInfo {
                 etag: dst_etag.clone(),
                 size: *size,
+                version: None,
             };
             !etags_comparable(src, &found, &cfg.write)
         }
@@ -381,6 +386,7 @@ async fn make_copy(
                 created: true,
                 size: src.size,
                 src_etag: src.etag.clone(),
+                src_version: src.version.clone(),
                 dst_etag: src.etag.clone(),
             })
         }
@@ -486,6 +492,7 @@ async fn copy_free(
         created: true,
         size: src.size,
         src_etag: src.etag.clone(),
+        src_version: src.version.clone(),
         dst_etag,
     })
 }
@@ -521,6 +528,7 @@ fn compare_existing(src: &ObjectInfo, existing: &ObjectInfo, write: &WriteOption
             created: false,
             size: src.size,
             src_etag: src.etag.clone(),
+            src_version: src.version.clone(),
             dst_etag: existing.etag.clone(),
         }
     } else {
@@ -548,6 +556,7 @@ mod tests {
         ObjectInfo {
             etag: etag.into(),
             size,
+            version: None,
         }
     }
 
@@ -560,6 +569,7 @@ mod tests {
                 created: false,
                 size: 5,
                 src_etag: "abc".into(),
+                src_version: None,
                 dst_etag: "abc".into(),
             }
         );
@@ -594,6 +604,7 @@ mod tests {
                     created: false,
                     size: 5,
                     src_etag: src.etag.clone(),
+                    src_version: None,
                     dst_etag: existing.etag.clone(),
                 }
             );

@@ -168,6 +168,7 @@ pub async fn run(
     sh.s3
         .learn_create_only(&cfg.dest.bucket, &cfg.dest.prefix, &cfg.write)
         .await;
+    sh.s3.learn_versions(&cfg.source.bucket).await;
     let mut main = sh.conn().await?;
     ledger::ensure(&mut main).await?;
     lease::lock_table(&main, &sh.table, TableLock::Run).await?;
@@ -977,6 +978,7 @@ async fn commit_stage(
                         new_path: m.dst_key.clone(),
                         src_bucket: sh.cfg.source.bucket.clone(),
                         src_etag: Some(made.src_etag.clone()),
+                        src_version: made.src_version.clone(),
                     });
                     report.record(moved_line(m, made.created, false))?;
                 } else if let Some(why) = refused.get(&m.row.id) {

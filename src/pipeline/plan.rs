@@ -90,6 +90,7 @@ pub fn split_ready<'m>(
                 created,
                 size,
                 src_etag,
+                src_version,
                 dst_etag,
             } => {
                 ready.push((
@@ -97,6 +98,7 @@ pub fn split_ready<'m>(
                     Made {
                         created: *created,
                         src_etag: src_etag.clone(),
+                        src_version: src_version.clone(),
                         size: *size,
                         dst_etag: dst_etag.clone(),
                     },
@@ -242,6 +244,7 @@ mod tests {
             created: true,
             size: 3,
             src_etag: "e".into(),
+            src_version: None,
             dst_etag: "e".into(),
         }
     }

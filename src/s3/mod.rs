@@ -64,6 +64,9 @@ pub struct ObjectInfo {
     /// The ETag without quotes.
     pub etag: String,
     pub size: i64,
+    /// The version looked at, in a versioned bucket (HEAD's `x-amz-version-id`, or the
+    /// latest version in ListObjectVersions): a copy takes exactly this version.
+    pub version: Option<String>,
 }
 
 impl ObjectInfo {
@@ -71,6 +74,15 @@ impl ObjectInfo {
     /// uploads) and size both equal.
     pub fn same_content(&self, other: &ObjectInfo) -> bool {
         self.etag == other.etag && self.size == other.size
+    }
+
+    /// Whether this is the object with `etag` — and, where both name one, `version`.
+    pub fn is(&self, etag: &str, version: Option<&str>) -> bool {
+        self.etag == etag
+            && match (version, &self.version) {
+                (Some(v), Some(now)) => v == now,
+                _ => true,
+            }
     }
 
     /// A multipart upload's ETag (`md5-of-md5s-N`) is not an MD5 of the bytes, and a copy
@@ -244,11 +256,24 @@ pub struct CopySpec<'a> {
     pub src_bucket: &'a str,
     pub src_key: &'a str,
     /// The source's identity when it was looked at: the copy is made only while the
-    /// source still has this ETag.
+    /// source still has this ETag, and from the version looked at where it has one.
     pub src: &'a ObjectInfo,
     pub dst_bucket: &'a str,
     pub dst_key: &'a str,
     pub write: &'a WriteOptions,
+}
+
+impl CopySpec<'_> {
+    /// The `x-amz-copy-source` of this copy: the version looked at, where the source has
+    /// versions, so a version written since (which a server ignoring
+    /// `x-amz-copy-source-if-match`, like moto, would copy) never slips in.
+    pub fn copy_source(&self) -> String {
+        let source = copy_source(self.src_bucket, self.src_key);
+        match &self.src.version {
+            Some(v) => format!("{source}?versionId={}", utf8_percent_encode(v, COPY_SOURCE)),
+            None => source,
+        }
+    }
 }
 
 /// The S3 side of a job: one endpoint per side (the same client when both sides are one
@@ -272,6 +297,9 @@ pub struct S3 {
     pub uploads: Option<Arc<dyn Uploads>>,
     /// Which listed keys [`S3::list_page`] returns.
     pub held: HeldKeys,
+    /// The source bucket keeps versions: its listings read ListObjectVersions, so each
+    /// listed object names the version a copy takes. Learned by [`S3::learn_versions`].
+    pub versions: bool,
 }
 
 /// Which listed keys a job can work with. PostgreSQL's text holds no NUL character, and
@@ -320,6 +348,7 @@ impl S3 {
             create_only: false,
             uploads: None,
             held: HeldKeys::default(),
+            versions: false,
         }
     }
 
@@ -345,6 +374,7 @@ impl S3 {
             create_only: false,
             uploads: None,
             held: HeldKeys::default(),
+            versions: false,
         }
     }
 
@@ -396,6 +426,21 @@ impl S3 {
             create_only: self.create_only && self.server_side,
             ..self.clone()
         }
+    }
+
+    /// Ask whether the source bucket keeps versions (GetBucketVersioning): if it does (or
+    /// did: suspended), its listings name each object's version, so every copy takes the
+    /// version looked at. Unreadable (no `s3:GetBucketVersioning`): listings name none, and
+    /// copies rest on `x-amz-copy-source-if-match` and a HEAD's version alone.
+    pub async fn learn_versions(&mut self, bucket: &str) {
+        self.versions = match self.src.versioning(bucket).await {
+            Ok(v) => v != Versioning::Off,
+            Err(e) => {
+                tracing::warn!(bucket, error = %e, "cannot read the source bucket's versioning; \
+                               copies from a listing are not pinned to a version");
+                false
+            }
+        };
     }
 
     /// Ask the destination whether it honours `If-None-Match: *` on CopyObject: two probe
@@ -613,6 +658,7 @@ impl Endpoint {
             Ok(out) => Ok(Some(ObjectInfo {
                 etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
                 size: out.content_length().unwrap_or(0),
+                version: out.version_id().map(str::to_owned),
             })),
             Err(e) => match classify(&format!("HEAD s3://{bucket}/{key}"), e) {
                 S3Error::NotFound => Ok(None),
@@ -624,24 +670,28 @@ impl Endpoint {
     /// HEAD an object with the headers a copy keeps and its checksum: `Ok(None)` when it
     /// does not exist.
     pub async fn head_object(&self, bucket: &str, key: &str) -> Result<Option<Head>, S3Error> {
-        Endpoint::head_object_with(self.read().await, bucket, key).await
+        Endpoint::head_object_with(self.read().await, bucket, key, None).await
     }
 
+    /// The same for one `version` of the object (the current one if None).
     pub(super) async fn head_object_with(
         client: &Client,
         bucket: &str,
         key: &str,
+        version: Option<&str>,
     ) -> Result<Option<Head>, S3Error> {
         let req = client
             .head_object()
             .bucket(bucket)
             .key(key)
+            .set_version_id(version.map(str::to_owned))
             .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled);
         match req.send().await {
             Ok(out) => Ok(Some(Head {
                 info: ObjectInfo {
                     etag: out.e_tag().map(strip_quotes).unwrap_or_default(),
                     size: out.content_length().unwrap_or(0),
+                    version: out.version_id().map(str::to_owned),
                 },
                 headers: headers_of!(out),
                 checksum: checksum_of!(out),
@@ -679,7 +729,7 @@ impl Endpoint {
         let mut req = with_write_options!(
             self.client
                 .copy_object()
-                .copy_source(copy_source(src_bucket, src_key))
+                .copy_source(spec.copy_source())
                 .copy_source_if_match(format!("\"{}\"", src.etag))
                 .bucket(dst_bucket)
                 .key(dst_key),
@@ -691,7 +741,7 @@ impl Endpoint {
         }
         if !write.metadata.is_empty() {
             let client = self.paid_read(&mut permit).await;
-            let h = Endpoint::head_object_with(client, src_bucket, src_key)
+            let h = Endpoint::head_object_with(client, src_bucket, src_key, src.version.as_deref())
                 .await?
                 .ok_or(S3Error::NotFound)?
                 .headers;
@@ -1010,6 +1060,10 @@ impl Endpoint {
     }
 }
 
+/// One listing request's answer: the objects listed, the last key listed (objects left
+/// out included), and whether more follow.
+type Listed = (Vec<(String, ObjectInfo)>, Option<String>, bool);
+
 /// The objects under a prefix after a key, in S3's (byte) order, one ListObjectsV2 page
 /// at a time: the one listing every command reads ([`S3::listing`]).
 pub struct Listing<'a> {
@@ -1080,7 +1134,7 @@ impl S3 {
         }
     }
 
-    /// One ListObjectsV2 page under `prefix`, after `start_after` (exclusive), in S3's byte
+    /// One listing page under `prefix`, after `start_after` (exclusive), in S3's byte
     /// order: (key, identity) pairs of the keys the job can work with ([`HeldKeys`]), and
     /// whether more follow. Never empty while more follow: a page of keys left out is
     /// listed past.
@@ -1094,37 +1148,105 @@ impl S3 {
     ) -> Result<(Vec<(String, ObjectInfo)>, bool), S3Error> {
         let mut after = start_after.map(str::to_owned);
         loop {
-            let out = self
-                .side(side)
-                .read()
-                .await
-                .list_objects_v2()
-                .bucket(bucket)
-                .prefix(prefix)
-                .set_start_after(after.clone())
-                .max_keys(max_keys)
-                .encoding_type(EncodingType::Url)
-                .send()
-                .await
-                .map_err(|e| classify(&format!("LIST s3://{bucket}/{prefix}"), e))?;
-            let more = out.is_truncated().unwrap_or(false);
-            let mut objects = Vec::with_capacity(out.contents().len());
-            for o in out.contents() {
-                let Some(key) = o.key() else { continue };
-                let key = listed_key(out.encoding_type(), key)?;
-                let info = ObjectInfo {
-                    etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
-                    size: o.size().unwrap_or(0),
-                };
-                after = Some(key.clone());
-                if self.held.holds(&key) {
-                    objects.push((key, info));
-                }
-            }
+            let (listed, last, more) = if side == Side::Source && self.versions {
+                self.list_versions(bucket, prefix, after.as_deref(), max_keys)
+                    .await?
+            } else {
+                self.list_objects(side, bucket, prefix, after.as_deref(), max_keys)
+                    .await?
+            };
+            after = last.or(after);
+            let objects: Vec<_> = listed
+                .into_iter()
+                .filter(|(key, _)| self.held.holds(key))
+                .collect();
             if !objects.is_empty() || !more || after.is_none() {
                 return Ok((objects, more));
             }
         }
+    }
+
+    /// One ListObjectsV2 request.
+    async fn list_objects(
+        &self,
+        side: Side,
+        bucket: &str,
+        prefix: &str,
+        after: Option<&str>,
+        max_keys: i32,
+    ) -> Result<Listed, S3Error> {
+        let out = self
+            .side(side)
+            .read()
+            .await
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_start_after(after.map(str::to_owned))
+            .max_keys(max_keys)
+            .encoding_type(EncodingType::Url)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("LIST s3://{bucket}/{prefix}"), e))?;
+        let mut objects = Vec::with_capacity(out.contents().len());
+        for o in out.contents() {
+            let Some(key) = o.key() else { continue };
+            let info = ObjectInfo {
+                etag: o.e_tag().map(strip_quotes).unwrap_or_default(),
+                size: o.size().unwrap_or(0),
+                version: None,
+            };
+            objects.push((listed_key(out.encoding_type(), key)?, info));
+        }
+        let last = objects.last().map(|(k, _)| k.clone());
+        Ok((objects, last, out.is_truncated().unwrap_or(false)))
+    }
+
+    /// One ListObjectVersions request on a versioned source: each key's latest version
+    /// (a key whose latest is a delete marker has no object), the last key listed, and
+    /// whether more follow. A key's latest version comes first among its versions, so a
+    /// page cut inside a key's older versions resumes after that key and misses nothing.
+    async fn list_versions(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: Option<&str>,
+        max_keys: i32,
+    ) -> Result<Listed, S3Error> {
+        let out = self
+            .src
+            .read()
+            .await
+            .list_object_versions()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_key_marker(after.map(str::to_owned))
+            .max_keys(max_keys)
+            .encoding_type(EncodingType::Url)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("LIST versions of s3://{bucket}/{prefix}"), e))?;
+        let mut last: Option<String> = None;
+        let mut objects = Vec::new();
+        let markers = out.delete_markers().iter().filter_map(|m| m.key());
+        for key in out.versions().iter().filter_map(|v| v.key()).chain(markers) {
+            let key = listed_key(out.encoding_type(), key)?;
+            if last.as_ref().is_none_or(|l| key > *l) {
+                last = Some(key);
+            }
+        }
+        for v in out.versions() {
+            let (Some(key), Some(true)) = (v.key(), v.is_latest()) else {
+                continue;
+            };
+            let info = ObjectInfo {
+                etag: v.e_tag().map(strip_quotes).unwrap_or_default(),
+                size: v.size().unwrap_or(0),
+                version: v.version_id().map(str::to_owned),
+            };
+            objects.push((listed_key(out.encoding_type(), key)?, info));
+        }
+        Ok((objects, last, out.is_truncated().unwrap_or(false)))
     }
 }
 
@@ -1165,14 +1287,56 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_names_the_version_looked_at() {
+        let write = WriteOptions::default();
+        let named = |version: Option<&str>| {
+            let src = ObjectInfo {
+                etag: "e".into(),
+                size: 1,
+                version: version.map(str::to_owned),
+            };
+            CopySpec {
+                src_bucket: "b",
+                src_key: "image/a b.png",
+                src: &src,
+                dst_bucket: "d",
+                dst_key: "k",
+                write: &write,
+            }
+            .copy_source()
+        };
+        assert_eq!(named(None), "b/image/a%20b.png");
+        assert_eq!(
+            named(Some("3/L4kqtJl+")),
+            "b/image/a%20b.png?versionId=3/L4kqtJl%2B"
+        );
+    }
+
+    #[test]
+    fn an_object_is_the_one_copied_by_etag_and_where_both_name_one_version() {
+        let now = |version: Option<&str>| ObjectInfo {
+            etag: "e".into(),
+            size: 1,
+            version: version.map(str::to_owned),
+        };
+        assert!(now(Some("v1")).is("e", Some("v1")));
+        assert!(!now(Some("v2")).is("e", Some("v1")));
+        assert!(!now(Some("v1")).is("f", Some("v1")));
+        assert!(now(None).is("e", Some("v1")));
+        assert!(now(Some("v1")).is("e", None));
+    }
+
+    #[test]
     fn multipart_etags_are_recognised() {
         let single = ObjectInfo {
             etag: "d41d8cd98f00b204e9800998ecf8427e".into(),
             size: 0,
+            version: None,
         };
         let multi = ObjectInfo {
             etag: "9b2cf535f27731c974343645a3985328-3".into(),
             size: 0,
+            version: None,
         };
         assert!(!single.is_multipart());
         assert!(multi.is_multipart());

@@ -6,8 +6,7 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 
 use super::stream::{combined, crc_algorithm, digesting, Digested};
 use super::{
-    classify, copy_source, strip_quotes, Checksum, CopySpec, Endpoint, ObjectInfo, Permit, S3Error,
-    S3,
+    classify, strip_quotes, Checksum, CopySpec, Endpoint, ObjectInfo, Permit, S3Error, S3,
 };
 
 /// Ask CompleteMultipartUpload to check the finished object against this checksum.
@@ -73,10 +72,14 @@ impl S3 {
 
         let what =
             format!("multipart COPY s3://{src_bucket}/{src_key} -> s3://{dst_bucket}/{dst_key}");
-        let now =
-            Endpoint::head_object_with(self.src.paid_read(&mut permit).await, src_bucket, src_key)
-                .await?
-                .ok_or(S3Error::NotFound)?;
+        let now = Endpoint::head_object_with(
+            self.src.paid_read(&mut permit).await,
+            src_bucket,
+            src_key,
+            src.version.as_deref(),
+        )
+        .await?
+        .ok_or(S3Error::NotFound)?;
         if now.info.etag != src.etag {
             return Err(S3Error::PreconditionFailed);
         }
@@ -142,7 +145,7 @@ impl S3 {
                             .key(dst_key)
                             .upload_id(upload_id)
                             .part_number(n)
-                            .copy_source(copy_source(src_bucket, src_key))
+                            .copy_source(spec.copy_source())
                             .copy_source_if_match(format!("\"{}\"", src.etag))
                             .copy_source_range(range)
                             .send()
@@ -164,6 +167,7 @@ impl S3 {
                             .get_object()
                             .bucket(src_bucket)
                             .key(src_key)
+                            .set_version_id(src.version.clone())
                             .if_match(format!("\"{}\"", src.etag))
                             .range(range)
                             .send()

@@ -173,6 +173,7 @@ impl S3 {
             .get_object()
             .bucket(src_bucket)
             .key(src_key)
+            .set_version_id(src.version.clone())
             .if_match(format!("\"{}\"", src.etag))
             .send()
             .await
@@ -214,6 +215,7 @@ impl S3 {
         Ok(ObjectInfo {
             etag,
             size: src.size,
+            version: None,
         })
     }
 }

@@ -28,6 +28,9 @@ pub enum Fault {
     Reset,
     /// Answer nothing for this long (past the client's timeout).
     Stall(Duration),
+    /// Hold the request this long, then forward it: time for the test to change
+    /// something on the server while the request is on its way.
+    Delay(Duration),
     /// Forward, but turn a `200` into `200` with an `<Error>` body (CopyObject's trap).
     ErrorIn200,
     /// 412 PreconditionFailed, as a server answers a conditional request whose condition
@@ -226,6 +229,7 @@ async fn handle(
             tokio::time::sleep(d).await;
             return Ok(full(StatusCode::SERVICE_UNAVAILABLE, SLOW_DOWN));
         }
+        Fault::Delay(d) => tokio::time::sleep(d).await,
         Fault::Forward | Fault::ErrorIn200 | Fault::Corrupt => {}
     }
     let (mut parts, body) = req.into_parts();
