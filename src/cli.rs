@@ -208,7 +208,8 @@ pub struct S3Args {
     pub s3_timeout: u64,
 
     /// Attempts per S3 request before giving up (exponential backoff between them;
-    /// throttling answers also slow the client down adaptively).
+    /// throttling answers also slow the client down adaptively). A copy or delete a look
+    /// decided is sent once, and relocator looks again before each further attempt.
     #[arg(long, default_value_t = 6)]
     pub s3_max_attempts: u32,
 

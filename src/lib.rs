@@ -10,7 +10,9 @@
 //! 2. **A different object already at the destination is never overwritten** —
 //!    [`pipeline::copy`]: a copy is made only onto a [`pipeline::copy::Destination`],
 //!    which only a HEAD or the batch's listing can build and which found the key free;
-//!    an identical object counts as copied, a different one is a `conflict`.
+//!    an identical object counts as copied, a different one is a `conflict`. Every write
+//!    or delete a look decided is sent once ([`s3::once`]): no SDK retry acts on a look
+//!    gone stale; relocator looks again first.
 //! 3. **A row the application changed meanwhile is not rewritten** —
 //!    [`pipeline::commit`]: the UPDATE is guarded by the old value (compare-and-swap); a
 //!    copy made for such a row is taken back only if relocator created it and nothing

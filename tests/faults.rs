@@ -12,12 +12,13 @@ use std::time::Duration;
 async fn slowdown_for_a_while_is_backed_off_and_the_run_completes() {
     let env = TestEnv::new("slowdown").await;
     let seeded = env.seed(300, 0).await;
-    // After the start-up checks (bucket checks, then the five requests of the probe for
-    // create-only copies), 40 requests in a row are throttled, whatever they are.
+    // After the start-up checks (bucket checks, the five requests of the probe for
+    // create-only copies, the source's versioning and Object Lock, and the first batch's
+    // two listings), 40 requests in a row are throttled, whatever they are.
     let proxy = FaultProxy::start(
         &common::var("AWS_ENDPOINT_URL"),
         Box::new(|n, _, _| {
-            if (9..49).contains(&n) {
+            if (13..53).contains(&n) {
                 Fault::SlowDown
             } else {
                 Fault::Forward

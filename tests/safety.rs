@@ -2065,3 +2065,159 @@ async fn max_rps_waits_before_a_look_never_between_it_and_the_write() {
     );
     assert_eq!(env.keys(src, "image/").await, Vec::<String>::new());
 }
+
+/// Start a run through a proxy that answers the first request `first` (method, path)
+/// with nothing for 2 s and then a 503, without forwarding it; once that request has
+/// arrived, `meanwhile` runs. Returns the run's exit code and stderr.
+async fn with_first_unanswered<F: std::future::Future<Output = ()>>(
+    env: &TestEnv,
+    first: (&'static str, String),
+    meanwhile: F,
+) -> (Option<i32>, String) {
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = stalled.clone();
+    let (method, path) = first.clone();
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, m, p| {
+            if m == method
+                && p.trim_end_matches('/') == path
+                && !once.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                Fault::Stall(Duration::from_secs(2))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let mut run = env.run_cmd(&["--endpoint-url", &proxy.url()]);
+    let child = tokio::task::spawn_blocking(move || run.output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "no {} {} came", first.0, first.1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    meanwhile.await;
+    let out = child.await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A CopyObject goes unanswered (the proxy holds it 2 s, then answers 503, never
+/// forwarding it) and the application puts its own object at the destination key
+/// meanwhile. The SDK used to retry the copy after its backoff, on the look taken before
+/// — and overwrote the application's object. Now the copy is sent once; relocator looks
+/// again, finds the key taken, and reports a conflict.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unanswered_copy_is_never_retried_onto_an_object_put_since() {
+    let env = TestEnv::new("unanswered-copy").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"source".to_vec()).await;
+    let copy = ("PUT", format!("/{}/avatar/a.png", env.dst_bucket));
+    let (code, err) = with_first_unanswered(&env, copy, async {
+        put(&env, &env.dst_bucket, "avatar/a.png", b"the application's").await;
+    })
+    .await;
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("conflict=1"), "{err}");
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png").await.unwrap(),
+        b"the application's",
+        "never overwritten"
+    );
+    assert_eq!(env.rows().await[0].1, "image/a.png");
+    assert_eq!(
+        bytes(&env, &env.src_bucket, "image/a.png").await.unwrap(),
+        b"source"
+    );
+}
+
+/// The cleanup's DeleteObjects goes unanswered, and the application uploads a new file
+/// at the legacy key meanwhile. The SDK used to retry the delete on the look taken
+/// before, and deleted the new upload (reported `moved`). Now the delete is sent once;
+/// the cleanup looks again and keeps the source, which is no longer the object copied.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unanswered_delete_is_never_retried_onto_a_source_uploaded_since() {
+    let env = TestEnv::new("unanswered-delete").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"source".to_vec()).await;
+    let delete = ("POST", format!("/{}", env.src_bucket));
+    let (code, err) = with_first_unanswered(&env, delete, async {
+        put(&env, &env.src_bucket, "image/a.png", b"uploaded again").await;
+    })
+    .await;
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("source_changed=1"), "{err}");
+    assert_eq!(env.rows().await[0].1, "avatar/a.png");
+    assert_eq!(
+        bytes(&env, &env.dst_bucket, "avatar/a.png").await.unwrap(),
+        b"source"
+    );
+    assert_eq!(
+        bytes(&env, &env.src_bucket, "image/a.png").await.unwrap(),
+        b"uploaded again",
+        "the new upload stays"
+    );
+}
+
+/// `--verify-content` reads a copy back with other bytes (the proxy corrupts the read)
+/// and takes the copy back: the look at it (still relocator's copy?) and the delete must
+/// not have a `--max-rps` wait between them, or an object the application put there in
+/// that wait is deleted (a review reproduced it at `--max-rps 1`).
+#[tokio::test(flavor = "multi_thread")]
+async fn max_rps_never_waits_between_the_look_at_a_copy_and_taking_it_back() {
+    let env = TestEnv::new("rps-take-back").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"source".to_vec()).await;
+    let started = Instant::now();
+    let arrivals: Arc<std::sync::Mutex<Vec<(f64, String, String)>>> = Default::default();
+    let noted = arrivals.clone();
+    let copy = format!("/{}/avatar/a.png", env.dst_bucket);
+    let read_back = copy.clone();
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if let Ok(mut n) = noted.lock() {
+                n.push((
+                    started.elapsed().as_secs_f64(),
+                    method.to_owned(),
+                    path.to_owned(),
+                ));
+            }
+            if method == "GET" && path == read_back {
+                Fault::Corrupt
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--max-rps", "2", "--verify-content"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let seen = arrivals.lock().unwrap().clone();
+    let delete = seen
+        .iter()
+        .find(|(_, m, p)| m == "DELETE" && *p == copy)
+        .map(|(t, _, _)| *t)
+        .unwrap_or_else(|| panic!("the copy was not taken back: {seen:#?}"));
+    let look = seen
+        .iter()
+        .filter(|(t, m, p)| *t < delete && m == "HEAD" && *p == copy)
+        .map(|(t, _, _)| *t)
+        .fold(f64::NAN, f64::max);
+    assert!(
+        delete - look < 0.4,
+        "{:.2}s between the look at the copy and its delete",
+        delete - look
+    );
+    assert!(bytes(&env, &env.dst_bucket, "avatar/a.png").await.is_none());
+    assert_eq!(env.rows().await[0].1, "image/a.png");
+}

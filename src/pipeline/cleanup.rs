@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{Endpoint, Side, DELETE_BATCH, S3};
+use crate::s3::{Endpoint, S3Error, Side, DELETE_BATCH, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -397,7 +397,7 @@ pub async fn delete_unreferenced(
     if items.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut tries = 0;
+    let (mut tries, mut unanswered) = (0, 0);
     loop {
         tries += 1;
         // Looked at anew on every try, so that a replacement uploaded while the lock was
@@ -435,7 +435,15 @@ pub async fn delete_unreferenced(
                      keeps them pending: rerun when the application's long transactions end"
                 ))
             }
-            Err(Locked::Failed(e)) => return Err(e),
+            // A DeleteObjects went unanswered (sent once: the SDK does not retry it on a
+            // look gone stale). Its marks are rolled back; the next try looks again, and
+            // finds gone what it did delete.
+            Err(Locked::Unanswered(e)) if unanswered < s3c.side(side).max_attempts() => {
+                unanswered += 1;
+                warn!(error = %format!("{e:#}"), "a delete went unanswered; the cleanup looks again");
+                tokio::time::sleep(crate::s3::backoff(unanswered)).await;
+            }
+            Err(Locked::Unanswered(e) | Locked::Failed(e)) => return Err(e),
         }
     }
 }
@@ -444,6 +452,8 @@ pub async fn delete_unreferenced(
 enum Locked {
     /// The table's writers did not finish within the lock timeout.
     Busy,
+    /// A delete was not answered: it may or may not have been carried out.
+    Unanswered(anyhow::Error),
     Failed(anyhow::Error),
 }
 
@@ -454,8 +464,13 @@ impl<E: Into<anyhow::Error>> From<E> for Locked {
             .chain()
             .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
             .any(|pe| pe.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+        let unanswered = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref::<S3Error>(), Some(S3Error::Unanswered(_))));
         if busy {
             Locked::Busy
+        } else if unanswered {
+            Locked::Unanswered(e)
         } else {
             Locked::Failed(e)
         }

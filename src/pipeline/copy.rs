@@ -13,7 +13,7 @@
 use anyhow::{anyhow, Result};
 use futures::{stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::JobConfig;
 use crate::s3::{self, ObjectInfo, Permit, S3Error, WriteOptions, S3};
@@ -349,10 +349,7 @@ async fn verify_content(
     let PairResult::Ready { dst_etag, .. } = &ready else {
         return Ok(ready);
     };
-    let still_ours = s3c.dst.still_there(db, dst_key, dst_etag).await?;
-    if still_ours {
-        s3c.dst.delete_one(db, dst_key).await?;
-    }
+    let still_ours = s3c.dst.take_back(db, dst_key, dst_etag).await?;
     Ok(PairResult::Rejected(format!(
         "the copy at s3://{db}/{dst_key} read back with other bytes than the source \
          (--verify-content); {}",
@@ -450,17 +447,43 @@ async fn copy_free(
             .map(|made| Some(made.etag))
     } else {
         let create_only = s3c.create_only;
-        match s3c.dst.copy(permit, spec, create_only).await {
-            // Refused: either the source changed (copy-source-if-match) or, create-only,
-            // something is at the destination by now. Look at what is there.
-            Err(S3Error::PreconditionFailed) if create_only => {
-                return match s3c.dst.head(db, dst_key).await {
-                    Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
-                    Ok(None) => Ok(source_changed()),
-                    Err(e) => per_object(e),
-                };
+        let mut permit = permit;
+        let mut attempt = 1;
+        loop {
+            match s3c.dst.copy(permit, spec, create_only).await {
+                // Refused: either the source changed (copy-source-if-match) or, create-only,
+                // something is at the destination by now. Look at what is there.
+                Err(S3Error::PreconditionFailed) if create_only => {
+                    return match s3c.dst.head(db, dst_key).await {
+                        Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
+                        Ok(None) => Ok(source_changed()),
+                        Err(e) => per_object(e),
+                    };
+                }
+                // No answer: the copy may or may not have been made. Never another attempt
+                // on the old look: look again, and copy only onto a key still free. An
+                // object found there now (this attempt's copy, or one put there since) is
+                // not shown to be relocator's: it is compared like any object found.
+                Err(S3Error::Unanswered(why)) if attempt < s3c.dst.max_attempts() => {
+                    warn!(src = %src_key, dst = %dst_key, attempt, error = %why,
+                          "a copy went unanswered; looking again before the next attempt");
+                    tokio::time::sleep(s3::backoff(attempt)).await;
+                    attempt += 1;
+                    let again =
+                        match Destination::look(s3c, cfg, src, dst_key, Mode::Copy(None)).await {
+                            Ok(d) => d,
+                            Err(e) => return per_object(e),
+                        };
+                    match (again.found, again.permit) {
+                        (Some(existing), _) => {
+                            return Ok(compare_existing(src, &existing, &cfg.write))
+                        }
+                        (None, Some(p)) => permit = p,
+                        (None, None) => permit = copy_permit(s3c, cfg, src).await,
+                    }
+                }
+                other => break other.map(|same_etag| same_etag.then(|| src.etag.clone())),
             }
-            other => other.map(|same_etag| same_etag.then(|| src.etag.clone())),
         }
     };
     // The copy's ETag, where known without a look.

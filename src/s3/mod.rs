@@ -53,9 +53,29 @@ pub enum S3Error {
     /// is reported, the run goes on.
     #[error("{0}")]
     Rejected(String),
-    /// Network, 5xx after retries, throttling after retries: the run stops, rerun later.
+    /// No answer says whether the request was carried out (network, timeout, 5xx,
+    /// throttling). A request a look decided ([`once`]) is not retried by the SDK: the
+    /// caller looks again before another attempt.
+    #[error("{0}")]
+    Unanswered(String),
+    /// Anything else: the run stops, rerun later.
     #[error("{0}")]
     Other(String),
+}
+
+/// The override that sends a request once, without the SDK's retries: for a write or a
+/// delete a look decided (the destination was free, the source still the object copied).
+/// A retry the SDK made seconds later — after its backoff, or after a timed-out attempt
+/// — would act on a look gone stale meanwhile: overwrite an object put there since, or
+/// delete a source uploaded again. The caller gets [`S3Error::Unanswered`] and looks again.
+pub fn once() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::new().retry_config(RetryConfig::disabled())
+}
+
+/// The wait before attempt `attempt + 1` of a request sent [`once`]: the SDK's own
+/// backoff (100 ms doubling, at most 10 s).
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.min(7)).min(Duration::from_secs(10))
 }
 
 /// An object's identity as far as relocator compares them.
@@ -585,11 +605,11 @@ where
                 Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
                     S3Error::Rejected(format!("{what}: {code} (HTTP {s}) {msg}"))
                 }
-                Some(s) => S3Error::Other(format!("{what}: {code} (HTTP {s}) {msg}")),
-                None => S3Error::Other(format!("{what}: {code} {msg}")),
+                Some(s) => S3Error::Unanswered(format!("{what}: {code} (HTTP {s}) {msg}")),
+                None => S3Error::Unanswered(format!("{what}: {code} {msg}")),
             }
         }
-        _ => S3Error::Other(format!(
+        _ => S3Error::Unanswered(format!(
             "{what}: {}",
             aws_smithy_types::error::display::DisplayErrorContext(&err)
         )),
@@ -710,7 +730,8 @@ impl Endpoint {
     /// ETag — including a `200 OK` whose body is an `<Error>` — is a failure, and the new
     /// ETag must match the source's where both are MD5s of the bytes. `Ok(false)`: they are
     /// not (a multipart source, an SSE-KMS copy), and the caller confirms the size instead.
-    /// `permit`: the copy's, taken before the look that found the destination free.
+    /// `permit`: the copy's, taken before the look that found the destination free. Sent
+    /// [`once`]: after [`S3Error::Unanswered`] the caller looks again.
     pub async fn copy(
         &self,
         mut permit: Permit,
@@ -750,7 +771,12 @@ impl Endpoint {
                 h.with(&write.metadata)
             );
         }
-        let out = req.send().await.map_err(|e| classify(&what, e))?;
+        let out = req
+            .customize()
+            .config_override(once())
+            .send()
+            .await
+            .map_err(|e| classify(&what, e))?;
         let etag = out
             .copy_object_result()
             .and_then(|r| r.e_tag())
@@ -913,6 +939,8 @@ impl Endpoint {
             .delete_objects()
             .bucket(bucket)
             .delete(delete)
+            .customize()
+            .config_override(once())
             .send()
             .await
             .map_err(|e| classify(&format!("DELETE {} keys in s3://{bucket}", keys.len()), e))?;
@@ -932,13 +960,16 @@ impl Endpoint {
             .collect())
     }
 
-    /// Delete one object (used for copies relocator made and must take back).
+    /// Delete one object: relocator's probes, and its copies through [`Endpoint::take_back`].
+    /// Sent [`once`].
     pub async fn delete_one(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
         self.write()
             .await
             .delete_object()
             .bucket(bucket)
             .key(key)
+            .customize()
+            .config_override(once())
             .send()
             .await
             .map_err(|e| classify(&format!("DELETE s3://{bucket}/{key}"), e))?;
@@ -1057,6 +1088,28 @@ impl Endpoint {
             .head(bucket, key)
             .await?
             .is_some_and(|d| d.etag == etag))
+    }
+
+    /// Attempts a request gets (`--s3-max-attempts`): the SDK's, or relocator's own for a
+    /// request sent [`once`].
+    pub fn max_attempts(&self) -> u32 {
+        self.client
+            .config()
+            .retry_config()
+            .map_or(1, |r| r.max_attempts())
+    }
+
+    /// Remove a copy relocator just made (a check of it failed) while it is still that
+    /// copy (ETag `etag`); whether it was removed. The one way a copy is taken back
+    /// during a run: both requests are paid for before the look, so no `--max-rps` wait
+    /// falls between it and the delete, and the delete is sent [`once`].
+    pub async fn take_back(&self, bucket: &str, key: &str, etag: &str) -> Result<bool, S3Error> {
+        let ep = self.prepaid(2).await;
+        if !ep.still_there(bucket, key, etag).await? {
+            return Ok(false);
+        }
+        ep.delete_one(bucket, key).await?;
+        Ok(true)
     }
 }
 

@@ -285,18 +285,14 @@ impl S3 {
         }
         // The source must still be the object the parts were read from: a server that
         // ignores x-amz-copy-source-if-match on UploadPartCopy (moto, checked against it)
-        // would let a source replaced between two parts make an object of both.
-        let after = self.src.head_object(src_bucket, src_key).await?;
-        if after.as_ref().is_none_or(|a| a.info.etag != src.etag) {
-            if self
-                .dst
-                .head(dst_bucket, dst_key)
-                .await?
-                .is_some_and(|d| d.etag == made)
-            {
-                let _ = self.dst.delete_one(dst_bucket, dst_key).await;
+        // would let a source replaced between two parts make an object of both. (Parts
+        // that name the source's version are all of that version.)
+        if src.version.is_none() {
+            let after = self.src.head_object(src_bucket, src_key).await?;
+            if after.as_ref().is_none_or(|a| a.info.etag != src.etag) {
+                let _ = self.dst.take_back(dst_bucket, dst_key, &made).await;
+                return Err(S3Error::PreconditionFailed);
             }
-            return Err(S3Error::PreconditionFailed);
         }
         let done = self.dst.head_object(dst_bucket, dst_key).await?;
         let want = checksum.filter(|_| self.server_side);
@@ -308,7 +304,7 @@ impl S3 {
                 // Removed only while it is the object this upload made: the application may
                 // have put its own there since.
                 if other.as_ref().is_some_and(|d| d.info.etag == made) {
-                    let _ = self.dst.delete_one(dst_bucket, dst_key).await;
+                    let _ = self.dst.take_back(dst_bucket, dst_key, &made).await;
                 }
                 Err(S3Error::Other(format!(
                     "{what}: not confirmed, the destination is {:?} (checksum {:?}), the source \

@@ -203,9 +203,7 @@ impl S3 {
             etag == src.etag
         };
         if !confirmed {
-            if self.dst.still_there(dst_bucket, dst_key, &etag).await? {
-                let _ = self.dst.delete_one(dst_bucket, dst_key).await;
-            }
+            let _ = self.dst.take_back(dst_bucket, dst_key, &etag).await;
             return Err(S3Error::Other(format!(
                 "{what}: the copy (ETag {etag:?}) does not match the source (ETag {}, {} bytes); \
                  it was removed again if still there",
