@@ -110,6 +110,19 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The counts of a cleanup that took back relocator's own copies (the shared cleanup
+    /// counts sources): removed copies are `copies_removed`; one still in use by a row, or
+    /// replaced since, is no source kept, and is not counted.
+    pub fn as_taken_back(self) -> Counters {
+        Counters {
+            copies_removed: self.copies_removed + self.sources_deleted,
+            sources_deleted: 0,
+            sources_kept_referenced: 0,
+            sources_changed: 0,
+            ..self
+        }
+    }
+
     /// Add another stage's counts.
     pub fn add(&mut self, o: &Counters) {
         self.s3_copies += o.s3_copies;

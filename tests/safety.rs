@@ -1001,8 +1001,19 @@ async fn copies_made_before_a_kill_are_still_known_as_relocators_own() {
     }
     run_killed_while_copying(&env, 3, quiet()).await;
 
-    let (code, err) = env.run(&[]);
+    let report = env.path("r.csv");
+    let (code, err) = env.run(&["--report", &report]);
     assert_eq!(code, 0, "{err}");
+    // Reported as they are: the copies are relocator's, and no source was kept (the
+    // killed batch's copies, in use by their rows now, are not sources kept referenced).
+    assert!(err.contains("deleted=4 kept_referenced=0"), "{err}");
+    let mut lines = csv::Reader::from_path(&report).unwrap();
+    let details: Vec<(String, String)> = lines
+        .records()
+        .map(|r| r.unwrap())
+        .map(|r| (r[3].to_owned(), r[4].to_owned()))
+        .collect();
+    assert_eq!(details, vec![("moved".into(), "copied".into()); 4]);
     let not_ours: Vec<String> = env
         .db()
         .await

@@ -311,8 +311,7 @@ async fn undo_batch(
     let mut taken = Counters::default();
     cleanup::delete_unreferenced(db, &sh.s3, Side::Source, &sh.q, &unused, None, &mut taken)
         .await?;
-    counters.copies_removed += std::mem::take(&mut taken.sources_deleted);
-    counters.add(&taken);
+    counters.add(&taken.as_taken_back());
     let mut report = sh.report();
     report.counters.add(&counters);
     for l in lines {

@@ -702,7 +702,7 @@ impl Queries {
                      SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag,
                             dst_etag, size, src_version
                        FROM upd
-                  RETURNING move_id, row_id
+                  RETURNING move_id, row_id, copied
                  ), released AS (
                      DELETE FROM relocator.reservations WHERE holder = $15 AND EXISTS (SELECT 1 FROM lease)
                  ), tb AS (
@@ -711,7 +711,8 @@ impl Queries {
                       WHERE u.copied AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.id = u.id)
                      ON CONFLICT DO NOTHING
                  )
-                 SELECT l.lease_id, led.move_id, led.row_id FROM lease l LEFT JOIN led ON true
+                 SELECT l.lease_id, led.move_id, led.row_id, led.copied
+                   FROM lease l LEFT JOIN led ON true
                   WHERE NOT EXISTS (SELECT 1 FROM chk)"
             )),
             lock_writers: format!(

@@ -834,10 +834,7 @@ pub async fn take_back(
         &mut counters,
     )
     .await?;
-    // What the shared cleanup counts as deleted sources are unused copies here.
-    counters.copies_removed = std::mem::take(&mut counters.sources_deleted);
-    counters.sources_changed = 0;
-    Ok(counters)
+    Ok(counters.as_taken_back())
 }
 
 /// Ledger entries of this job (its fingerprint: table, columns, source, destination,

@@ -45,12 +45,21 @@ pub struct CommitBatch<'a> {
 /// What the commit did.
 #[derive(Debug)]
 pub enum Committed {
-    /// Row id → ledger move id for the rows actually rewritten, and row id → why the
+    /// Row id → the ledger's move for the rows actually rewritten, and row id → why the
     /// table refused the rewrite (PostgreSQL's message and SQLSTATE); the other rows
     /// were changed by the application.
-    Rows(HashMap<String, i64>, HashMap<String, String>),
+    Rows(HashMap<String, Moved>, HashMap<String, String>),
     /// This worker no longer owns the lease (another took it over): nothing was written.
     LeaseLost,
+}
+
+/// A row the commit rewrote, as its ledger entry records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    pub move_id: i64,
+    /// relocator made the destination object: this batch's copy, or one an earlier
+    /// attempt of the run noted before it was killed.
+    pub copied: bool,
 }
 
 /// Commit the batch in one statement — a single statement is one transaction in
@@ -229,7 +238,7 @@ async fn send(
     q: &Queries,
     b: &CommitBatch<'_>,
     tries: Vec<bool>,
-) -> Result<Option<HashMap<String, i64>>, tokio_postgres::Error> {
+) -> Result<Option<HashMap<String, Moved>>, tokio_postgres::Error> {
     let ids: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.id.as_str()).collect();
     let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.path.as_str()).collect();
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
@@ -276,8 +285,10 @@ async fn send(
         rows.into_iter()
             .filter_map(|r| {
                 let row: Option<String> = r.get(2);
-                let mv: Option<i64> = r.get(1);
-                row.zip(mv)
+                let move_id: Option<i64> = r.get(1);
+                let copied: Option<bool> = r.get(3);
+                row.zip(move_id.zip(copied))
+                    .map(|(row, (move_id, copied))| (row, Moved { move_id, copied }))
             })
             .collect(),
     ))

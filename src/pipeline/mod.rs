@@ -970,9 +970,9 @@ async fn commit_stage(
         {
             let mut report = sh.report();
             for (m, made) in &b.ready {
-                if let Some(move_id) = committed.get(&m.row.id) {
+                if let Some(moved) = committed.get(&m.row.id) {
                     pending.push(Pending {
-                        move_id: *move_id,
+                        move_id: moved.move_id,
                         row_id: m.row.id.clone(),
                         old_path: m.row.path.clone(),
                         new_path: m.dst_key.clone(),
@@ -980,7 +980,9 @@ async fn commit_stage(
                         src_etag: Some(made.src_etag.clone()),
                         src_version: made.src_version.clone(),
                     });
-                    report.record(moved_line(m, made.created, false))?;
+                    // As the ledger has it: a copy an earlier, killed attempt of the run
+                    // made is relocator's too.
+                    report.record(moved_line(m, moved.copied, false))?;
                 } else if let Some(why) = refused.get(&m.row.id) {
                     report.record(attention(m, Outcome::Rejected, why.clone()))?;
                 } else {
