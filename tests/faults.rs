@@ -12,13 +12,19 @@ use std::time::Duration;
 async fn slowdown_for_a_while_is_backed_off_and_the_run_completes() {
     let env = TestEnv::new("slowdown").await;
     let seeded = env.seed(300, 0).await;
-    // After the start-up checks (bucket checks, the five requests of the probe for
-    // create-only copies, the source's versioning and Object Lock, and the first batch's
-    // two listings), 40 requests in a row are throttled, whatever they are.
+    // Once the copies begin (the first look at a destination key, after the start-up
+    // checks and the first batch's listings), 40 requests in a row are throttled,
+    // whatever they are.
+    let from = std::sync::atomic::AtomicU64::new(u64::MAX);
     let proxy = FaultProxy::start(
         &common::var("AWS_ENDPOINT_URL"),
-        Box::new(|n, _, _| {
-            if (13..53).contains(&n) {
+        Box::new(move |n, method, path| {
+            use std::sync::atomic::Ordering::SeqCst;
+            if method == "HEAD" && path.contains("/avatar/") {
+                let _ = from.compare_exchange(u64::MAX, n, SeqCst, SeqCst);
+            }
+            let from = from.load(SeqCst);
+            if n >= from && n - from < 40 {
                 Fault::SlowDown
             } else {
                 Fault::Forward

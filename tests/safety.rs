@@ -2085,6 +2085,16 @@ async fn with_first_unanswered<F: std::future::Future<Output = ()>>(
     first: (&'static str, String),
     meanwhile: F,
 ) -> (Option<i32>, String) {
+    with_first(env, first, Fault::Stall(Duration::from_secs(2)), meanwhile).await
+}
+
+/// The same with another `fault` for that first request.
+async fn with_first<F: std::future::Future<Output = ()>>(
+    env: &TestEnv,
+    first: (&'static str, String),
+    fault: Fault,
+    meanwhile: F,
+) -> (Option<i32>, String) {
     let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let once = stalled.clone();
     let (method, path) = first.clone();
@@ -2095,7 +2105,7 @@ async fn with_first_unanswered<F: std::future::Future<Output = ()>>(
                 && p.trim_end_matches('/') == path
                 && !once.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                Fault::Stall(Duration::from_secs(2))
+                fault
             } else {
                 Fault::Forward
             }
@@ -2172,6 +2182,29 @@ async fn an_unanswered_delete_is_never_retried_onto_a_source_uploaded_since() {
         b"uploaded again",
         "the new upload stays"
     );
+}
+
+/// The cleanup's DeleteObjects is carried out, but its answer is lost (the proxy closes
+/// the connection). The cleanup looks again and finds the source gone: relocator deleted
+/// it, and says so (`deleted`, not `gone`). (Review: reported `deleted=0`, marked `gone`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_carried_out_whose_answer_is_lost_is_reported_deleted() {
+    let env = TestEnv::new("delete-answer-lost").await;
+    table(&env, false).await;
+    env.put_row("image/a.png", b"source".to_vec()).await;
+    let delete = ("POST", format!("/{}", env.src_bucket));
+    let (code, err) = with_first(&env, delete, Fault::Lost, async {}).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("deleted=1"), "{err}");
+    let cleanup: String = env
+        .db()
+        .await
+        .query_one("SELECT cleanup FROM relocator.moves", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cleanup, "deleted");
+    assert!(bytes(&env, &env.src_bucket, "image/a.png").await.is_none());
 }
 
 /// `--verify-content` reads a copy back with other bytes (the proxy corrupts the read)

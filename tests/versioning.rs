@@ -245,6 +245,53 @@ async fn copy_takes_the_version_looked_at(indexed: bool) {
     assert_eq!(source, b"second byte", "replaced since the copy: kept");
 }
 
+/// Every source overwritten once (two versions each) and listed three keys at a time:
+/// each page ends inside a key's older versions. moto answers a key-marker alone with
+/// that key's older versions, so resuming after the last key listed asked for the same
+/// page forever (a review saw 1,303 identical listings in 20 s and no row moved). The run
+/// ends, every row moved onto a copy of its latest version.
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_pages_that_end_inside_a_keys_versions_are_followed_to_the_end() {
+    on_moto();
+    let env = TestEnv::new("versions-paged").await;
+    enable_versioning(&env, &env.src_bucket).await;
+    env.seed(0, 0).await; // the table only, with an index on the path
+    for k in ["a", "b", "c", "d", "e", "f"] {
+        let key = format!("image/{k}.png");
+        env.put_row(&key, format!("{k} first").into_bytes()).await;
+        env.s3
+            .ep()
+            .put(
+                &env.src_bucket,
+                &key,
+                format!("{k} later").into_bytes(),
+                "image/png",
+            )
+            .await
+            .unwrap();
+    }
+    let mut run = env.run_cmd(&["--batch-size", "3"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            run.kill().unwrap();
+            panic!("the run did not end within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    for (id, path) in env.rows().await {
+        let k = path
+            .strip_prefix("avatar/")
+            .unwrap_or_else(|| panic!("row {id}: {path}"));
+        let copy = env.s3.ep().get_bytes(&env.dst_bucket, &path).await.unwrap();
+        assert_eq!(copy, format!("{} later", &k[..1]).into_bytes());
+    }
+}
+
 /// Object Lock on the source: a locked version may not be deleted, but relocator never
 /// deletes a version — its delete puts a delete marker, which the lock allows. The run
 /// completes and the locked bytes stay as a noncurrent version.

@@ -398,6 +398,8 @@ pub async fn delete_unreferenced(
         return Ok(HashMap::new());
     }
     let (mut tries, mut unanswered) = (0, 0);
+    // Keys an unanswered delete was sent for: found gone afterwards, relocator deleted them.
+    let mut sent: HashSet<String> = HashSet::new();
     loop {
         tries += 1;
         // Looked at anew on every try, so that a replacement uploaded while the lock was
@@ -407,7 +409,8 @@ pub async fn delete_unreferenced(
         // Every request from the first look to the last delete paid for now, so that no
         // `--max-rps` wait falls between them.
         let ep = s3c.side(side).prepaid(requests_upto(items)).await;
-        let looked = look(&ep, items).await?;
+        let mut looked = look(&ep, items).await?;
+        looked.deleted = looked.gone.intersection(&sent).cloned().collect();
         db.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{WRITERS_WAIT}'"))
             .await
             .context("starting the cleanup's transaction")?;
@@ -440,6 +443,12 @@ pub async fn delete_unreferenced(
             // finds gone what it did delete.
             Err(Locked::Unanswered(e)) if unanswered < s3c.side(side).max_attempts() => {
                 unanswered += 1;
+                sent.extend(
+                    items
+                        .iter()
+                        .filter(|p| !looked.changed.contains(p.key) && !looked.gone.contains(p.key))
+                        .map(|p| p.key.to_owned()),
+                );
                 warn!(error = %format!("{e:#}"), "a delete went unanswered; the cleanup looks again");
                 tokio::time::sleep(crate::s3::backoff(unanswered)).await;
             }
@@ -521,6 +530,8 @@ struct Looked {
     changed: HashSet<String>,
     /// Nothing is at the key any more: nothing to delete.
     gone: HashSet<String>,
+    /// Of those, the keys relocator's own delete was sent for, unanswered: deleted.
+    deleted: HashSet<String>,
 }
 
 /// Look at each key whose identity is known (HEAD): is it still the object copied?
@@ -702,6 +713,7 @@ async fn delete_locked(
     let mut ids = Vec::new();
     let mut outcomes: Vec<Cleaned> = Vec::new();
     let mut failures = 0;
+    let mut deleted_unanswered = 0;
     for p in items {
         if in_flight.contains(&(p.bucket, p.key.to_owned())) {
             // A batch in flight relies on it: left pending, a later cleanup decides.
@@ -709,6 +721,9 @@ async fn delete_locked(
         }
         let outcome = if looked.changed.contains(p.key) {
             Cleaned::Changed
+        } else if looked.deleted.contains(p.key) {
+            deleted_unanswered += 1;
+            Cleaned::Deleted
         } else if looked.gone.contains(p.key) {
             Cleaned::Gone
         } else if referenced.contains(p.key) {
@@ -737,7 +752,7 @@ async fn delete_locked(
         None => ids.iter().copied().collect(),
     };
     let mut tally = Counters {
-        sources_deleted: deleted,
+        sources_deleted: deleted + deleted_unanswered,
         delete_failures: failures,
         ..Counters::default()
     };

@@ -5,10 +5,13 @@
 //! overwritten* — [`copy_known`] copies only onto a [`Destination`] found free by a HEAD
 //! right before the copy (phase 2, plan, rollback, and phase 1 on servers without
 //! create-only copies) or by the batch's listing. Where the server honours
-//! `If-None-Match: *` on CopyObject (learned per run, [`S3::learn_create_only`]) the copy
+//! `If-None-Match: *` on CopyObject, or on PutObject and CompleteMultipartUpload for
+//! streamed and multipart copies (learned per run, [`S3::learn_create_only`]), the write
 //! itself is create-only and a 412 means "look at what is there"; where it does not
-//! (Garage, MinIO, moto, see tests/s3_semantics.rs) an object put between that HEAD and
-//! the copy can still be overwritten: one round trip.
+//! (Garage; moto for CopyObject; see tests/s3_semantics.rs) an object put between that
+//! HEAD and the write can still be overwritten: one round trip, or the multipart copy's
+//! duration. A write is sent once ([`crate::s3::once`]): unanswered, it is tried again
+//! only after a new look.
 
 use anyhow::{anyhow, Result};
 use futures::{stream, StreamExt};
@@ -508,6 +511,17 @@ async fn copy_free(
         }
         Err(S3Error::NotFound) => return Ok(PairResult::MissingSource),
         Err(S3Error::PreconditionFailed) => return Ok(source_changed()),
+        // A create-only streamed or multipart copy was refused: look at what is there.
+        Err(S3Error::DestinationTaken) => {
+            return match s3c.dst.head(db, dst_key).await {
+                Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
+                Ok(None) => Ok(PairResult::Rejected(
+                    "an object was written at the destination while the copy was made, and                      is gone again; rerun to look again"
+                        .into(),
+                )),
+                Err(e) => per_object(e),
+            }
+        }
         Err(e) => return per_object(e),
     };
     debug!(src = %src_key, dst = %dst_key, size = src.size, "copied");

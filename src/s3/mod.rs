@@ -49,6 +49,10 @@ pub enum S3Error {
     /// A conditional request's condition failed (e.g. the source changed during the copy).
     #[error("precondition failed")]
     PreconditionFailed,
+    /// A create-only write (`If-None-Match: *`, sent once) was refused: something is at
+    /// the destination by now.
+    #[error("the destination was taken meanwhile")]
+    DestinationTaken,
     /// The server refused this object for a reason that concerns only it (4xx): the row
     /// is reported, the run goes on.
     #[error("{0}")]
@@ -312,6 +316,11 @@ pub struct S3 {
     /// create-only, so a different object put at the destination after relocator looked
     /// is never overwritten.
     pub create_only: bool,
+    /// The destination refuses a PutObject or CompleteMultipartUpload onto an existing key
+    /// when the request says `If-None-Match: *` (AWS S3 and moto do; Garage ignores it):
+    /// learned by [`S3::learn_create_only`]. When true, streamed and multipart copies are
+    /// create-only too.
+    pub create_only_put: bool,
     /// Where the multipart uploads relocator starts are noted; None: nothing is known as
     /// relocator's, so no incomplete upload is ever aborted but the one in hand.
     pub uploads: Option<Arc<dyn Uploads>>,
@@ -366,6 +375,7 @@ impl S3 {
             dst: endpoint,
             server_side: true,
             create_only: false,
+            create_only_put: false,
             uploads: None,
             held: HeldKeys::default(),
             versions: false,
@@ -392,6 +402,7 @@ impl S3 {
             dst: endpoint(dst),
             server_side,
             create_only: false,
+            create_only_put: false,
             uploads: None,
             held: HeldKeys::default(),
             versions: false,
@@ -444,6 +455,7 @@ impl S3 {
             dst: self.src.clone(),
             // What was learned of the destination holds for the source only on one server.
             create_only: self.create_only && self.server_side,
+            create_only_put: self.create_only_put && self.server_side,
             ..self.clone()
         }
     }
@@ -463,83 +475,93 @@ impl S3 {
         };
     }
 
-    /// Ask the destination whether it honours `If-None-Match: *` on CopyObject: two probe
-    /// objects of relocator's own under the destination prefix (written with the job's
-    /// write options, as every write), the second copy made create-only onto the first's
-    /// copy — refused (412) where honoured. Both are removed again. Any other answer
-    /// leaves `create_only` false, the safe assumption. Server-side copies only (streamed
-    /// copies PUT, which this does not probe).
+    /// Ask the destination whether it honours `If-None-Match: *` on PutObject and on
+    /// CopyObject, with probe objects of relocator's own under the destination prefix
+    /// (written with the job's write options, as every write): the first put again
+    /// create-only, and (server-side copies) a copy of it made create-only onto an earlier
+    /// copy — each refused (412) where honoured. Both are removed again. Any other answer
+    /// leaves the flag false, the safe assumption.
     pub async fn learn_create_only(&mut self, bucket: &str, prefix: &str, write: &WriteOptions) {
         self.create_only = false;
-        if !self.server_side {
-            return;
-        }
+        self.create_only_put = false;
         let tag = format!("{:016x}", rand::random::<u64>());
         let (a, b) = (
             format!("{prefix}.relocator-probe-{tag}-a"),
             format!("{prefix}.relocator-probe-{tag}-b"),
         );
-        let what = format!("probing s3://{bucket}/{b}");
+        let what = format!("probing s3://{bucket}/{prefix}.relocator-probe-{tag}");
+        let put = |client: &Client, create_only: bool| {
+            with_write_options!(client.put_object().bucket(bucket).key(&a), write)
+                .body(ByteStream::from_static(b"relocator probe"))
+                .set_if_none_match(create_only.then(|| "*".to_owned()))
+        };
         let copy = |client: &Client, create_only: bool| {
-            let req = with_write_options!(
+            with_write_options!(
                 client
                     .copy_object()
                     .copy_source(copy_source(bucket, &a))
                     .bucket(bucket)
                     .key(&b),
                 write
-            );
-            if create_only {
-                req.if_none_match("*")
-            } else {
-                req
-            }
+            )
+            .set_if_none_match(create_only.then(|| "*".to_owned()))
         };
-        let answer = async {
-            let client = self.dst.write().await;
-            with_write_options!(client.put_object().bucket(bucket).key(&a), write)
-                .body(ByteStream::from_static(b"relocator probe"))
+        let first = put(self.dst.write().await, false)
+            .send()
+            .await
+            .map_err(|e| classify(&what, e));
+        if let Err(e) = first {
+            tracing::warn!(error = %e, "could not probe whether the destination honours \
+                           If-None-Match; assuming it does not");
+        } else {
+            let again = put(self.dst.write().await, true)
                 .send()
                 .await
-                .map_err(|e| classify(&what, e))?;
-            let client = self.dst.write().await;
-            copy(client, false)
-                .send()
-                .await
-                .map_err(|e| classify(&what, e))?;
-            let client = self.dst.write().await;
-            copy(client, true)
-                .send()
-                .await
-                .map_err(|e| classify(&what, e))
+                .map(|_| ())
+                .map_err(|e| classify(&what, e));
+            self.create_only_put = honoured(again, "PutObject");
+            if self.server_side {
+                let answer = async {
+                    copy(self.dst.write().await, false)
+                        .send()
+                        .await
+                        .map_err(|e| classify(&what, e))?;
+                    copy(self.dst.write().await, true)
+                        .send()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify(&what, e))
+                }
+                .await;
+                self.create_only = honoured(answer, "CopyObject");
+            }
         }
-        .await;
-        self.create_only = match answer {
-            Ok(_) => false,
-            Err(S3Error::PreconditionFailed) => true,
-            // 501 NotImplemented, 400 for an unknown header, or the probe failed: not
-            // known to be honoured, so copies look right before they write.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not learn whether the destination honours \
-                               If-None-Match on CopyObject; assuming it does not");
-                false
-            }
-        };
         for k in [&a, &b] {
             if let Err(e) = self.dst.delete_one(bucket, k).await {
                 tracing::warn!(error = %e, key = %k, "could not remove relocator's probe object");
             }
         }
-        tracing::info!(
-            create_only = self.create_only,
-            "the destination {} If-None-Match on CopyObject",
-            if self.create_only {
-                "honours"
-            } else {
-                "ignores"
-            }
-        );
     }
+}
+
+/// Whether a create-only probe's answer says the server honours `If-None-Match: *` on
+/// `what`: only a 412 does. 501 NotImplemented, a 400 for an unknown header, or a probe
+/// that failed: not known to be honoured, so writes look right before they are made.
+fn honoured(answer: Result<(), S3Error>, what: &str) -> bool {
+    let honours = match answer {
+        Ok(()) => false,
+        Err(S3Error::PreconditionFailed) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not learn whether the destination honours \
+                           If-None-Match on {what}; assuming it does not");
+            false
+        }
+    };
+    tracing::info!(
+        "the destination {} If-None-Match on {what}",
+        if honours { "honours" } else { "ignores" }
+    );
+    honours
 }
 
 /// S3 requests a job sent, by kind (process-wide; for the summary and the benchmark).
@@ -894,25 +916,36 @@ impl Endpoint {
         }
     }
 
-    /// Delete up to [`DELETE_BATCH`] keys in one request. Returns the keys S3 reported as not
-    /// deleted, with the reason (the per-key errors inside a `200` response). A key that does
-    /// not exist counts as deleted, which makes a repeated cleanup harmless.
+    /// Delete up to [`DELETE_BATCH`] keys in one request, with the SDK's retries: keys no
+    /// look decided (relocator's own probe objects, a seed's or a benchmark's prefix).
+    /// Returns the keys S3 reported as not deleted, with the reason (the per-key errors
+    /// inside a `200` response). A key that does not exist counts as deleted.
     pub async fn delete_many(
         &self,
         bucket: &str,
         keys: &[String],
     ) -> Result<Vec<(String, String)>, S3Error> {
         let keys: Vec<(String, Option<String>)> = keys.iter().map(|k| (k.clone(), None)).collect();
-        self.delete_many_if(bucket, &keys).await
+        self.delete_objects(bucket, &keys, false).await
     }
 
-    /// [`delete_many`], each key deleted only while it has the ETag given with it, where the
-    /// server honours a DeleteObjects entry's ETag (AWS S3 does, answering a per-key
+    /// Delete keys a look found still the objects relocator may delete: sent [`once`], and
+    /// each key deleted only while it has the ETag given with it, where the server
+    /// honours a DeleteObjects entry's ETag (AWS S3 does, answering a per-key
     /// `PreconditionFailed`; Garage accepts and ignores it — checked against it).
     pub async fn delete_many_if(
         &self,
         bucket: &str,
         keys: &[(String, Option<String>)],
+    ) -> Result<Vec<(String, String)>, S3Error> {
+        self.delete_objects(bucket, keys, true).await
+    }
+
+    async fn delete_objects(
+        &self,
+        bucket: &str,
+        keys: &[(String, Option<String>)],
+        once_only: bool,
     ) -> Result<Vec<(String, String)>, S3Error> {
         debug_assert!(keys.len() <= DELETE_BATCH);
         if keys.is_empty() {
@@ -933,14 +966,17 @@ impl Endpoint {
             .quiet(true)
             .build()
             .map_err(|e| S3Error::Other(format!("building DeleteObjects: {e}")))?;
-        let out = self
+        let mut req = self
             .write()
             .await
             .delete_objects()
             .bucket(bucket)
             .delete(delete)
-            .customize()
-            .config_override(once())
+            .customize();
+        if once_only {
+            req = req.config_override(once());
+        }
+        let out = req
             .send()
             .await
             .map_err(|e| classify(&format!("DELETE {} keys in s3://{bucket}", keys.len()), e))?;
@@ -1255,10 +1291,14 @@ impl S3 {
         Ok((objects, last, out.is_truncated().unwrap_or(false)))
     }
 
-    /// One ListObjectVersions request on a versioned source: each key's latest version
-    /// (a key whose latest is a delete marker has no object), the last key listed, and
-    /// whether more follow. A key's latest version comes first among its versions, so a
-    /// page cut inside a key's older versions resumes after that key and misses nothing.
+    /// One ListObjectVersions page on a versioned source, of keys after `after`: each
+    /// key's latest version (a key whose latest is a delete marker has no object), the last
+    /// key listed, and whether more follow. A key's latest version comes first among its
+    /// versions, so resuming after a key misses nothing but its older versions. Servers
+    /// differ on a key-marker alone: AWS starts after the key, moto within it (its older
+    /// versions, checked against it); entries of keys up to `after` are skipped, and a
+    /// page holding only those is followed by the server's next markers, never asked for
+    /// again.
     async fn list_versions(
         &self,
         bucket: &str,
@@ -1266,40 +1306,68 @@ impl S3 {
         after: Option<&str>,
         max_keys: i32,
     ) -> Result<Listed, S3Error> {
-        let out = self
-            .src
-            .read()
-            .await
-            .list_object_versions()
-            .bucket(bucket)
-            .prefix(prefix)
-            .set_key_marker(after.map(str::to_owned))
-            .max_keys(max_keys)
-            .encoding_type(EncodingType::Url)
-            .send()
-            .await
-            .map_err(|e| classify(&format!("LIST versions of s3://{bucket}/{prefix}"), e))?;
-        let mut last: Option<String> = None;
-        let mut objects = Vec::new();
-        let markers = out.delete_markers().iter().filter_map(|m| m.key());
-        for key in out.versions().iter().filter_map(|v| v.key()).chain(markers) {
-            let key = listed_key(out.encoding_type(), key)?;
-            if last.as_ref().is_none_or(|l| key > *l) {
-                last = Some(key);
+        let past = |key: &str| after.is_none_or(|a| key > a);
+        let (mut key_marker, mut version_marker) = (after.map(str::to_owned), None);
+        loop {
+            let out = self
+                .src
+                .read()
+                .await
+                .list_object_versions()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.clone())
+                .set_version_id_marker(version_marker.clone())
+                .max_keys(max_keys)
+                .encoding_type(EncodingType::Url)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("LIST versions of s3://{bucket}/{prefix}"), e))?;
+            let encoding = out.encoding_type();
+            let mut last: Option<String> = None;
+            let markers = out.delete_markers().iter().filter_map(|m| m.key());
+            for key in out.versions().iter().filter_map(|v| v.key()).chain(markers) {
+                let key = listed_key(encoding, key)?;
+                if past(&key) && last.as_ref().is_none_or(|l| key > *l) {
+                    last = Some(key);
+                }
+            }
+            let mut objects = Vec::new();
+            for v in out.versions() {
+                let (Some(key), Some(true)) = (v.key(), v.is_latest()) else {
+                    continue;
+                };
+                let key = listed_key(encoding, key)?;
+                if past(&key) {
+                    let info = ObjectInfo {
+                        etag: v.e_tag().map(strip_quotes).unwrap_or_default(),
+                        size: v.size().unwrap_or(0),
+                        version: v.version_id().map(str::to_owned),
+                    };
+                    objects.push((key, info));
+                }
+            }
+            let more = out.is_truncated().unwrap_or(false);
+            let next = out
+                .next_key_marker()
+                .map(|k| listed_key(encoding, k))
+                .transpose()?;
+            match (&last, more, next) {
+                // Only entries up to `after` (older versions of the key resumed after):
+                // go on from where the server says, unless it says nowhere new.
+                (None, true, Some(k))
+                    if (Some(&k), out.next_version_id_marker())
+                        != (key_marker.as_ref(), version_marker.as_deref()) =>
+                {
+                    key_marker = Some(k);
+                    version_marker = out.next_version_id_marker().map(str::to_owned);
+                }
+                _ => {
+                    let more = more && last.is_some();
+                    return Ok((objects, last, more));
+                }
             }
         }
-        for v in out.versions() {
-            let (Some(key), Some(true)) = (v.key(), v.is_latest()) else {
-                continue;
-            };
-            let info = ObjectInfo {
-                etag: v.e_tag().map(strip_quotes).unwrap_or_default(),
-                size: v.size().unwrap_or(0),
-                version: v.version_id().map(str::to_owned),
-            };
-            objects.push((listed_key(out.encoding_type(), key)?, info));
-        }
-        Ok((objects, last, out.is_truncated().unwrap_or(false)))
     }
 }
 

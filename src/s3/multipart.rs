@@ -257,7 +257,22 @@ impl S3 {
                     // The server checks the finished object against the source's checksum.
                     req = expect_checksum(req, c).checksum_type(ChecksumType::FullObject);
                 }
-                req.send().await.map_err(|e| classify(&what, e))
+                if self.create_only_put {
+                    // Create-only where the destination honours it, and sent once: a 412
+                    // then means another object is there by now, never this upload's own
+                    // completion retried.
+                    req.if_none_match("*")
+                        .customize()
+                        .config_override(super::once())
+                        .send()
+                        .await
+                        .map_err(|e| match classify(&what, e) {
+                            S3Error::PreconditionFailed => S3Error::DestinationTaken,
+                            other => other,
+                        })
+                } else {
+                    req.send().await.map_err(|e| classify(&what, e))
+                }
             }
             Err(e) => Err(e),
         };
@@ -290,7 +305,10 @@ impl S3 {
         if src.version.is_none() {
             let after = self.src.head_object(src_bucket, src_key).await?;
             if after.as_ref().is_none_or(|a| a.info.etag != src.etag) {
-                let _ = self.dst.take_back(dst_bucket, dst_key, &made).await;
+                // Taken back, or no longer this copy: the source changed. Not taken back
+                // (the delete failed): an error, so the copy stays noted as relocator's
+                // and the rerun deals with it.
+                self.dst.take_back(dst_bucket, dst_key, &made).await?;
                 return Err(S3Error::PreconditionFailed);
             }
         }

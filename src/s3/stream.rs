@@ -188,11 +188,18 @@ impl S3 {
                 .content_length(got.content_length().unwrap_or(src.size)),
             write
         );
+        // Create-only where the destination honours it: an object put there since the
+        // look is never overwritten. (A streamed body is not retried by the SDK, so a 412
+        // is never relocator's own earlier attempt.)
         let put = with_headers!(put, headers)
+            .set_if_none_match(self.create_only_put.then(|| "*".to_owned()))
             .body(got.body)
             .send()
             .await
-            .map_err(|e| classify(&what, e))?;
+            .map_err(|e| match classify(&what, e) {
+                S3Error::PreconditionFailed => S3Error::DestinationTaken,
+                other => other,
+            })?;
         let etag = put.e_tag().map(strip_quotes).unwrap_or_default();
         let confirmed = if src.is_multipart() || !write.etag_is_md5(put.server_side_encryption()) {
             self.dst

@@ -31,6 +31,9 @@ pub enum Fault {
     /// Hold the request this long, then forward it: time for the test to change
     /// something on the server while the request is on its way.
     Delay(Duration),
+    /// Forward, then close the connection without passing the answer on: the request
+    /// was carried out, and the client never hears so.
+    Lost,
     /// Forward, but turn a `200` into `200` with an `<Error>` body (CopyObject's trap).
     ErrorIn200,
     /// 412 PreconditionFailed, as a server answers a conditional request whose condition
@@ -230,7 +233,7 @@ async fn handle(
             return Ok(full(StatusCode::SERVICE_UNAVAILABLE, SLOW_DOWN));
         }
         Fault::Delay(d) => tokio::time::sleep(d).await,
-        Fault::Forward | Fault::ErrorIn200 | Fault::Corrupt => {}
+        Fault::Forward | Fault::ErrorIn200 | Fault::Corrupt | Fault::Lost => {}
     }
     let (mut parts, body) = req.into_parts();
     let pq = parts
@@ -251,6 +254,10 @@ async fn handle(
         Ok(r) => r,
         Err(_) => return Ok(full(StatusCode::BAD_GATEWAY, INTERNAL)),
     };
+    if fault == Fault::Lost {
+        let _ = resp.into_body().collect().await;
+        return Err(ResetConnection);
+    }
     if fault == Fault::ErrorIn200 && resp.status() == StatusCode::OK {
         // The copy may well have happened; the answer says it failed, as S3 does when a
         // copy fails midway.
