@@ -516,7 +516,8 @@ async fn copy_free(
             return match s3c.dst.head(db, dst_key).await {
                 Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
                 Ok(None) => Ok(PairResult::Rejected(
-                    "an object was written at the destination while the copy was made, and                      is gone again; rerun to look again"
+                    "an object was written at the destination while the copy was made, and is \
+                     gone again; rerun to look again"
                         .into(),
                 )),
                 Err(e) => per_object(e),
