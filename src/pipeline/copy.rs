@@ -457,11 +457,7 @@ async fn copy_free(
                 // Refused: either the source changed (copy-source-if-match) or, create-only,
                 // something is at the destination by now. Look at what is there.
                 Err(S3Error::PreconditionFailed) if create_only => {
-                    return match s3c.dst.head(db, dst_key).await {
-                        Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
-                        Ok(None) => Ok(source_changed()),
-                        Err(e) => per_object(e),
-                    };
+                    return look_after_refusal(s3c, cfg, src, dst_key, source_changed()).await;
                 }
                 // No answer: the copy may or may not have been made. Never another attempt
                 // on the old look: look again, and copy only onto a key still free. An
@@ -513,15 +509,12 @@ async fn copy_free(
         Err(S3Error::PreconditionFailed) => return Ok(source_changed()),
         // A create-only streamed or multipart copy was refused: look at what is there.
         Err(S3Error::DestinationTaken) => {
-            return match s3c.dst.head(db, dst_key).await {
-                Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
-                Ok(None) => Ok(PairResult::Rejected(
-                    "an object was written at the destination while the copy was made, and is \
-                     gone again; rerun to look again"
-                        .into(),
-                )),
-                Err(e) => per_object(e),
-            }
+            let gone = PairResult::Rejected(
+                "an object was written at the destination while the copy was made, and is \
+                 gone again; rerun to look again"
+                    .into(),
+            );
+            return look_after_refusal(s3c, cfg, src, dst_key, gone).await;
         }
         Err(e) => return per_object(e),
     };
@@ -533,6 +526,22 @@ async fn copy_free(
         src_version: src.version.clone(),
         dst_etag,
     })
+}
+
+/// A create-only write was refused (412): what is at the destination now decides, compared
+/// like any object found there; `nothing_there` when the key is free again.
+async fn look_after_refusal(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src: &ObjectInfo,
+    dst_key: &str,
+    nothing_there: PairResult,
+) -> Result<PairResult> {
+    match s3c.dst.head(&cfg.dest.bucket, dst_key).await {
+        Ok(Some(existing)) => Ok(compare_existing(src, &existing, &cfg.write)),
+        Ok(None) => Ok(nothing_there),
+        Err(e) => per_object(e),
+    }
 }
 
 /// Whether `src` is copied in parts.

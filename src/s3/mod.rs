@@ -604,6 +604,18 @@ fn strip_quotes(etag: &str) -> String {
     etag.trim_matches('"').to_owned()
 }
 
+/// Map the error of a create-only write (`If-None-Match: *`): its 412 means the
+/// destination was taken meanwhile.
+fn create_only_refused<E>(what: &str, err: SdkError<E>) -> S3Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match classify(what, err) {
+        S3Error::PreconditionFailed => S3Error::DestinationTaken,
+        other => other,
+    }
+}
+
 /// Map an SDK error: 404 and 412 to their variants, other 4xx to `Rejected`, the rest to
 /// `Other`. The message carries the S3 code and message, never credentials.
 fn classify<E>(what: &str, err: SdkError<E>) -> S3Error

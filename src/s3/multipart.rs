@@ -266,10 +266,7 @@ impl S3 {
                         .config_override(super::once())
                         .send()
                         .await
-                        .map_err(|e| match classify(&what, e) {
-                            S3Error::PreconditionFailed => S3Error::DestinationTaken,
-                            other => other,
-                        })
+                        .map_err(|e| super::create_only_refused(&what, e))
                 } else {
                     req.send().await.map_err(|e| classify(&what, e))
                 }

@@ -196,10 +196,7 @@ impl S3 {
             .body(got.body)
             .send()
             .await
-            .map_err(|e| match classify(&what, e) {
-                S3Error::PreconditionFailed => S3Error::DestinationTaken,
-                other => other,
-            })?;
+            .map_err(|e| super::create_only_refused(&what, e))?;
         let etag = put.e_tag().map(strip_quotes).unwrap_or_default();
         let confirmed = if src.is_multipart() || !write.etag_is_md5(put.server_side_encryption()) {
             self.dst
