@@ -331,3 +331,36 @@ async fn verify_sees_every_key_of_a_latin1_database() {
         .await
         .unwrap();
 }
+
+/// Verify streams the rows in key order and looks up the ledger 1,000 rows at a time: a
+/// table with more moved rows than that once hung forever (the lookup waited on the
+/// connection behind the stream it was reading).
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finishes_on_more_rows_than_one_lookup_takes() {
+    let env = TestEnv::new("verify-many").await;
+    env.seed(2500, 0).await;
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let mut child = env
+        .cmd()
+        .args(["verify", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--orphans", "--summary-json", &env.path("v.json")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("verify of 2,500 moved rows still running after 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(status.code(), Some(0));
+    let s = read_summary(&env.path("v.json"));
+    assert_eq!(s["counts"]["ok"], 2500, "{s}");
+}

@@ -155,6 +155,10 @@ async fn kept_elsewhere(
 pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Result<VerifySummary> {
     let pool = db::pool(&cfg.database_url, 2, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
+    // The rows in key order stream in on one connection while the lookups they lead to
+    // (the ledger, the --referenced-by columns) go out on another: on one connection a
+    // query waits for the stream ahead of it to be read to its end, which never comes.
+    let lookups = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
     // Every key a row could hold is listed (rows are matched to keys here, by a merge in
     // byte order); only keys sent to the database are limited to what it can hold.
@@ -180,15 +184,22 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     };
     // Destination side: rows present → ok (or replaced / corrupt), absent → missing;
     // unreferenced → orphan.
-    let mut unreferenced = Vec::new();
     let mut moved = Moved {
-        client: &client,
+        client: &lookups,
         table: &table,
         s3c: &s3c,
         bucket: &cfg.dest.bucket,
         ledger,
         content: cfg.verify_content,
         rows: Vec::new(),
+    };
+    let mut unreferenced = Unreferenced {
+        client: &lookups,
+        table: &table,
+        bucket: &cfg.dest.bucket,
+        orphans,
+        source: None,
+        keys: Vec::new(),
     };
     merge_side(
         &client,
@@ -198,20 +209,17 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
         &cfg.dest.bucket,
         &cfg.dest.prefix,
         Some(&mut moved),
+        &mut unreferenced,
         &mut o,
-        &mut |k| unreferenced.push(k),
     )
     .await?;
-    let unreferenced =
-        kept_elsewhere(&client, &table, &mut o, &cfg.dest.bucket, unreferenced).await?;
-    if orphans {
-        for k in unreferenced {
-            o.record(Check::Orphan, "", &cfg.dest.bucket, &k)?;
-        }
-    }
     // Source side: rows present → still_legacy; unreferenced keys the ledger says were
     // moved → legacy_leftover, the others → orphan.
-    let mut leftovers = Vec::new();
+    let mut unreferenced = Unreferenced {
+        bucket: &cfg.source.bucket,
+        source: Some(ledger),
+        ..unreferenced
+    };
     merge_side(
         &client,
         &table,
@@ -220,37 +228,10 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
         &cfg.source.bucket,
         &cfg.source.prefix,
         None,
+        &mut unreferenced,
         &mut o,
-        &mut |k| leftovers.push(k),
     )
     .await?;
-    let leftovers = kept_elsewhere(&client, &table, &mut o, &cfg.source.bucket, leftovers).await?;
-    for chunk in leftovers.chunks(1000) {
-        let held: Vec<&String> = chunk.iter().filter(|k| table.held_keys.holds(k)).collect();
-        let moved: BTreeMap<String, String> = if ledger {
-            client
-                .query(
-                    "SELECT DISTINCT ON (old_path) old_path, row_id FROM relocator.moves
-                      WHERE table_name = $1 AND src_bucket = $2 AND old_path = ANY ($3)
-                      ORDER BY old_path, move_id DESC",
-                    &[&table.display, &cfg.source.bucket, &held],
-                )
-                .await
-                .context("looking up leftovers in the ledger")?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
-        for k in chunk {
-            match moved.get(k) {
-                Some(row) => o.record(Check::LegacyLeftover, row, &cfg.source.bucket, k)?,
-                None if orphans => o.record(Check::Orphan, "", &cfg.source.bucket, k)?,
-                None => {}
-            }
-        }
-    }
     if ledger {
         elsewhere(&client, &table, &s3c, cfg, &mut o).await?;
     }
@@ -259,6 +240,68 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     }
     o.progress.finish();
     Ok(o.summary)
+}
+
+/// Listed keys no row of the table references, judged 1,000 at a time as the merge
+/// finds them, so memory does not grow with what the bucket holds: those a
+/// `--referenced-by` column references are `kept_referenced`; on the source side those
+/// the ledger says were moved are `legacy_leftover`; with `--orphans` the rest are
+/// `orphan`s.
+struct Unreferenced<'a> {
+    client: &'a tokio_postgres::Client,
+    table: &'a TableInfo,
+    bucket: &'a str,
+    orphans: bool,
+    /// On the source side: `Some(whether the ledger exists)`.
+    source: Option<bool>,
+    keys: Vec<String>,
+}
+
+impl Unreferenced<'_> {
+    async fn push(&mut self, o: &mut Out, key: String) -> Result<()> {
+        self.keys.push(key);
+        if self.keys.len() >= 1000 {
+            self.flush(o).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, o: &mut Out) -> Result<()> {
+        let keys = std::mem::take(&mut self.keys);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let keys = kept_elsewhere(self.client, self.table, o, self.bucket, keys).await?;
+        let moved: BTreeMap<String, String> = match self.source {
+            Some(true) => {
+                let held: Vec<&String> = keys
+                    .iter()
+                    .filter(|k| self.table.held_keys.holds(k))
+                    .collect();
+                self.client
+                    .query(
+                        "SELECT DISTINCT ON (old_path) old_path, row_id FROM relocator.moves
+                          WHERE table_name = $1 AND src_bucket = $2 AND old_path = ANY ($3)
+                          ORDER BY old_path, move_id DESC",
+                        &[&self.table.display, &self.bucket, &held],
+                    )
+                    .await
+                    .context("looking up leftovers in the ledger")?
+                    .into_iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
+        for k in keys {
+            match moved.get(&k) {
+                Some(row) => o.record(Check::LegacyLeftover, row, self.bucket, &k)?,
+                None if self.orphans => o.record(Check::Orphan, "", self.bucket, &k)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Rows found at their key in the destination, checked against the ledger (and their
@@ -415,8 +458,8 @@ async fn merge_side(
     bucket: &str,
     prefix: &str,
     mut moved: Option<&mut Moved<'_>>,
+    unreferenced: &mut Unreferenced<'_>,
     o: &mut Out,
-    unreferenced: &mut dyn FnMut(String),
 ) -> Result<()> {
     let present = if moved.is_some() {
         Check::Ok
@@ -447,7 +490,7 @@ async fn merge_side(
             Some((k, info)) if *k == path => Some(info.clone()),
             _ => {
                 while let Some((k, _)) = next.as_ref().filter(|(k, _)| k.as_str() < path.as_str()) {
-                    unreferenced(k.clone());
+                    unreferenced.push(o, k.clone()).await?;
                     next = listing.next().await?;
                 }
                 if next.as_ref().is_some_and(|(k, _)| *k == path) {
@@ -469,8 +512,8 @@ async fn merge_side(
         m.flush(o).await?;
     }
     while let Some((k, _)) = next {
-        unreferenced(k);
+        unreferenced.push(o, k).await?;
         next = listing.next().await?;
     }
-    Ok(())
+    unreferenced.flush(o).await
 }
