@@ -40,7 +40,16 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
              the table would refuse are predicted as moved"
         );
     }
-    let mut claims = Claims::default();
+    // The destinations ready pairs claim, kept for the batches after theirs in a
+    // temporary table of this session (gone when it ends), not in the process.
+    db.batch_execute(
+        "CREATE TEMPORARY TABLE relocator_plan_claims (dst text PRIMARY KEY, src text NOT NULL)",
+    )
+    .await
+    .context(
+        "creating plan's temporary table of claimed destinations (the role needs the \
+         TEMPORARY privilege on the database: GRANT TEMPORARY ON DATABASE ... TO ...)",
+    )?;
     let mut last_id: Option<String> = None;
     let mut interrupted = false;
     loop {
@@ -77,10 +86,12 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             interrupted = true;
             break;
         };
+        let mut claims = earlier_claims(&db, &pairs).await?;
         let mut by_pair = HashMap::new();
         for ((src, dst), r) in pairs.iter().zip(results) {
             by_pair.insert((src.as_str(), dst.as_str()), claims.judge(src, dst, r));
         }
+        store_claims(&db, claims.into_new()).await?;
         let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
         let refused = if may_update {
             let rows: Vec<commit::Rewrite<'_>> = ready
@@ -106,4 +117,34 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
     }
     sh.progress.finish();
     sh.finish(interrupted)
+}
+
+/// The claims earlier batches made on this batch's destination keys.
+async fn earlier_claims(db: &tokio_postgres::Client, pairs: &[(String, String)]) -> Result<Claims> {
+    let dsts: Vec<&str> = pairs.iter().map(|(_, d)| d.as_str()).collect();
+    let rows = db
+        .query(
+            "SELECT dst, src FROM pg_temp.relocator_plan_claims WHERE dst = ANY ($1)",
+            &[&dsts],
+        )
+        .await
+        .context("reading the destinations earlier batches claimed")?;
+    Ok(Claims::earlier(
+        rows.into_iter().map(|r| (r.get(0), r.get(1))),
+    ))
+}
+
+async fn store_claims(db: &tokio_postgres::Client, new: Vec<(String, String)>) -> Result<()> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let (dsts, srcs): (Vec<String>, Vec<String>) = new.into_iter().unzip();
+    db.execute(
+        "INSERT INTO pg_temp.relocator_plan_claims (dst, src)
+         SELECT * FROM unnest($1::text[], $2::text[])",
+        &[&dsts, &srcs],
+    )
+    .await
+    .context("keeping the destinations this batch claimed")?;
+    Ok(())
 }

@@ -147,26 +147,47 @@ pub fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
 
 /// The destinations earlier batches of a `plan` would have filled, so that `plan`
 /// predicts a collision across batches the way `run` detects it (the destination exists
-/// and differs; the run's claims in the ledger say who filled it).
+/// and differs; the run's claims in the ledger say who filled it). It holds one batch's
+/// worth: `plan` keeps the claims of all batches in the database and loads those on the
+/// batch's destination keys ([`Claims::earlier`]), then stores the batch's new ones
+/// ([`Claims::into_new`]), so its memory does not grow with the table.
 #[derive(Debug, Default)]
-pub struct Claims(HashMap<String, String>);
+pub struct Claims {
+    /// Destination key → the source that filled it.
+    known: HashMap<String, String>,
+    new: Vec<(String, String)>,
+}
 
 impl Claims {
+    /// Claims made by earlier batches, as `(destination, source)`.
+    pub fn earlier(claims: impl IntoIterator<Item = (String, String)>) -> Claims {
+        Claims {
+            known: claims.into_iter().collect(),
+            new: Vec::new(),
+        }
+    }
+
     /// What `run` would find for the pair (`src`, `dst`) that the copy stage judged `r`:
     /// a destination an earlier batch's other source fills is a collision; a ready pair
     /// claims its destination for the batches after it.
     pub fn judge(&mut self, src: &str, dst: &str, r: PairResult) -> PairResult {
-        match (self.0.get(dst), r) {
+        match (self.known.get(dst), r) {
             (Some(other), PairResult::Ready { .. } | PairResult::Conflict(_)) if other != src => {
                 PairResult::Collision(format!("{other:?} maps to the same destination key"))
             }
-            (_, r) => {
-                if matches!(r, PairResult::Ready { .. }) {
-                    self.0.insert(dst.to_owned(), src.to_owned());
+            (known, r) => {
+                if known.is_none() && matches!(r, PairResult::Ready { .. }) {
+                    self.known.insert(dst.to_owned(), src.to_owned());
+                    self.new.push((dst.to_owned(), src.to_owned()));
                 }
                 r
             }
         }
+    }
+
+    /// The claims judged here that were not known before, as `(destination, source)`.
+    pub fn into_new(self) -> Vec<(String, String)> {
+        self.new
     }
 }
 
@@ -307,5 +328,21 @@ mod tests {
             claims.judge("image/d.png", "avatar/y.png", ready()),
             ready()
         );
+        let mut new = claims.into_new();
+        new.sort();
+        assert_eq!(
+            new,
+            [
+                ("avatar/x.png".to_owned(), "image/a.png".to_owned()),
+                ("avatar/y.png".to_owned(), "image/d.png".to_owned())
+            ]
+        );
+        // A later batch that loads them judges the same.
+        let mut later = Claims::earlier(new);
+        assert!(matches!(
+            later.judge("image/b.png", "avatar/x.png", ready()),
+            PairResult::Collision(_)
+        ));
+        assert!(later.into_new().is_empty());
     }
 }
