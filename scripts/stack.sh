@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The local development stack, without Docker: a private PostgreSQL cluster (and a second
-# one that accepts TLS connections only, on the next port) and single-node Garage S3
-# servers, all on loopback, state under .stack/ (git-ignored).
+# The local development stack, without Docker: a private PostgreSQL cluster (a second one
+# that accepts TLS connections only, on the next port, and a streaming replica of the
+# first on the port after) and single-node Garage S3 servers, all on loopback, state
+# under .stack/ (git-ignored).
 #
 #   scripts/stack.sh up      install what is missing, start both, create key and buckets
 #   scripts/stack.sh down    stop both (data is kept)
@@ -163,6 +164,35 @@ pg_up() {
             GRANT CREATE ON SCHEMA public TO tls_cert" >/dev/null \
             || die "cannot prepare the TLS cluster's roles"
     fi
+}
+
+# A streaming replica of the main cluster on port $1 (pg_basebackup -R), for the tests
+# that hold its replay back with pg_wal_replay_pause() (--max-replica-lag).
+pg_replica_up() {
+    local port=$1 bin dir=$STATE/pg-replica pgdata=$STATE/pg-replica/data
+    bin=$(pg_bindir)
+    mkdir -p "$dir"
+    [ "$(id -u)" -ne 0 ] || chown postgres "$dir"
+    if [ ! -f "$pgdata/PG_VERSION" ]; then
+        say "copying the main cluster into a streaming replica in $pgdata"
+        as_pg env PGPASSWORD="$PG_PASSWORD" "$bin/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" \
+            -U "$PG_USER" -D "$pgdata" -R -X stream >"$dir/basebackup.log" 2>&1 \
+            || { rm -rf "$pgdata"; die "pg_basebackup failed, see $dir/basebackup.log"; }
+    fi
+    # A hot standby needs max_connections at least the primary's.
+    local opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c wal_receiver_status_interval=1s"
+    if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
+        say "PostgreSQL replica already running on 127.0.0.1:$port"
+    else
+        port_open "$port" && die "port $port is taken by another process; stop it or set RELOCATOR_PG_PORT"
+        as_pg "$bin/pg_ctl" -D "$pgdata" -l "$dir/server.log" -w -t 60 start -o "$opts" \
+            >/dev/null || die "PostgreSQL replica did not start, see $dir/server.log"
+        say "PostgreSQL replica started on 127.0.0.1:$port"
+    fi
+    # A replica left paused by a test that was killed replays again.
+    PGPASSWORD=$PG_PASSWORD psql "host=127.0.0.1 port=$port user=$PG_USER dbname=postgres" \
+        -qAtc "SELECT pg_wal_replay_resume()" >/dev/null \
+        || die "cannot connect to the PostgreSQL replica on port $port"
 }
 
 pg_down() {
@@ -384,6 +414,7 @@ export RELOCATOR_TEST_JOB_KEY_ID='${job% *}'
 export RELOCATOR_TEST_JOB_SECRET='${job#* }'
 export RELOCATOR_TEST_TLS_PORT='$((PG_PORT + 1))'
 export RELOCATOR_TEST_TLS_DIR='$STATE/tls'
+export RELOCATOR_TEST_REPLICA_PORT='$((PG_PORT + 2))'
 export RELOCATOR_TEST_MOTO_ENDPOINT='http://127.0.0.1:$MOTO_PORT'
 unset AWS_CA_BUNDLE
 EOF
@@ -401,7 +432,7 @@ status() {
     local bin
     bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
     local name port=$PG_PORT
-    for name in pg pg-tls; do
+    for name in pg pg-tls pg-replica; do
         if [ -n "$bin" ] && [ -f "$STATE/$name/data/PG_VERSION" ] \
             && as_pg "$bin/pg_ctl" -D "$STATE/$name/data" status >/dev/null 2>&1; then
             echo "postgres ($name): running on 127.0.0.1:$port"
@@ -424,6 +455,7 @@ case "$cmd" in
         # A second cluster that accepts TLS connections only (certificates from a
         # throwaway CA), for the sslmode/sslrootcert tests.
         pg_up pg-tls $((PG_PORT + 1)) tls
+        pg_replica_up $((PG_PORT + 2))
         garage_up garage "$S3_PORT"
         # A second, independent S3 endpoint with its own keys, for cross-endpoint moves.
         garage_up garage2 $((S3_PORT + 10))
@@ -435,6 +467,7 @@ case "$cmd" in
         moto_down
         garage_down garage2
         garage_down garage
+        pg_down pg-replica
         pg_down pg-tls
         pg_down pg
         ;;

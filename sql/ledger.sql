@@ -92,6 +92,10 @@ CREATE INDEX IF NOT EXISTS moves_rollback_pending_idx
     WHERE rollback = 'restored' AND rollback_cleaned_at IS NULL;
 -- The backup a run follows (`run --backup FILE`): file name, SHA-256, rows.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS backup jsonb;
+-- Why the run is waiting for the database's health (--max-replica-lag, autovacuum,
+-- --max-wal-rate), and since when; NULL while it is not.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS waiting text;
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS waiting_since timestamptz;
 
 -- The source's ETag the copy was made from: the source is deleted only while it still is
 -- that object (an application may re-upload at the legacy key after the copy).

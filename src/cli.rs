@@ -253,6 +253,27 @@ pub struct RunArgs {
     /// Run without a backup even though the database or S3 endpoint is not local.
     #[arg(long)]
     pub no_backup: bool,
+
+    /// Wait while a replica lags more than this (e.g. 10s, 500ms, 2m): before each
+    /// batch's copies, commit and deletes, the lag is read from pg_stat_replication on
+    /// the primary (the role needs pg_monitor), or on each --replica-url.
+    #[arg(long, value_name = "DURATION")]
+    pub max_replica_lag: Option<String>,
+
+    /// A streaming replica whose lag --max-replica-lag reads (repeatable): the lag as the
+    /// replica sees it, for replicas the primary does not list (cascading, logical).
+    #[arg(long = "replica-url", value_name = "URL")]
+    pub replica_urls: Vec<String>,
+
+    /// Do not pause while autovacuum works on the job's table (by default the run waits
+    /// for it, where the role may see it: pg_monitor).
+    #[arg(long)]
+    pub no_autovacuum_pause: bool,
+
+    /// Wait while the database writes WAL faster than this many bytes per second (e.g.
+    /// 32MiB, measured with pg_current_wal_lsn() once a second, all writers counted).
+    #[arg(long, value_name = "BYTES/s")]
+    pub max_wal_rate: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -307,6 +307,14 @@ impl DatabaseUrl {
     }
 }
 
+impl PartialEq for DatabaseUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
+    }
+}
+
+impl Eq for DatabaseUrl {}
+
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", redact_url(&self.raw))
@@ -539,6 +547,89 @@ pub struct RunPolicy {
     /// The backup file the run follows, to be checked and recorded; None only where the
     /// job looks local or the operator said `--no-backup`.
     pub backup: Option<std::path::PathBuf>,
+    /// When the run waits for the database.
+    pub health: Health,
+}
+
+/// When a run waits for the database's health (see [`crate::pipeline::throttle`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Health {
+    pub max_replica_lag: Option<Duration>,
+    /// Replicas to read the lag on; empty: `pg_stat_replication` on the primary.
+    pub replica_urls: Vec<DatabaseUrl>,
+    pub autovacuum_pause: bool,
+    /// Bytes of WAL per second.
+    pub max_wal_rate: Option<u64>,
+}
+
+impl Health {
+    /// Whether anything is to be read at all.
+    pub fn asks_anything(&self) -> bool {
+        self.max_replica_lag.is_some() || self.autovacuum_pause || self.max_wal_rate.is_some()
+    }
+
+    fn from_args(a: &crate::cli::RunArgs) -> Result<Health, ConfigError> {
+        let max_replica_lag = a
+            .max_replica_lag
+            .as_deref()
+            .map(|s| parse_duration("--max-replica-lag", s))
+            .transpose()?;
+        if max_replica_lag.is_none() && !a.replica_urls.is_empty() {
+            return Err(ConfigError(
+                "--replica-url names a replica whose lag --max-replica-lag limits; give \
+                 --max-replica-lag too (e.g. 10s)"
+                    .into(),
+            ));
+        }
+        let replica_urls = a
+            .replica_urls
+            .iter()
+            .map(|u| DatabaseUrl::new(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_wal_rate = a
+            .max_wal_rate
+            .as_deref()
+            .map(|s| parse_size("--max-wal-rate", s.trim().trim_end_matches("/s")))
+            .transpose()?;
+        if max_wal_rate == Some(0) {
+            return Err(ConfigError(
+                "--max-wal-rate 0 would wait forever; give bytes per second, e.g. 32MiB".into(),
+            ));
+        }
+        Ok(Health {
+            max_replica_lag,
+            replica_urls,
+            autovacuum_pause: !a.no_autovacuum_pause,
+            max_wal_rate,
+        })
+    }
+}
+
+/// A duration: `10s`, `500ms`, `2m`, `1h`, or a number of seconds.
+fn parse_duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let secs: Option<f64> = match unit.trim() {
+        "" | "s" => Some(1.0),
+        "ms" => Some(0.001),
+        "m" | "min" => Some(60.0),
+        "h" => Some(3600.0),
+        _ => None,
+    };
+    num.parse::<f64>()
+        .ok()
+        .zip(secs)
+        .map(|(n, u)| n * u)
+        .filter(|d| d.is_finite() && *d > 0.0 && *d < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{flag} {s:?} is not a duration above zero; write e.g. 10s, 500ms or 2m"
+            ))
+        })
 }
 
 impl RunPolicy {
@@ -567,6 +658,7 @@ impl RunPolicy {
             workers: a.workers,
             lease_ttl: a.lease_ttl.map(Duration::from_secs),
             backup: a.backup.clone(),
+            health: Health::from_args(a)?,
         })
     }
 }
@@ -1044,6 +1136,17 @@ mod tests {
             (&["--workers", "0"][..], "--workers 0"),
             (&["--workers", "257"][..], "--workers 257"),
             (&["--lease-ttl", "0"][..], "--lease-ttl 0"),
+            (&["--max-replica-lag", "0s"][..], "--max-replica-lag \"0s\""),
+            (
+                &["--max-replica-lag", "10 seconds"][..],
+                "--max-replica-lag",
+            ),
+            (&["--max-wal-rate", "lots"][..], "--max-wal-rate \"lots\""),
+            (&["--max-wal-rate", "0"][..], "--max-wal-rate 0"),
+            (
+                &["--replica-url", "postgres://r/db"][..],
+                "--max-replica-lag too",
+            ),
         ] {
             let e = policy(extra).expect_err(names);
             assert!(e.0.contains(names), "{e}");
@@ -1054,8 +1157,26 @@ mod tests {
                 workers: 4,
                 lease_ttl: Some(Duration::from_secs(30)),
                 backup: None,
+                health: Health {
+                    autovacuum_pause: true,
+                    ..Health::default()
+                },
             })
         );
+        let p = policy(&[
+            "--max-replica-lag",
+            "1.5s",
+            "--replica-url",
+            "postgres://u:secret@replica/db",
+            "--max-wal-rate",
+            "32MiB/s",
+            "--no-autovacuum-pause",
+        ])
+        .unwrap();
+        assert_eq!(p.health.max_replica_lag, Some(Duration::from_millis(1500)));
+        assert_eq!(p.health.max_wal_rate, Some(32 << 20));
+        assert!(!p.health.autovacuum_pause);
+        assert!(!format!("{:?}", p.health).contains("secret"));
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Progress {
     last_line: Mutex<Instant>,
     /// Shows nothing (before the command knows what it is counting).
     silent: bool,
+    /// Why the command is waiting (for the database's health), shown with the counts.
+    waiting: Mutex<Option<String>>,
 }
 
 impl Progress {
@@ -70,6 +72,7 @@ impl Progress {
             bar,
             last_line: Mutex::new(Instant::now()),
             silent: false,
+            waiting: Mutex::new(None),
         }
     }
 
@@ -84,6 +87,7 @@ impl Progress {
             bar: None,
             last_line: Mutex::new(Instant::now()),
             silent: true,
+            waiting: Mutex::new(None),
         }
     }
 
@@ -115,6 +119,16 @@ impl Progress {
         }
     }
 
+    /// Show why the command waits (None: it no longer does).
+    pub fn waiting(&self, why: Option<&str>) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = why.map(str::to_owned);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_message(self.bytes_text(self.bytes.load(Ordering::Relaxed)));
+        }
+    }
+
     /// Clear the bar (or log the last plain line).
     pub fn finish(&self) {
         match &self.bar {
@@ -125,8 +139,12 @@ impl Progress {
 
     fn bytes_text(&self, bytes: u64) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let waiting = match self.waiting.lock().ok().as_deref().cloned().flatten() {
+            Some(why) => format!("  WAITING: {why}"),
+            None => String::new(),
+        };
         format!(
-            "{} ({}/s)",
+            "{} ({}/s){waiting}",
             HumanBytes(bytes),
             HumanBytes((bytes as f64 / secs) as u64)
         )

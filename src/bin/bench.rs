@@ -7,8 +7,9 @@
 //! (c) `relocator run` (release binary), with its own counters.
 //! It prints objects/s, the ratios, peak RSS, S3 requests per object and database round
 //! trips per 1,000 rows, and writes a CSV of the samples, a JSON of the results and a
-//! PNG chart of objects/s over time. `--scaling` instead compares relocator's peak RSS
-//! at 10,000 and 100,000 rows; `--workers` the throughput of two `relocator run`
+//! PNG chart of objects/s over time. `--scaling` instead compares the peak RSS of each
+//! relocator command (backup, plan, run, status, verify, rollback) at 10,000 and 100,000
+//! rows; `--workers` the throughput of two `relocator run`
 //! processes on one table with one, beside what the S3 server gives two clients.
 
 use std::ops::Range;
@@ -43,7 +44,7 @@ struct Args {
     /// Concurrencies tried for the ceiling; the best is used by all three tools.
     #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
     concurrency: Vec<usize>,
-    /// Instead: relocator's peak RSS at 10,000 and 100,000 rows.
+    /// Instead: the peak RSS of each relocator command at 10,000 and 100,000 rows.
     #[arg(long)]
     scaling: bool,
     /// Instead: two relocator processes on one table against one (N rows each time), and
@@ -156,8 +157,23 @@ async fn compare(ctx: &Ctx<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The commands `--scaling` measures, in the order it runs them on one table.
+const SCALED: [&str; 8] = [
+    "backup",
+    "plan",
+    "run",
+    "status",
+    "verify",
+    "verify --orphans",
+    "rollback",
+    "status after rollback",
+];
+
+/// Each command's peak RSS at 10,000 and 100,000 rows: seed, `backup`, `plan`, `run`,
+/// `status`, `verify`, `verify --orphans` (every row pointed away for it, so every object
+/// is an orphan), `rollback`, `status`.
 async fn scaling(ctx: &Ctx<'_>) -> Result<()> {
-    let mut peaks = Vec::new();
+    let mut peaks: Vec<Vec<(f64, Option<u64>)>> = Vec::new();
     for n in [10_000usize, 100_000] {
         let pair = (
             ctx.bucket(&format!("s{n}-src")).await?,
@@ -166,35 +182,103 @@ async fn scaling(ctx: &Ctx<'_>) -> Result<()> {
         let db = ctx.database(&format!("s{n}")).await?;
         eprintln!("== seeding {n}");
         ctx.seed(&pair.0, n, Some(&db)).await?;
-        let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n, 1).await?;
-        eprintln!(
-            "{n} rows: {:.1} s, {:.0} objects/s, peak RSS {} KB",
-            m.seconds,
-            m.objects_per_sec,
-            m.peak_rss_kb.unwrap_or(0)
-        );
-        peaks.push((n, m));
+        let mut got = Vec::new();
+        for what in SCALED {
+            let m = match what {
+                "run" => {
+                    let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n, 1).await?;
+                    (m.seconds, m.peak_rss_kb)
+                }
+                "verify --orphans" => {
+                    // Every row points away from both prefixes: every object is an orphan.
+                    ctx.sql(&db, "UPDATE avatars SET path = 'away/' || path")
+                        .await?;
+                    let m = relocator_cmd(ctx, (&pair.0, &pair.1), &db, what).await?;
+                    ctx.sql(&db, "UPDATE avatars SET path = substr(path, 6)")
+                        .await?;
+                    m
+                }
+                _ => relocator_cmd(ctx, (&pair.0, &pair.1), &db, what).await?,
+            };
+            eprintln!(
+                "{n} rows: {what}: {:.1} s, peak RSS {} KB",
+                m.0,
+                m.1.unwrap_or(0)
+            );
+            got.push(m);
+        }
+        peaks.push(got);
         ctx.drop_bucket(&pair.0).await;
         ctx.drop_bucket(&pair.1).await;
         ctx.drop_database(&db).await;
     }
-    let (small, large) = (&peaks[0].1, &peaks[1].1);
-    let ratio =
-        large.peak_rss_kb.unwrap_or(0) as f64 / small.peak_rss_kb.unwrap_or(1).max(1) as f64;
-    println!(
-        "peak RSS: {} KB at 10,000 rows, {} KB at 100,000 rows: ratio {ratio:.2} (target <= 1.15, < 100 MB)",
-        small.peak_rss_kb.unwrap_or(0),
-        large.peak_rss_kb.unwrap_or(0)
-    );
+    println!("| command | 10,000 rows | 100,000 rows | ratio |");
+    println!("|---|---:|---:|---:|");
+    let mut json = serde_json::Map::new();
+    for (i, what) in SCALED.iter().enumerate() {
+        let (small, large) = (peaks[0][i], peaks[1][i]);
+        let (s, l) = (small.1.unwrap_or(0), large.1.unwrap_or(0));
+        let ratio = l as f64 / s.max(1) as f64;
+        println!(
+            "| `{what}` | {:.1} MB | {:.1} MB | {ratio:.2} |",
+            s as f64 / 1024.0,
+            l as f64 / 1024.0
+        );
+        json.insert(
+            what.to_string(),
+            serde_json::json!({
+                "rows_10000": {"seconds": small.0, "peak_rss_kb": s},
+                "rows_100000": {"seconds": large.0, "peak_rss_kb": l},
+                "rss_ratio": ratio,
+            }),
+        );
+    }
+    println!("(target: every ratio <= 1.15, every peak < 100 MB)");
     std::fs::write(
         ctx.args.out.join("scaling.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "rows_10000": {"seconds": small.seconds, "peak_rss_kb": small.peak_rss_kb},
-            "rows_100000": {"seconds": large.seconds, "peak_rss_kb": large.peak_rss_kb},
-            "rss_ratio": ratio,
-        }))?,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
     )?;
     Ok(())
+}
+
+/// One relocator command other than `run` on the table (`what` as in [`SCALED`]):
+/// (seconds, peak RSS in KB).
+async fn relocator_cmd(
+    ctx: &Ctx<'_>,
+    (src, dst): (&str, &str),
+    db: &str,
+    what: &str,
+) -> Result<(f64, Option<u64>)> {
+    let mut cmd = time_cmd(&ctx.args.relocator);
+    let words: Vec<&str> = what.split(' ').collect();
+    cmd.arg(words[0]).args([
+        "--source",
+        &format!("s3://{src}/image/"),
+        "--dest",
+        &format!("s3://{dst}/avatar/"),
+    ]);
+    match what {
+        "backup" => {
+            cmd.arg("--out")
+                .arg(ctx.args.out.join("scaling-backup.csv"));
+        }
+        "plan" => {
+            cmd.arg("--out").arg(ctx.args.out.join("scaling-plan.csv"));
+        }
+        "verify --orphans" => {
+            cmd.args(["--orphans", "--out"])
+                .arg(ctx.args.out.join("scaling-verify.csv"));
+        }
+        "verify" | "rollback" => {
+            cmd.arg("--concurrency").arg("64");
+        }
+        _ => {}
+    }
+    cmd.env("DATABASE_URL", db)
+        .env("RUST_LOG", "warn")
+        .env_remove("AWS_CA_BUNDLE");
+    let (secs, rss, _) = timed(cmd).await?;
+    Ok((secs, rss))
 }
 
 /// Two `relocator run` processes sharing one table through their leases, against one,
@@ -350,6 +434,15 @@ impl Ctx<'_> {
             }
         }
         let _ = self.client.delete_bucket().bucket(b).send().await;
+    }
+
+    /// One statement on a database the bench created.
+    async fn sql(&self, url: &str, statement: &str) -> Result<()> {
+        let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        db.batch_execute(statement)
+            .await
+            .with_context(|| format!("running {statement}"))
     }
 
     async fn drop_database(&self, url: &str) {

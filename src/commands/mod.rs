@@ -34,6 +34,7 @@ pub async fn dispatch(cmd: Command, cancel: CancellationToken) -> anyhow::Result
                 workers: policy.workers,
                 lease_ttl: policy.lease_ttl,
                 backup,
+                health: policy.health,
             };
             let summary = pipeline::run(&cfg, &opts, cancel).await?;
             finish(&summary, a.summary_json.as_deref())

@@ -282,6 +282,31 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
         }
     }
     other_references(&client, cfg, &table, r).await?;
+    if crate::pipeline::throttle::may_monitor(&client).await? {
+        let seen = crate::pipeline::throttle::replicas_seen(&client).await?;
+        r.ok(
+            "database health",
+            format!(
+                "{user} may read replica lag and autovacuum progress (run --max-replica-lag, \
+                 the autovacuum pause); replicas streaming: {}",
+                if seen.is_empty() {
+                    "none".to_owned()
+                } else {
+                    seen.join(", ")
+                }
+            ),
+        );
+    } else {
+        r.warn(
+            "database health",
+            format!(
+                "{user} may not read other sessions' replication lag or vacuum progress: \
+                 run --max-replica-lag without --replica-url is refused, and the run does \
+                 not pause for autovacuum on the table"
+            ),
+            format!("GRANT pg_monitor TO {role};"),
+        );
+    }
     let (rows, exact) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
     r.rows_to_move = Some(rows);
     r.rows_exact = exact;

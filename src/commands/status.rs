@@ -25,6 +25,10 @@ pub struct RunStatus {
     pub backup: Option<serde_json::Value>,
     /// Rows moved per second between the run's start and its last update.
     pub rows_per_sec: f64,
+    /// Why the run is waiting for the database (replica lag, autovacuum, WAL rate), and
+    /// since when; None while it is not.
+    pub waiting: Option<String>,
+    pub waiting_since: Option<String>,
 }
 
 /// The job's runs (newest first) and what is left to move.
@@ -47,7 +51,7 @@ impl Status {
         for r in &self.runs {
             out.push_str(&format!(
                 "run {} {}: started {}, last progress {}; leases {} done, {} open; {} rows moved \
-                 ({:.0} rows/s); {} source cleanups pending{}{}\n",
+                 ({:.0} rows/s); {} source cleanups pending{}{}{}\n",
                 r.run_id,
                 r.status,
                 r.started_at,
@@ -65,6 +69,11 @@ impl Status {
                 match r.backup.as_ref().and_then(|b| b.get("file")) {
                     Some(f) => format!("; followed backup {f}"),
                     None => String::new(),
+                },
+                match (&r.waiting, &r.waiting_since) {
+                    (Some(why), since) =>
+                        format!("; WAITING since {}: {why}", since.as_deref().unwrap_or("?")),
+                    _ => String::new(),
                 }
             ));
         }
@@ -114,7 +123,11 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
                     GREATEST(extract(epoch FROM r.updated_at - r.started_at), 0.001)::float8,
                     (SELECT count(*) FROM relocator.moves m
                       WHERE m.run_id = r.run_id AND m.rollback = 'restored'),
-                    r.backup
+                    r.backup,
+                    -- (read through jsonb: a ledger an older relocator made has no such
+                    -- columns yet)
+                    to_jsonb(r) ->> 'waiting',
+                    (to_jsonb(r) ->> 'waiting_since')::timestamptz::text
                FROM relocator.runs r
               WHERE r.job = $1
               ORDER BY r.run_id DESC",
@@ -139,6 +152,8 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
                 rows_rolled_back: r.get(9),
                 backup: r.get(10),
                 rows_per_sec: moved as f64 / secs,
+                waiting: r.get(11),
+                waiting_since: r.get(12),
             }
         })
         .collect();

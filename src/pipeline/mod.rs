@@ -9,6 +9,7 @@ pub mod commit;
 pub mod copy;
 pub mod lease;
 pub mod plan;
+pub mod throttle;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -46,6 +47,8 @@ pub struct RunOptions<'a> {
     pub lease_ttl: Option<Duration>,
     /// The backup this run follows, recorded with the run in the ledger.
     pub backup: Option<BackupInfo>,
+    /// When the run waits for the database's health.
+    pub health: crate::config::Health,
 }
 
 impl Default for RunOptions<'_> {
@@ -55,6 +58,7 @@ impl Default for RunOptions<'_> {
             workers: 1,
             lease_ttl: None,
             backup: None,
+            health: crate::config::Health::default(),
         }
     }
 }
@@ -70,9 +74,25 @@ pub(crate) struct Shared<'a> {
     /// Copies in flight per worker (the `--concurrency` budget split among workers).
     pub(crate) concurrency: usize,
     pub(crate) progress: Progress,
+    /// `run`: waits while the database is under stress (None: nothing asked).
+    pub(crate) throttle: Option<throttle::Throttle>,
 }
 
 impl Shared<'_> {
+    /// Wait while the database is under stress (see [`throttle`]). False: the run was
+    /// cancelled during the wait, and the step is not to be taken.
+    pub(crate) async fn healthy(
+        &self,
+        db: &tokio_postgres::Client,
+        run_id: i64,
+        cancel: &CancellationToken,
+    ) -> Result<bool> {
+        match &self.throttle {
+            None => Ok(true),
+            Some(t) => t.wait(db, run_id, &self.progress, cancel).await,
+        }
+    }
+
     pub(crate) fn report(&self) -> std::sync::MutexGuard<'_, Report> {
         // A poisoned report only means another stage panicked; its counts are still
         // the best there is.
@@ -151,6 +171,7 @@ pub(crate) async fn open<'a>(
         report: Mutex::new(report),
         concurrency: cfg.concurrency,
         progress: Progress::silent(),
+        throttle: None,
     })
 }
 
@@ -165,6 +186,8 @@ pub async fn run(
     // Per worker: lease, scan, commit and cleanup connections; one more for bookkeeping.
     let mut sh = open(cfg, workers * 4 + 1, Report::new("run", opts.report)?).await?;
     sh.concurrency = (cfg.concurrency / workers).max(1);
+    // Before anything is changed: what the health options ask must be readable.
+    sh.throttle = throttle::Throttle::prepare(&opts.health, &*sh.conn().await?, &sh.table).await?;
     sh.s3
         .learn_create_only(&cfg.dest.bucket, &cfg.dest.prefix, &cfg.write)
         .await;
@@ -440,8 +463,8 @@ async fn worker(
     let stages = async {
         tokio::try_join!(
             copy_stage(sh, run_id, me, ttl, &leases, to_commit, cancel),
-            commit_stage(sh, run_id, me, &leases, commit_rx, to_clean),
-            cleanup_stage(sh, me, &leases, clean_rx),
+            commit_stage(sh, run_id, me, &leases, commit_rx, to_clean, cancel),
+            cleanup_stage(sh, run_id, me, &leases, clean_rx, cancel),
         )
     };
     // A live worker keeps its leases however long a batch takes: their heartbeat is
@@ -540,6 +563,9 @@ async fn copy_stage(
                     holder: &holder,
                     lease: lease.id,
                 };
+                if !sh.healthy(&scan_conn, run_id, cancel).await? {
+                    return Ok(());
+                }
                 let copies = key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, at, cancel);
                 let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
                     info!("interrupted during the copy stage; nothing of this batch was committed");
@@ -601,6 +627,9 @@ async fn copy_stage(
                 holder: &holder,
                 lease: lease.id,
             };
+            if !sh.healthy(&scan_conn, run_id, cancel).await? {
+                return Ok(());
+            }
             let copies = copy_batch(sh, &scan_conn, run_id, rows, claims, at, cancel);
             let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
                 info!("interrupted during the copy stage; nothing of this batch was committed");
@@ -901,7 +930,8 @@ async fn earlier_claimant(
 
 /// Stage 2: commit each batch (only while owning its lease), report its rows, hand the
 /// committed moves to the cleanup stage. Never interrupted mid-commit: it drains what
-/// the copy stage sent before stopping.
+/// the copy stage sent before stopping, unless it is waiting for the database's health
+/// when the run is cancelled (then the batch is left as a kill would leave it).
 async fn commit_stage(
     sh: &Shared<'_>,
     run_id: i64,
@@ -909,6 +939,7 @@ async fn commit_stage(
     leases: &WorkerLeases,
     mut rx: mpsc::Receiver<ToCommit>,
     out: mpsc::Sender<ToClean>,
+    cancel: &CancellationToken,
 ) -> Result<()> {
     let db = sh.conn().await?;
     while let Some(msg) = rx.recv().await {
@@ -943,6 +974,9 @@ async fn commit_stage(
             ends_lease: b.ends_lease,
             holder: &b.holder,
         };
+        if !sh.healthy(&db, run_id, cancel).await? {
+            return Ok(());
+        }
         let (committed, refused) = match commit::commit_batch(&db, &sh.q, &batch).await? {
             Committed::Rows(rows, refused) => (rows, refused),
             Committed::LeaseLost => {
@@ -1020,9 +1054,11 @@ async fn commit_stage(
 /// of its last batch is done.
 async fn cleanup_stage(
     sh: &Shared<'_>,
+    run_id: i64,
     me: &str,
     leases: &WorkerLeases,
     mut rx: mpsc::Receiver<ToClean>,
+    cancel: &CancellationToken,
 ) -> Result<()> {
     let db = sh.conn().await?;
     while let Some(c) = rx.recv().await {
@@ -1046,6 +1082,10 @@ async fn cleanup_stage(
                 continue;
             }
         };
+        // Left to the next run's cleanup of earlier moves when cancelled meanwhile.
+        if !sh.healthy(&db, run_id, cancel).await? {
+            return Ok(());
+        }
         let mut counters = crate::report::Counters::default();
         let done = cleanup::delete_sources(&db, &sh.s3, &sh.q, &pending, &mut counters).await?;
         let mut report = sh.report();
