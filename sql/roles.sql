@@ -28,5 +28,8 @@ SELECT format('GRANT CONNECT ON DATABASE %I TO relocator_job', current_database(
 GRANT USAGE ON SCHEMA public TO relocator_job;
 GRANT SELECT ON public.avatars TO relocator_job;
 GRANT UPDATE ON public.avatars TO relocator_job;
+-- Optional: lets `run --max-replica-lag` read the replicas' lag on the primary and the
+-- run pause while autovacuum works on the table (without it: --replica-url, and no pause).
+-- GRANT pg_monitor TO relocator_job;
 
 CREATE SCHEMA IF NOT EXISTS relocator AUTHORIZATION relocator_job;
