@@ -96,6 +96,7 @@ ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS backup jsonb;
 -- --max-wal-rate), and since when; NULL while it is not.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS waiting text;
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS waiting_since timestamptz;
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS waiting_seen timestamptz;
 
 -- The source's ETag the copy was made from: the source is deleted only while it still is
 -- that object (an application may re-upload at the legacy key after the copy).

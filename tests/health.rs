@@ -14,6 +14,9 @@ use common::{connect, url_for_db, var, TestEnv};
 
 const BATCH: usize = 20;
 
+/// The tests that pause the one replica take turns.
+static REPLICA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn replica_url(db: &str) -> String {
     let mut u = url::Url::parse(&url_for_db(&var("DATABASE_URL"), db)).unwrap();
     u.set_port(Some(var("RELOCATOR_TEST_REPLICA_PORT").parse().unwrap()))
@@ -151,6 +154,7 @@ async fn waits_while_the_replica_lags(env: &TestEnv, extra: &[&str]) {
 /// One test for both ways of reading the lag: they pause the one replica in turn.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_waits_while_a_replica_lags_and_goes_on_when_it_catches_up() {
+    let _turn = REPLICA.lock().await;
     // Read on the primary (pg_stat_replication).
     let env = TestEnv::new("replica-lag").await;
     waits_while_the_replica_lags(&env, &[]).await;
@@ -195,4 +199,142 @@ async fn a_replica_url_that_is_no_replica_is_refused_before_anything_changes() {
         .await
         .iter()
         .all(|(_, p)| p.starts_with("image/")));
+}
+
+/// Lag the replica until the primary reports it over 1.5 s.
+async fn lag(db: &tokio_postgres::Client) -> Paused {
+    let paused = Paused::start().await;
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS lag_noise (x int); INSERT INTO lag_noise VALUES (1)",
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    while primary_lag(db).await <= 1.5 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no lag reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    paused
+}
+
+/// A rerun first finishes the source cleanups an earlier, killed run left: those deletes
+/// wait for the database's health too (they went ahead before). And a run stopped while
+/// waiting leaves no wait behind in `status` (it showed one forever before).
+#[tokio::test(flavor = "multi_thread")]
+async fn earlier_cleanups_wait_too_and_a_stopped_wait_is_not_shown() {
+    let _turn = REPLICA.lock().await;
+    let env = TestEnv::new("replica-earlier").await;
+    env.seed(40, 0).await;
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    // Five moves committed whose sources were not deleted yet, as a kill leaves them.
+    let db = env.db().await;
+    let pending: Vec<(String, String)> = db
+        .query(
+            "UPDATE relocator.moves SET cleaned_at = NULL, cleanup = NULL
+              WHERE move_id IN (SELECT min(move_id) FROM relocator.moves
+                                 GROUP BY old_path ORDER BY 1 LIMIT 5)
+              RETURNING old_path, new_path",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(pending.len(), 5);
+    for (old, new) in &pending {
+        env.s3
+            .copy_object()
+            .copy_source(format!("{}/{new}", env.dst_bucket))
+            .bucket(&env.src_bucket)
+            .key(old)
+            .send()
+            .await
+            .unwrap();
+    }
+    let paused = lag(&db).await;
+    let mut child = env
+        .cmd()
+        .args(["run", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--max-replica-lag", "1s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let left = env.keys(&env.src_bucket, "image/").await.len();
+    let status = env
+        .cmd()
+        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    // Stopped during the wait (SIGTERM): the wait is over, status must not show it.
+    sigterm(&child);
+    let code = child.wait().unwrap().code();
+    let after = env
+        .cmd()
+        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    let after = String::from_utf8_lossy(&after.stdout).into_owned();
+    paused.resume().await;
+    assert_eq!(left, 5, "sources deleted while the replica lagged");
+    assert!(status.contains("WAITING"), "{status}");
+    assert_eq!(code, Some(130));
+    assert!(
+        !after.contains("WAITING"),
+        "a stopped run still shown waiting: {after}"
+    );
+    let (code, err) = env.run(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(env.keys(&env.src_bucket, "image/").await.is_empty());
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// plan keeps its claims in a temporary table: a role that may not create one is told
+/// so before anything is written (it got exit 1 and "rerun to resume" before).
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_without_the_temporary_privilege_is_refused_with_the_grant() {
+    let env = TestEnv::new("plan-notemp").await;
+    env.seed(5, 0).await;
+    let db = env.db().await;
+    let dbname = env.database_url.rsplit('/').next().unwrap().to_owned();
+    db.batch_execute(&format!(
+        "REVOKE TEMPORARY ON DATABASE \"{dbname}\" FROM PUBLIC;
+         DROP ROLE IF EXISTS \"{dbname}_nt\";
+         CREATE ROLE \"{dbname}_nt\" LOGIN PASSWORD 'nt-secret';
+         GRANT SELECT, UPDATE ON avatars TO \"{dbname}_nt\""
+    ))
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&env.database_url).unwrap();
+    url.set_username(&format!("{dbname}_nt")).unwrap();
+    url.set_password(Some("nt-secret")).unwrap();
+    let out = env
+        .cmd()
+        .env("DATABASE_URL", url.as_str())
+        .args(["plan", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--out", &env.path("plan.csv")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    db.batch_execute(&format!(
+        "DROP OWNED BY \"{dbname}_nt\"; DROP ROLE \"{dbname}_nt\""
+    ))
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("GRANT TEMPORARY ON DATABASE"), "{err}");
+    assert!(!err.contains("nt-secret"), "{err}");
+    assert!(!std::path::Path::new(&env.path("plan.csv")).exists());
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
-use crate::config::JobConfig;
+use crate::config::{config_error, JobConfig};
 use crate::db;
 use crate::pipeline::plan::{self, attention, moved_line, split_ready, Claims};
 use crate::pipeline::{self, commit, copy};
@@ -20,6 +20,7 @@ use crate::report::{Outcome, Report, Summary};
 /// rewrites are tried in a transaction that is rolled back).
 #[instrument(skip_all, fields(table = %cfg.table))]
 pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Result<Summary> {
+    may_keep_claims(cfg).await?;
     let mut sh = pipeline::open(cfg, 1, Report::new("plan", Some(out))?).await?;
     let db = sh.conn().await?;
     let (total, _) = db::count_selected(&db, &sh.table, &cfg.source.prefix).await?;
@@ -117,6 +118,31 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
     }
     sh.progress.finish();
     sh.finish(interrupted)
+}
+
+/// Before anything is written: plan keeps the destinations earlier batches claimed in a
+/// temporary table, which the role must be allowed to create (exit 2 with the GRANT).
+async fn may_keep_claims(cfg: &JobConfig) -> Result<()> {
+    let pool = db::pool(&cfg.database_url, 1, None)?;
+    let c = db::connect_checked(&pool, &cfg.database_url).await?;
+    let row = c
+        .query_one(
+            "SELECT has_database_privilege(current_database(), 'TEMPORARY'),
+                    quote_ident(current_database()), quote_ident(current_user)",
+            &[],
+        )
+        .await
+        .context("checking the TEMPORARY privilege")?;
+    let (may, database, role): (bool, String, String) = (row.get(0), row.get(1), row.get(2));
+    if may {
+        return Ok(());
+    }
+    Err(config_error(format!(
+        "plan keeps the destinations earlier batches claimed in a temporary table (so its \
+         memory does not grow with the table), and this role may not create one: GRANT \
+         TEMPORARY ON DATABASE {database} TO {role}; (PostgreSQL grants it to PUBLIC \
+         unless it was revoked)"
+    )))
 }
 
 /// The claims earlier batches made on this batch's destination keys.

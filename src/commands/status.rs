@@ -126,9 +126,15 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
                     r.backup,
                     -- (read through jsonb: a ledger an older relocator made has no such
                     -- columns yet)
-                    to_jsonb(r) ->> 'waiting',
-                    (to_jsonb(r) ->> 'waiting_since')::timestamptz::text
+                    -- a wait last seen long ago is a process that died waiting
+                    w.waiting,
+                    w.since
                FROM relocator.runs r
+               LEFT JOIN LATERAL (
+                    SELECT to_jsonb(r) ->> 'waiting' AS waiting,
+                           (to_jsonb(r) ->> 'waiting_since')::timestamptz::text AS since
+                     WHERE (to_jsonb(r) ->> 'waiting_seen')::timestamptz
+                           > now() - interval '30 seconds') w ON true
               WHERE r.job = $1
               ORDER BY r.run_id DESC",
             &[&cfg.fingerprint()],

@@ -212,8 +212,8 @@ pub async fn run(
     sh.progress = Progress::new("run", Some(total));
 
     let result = async {
-        finish_earlier_cleanups(&sh, &main).await?;
-        take_back_unused_copies(&sh, &main).await?;
+        finish_earlier_cleanups(&sh, &main, run_id, &cancel).await?;
+        take_back_unused_copies(&sh, &main, run_id, &cancel).await?;
         let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         let all = (0..workers).map(|n| {
             let me = format!("{tag}-{n}");
@@ -225,12 +225,15 @@ pub async fn run(
         let finished = lease::finish_run_if_complete(&main, run_id).await?;
         if finished {
             cleanup::void_reservations(&main, &[]).await?;
-            take_back_unused_copies(&sh, &main).await?;
+            take_back_unused_copies(&sh, &main, run_id, &cancel).await?;
         }
         Ok::<_, anyhow::Error>(finished)
     }
     .await;
     sh.progress.finish();
+    if let Some(t) = &sh.throttle {
+        t.done(&main, run_id).await;
+    }
     let interrupted = cancel.is_cancelled();
     let status = match &result {
         Ok(true) => "finished",
@@ -298,7 +301,13 @@ async fn rows_left_unreported(
 
 /// Before any lease: sources whose rows this job committed in a worker that died
 /// before cleaning up (their lease's lock is free).
-async fn finish_earlier_cleanups(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
+/// Like every delete of the run, each batch of them waits for the database's health.
+async fn finish_earlier_cleanups(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    run_id: i64,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let job = sh.cfg.fingerprint();
     let mut after = 0;
     loop {
@@ -306,6 +315,9 @@ async fn finish_earlier_cleanups(sh: &Shared<'_>, db: &deadpool_postgres::Client
         let Some(last) = pending.last() else {
             return Ok(());
         };
+        if !sh.healthy(db, run_id, cancel).await? {
+            return Ok(());
+        }
         after = last.move_id;
         info!(
             count = pending.len(),
@@ -351,8 +363,17 @@ fn source_changed_detail(p: &Pending) -> String {
 /// Once a run of this job is finished (no batch of it in flight anywhere): remove the
 /// copies it made for rows the application changed before their commit, where nothing
 /// references them and they are still relocator's copies. Called when this run finishes,
-/// and at start for an earlier finished run killed before it got to them.
-async fn take_back_unused_copies(sh: &Shared<'_>, db: &deadpool_postgres::Client) -> Result<()> {
+/// and at start for an earlier finished run killed before it got to them; after a wait
+/// for the database's health, like every delete of the run.
+async fn take_back_unused_copies(
+    sh: &Shared<'_>,
+    db: &deadpool_postgres::Client,
+    run_id: i64,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    if !sh.healthy(db, run_id, cancel).await? {
+        return Ok(());
+    }
     let counters = cleanup::take_back(
         db,
         &sh.s3,

@@ -25,8 +25,12 @@ use crate::progress::Progress;
 
 /// How long a verdict stands before it is sampled again.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// How often a wait that goes on is logged again.
+/// How often a wait that goes on is logged (and recorded with the run) again; `status`
+/// shows a wait recorded within three times this.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// The WAL rate is the average over this much time (a wait of a second does not let the
+/// next batch through at once).
+const WAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// The roles that may read other sessions' lag and progress columns.
 const MONITOR_SQL: &str = "SELECT pg_has_role(current_user, 'pg_monitor', 'MEMBER')
@@ -58,8 +62,8 @@ struct State {
     sampled: Option<Instant>,
     /// Why the database is unhealthy; None: healthy.
     over: Option<String>,
-    /// The last WAL position read and when.
-    wal: Option<(Instant, f64)>,
+    /// The WAL positions read in the last [`WAL_WINDOW`], oldest first.
+    wal: std::collections::VecDeque<(Instant, f64)>,
     /// When the current wait began and was last logged.
     waiting: Option<(Instant, Instant)>,
 }
@@ -116,13 +120,31 @@ impl Throttle {
             drop(c);
             replicas.push((url.clone(), pool));
         }
+        // The WAL rate is measured from here on (the run's first batch waits like the
+        // others once it is over).
+        let mut state = State::default();
+        if health.max_wal_rate.is_some() {
+            state
+                .wal
+                .push_back((Instant::now(), wal_position(db).await?));
+        }
         Ok(Some(Throttle {
             health: health.clone(),
             table_oid,
             watch_vacuum,
             replicas,
-            state: Default::default(),
+            state: tokio::sync::Mutex::new(state),
         }))
+    }
+
+    /// This process is done: a wait it recorded with the run is over (another process
+    /// of the run that still waits records its own again within [`LOG_EVERY`]).
+    pub async fn done(&self, db: &tokio_postgres::Client, run_id: i64) {
+        if self.state.lock().await.waiting.is_some() {
+            if let Err(e) = record(db, run_id, None).await {
+                warn!(error = %format!("{e:#}"), "could not clear the run's wait in the ledger");
+            }
+        }
     }
 
     /// Wait while the database is unhealthy. Returns false when the run was cancelled
@@ -227,16 +249,16 @@ impl Throttle {
             }
         }
         if let Some(max) = self.health.max_wal_rate {
-            let lsn: f64 = db
-                .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
-                .await
-                .context("reading the WAL position")?
-                .get(0);
             let now = Instant::now();
-            let rate = st.wal.map(|(t, at)| {
-                (lsn - at).max(0.0) / now.duration_since(t).as_secs_f64().max(0.001)
+            let lsn = wal_position(db).await?;
+            st.wal.push_back((now, lsn));
+            // Keep one reading at least a window old, as the base of the average.
+            while st.wal.len() > 2 && now.duration_since(st.wal[1].0) >= WAL_WINDOW {
+                st.wal.pop_front();
+            }
+            let rate = st.wal.front().map(|(t, at)| {
+                (lsn - at).max(0.0) / now.duration_since(*t).as_secs_f64().max(0.001)
             });
-            st.wal = Some((now, lsn));
             if let Some(rate) = rate.filter(|r| *r > max as f64) {
                 return Ok(Some(format!(
                     "WAL written at {}/s over --max-wal-rate {}/s",
@@ -319,12 +341,25 @@ pub async fn replicas_seen(db: &tokio_postgres::Client) -> Result<Vec<String>> {
         .collect())
 }
 
-/// The run's `waiting` in the ledger, for `status`.
+/// The cluster's WAL position in bytes.
+async fn wal_position(db: &tokio_postgres::Client) -> Result<f64> {
+    Ok(db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+        .await
+        .context("reading the WAL position")?
+        .get(0))
+}
+
+/// The run's `waiting` in the ledger, for `status`: why, since when, and when it was last
+/// seen (a process killed while waiting leaves a mark that `status` then lets go stale).
 async fn record(db: &tokio_postgres::Client, run_id: i64, why: Option<&String>) -> Result<()> {
     db.execute(
         "UPDATE relocator.runs SET waiting = $2,
                 waiting_since = CASE WHEN $2::text IS NULL THEN NULL
-                                     ELSE coalesce(waiting_since, now()) END
+                                     WHEN waiting_seen > now() - interval '30 seconds'
+                                     THEN coalesce(waiting_since, now())
+                                     ELSE now() END,
+                waiting_seen = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END
           WHERE run_id = $1",
         &[&run_id, &why],
     )
