@@ -100,6 +100,20 @@ tls_certs() {
     ) >"$STATE/tls.log" 2>&1 || die "making the test certificates failed, see $STATE/tls.log"
 }
 
+# Start the cluster in $STATE/$1 on port $2 with server options $3, unless it runs.
+pg_start() {
+    local name=$1 port=$2 opts=$3 bin dir=$STATE/$1
+    bin=$(pg_bindir)
+    if as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+        say "PostgreSQL ($name) already running on 127.0.0.1:$port"
+    else
+        port_open "$port" && die "port $port is taken by another process; stop it or set RELOCATOR_PG_PORT"
+        as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start -o "$opts" \
+            >/dev/null || die "PostgreSQL ($name) did not start, see $dir/server.log"
+        say "PostgreSQL ($name) started on 127.0.0.1:$port"
+    fi
+}
+
 # One private cluster: $1 = its directory under the state directory, $2 = port,
 # $3 = "tls" for a cluster that accepts TLS connections only.
 pg_up() {
@@ -141,14 +155,7 @@ pg_up() {
     if [ "$tls" = tls ]; then
         opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=50 -c ssl=on -c ssl_ca_file=ca.crt"
     fi
-    if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
-        say "PostgreSQL ($name) already running on 127.0.0.1:$port"
-    else
-        port_open "$port" && die "port $port is taken by another process; stop it or set RELOCATOR_PG_PORT"
-        as_pg "$bin/pg_ctl" -D "$pgdata" -l "$dir/server.log" -w -t 60 start -o "$opts" \
-            >/dev/null || die "PostgreSQL ($name) did not start, see $dir/server.log"
-        say "PostgreSQL ($name) started on 127.0.0.1:$port"
-    fi
+    pg_start "$name" "$port" "$opts"
     local exists conn="host=127.0.0.1 port=$port user=$PG_USER dbname=postgres"
     [ "$tls" = tls ] && conn="$conn sslmode=require"
     exists=$(PGPASSWORD=$PG_PASSWORD psql "$conn" -tAc \
@@ -181,14 +188,7 @@ pg_replica_up() {
     fi
     # A hot standby needs max_connections at least the primary's.
     local opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c wal_receiver_status_interval=1s"
-    if as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
-        say "PostgreSQL replica already running on 127.0.0.1:$port"
-    else
-        port_open "$port" && die "port $port is taken by another process; stop it or set RELOCATOR_PG_PORT"
-        as_pg "$bin/pg_ctl" -D "$pgdata" -l "$dir/server.log" -w -t 60 start -o "$opts" \
-            >/dev/null || die "PostgreSQL replica did not start, see $dir/server.log"
-        say "PostgreSQL replica started on 127.0.0.1:$port"
-    fi
+    pg_start pg-replica "$port" "$opts"
     # A replica left paused by a test that was killed replays again.
     PGPASSWORD=$PG_PASSWORD psql "host=127.0.0.1 port=$port user=$PG_USER dbname=postgres" \
         -qAtc "SELECT pg_wal_replay_resume()" >/dev/null \

@@ -44,6 +44,16 @@ impl Paused {
     }
 }
 
+/// What `relocator status` prints for the test's job.
+fn status(env: &TestEnv) -> String {
+    let out = env
+        .cmd()
+        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The largest lag the primary reports for its replicas, in seconds.
 async fn primary_lag(db: &tokio_postgres::Client) -> f64 {
     db.query_one(
@@ -108,15 +118,10 @@ async fn waits_while_the_replica_lags(env: &TestEnv, extra: &[&str]) {
         copies <= BATCH,
         "{copies} copies made ahead (one batch is {BATCH})"
     );
-    let status = env
-        .cmd()
-        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let shown = status(env);
     assert!(
-        status.contains("WAITING") && status.contains("replica lag"),
-        "status says nothing of the wait: {status}"
+        shown.contains("WAITING") && shown.contains("replica lag"),
+        "status says nothing of the wait: {shown}"
     );
 
     paused.resume().await;
@@ -143,12 +148,7 @@ async fn waits_while_the_replica_lags(env: &TestEnv, extra: &[&str]) {
         "a password-bearing URL leaked: {err}"
     );
     env.assert_converged(&seeded).await;
-    let status = env
-        .cmd()
-        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&status.stdout).contains("WAITING"));
+    assert!(!status(env).contains("WAITING"));
 }
 
 /// One test for both ways of reading the lag: they pause the one replica in turn.
@@ -264,24 +264,14 @@ async fn earlier_cleanups_wait_too_and_a_stopped_wait_is_not_shown() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let left = env.keys(&env.src_bucket, "image/").await.len();
-    let status = env
-        .cmd()
-        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let shown = status(&env);
     // Stopped during the wait (SIGTERM): the wait is over, status must not show it.
     sigterm(&child);
     let code = child.wait().unwrap().code();
-    let after = env
-        .cmd()
-        .args(["status", "--source", &env.source(), "--dest", &env.dest()])
-        .output()
-        .unwrap();
-    let after = String::from_utf8_lossy(&after.stdout).into_owned();
+    let after = status(&env);
     paused.resume().await;
     assert_eq!(left, 5, "sources deleted while the replica lagged");
-    assert!(status.contains("WAITING"), "{status}");
+    assert!(shown.contains("WAITING"), "{shown}");
     assert_eq!(code, Some(130));
     assert!(
         !after.contains("WAITING"),
