@@ -14,8 +14,9 @@ use common::{connect, url_for_db, var, TestEnv};
 
 const BATCH: usize = 20;
 
-/// The tests that pause the one replica take turns.
-static REPLICA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The tests take turns: those that pause the one replica, and the one that measures the
+/// cluster's WAL (which the others' would add to).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn replica_url(db: &str) -> String {
     let mut u = url::Url::parse(&url_for_db(&var("DATABASE_URL"), db)).unwrap();
@@ -154,7 +155,7 @@ async fn waits_while_the_replica_lags(env: &TestEnv, extra: &[&str]) {
 /// One test for both ways of reading the lag: they pause the one replica in turn.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_waits_while_a_replica_lags_and_goes_on_when_it_catches_up() {
-    let _turn = REPLICA.lock().await;
+    let _turn = ONE_AT_A_TIME.lock().await;
     // Read on the primary (pg_stat_replication).
     let env = TestEnv::new("replica-lag").await;
     waits_while_the_replica_lags(&env, &[]).await;
@@ -166,6 +167,7 @@ async fn a_run_waits_while_a_replica_lags_and_goes_on_when_it_catches_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_url_that_is_no_replica_is_refused_before_anything_changes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let env = TestEnv::new("replica-not").await;
     env.seed(5, 0).await;
     let out = env
@@ -222,7 +224,7 @@ async fn lag(db: &tokio_postgres::Client) -> Paused {
 /// waiting leaves no wait behind in `status` (it showed one forever before).
 #[tokio::test(flavor = "multi_thread")]
 async fn earlier_cleanups_wait_too_and_a_stopped_wait_is_not_shown() {
-    let _turn = REPLICA.lock().await;
+    let _turn = ONE_AT_A_TIME.lock().await;
     let env = TestEnv::new("replica-earlier").await;
     env.seed(40, 0).await;
     let (code, err) = env.run(&[]);
@@ -295,6 +297,7 @@ fn sigterm(child: &std::process::Child) {
 /// so before anything is written (it got exit 1 and "rerun to resume" before).
 #[tokio::test(flavor = "multi_thread")]
 async fn plan_without_the_temporary_privilege_is_refused_with_the_grant() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let env = TestEnv::new("plan-notemp").await;
     env.seed(5, 0).await;
     let db = env.db().await;
@@ -327,4 +330,49 @@ async fn plan_without_the_temporary_privilege_is_refused_with_the_grant() {
     assert!(err.contains("GRANT TEMPORARY ON DATABASE"), "{err}");
     assert!(!err.contains("nt-secret"), "{err}");
     assert!(!std::path::Path::new(&env.path("plan.csv")).exists());
+}
+
+/// `--max-wal-rate` holds the run to the cluster's WAL rate given (averaged over 10 s):
+/// with a tiny limit the run waits, says why, goes on, and still finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_over_the_wal_rate_waits_and_still_finishes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = TestEnv::new("wal-rate").await;
+    let seeded = env.seed(60, 0).await;
+    let db = env.db().await;
+    let before: f64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let t = Instant::now();
+    let out = env
+        .cmd()
+        .env("RUST_LOG", "info")
+        .args(["run", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--batch-size", "10", "--max-wal-rate", "32KiB"])
+        .output()
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let after: f64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("WAL written at") && err.contains("over --max-wal-rate 32.00 KiB/s"),
+        "{err}"
+    );
+    assert!(err.contains("database healthy again"), "{err}");
+    // Held to the limit on average: what the whole cluster wrote, over the run's time and
+    // one window, plus the one batch a verdict lets through.
+    let limit = 32.0 * 1024.0;
+    assert!(
+        after - before <= limit * (secs + 10.0) + 200_000.0,
+        "{} bytes of WAL in {secs:.1} s",
+        after - before
+    );
+    env.assert_converged(&seeded).await;
 }

@@ -178,6 +178,21 @@ async fn attention_cases_are_reported_and_plan_predicts_run_exactly() {
             .count(),
         3
     );
+
+    // After the run, plan still predicts the next run: the collision loser's destination
+    // now holds the winner's object, which the ledger says was moved there by another
+    // source — a collision, not a foreign object (plan said `conflict` before).
+    let mut plan = env.cmd();
+    plan.args(["plan", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--out", &env.path("plan2.csv")])
+        .args(rewrite);
+    assert_eq!(plan.output().unwrap().status.code(), Some(3));
+    let (code, err) = env.run(&[&["--report", &env.path("run2.csv")][..], &rewrite[..]].concat());
+    assert_eq!(code, 3, "{err}");
+    let planned = read_outcomes(&env.path("plan2.csv"));
+    let done = read_outcomes(&env.path("run2.csv"));
+    assert_eq!(planned, done, "plan predicts the second run too");
+    assert_eq!(done.values().filter(|(x, _)| x == "collision").count(), 1);
 }
 
 /// The compare-and-swap: a row the application changes between copy and commit is not

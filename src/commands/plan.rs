@@ -51,6 +51,8 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         "creating plan's temporary table of claimed destinations (the role needs the \
          TEMPORARY privilege on the database: GRANT TEMPORARY ON DATABASE ... TO ...)",
     )?;
+    // Destinations earlier runs moved other sources to are collisions, as `run` finds.
+    let ledger = crate::ledger::exists(&db).await?;
     let mut last_id: Option<String> = None;
     let mut interrupted = false;
     loop {
@@ -90,7 +92,11 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         let mut claims = earlier_claims(&db, &pairs).await?;
         let mut by_pair = HashMap::new();
         for ((src, dst), r) in pairs.iter().zip(results) {
-            by_pair.insert((src.as_str(), dst.as_str()), claims.judge(src, dst, r));
+            let mut r = claims.judge(src, dst, r);
+            if ledger {
+                r = pipeline::claimed_earlier(&sh, &db, src, dst, r).await?;
+            }
+            by_pair.insert((src.as_str(), dst.as_str()), r);
         }
         store_claims(&db, claims.into_new()).await?;
         let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);

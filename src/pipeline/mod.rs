@@ -867,15 +867,7 @@ async fn settle(
     let mut by_pair: HashMap<(&str, &str), PairResult> = HashMap::new();
     let mut copies = (0u64, 0u64);
     for ((src, dst), r) in pairs.iter().zip(results) {
-        let r = match r {
-            PairResult::Conflict(d) => match earlier_claimant(sh, db, dst, src).await? {
-                Some(other) => {
-                    PairResult::Collision(format!("{other:?} maps to the same destination key"))
-                }
-                None => PairResult::Conflict(d),
-            },
-            other => other,
-        };
+        let r = claimed_earlier(sh, db, src, dst, r).await?;
         if let PairResult::Ready {
             created: true,
             size,
@@ -929,14 +921,19 @@ async fn claim_destinations(
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// A destination that exists and differs, and which the ledger says another source was
-/// moved to, is a collision rather than a foreign object.
-async fn earlier_claimant(
+/// A destination that exists and differs (`r` a conflict), and which the ledger says
+/// another source was moved to, is a collision rather than a foreign object. `run` and
+/// `plan` (where the ledger exists) both ask.
+pub(crate) async fn claimed_earlier(
     sh: &Shared<'_>,
-    db: &deadpool_postgres::Client,
-    dst: &str,
+    db: &tokio_postgres::Client,
     src: &str,
-) -> Result<Option<String>> {
+    dst: &str,
+    r: PairResult,
+) -> Result<PairResult> {
+    let PairResult::Conflict(detail) = r else {
+        return Ok(r);
+    };
     db::rt(1);
     let row = db
         .query_opt(
@@ -946,7 +943,13 @@ async fn earlier_claimant(
         )
         .await
         .context("looking up who moved to a conflicting destination")?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(match row {
+        Some(r) => PairResult::Collision(format!(
+            "{:?} maps to the same destination key",
+            r.get::<_, String>(0)
+        )),
+        None => PairResult::Conflict(detail),
+    })
 }
 
 /// Stage 2: commit each batch (only while owning its lease), report its rows, hand the
