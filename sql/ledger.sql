@@ -185,3 +185,18 @@ CREATE INDEX IF NOT EXISTS moves_dst_key_idx ON relocator.moves (dst_bucket, new
 -- worker (heartbeat expired) may not get it while that worker lives: its liveness is then
 -- judged by the heartbeat alone (see lease.rs, take_over).
 ALTER TABLE relocator.leases ADD COLUMN IF NOT EXISTS locked boolean NOT NULL DEFAULT true;
+
+-- A run's source listing, for a run that sweeps the table by id (no index on the path
+-- column): its batches look their sources up here instead of a HEAD each. UNLOGGED: no
+-- WAL, and emptied by a crash of the cluster, which the run notices (listed_keys > 0
+-- and no rows) and lists again. Dropped when the run finishes.
+CREATE UNLOGGED TABLE IF NOT EXISTS relocator.listed (
+    run_id  bigint NOT NULL,
+    key     text   NOT NULL,
+    etag    text   NOT NULL,
+    size    bigint NOT NULL,
+    version text,
+    PRIMARY KEY (run_id, key)
+);
+-- NULL: not listed; -1: given up (far more objects than rows); else the keys listed.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS listed_keys bigint;

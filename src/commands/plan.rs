@@ -80,6 +80,7 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             &sh.s3,
             cfg,
             &pairs,
+            &Default::default(),
             copy::Mode::DryRun,
             cfg.concurrency,
             &cancel,

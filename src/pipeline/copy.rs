@@ -13,6 +13,8 @@
 //! duration. A write is sent once ([`crate::s3::once`]): unanswered, it is tried again
 //! only after a new look.
 
+use std::collections::HashMap;
+
 use anyhow::{anyhow, Result};
 use futures::{stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -115,21 +117,50 @@ impl Destination {
     }
 }
 
-/// Copy every pair, at most `concurrency` at once, results in input order.
-/// `dry_run` only looks (HEAD) and reports what a real run would do.
+/// Copy every pair, at most `concurrency` at once, results in input order. A source
+/// `seen` in the run's listing ([`crate::pipeline::listed`]) is not looked at again
+/// unless the listing turns out old; any other is HEADed. `Mode::DryRun` only looks
+/// and reports what a real run would do.
 /// Returns `Ok(None)` when cancelled: nothing of the batch is committed then.
 pub async fn copy_all(
     s3c: &S3,
     cfg: &JobConfig,
     pairs: &[(String, String)],
+    seen: &HashMap<String, ObjectInfo>,
     mode: Mode<'_>,
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<PairResult>>> {
-    let copies = pairs
-        .iter()
-        .map(|(src, dst)| copy_pair(s3c, cfg, src, dst, mode));
+    let copies = pairs.iter().map(|(src, dst)| async move {
+        match seen.get(src) {
+            Some(listed) => copy_seen(s3c, cfg, src, listed, dst, mode).await,
+            None => copy_pair(s3c, cfg, src, dst, mode).await,
+        }
+    });
     bounded(copies, concurrency, cancel).await
+}
+
+/// A source as the run's listing saw it, maybe hours ago. A copy made from it names the
+/// listed ETag (or version), so it is the listed object or nothing. Whatever the listing
+/// cannot vouch for is decided after a HEAD, as without a listing: a source gone or
+/// changed since (the copy refused), and an object already at the destination, the same
+/// or not (it is compared with the source as it is now, not as it was listed).
+async fn copy_seen(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+    listed: &ObjectInfo,
+    dst_key: &str,
+    mode: Mode<'_>,
+) -> Result<PairResult> {
+    match copy_looking(s3c, cfg, src_key, listed, dst_key, mode).await? {
+        made @ PairResult::Ready { created: true, .. } => Ok(made),
+        PairResult::Ready { .. } | PairResult::MissingSource | PairResult::Conflict(_) => {
+            copy_pair(s3c, cfg, src_key, dst_key, mode).await
+        }
+        r if r == source_changed() => copy_pair(s3c, cfg, src_key, dst_key, mode).await,
+        other => Ok(other),
+    }
 }
 
 /// Phase 1: copy pairs whose source and destination state a listing taken just before

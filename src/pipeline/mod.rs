@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod commit;
 pub mod copy;
 pub mod lease;
+pub mod listed;
 pub mod plan;
 pub mod throttle;
 
@@ -76,9 +77,19 @@ pub(crate) struct Shared<'a> {
     pub(crate) progress: Progress,
     /// `run`: waits while the database is under stress (None: nothing asked).
     pub(crate) throttle: Option<throttle::Throttle>,
+    /// `run`: the run whose source listing phase 2 looks sources up in ([`listed`]);
+    /// unset: a HEAD per source.
+    pub(crate) listing: std::sync::OnceLock<i64>,
 }
 
 impl Shared<'_> {
+    /// Whether the run walks the source listing first (phase 1): the prefix swap keeps
+    /// key order (no --rewrite) and an index finds the rows of a page of keys. Else it
+    /// sweeps the table by id (phase 2) from the start.
+    pub(crate) fn phase1(&self) -> bool {
+        self.table.path_indexed && self.cfg.rewrite_spec.is_none()
+    }
+
     /// Wait while the database is under stress (see [`throttle`]). False: the run was
     /// cancelled during the wait, and the step is not to be taken.
     pub(crate) async fn healthy(
@@ -172,6 +183,7 @@ pub(crate) async fn open<'a>(
         concurrency: cfg.concurrency,
         progress: Progress::silent(),
         throttle: None,
+        listing: Default::default(),
     })
 }
 
@@ -214,6 +226,9 @@ pub async fn run(
     let result = async {
         finish_earlier_cleanups(&sh, &main, run_id, &cancel).await?;
         take_back_unused_copies(&sh, &main, run_id, &cancel).await?;
+        if !sh.phase1() && listed::prepare(&sh, &main, run_id, total as i64, &cancel).await? {
+            let _ = sh.listing.set(run_id);
+        }
         let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         let all = (0..workers).map(|n| {
             let me = format!("{tag}-{n}");
@@ -224,6 +239,7 @@ pub async fn run(
         futures::future::try_join_all(all).await?;
         let finished = lease::finish_run_if_complete(&main, run_id).await?;
         if finished {
+            listed::forget(&main, run_id).await?;
             cleanup::void_reservations(&main, &[]).await?;
             take_back_unused_copies(&sh, &main, run_id, &cancel).await?;
         }
@@ -526,9 +542,7 @@ async fn copy_stage(
     let cfg = sh.cfg;
     let scan_conn = sh.conn().await?;
     let claims = cfg.rewrite_spec.is_some();
-    // Phase 1 (listing-driven, no HEAD per object) needs the prefix swap to keep key
-    // order (no --rewrite) and an index to find rows by key.
-    let phase1 = sh.table.path_indexed && !claims;
+    let phase1 = sh.phase1();
     'leases: loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -726,10 +740,17 @@ async fn copy_batch(
     }
     let pairs = plan::distinct_pairs(&moves);
     at.reserve(sh, db, &pairs).await?;
+    let seen = match sh.listing.get() {
+        Some(&run) => {
+            let keys: Vec<&str> = pairs.iter().map(|(s, _)| s.as_str()).collect();
+            listed::lookup(db, run, &keys).await?
+        }
+        None => HashMap::new(),
+    };
     let intents = at.intents(sh, db);
     let mode = copy::Mode::Copy(Some(&intents));
     let Some(results) =
-        copy::copy_all(&sh.s3, sh.cfg, &pairs, mode, sh.concurrency, cancel).await?
+        copy::copy_all(&sh.s3, sh.cfg, &pairs, &seen, mode, sh.concurrency, cancel).await?
     else {
         return Ok(None);
     };
