@@ -113,31 +113,107 @@ async fn a_versioned_source_keeps_its_versions_and_rolls_back() {
 /// The source overwritten between relocator's look at it and its copy: the copy takes the
 /// version looked at (its versionId in the copy source), recorded with the move, and the
 /// source, no longer that version, is kept. moto ignores `x-amz-copy-source-if-match`, so
-/// a copy without the version took the new bytes. Both ways relocator learns the source:
-/// a HEAD per object (no index on the path column) and the listing (indexed).
+/// a copy without the version took the new bytes. Every way relocator learns the source:
+/// a page of the listing (indexed path column), the run's listing in the ledger (no index),
+/// and a HEAD (no index, an object written after the run's listing was taken).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_takes_the_version_it_looked_at_after_a_head() {
-    copy_takes_the_version_looked_at(false).await;
+    copy_takes_the_version_looked_at(Learnt::Head).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_takes_the_version_it_looked_at_in_a_listing() {
-    copy_takes_the_version_looked_at(true).await;
+    copy_takes_the_version_looked_at(Learnt::Page).await;
 }
 
-async fn copy_takes_the_version_looked_at(indexed: bool) {
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_takes_the_version_it_looked_at_in_the_runs_listing() {
+    copy_takes_the_version_looked_at(Learnt::RunListing).await;
+}
+
+#[derive(PartialEq, Clone, Copy)]
+enum Learnt {
+    Page,
+    RunListing,
+    Head,
+}
+
+async fn copy_takes_the_version_looked_at(learnt: Learnt) {
     on_moto();
-    let env = TestEnv::new(if indexed { "pin-listed" } else { "pin-head" }).await;
+    let env = TestEnv::new(match learnt {
+        Learnt::Page => "pin-listed",
+        Learnt::RunListing => "pin-run-listing",
+        Learnt::Head => "pin-head",
+    })
+    .await;
     enable_versioning(&env, &env.src_bucket).await;
     env.seed(0, 0).await; // the table only, with an index on the path
-    if !indexed {
+    if learnt != Learnt::Page {
         env.db()
             .await
             .batch_execute("DROP INDEX avatars_path_idx")
             .await
             .unwrap();
     }
-    env.put_row("image/a.png", b"first bytes".to_vec()).await;
+    let head_src = format!("/{}/image/a.png", env.src_bucket);
+    if learnt == Learnt::Head {
+        // The row only: its object comes after the run's listing, while the run's HEAD
+        // of it waits in the proxy.
+        env.db()
+            .await
+            .execute("INSERT INTO avatars (path) VALUES ('image/a.png')", &[])
+            .await
+            .unwrap();
+    } else {
+        env.put_row("image/a.png", b"first bytes".to_vec()).await;
+    }
+
+    // The copy onto avatar/a.png waits in the proxy; meanwhile the source is replaced.
+    let copy_path = format!("/{}/avatar/a.png", env.dst_bucket);
+    let (plan_path, plan_head) = (copy_path.clone(), head_src.clone());
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |n, method, path| {
+            if method == "PUT" && path == plan_path {
+                Fault::Delay(Duration::from_secs(2))
+            } else if method == "HEAD" && path == plan_head && n == 0 {
+                Fault::Delay(Duration::from_secs(3))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let mut run = env.run_cmd(&["--endpoint-url", &proxy.url()]);
+    let child = tokio::task::spawn_blocking(move || run.output().unwrap());
+    if learnt == Learnt::Head {
+        let db = env.db().await;
+        let mut waited = 0;
+        loop {
+            let listed: Option<i64> = db
+                .query_opt("SELECT listed_keys FROM relocator.runs", &[])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get(0));
+            if listed == Some(0) {
+                break;
+            }
+            assert!(waited < 300, "the run never listed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+        }
+        env.s3
+            .ep()
+            .put(
+                &env.src_bucket,
+                "image/a.png",
+                b"first bytes".to_vec(),
+                "image/png",
+            )
+            .await
+            .unwrap();
+    }
     let looked_at = env
         .s3
         .head_object()
@@ -149,23 +225,6 @@ async fn copy_takes_the_version_looked_at(indexed: bool) {
         .version_id()
         .unwrap()
         .to_owned();
-
-    // The copy onto avatar/a.png waits in the proxy; meanwhile the source is replaced.
-    let copy_path = format!("/{}/avatar/a.png", env.dst_bucket);
-    let plan_path = copy_path.clone();
-    let proxy = FaultProxy::start(
-        &common::var("AWS_ENDPOINT_URL"),
-        Box::new(move |_, method, path| {
-            if method == "PUT" && path == plan_path {
-                Fault::Delay(Duration::from_secs(2))
-            } else {
-                Fault::Forward
-            }
-        }),
-    )
-    .await;
-    let mut run = env.run_cmd(&["--endpoint-url", &proxy.url()]);
-    let child = tokio::task::spawn_blocking(move || run.output().unwrap());
     let mut waited = 0;
     while !proxy
         .seen
@@ -210,11 +269,10 @@ async fn copy_takes_the_version_looked_at(indexed: bool) {
                 .iter()
                 .any(|s| s.method == method && s.target.contains(target))
         };
-        let head = format!("/{}/image/a.png", env.src_bucket);
         assert_eq!(
-            (looked("GET", "versions"), looked("HEAD", &head)),
-            (indexed, !indexed),
-            "learnt from the versions listing (indexed) or a HEAD (not)"
+            (looked("GET", "versions"), looked("HEAD", &head_src)),
+            (true, learnt == Learnt::Head),
+            "learnt from a versions listing, and only an object written after it with a HEAD"
         );
     }
     assert_eq!(env.rows().await[0].1, "avatar/a.png");
