@@ -236,3 +236,94 @@ async fn a_listing_older_than_the_objects_moves_nothing_wrong() {
     let left = env.keys(&env.src_bucket, "image/").await;
     assert!(left.is_empty(), "sources left: {left:?}");
 }
+
+/// Before deleting a batch's sources, a listing of their range confirms they are still
+/// the objects copied (no HEAD each). The application replaces one of them while that
+/// listing is on its way (held in the proxy): the listing shows another ETag, the key
+/// gets a HEAD, and the new upload is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn sources_are_confirmed_by_a_listing_and_a_replaced_one_is_kept() {
+    let env = TestEnv::new("listing-cleanup").await;
+    let seeded = env.seed(60, 0).await;
+    let src = env.src_bucket.clone();
+    let bucket_path = format!("/{src}");
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(move |_, method, path| {
+            if method == "GET" && path.trim_end_matches('/') == bucket_path {
+                Fault::Delay(Duration::from_millis(1500))
+            } else {
+                Fault::Forward
+            }
+        }),
+    )
+    .await;
+    let mut run = env.run_cmd(&[]);
+    run.env("AWS_ENDPOINT_URL", proxy.url());
+    let child = tokio::task::spawn_blocking(move || run.output().unwrap());
+
+    // The key replaced: one row's, not the range's first.
+    let mut rows_of: HashMap<&str, usize> = HashMap::new();
+    for r in &seeded {
+        *rows_of.entry(r.path.as_str()).or_default() += 1;
+    }
+    let mut keys: Vec<&str> = rows_of.keys().copied().collect();
+    keys.sort_unstable();
+    let replaced = keys[5..]
+        .iter()
+        .find(|k| rows_of[**k] == 1)
+        .unwrap()
+        .to_string();
+    let t = Instant::now();
+    loop {
+        let cleanup_listing = {
+            let seen = proxy.seen.lock().unwrap();
+            let first_copy = seen
+                .iter()
+                .position(|s| s.headers.contains_key("x-amz-copy-source"));
+            first_copy.is_some_and(|at| {
+                seen[at..].iter().any(|s| {
+                    s.method == "GET"
+                        && s.target.starts_with(&format!("/{src}"))
+                        && s.target.contains("start-after=")
+                })
+            })
+        };
+        if cleanup_listing {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no listing before the deletes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let new_bytes = b"replaced while the cleanup listed".to_vec();
+    env.s3
+        .ep()
+        .put(&src, &replaced, new_bytes.clone(), "image/png")
+        .await
+        .unwrap();
+    let out = child.await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("source_changed=1"), "{said}");
+    assert_eq!(
+        env.s3.ep().get_bytes(&src, &replaced).await.unwrap(),
+        new_bytes,
+        "the application's upload is kept"
+    );
+    let left = env.keys(&src, "image/").await;
+    assert_eq!(left, vec![replaced.clone()], "every other source deleted");
+
+    // HEADs of sources: the listing's first key, and the one it showed changed.
+    let seen = proxy.seen.lock().unwrap().clone();
+    let headed: HashSet<String> = seen
+        .iter()
+        .filter_map(|s| source_key(s, &src))
+        .filter(|(_, copy)| !copy)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(headed.contains(&replaced), "{headed:?}");
+    assert!(headed.len() <= 2, "sources HEADed one by one: {headed:?}");
+}
