@@ -46,12 +46,25 @@ pub(crate) async fn prepare(
     cancel: &CancellationToken,
 ) -> Result<bool> {
     let key = run_id as i32;
-    db.execute(
-        "SELECT pg_advisory_lock($1, $2)",
-        &[&LISTING_LOCK_CLASS, &key],
-    )
-    .await
-    .context("waiting for the run's source listing")?;
+    // Another process of the run may be listing (for hours, at scale): wait for it
+    // without a statement that could outlast the statement timeout.
+    loop {
+        let got: bool = db
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&LISTING_LOCK_CLASS, &key],
+            )
+            .await
+            .context("waiting for the run's source listing")?
+            .get(0);
+        if got {
+            break;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
     let loaded = load_once(sh, db, run_id, rows, cancel).await;
     db.execute(
         "SELECT pg_advisory_unlock($1, $2)",
