@@ -11,6 +11,8 @@
 #   scripts/stack.sh reset   down, then delete all state
 #   scripts/stack.sh pg-restart   restart PostgreSQL (fast shutdown: sessions are cut)
 #   scripts/stack.sh garage-path  print where the Garage binary is cached (built or not)
+#   scripts/stack.sh lmdb-up      also start a Garage on LMDB metadata (the benchmark's
+#                                 second server configuration; the others use SQLite)
 #   scripts/stack.sh moto-path    print where moto's virtualenv is kept (installed or not)
 #
 # Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
@@ -222,9 +224,10 @@ garage_bin() {
     echo "$TOOLS/bin/garage"
 }
 
-# One Garage instance: $1 = name, $2 = S3 port (rpc +1, admin +3).
+# One Garage instance: $1 = name, $2 = S3 port (rpc +1, admin +3), $3 = metadata engine
+# (sqlite unless given).
 garage_conf() {
-    local name=$1 port=$2 dir=$STATE/$1
+    local name=$1 port=$2 engine=${3:-sqlite} dir=$STATE/$1
     mkdir -p "$dir/meta" "$dir/data"
     if [ ! -f "$dir/rpc_secret" ]; then
         od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/rpc_secret"
@@ -233,7 +236,7 @@ garage_conf() {
     cat >"$dir/garage.toml" <<EOF
 metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
-db_engine = "sqlite"
+db_engine = "$engine"
 metadata_fsync = false
 data_fsync = false
 replication_factor = 1
@@ -265,9 +268,9 @@ key_file() {
 }
 
 garage_up() {
-    local name=$1 port=$2 bin conf dir=$STATE/$1
+    local name=$1 port=$2 engine=${3:-sqlite} bin conf dir=$STATE/$1
     bin=$(garage_bin)
-    conf=$(garage_conf "$name" "$port")
+    conf=$(garage_conf "$name" "$port" "$engine")
     if pid_alive "$dir/pid"; then
         say "Garage '$name' already running on 127.0.0.1:$port"
     else
@@ -398,7 +401,7 @@ garage_down() {
 
 print_env() {
     [ -f "$STATE/garage/key-main.env" ] || die "the stack was never started: run scripts/stack.sh up"
-    local main ro job second
+    local main ro job second lmdb
     main=$(. "$STATE/garage/key-main.env"; echo "$KEY_ID $KEY_SECRET")
     ro=$(. "$STATE/garage/key-readonly.env"; echo "$KEY_ID $KEY_SECRET")
     job=$(. "$STATE/garage/key-job.env" 2>/dev/null; echo "${KEY_ID:-} ${KEY_SECRET:-}")
@@ -418,6 +421,14 @@ export RELOCATOR_TEST_REPLICA_PORT='$((PG_PORT + 2))'
 export RELOCATOR_TEST_MOTO_ENDPOINT='http://127.0.0.1:$MOTO_PORT'
 unset AWS_CA_BUNDLE
 EOF
+    if [ -f "$STATE/garage-lmdb/key-main.env" ]; then
+        lmdb=$(. "$STATE/garage-lmdb/key-main.env"; echo "$KEY_ID $KEY_SECRET")
+        cat <<EOF
+export RELOCATOR_BENCH_LMDB_ENDPOINT='http://127.0.0.1:$((S3_PORT + 30))'
+export RELOCATOR_BENCH_LMDB_KEY_ID='${lmdb% *}'
+export RELOCATOR_BENCH_LMDB_SECRET='${lmdb#* }'
+EOF
+    fi
     if [ -f "$STATE/garage2/key-main.env" ]; then
         second=$(. "$STATE/garage2/key-main.env"; echo "$KEY_ID $KEY_SECRET")
         cat <<EOF
@@ -442,7 +453,7 @@ status() {
         port=$((port + 1))
     done
     local n
-    for n in garage garage2 moto; do
+    for n in garage garage2 garage-lmdb moto; do
         if pid_alive "$STATE/$n/pid"; then echo "$n: running"; else echo "$n: stopped"; fi
     done
 }
@@ -463,8 +474,10 @@ case "$cmd" in
         moto_up
         say "ready: eval \"\$(scripts/stack.sh env)\""
         ;;
+    lmdb-up) garage_up garage-lmdb $((S3_PORT + 30)) lmdb ;;
     down)
         moto_down
+        garage_down garage-lmdb
         garage_down garage2
         garage_down garage
         pg_down pg-replica
@@ -487,7 +500,7 @@ case "$cmd" in
         say "state removed"
         ;;
     *)
-        echo "usage: scripts/stack.sh up|down|env|status|reset|pg-restart|garage-path|moto-path" >&2
+        echo "usage: scripts/stack.sh up|lmdb-up|down|env|status|reset|pg-restart|garage-path|moto-path" >&2
         exit 2
         ;;
 esac

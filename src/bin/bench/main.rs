@@ -1,6 +1,12 @@
 //! The benchmark behind the README's performance section (run it with scripts/bench.sh).
 //!
-//! In one run, on fresh buckets seeded with the same N objects each, it measures:
+//! By default it measures the README's table on one S3 server ([`matrix`]): the S3
+//! ceiling, `rclone move`, `relocator run` and the per-object script pattern, each alone,
+//! in a rotating order, three times, on a table with and without an index on the path.
+//! `--table FILES` prints the table from the JSON files of several servers.
+//!
+//! `--chart` instead, in one run, on fresh buckets seeded with the same N objects each,
+//! measures, while counting the objects moved once a second:
 //! (a) the S3 ceiling — a minimal client doing only CopyObject + batched DeleteObjects at
 //!     its best concurrency, no database;
 //! (b) `rclone move` of the same objects (server-side copy, tuned transfers/checkers);
@@ -27,11 +33,30 @@ use relocator::config::{DatabaseUrl, S3Location, S3Settings, TableName};
 use relocator::s3;
 use serde::Serialize;
 
+mod matrix;
+use matrix::Hop;
+
 #[derive(Debug, Parser)]
 struct Args {
-    /// Objects per tool.
+    /// Rows per table (objects: their distinct keys).
     #[arg(long, default_value_t = 20_000)]
     objects: usize,
+    /// Repetitions of each tool per schema.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// The server configuration's name in the table (e.g. garage-sqlite).
+    #[arg(long, default_value = "garage")]
+    label: String,
+    /// The S3 server's process id, to measure its CPU time.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Instead: print the table from these matrix JSON files.
+    #[arg(long, num_args = 1..)]
+    table: Vec<PathBuf>,
+    /// Instead: the three-tool comparison with objects/s over time (a sampler lists the
+    /// destination once a second while each tool runs).
+    #[arg(long)]
+    chart: bool,
     /// Object sizes in bytes (small avatars).
     #[arg(long, default_value = "1024..3072")]
     sizes: String,
@@ -41,6 +66,9 @@ struct Args {
     /// The relocator binary to measure.
     #[arg(long, default_value = "target/release/relocator")]
     relocator: PathBuf,
+    /// An earlier relocator binary, measured in the same rotation as "relocator before".
+    #[arg(long)]
+    before: Option<PathBuf>,
     /// Concurrencies tried for the ceiling; the best is used by all three tools.
     #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
     concurrency: Vec<usize>,
@@ -68,7 +96,10 @@ struct Measured {
     s3_writes_per_object: Option<f64>,
     s3_reads_per_object: Option<f64>,
     db_round_trips_per_1000_rows: Option<f64>,
+    /// Where the time went while it ran.
+    cpu: matrix::CpuUse,
     /// (seconds since start, objects at the destination)
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     samples: Vec<(f64, u64)>,
 }
 
@@ -76,6 +107,9 @@ struct Measured {
 async fn main() -> Result<()> {
     let args = Args::parse();
     std::env::remove_var("AWS_CA_BUNDLE");
+    if !args.table.is_empty() {
+        return matrix::print_table(&args.table);
+    }
     std::fs::create_dir_all(&args.out)?;
     let sizes = parse_sizes(&args.sizes)?;
     let settings = S3Settings {
@@ -100,6 +134,8 @@ async fn main() -> Result<()> {
         settings,
         sizes,
         tag,
+        sample: args.chart,
+        server_pid: args.server_pid,
     };
     if args.scaling {
         return scaling(&ctx).await;
@@ -107,7 +143,10 @@ async fn main() -> Result<()> {
     if args.workers {
         return workers(&ctx).await;
     }
-    compare(&ctx).await
+    if args.chart {
+        return compare(&ctx).await;
+    }
+    matrix::matrix(&ctx).await
 }
 
 struct Ctx<'a> {
@@ -116,6 +155,9 @@ struct Ctx<'a> {
     settings: S3Settings,
     sizes: Range<usize>,
     tag: String,
+    /// Count the objects moved while a tool runs (`--chart`).
+    sample: bool,
+    server_pid: Option<u32>,
 }
 
 fn parse_sizes(s: &str) -> Result<Range<usize>> {
@@ -141,11 +183,12 @@ async fn compare(ctx: &Ctx<'_>) -> Result<()> {
 
     eprintln!("== (a) S3 ceiling: CopyObject + batched DeleteObjects, no database");
     let best = best_concurrency(ctx, &stages[0], &keys).await?;
-    let a = ceiling(ctx, (&stages[0], &stages[1]), &keys, best).await?;
+    let a = ceiling(ctx, Hop::new(&stages[0], "image/", &stages[1]), &keys, best).await?;
     eprintln!("== (b) rclone move (--transfers {best} --checkers {best})");
-    let b = rclone(ctx, (&stages[1], "avatar"), (&stages[2], "image"), best).await?;
+    let b = rclone(ctx, Hop::new(&stages[1], "avatar/", &stages[2]), best).await?;
     eprintln!("== (c) relocator run (--concurrency {best})");
-    let c = relocator_run(ctx, (&stages[2], &stages[3]), &db, best, n, 1).await?;
+    let hop = Hop::new(&stages[2], "image/", &stages[3]);
+    let c = relocator_run(ctx, hop, &db, best, n, 1).await?;
 
     let all = [a, b, c];
     print_table(&all);
@@ -186,7 +229,8 @@ async fn scaling(ctx: &Ctx<'_>) -> Result<()> {
         for what in SCALED {
             let m = match what {
                 "run" => {
-                    let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n, 1).await?;
+                    let hop = Hop::new(&pair.0, "image/", &pair.1);
+                    let m = relocator_run(ctx, hop, &db, 64, n, 1).await?;
                     (m.seconds, m.peak_rss_kb)
                 }
                 "verify --orphans" => {
@@ -307,7 +351,8 @@ async fn workers(ctx: &Ctx<'_>) -> Result<()> {
         });
         futures::future::try_join_all(copies).await?;
         let ceiling = trial.len() as f64 / t.elapsed().as_secs_f64();
-        let m = relocator_run(ctx, (&pair.0, &pair.1), &db, 64, n, procs).await?;
+        let hop = Hop::new(&pair.0, "image/", &pair.1);
+        let m = relocator_run(ctx, hop, &db, 64, n, procs).await?;
         eprintln!(
             "{procs} process(es): relocator {:.0} objects/s, ceiling {ceiling:.0} copies/s",
             m.objects_per_sec
@@ -336,6 +381,27 @@ async fn workers(ctx: &Ctx<'_>) -> Result<()> {
 }
 
 impl Ctx<'_> {
+    /// Count the objects at `bucket`/`prefix` while a tool runs, unless the tools are
+    /// measured alone (the matrix): then only the start and the end are known.
+    fn sampler(
+        &self,
+        bucket: &str,
+        prefix: &'static str,
+        expected: usize,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<Vec<(f64, u64)>> {
+        if !self.sample {
+            return tokio::spawn(async { Vec::new() });
+        }
+        sampler(
+            self.client.clone(),
+            bucket.to_owned(),
+            prefix,
+            expected,
+            stop,
+        )
+    }
+
     /// A fresh bucket.
     async fn bucket(&self, what: &str) -> Result<String> {
         let b = format!("{}-{what}", self.tag);
@@ -513,7 +579,8 @@ async fn copy_keys(
 ) -> Result<()> {
     stream::iter(keys)
         .map(|k| async move {
-            let dst_key = format!("{prefix}{}", k.strip_prefix("image/").unwrap_or(k));
+            let rest = k.split_once('/').map_or(k.as_str(), |(_, r)| r);
+            let dst_key = format!("{prefix}{rest}");
             client
                 .copy_object()
                 .copy_source(s3::copy_source(src, k))
@@ -556,20 +623,11 @@ async fn best_concurrency(ctx: &Ctx<'_>, src: &str, keys: &[String]) -> Result<u
     Ok(best.0)
 }
 
-async fn ceiling(
-    ctx: &Ctx<'_>,
-    (src, dst): (&str, &str),
-    keys: &[String],
-    c: usize,
-) -> Result<Measured> {
+async fn ceiling(ctx: &Ctx<'_>, hop: Hop<'_>, keys: &[String], c: usize) -> Result<Measured> {
+    let (src, dst) = (hop.src, hop.dst);
     let stop = Arc::new(AtomicBool::new(false));
-    let sampling = sampler(
-        ctx.client.clone(),
-        dst.to_owned(),
-        "avatar/",
-        keys.len(),
-        stop.clone(),
-    );
+    let sampling = ctx.sampler(dst, hop.to, keys.len(), stop.clone());
+    let cpu = matrix::Cpu::start(ctx.server_pid);
     let t = Instant::now();
     // Copy everything, deleting the sources in batches of 1,000 as copies complete.
     let done = AtomicU64::new(0);
@@ -606,7 +664,7 @@ async fn ceiling(
                     &ctx.client,
                     src,
                     dst,
-                    "avatar/",
+                    hop.to,
                     std::slice::from_ref(k),
                     1,
                     done,
@@ -622,11 +680,13 @@ async fn ceiling(
     drop(tx);
     let deletes = deleter.await??;
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu.end(None);
     stop.store(true, Ordering::Relaxed);
     let mut samples = sampling.await?;
     samples.push((secs, keys.len() as u64));
     Ok(Measured {
         tool: "s3 ceiling",
+        cpu,
         objects: keys.len(),
         seconds: secs,
         objects_per_sec: keys.len() as f64 / secs,
@@ -656,29 +716,27 @@ async fn timed(mut cmd: tokio::process::Command) -> Result<(f64, Option<u64>, St
 
 fn time_cmd(program: &Path) -> tokio::process::Command {
     let mut c = tokio::process::Command::new("/usr/bin/time");
-    c.args(["-f", "peak_rss_kb=%M"]).arg(program);
+    c.args(["-f", "peak_rss_kb=%M\ncpu_seconds=%U %S"])
+        .arg(program);
     c
 }
 
 /// `rclone move` of everything under `src`'s prefix to `dst`'s (bucket, prefix).
-async fn rclone(
-    ctx: &Ctx<'_>,
-    (src, from): (&str, &'static str),
-    (dst, to): (&str, &'static str),
-    c: usize,
-) -> Result<Measured> {
-    let n = count(&ctx.client, src, &format!("{from}/")).await?;
+async fn rclone(ctx: &Ctx<'_>, hop: Hop<'_>, c: usize) -> Result<Measured> {
+    let (src, dst) = (hop.src, hop.dst);
+    let n = count(&ctx.client, src, hop.from).await?;
     let mut cmd = time_cmd(Path::new("rclone"));
     cmd.args([
         "move",
-        &format!("bench:{src}/{from}"),
-        &format!("bench:{dst}/{to}"),
+        &format!("bench:{src}/{}", hop.from.trim_end_matches('/')),
+        &format!("bench:{dst}/{}", hop.to.trim_end_matches('/')),
     ])
     .args(["--transfers", &c.to_string(), "--checkers", &c.to_string()])
     .args(["--fast-list", "--s3-no-check-bucket", "--retries", "3"])
     .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
     .env("RCLONE_CONFIG_BENCH_PROVIDER", "Other")
     .env("RCLONE_CONFIG_BENCH_ENDPOINT", &ctx.args.endpoint_url)
+    .env("AWS_ENDPOINT_URL", &ctx.args.endpoint_url)
     .env("RCLONE_CONFIG_BENCH_ENV_AUTH", "true")
     .env("RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE", "true")
     .env(
@@ -687,24 +745,20 @@ async fn rclone(
     )
     .env_remove("AWS_CA_BUNDLE");
     let stop = Arc::new(AtomicBool::new(false));
-    let to_prefix: &'static str = if to == "image" { "image/" } else { "avatar/" };
-    let sampling = sampler(
-        ctx.client.clone(),
-        dst.to_owned(),
-        to_prefix,
-        n as usize,
-        stop.clone(),
-    );
-    let (secs, rss, _) = timed(cmd).await?;
+    let sampling = ctx.sampler(dst, hop.to, n as usize, stop.clone());
+    let cpu = matrix::Cpu::start(ctx.server_pid);
+    let (secs, rss, err) = timed(cmd).await?;
+    let cpu = cpu.end(matrix::child_cpu(&err));
     stop.store(true, Ordering::Relaxed);
     let mut samples = sampling.await?;
-    let moved = count(&ctx.client, dst, to_prefix).await?;
+    let moved = count(&ctx.client, dst, hop.to).await?;
     if moved != n {
         bail!("rclone moved {moved} of {n} objects");
     }
     samples.push((secs, moved));
     Ok(Measured {
         tool: "rclone move",
+        cpu,
         objects: n as usize,
         seconds: secs,
         objects_per_sec: n as f64 / secs,
@@ -720,44 +774,72 @@ async fn rclone(
 /// leases share the work). Seconds until the last ends; the peak RSS of the largest.
 async fn relocator_run(
     ctx: &Ctx<'_>,
-    (src, dst): (&str, &str),
+    hop: Hop<'_>,
     db: &str,
     c: usize,
     rows: usize,
     procs: usize,
 ) -> Result<Measured> {
-    let objects = count(&ctx.client, src, "image/").await?;
+    relocator_binary_run(
+        ctx,
+        &ctx.args.relocator,
+        "relocator run",
+        hop,
+        db,
+        c,
+        rows,
+        procs,
+    )
+    .await
+}
+
+/// [`relocator_run`] with another relocator binary, measured as `tool`.
+#[allow(clippy::too_many_arguments)]
+async fn relocator_binary_run(
+    ctx: &Ctx<'_>,
+    binary: &Path,
+    tool: &'static str,
+    hop: Hop<'_>,
+    db: &str,
+    c: usize,
+    rows: usize,
+    procs: usize,
+) -> Result<Measured> {
+    let (src, dst) = (hop.src, hop.dst);
+    let objects = count(&ctx.client, src, hop.from).await?;
     let summaries: Vec<PathBuf> = (0..procs)
         .map(|i| ctx.args.out.join(format!("relocator-summary-{i}.json")))
         .collect();
     let cmds = summaries.iter().map(|summary| {
-        let mut cmd = time_cmd(&ctx.args.relocator);
+        let mut cmd = time_cmd(binary);
         cmd.args([
             "run",
             "--source",
-            &format!("s3://{src}/image/"),
+            &format!("s3://{src}/{}", hop.from),
             "--dest",
-            &format!("s3://{dst}/avatar/"),
+            &format!("s3://{dst}/{}", hop.to),
         ])
         .args(["--concurrency", &c.to_string()])
         .arg("--summary-json")
         .arg(summary)
         .env("DATABASE_URL", db)
+        .env("AWS_ENDPOINT_URL", &ctx.args.endpoint_url)
         .env("RUST_LOG", "warn")
         .env_remove("AWS_CA_BUNDLE");
         timed(cmd)
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let sampling = sampler(
-        ctx.client.clone(),
-        dst.to_owned(),
-        "avatar/",
-        objects as usize,
-        stop.clone(),
-    );
+    let sampling = ctx.sampler(dst, hop.to, objects as usize, stop.clone());
+    let cpu = matrix::Cpu::start(ctx.server_pid);
     let t = Instant::now();
     let ended = futures::future::try_join_all(cmds).await?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu.end(
+        ended
+            .iter()
+            .map(|(_, _, e)| matrix::child_cpu(e))
+            .sum::<Option<f64>>(),
+    );
     stop.store(true, Ordering::Relaxed);
     let mut samples = sampling.await?;
     samples.push((secs, objects));
@@ -779,7 +861,8 @@ async fn relocator_run(
     }
     let counter = |k: &str| counters.get(k).copied().unwrap_or(0.0);
     Ok(Measured {
-        tool: "relocator run",
+        tool,
+        cpu,
         objects: objects as usize,
         seconds: secs,
         objects_per_sec: objects as f64 / secs,
