@@ -167,24 +167,7 @@ async fn a_listing_older_than_the_objects_moves_nothing_wrong() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let db = env.db().await;
-    let t = Instant::now();
-    loop {
-        let listed: Option<i64> = db
-            .query_opt("SELECT listed_keys FROM relocator.runs", &[])
-            .await
-            .ok()
-            .flatten()
-            .and_then(|r| r.get(0));
-        if listed == Some(12) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the run never listed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.wait_listed(12).await;
     first.kill().unwrap();
     first.wait().unwrap();
 

@@ -187,22 +187,7 @@ async fn copy_takes_the_version_looked_at(learnt: Learnt) {
     let mut run = env.run_cmd(&["--endpoint-url", &proxy.url()]);
     let child = tokio::task::spawn_blocking(move || run.output().unwrap());
     if learnt == Learnt::Head {
-        let db = env.db().await;
-        let mut waited = 0;
-        loop {
-            let listed: Option<i64> = db
-                .query_opt("SELECT listed_keys FROM relocator.runs", &[])
-                .await
-                .ok()
-                .flatten()
-                .and_then(|r| r.get(0));
-            if listed == Some(0) {
-                break;
-            }
-            assert!(waited < 300, "the run never listed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 1;
-        }
+        env.wait_listed(0).await;
         env.s3
             .ep()
             .put(

@@ -355,6 +355,29 @@ impl TestEnv {
             .expect("inserting the row");
     }
 
+    /// Wait until the run has loaded `keys` source keys into its listing in the ledger
+    /// (`relocator.runs.listed_keys`), at most 30 s.
+    pub async fn wait_listed(&self, keys: i64) {
+        let db = self.db().await;
+        let t = std::time::Instant::now();
+        loop {
+            let listed: Option<i64> = db
+                .query_opt("SELECT listed_keys FROM relocator.runs", &[])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get(0));
+            if listed == Some(keys) {
+                return;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "the run never listed {keys} keys"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// All (id, path) rows of `avatars`, by id.
     pub async fn rows(&self) -> Vec<(i32, String)> {
         self.db()

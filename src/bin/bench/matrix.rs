@@ -524,6 +524,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The median of `value` over one tool's runs (a cell's `runs`: [repetition, measured]).
+fn median_of(
+    runs: &[serde_json::Value],
+    tool: &str,
+    value: impl Fn(&serde_json::Value) -> Option<f64>,
+) -> f64 {
+    median(
+        runs.iter()
+            .filter(|r| r[1]["tool"] == tool)
+            .filter_map(|r| value(&r[1]))
+            .collect(),
+    )
+}
+
 fn spread(v: &[f64]) -> (f64, f64) {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -574,14 +588,7 @@ pub fn print_table(files: &[std::path::PathBuf]) -> Result<()> {
             format!("**{:.2}** ({:.2}–{:.2})", median(v), lo, hi)
         };
         let ratio = |other: &str| ratio_of("relocator run", other);
-        let of_relocator = |field: &str| {
-            median(
-                runs.iter()
-                    .filter(|r| r[1]["tool"] == "relocator run")
-                    .filter_map(|r| r[1][field].as_f64())
-                    .collect(),
-            )
-        };
+        let of_relocator = |field: &str| median_of(&runs, "relocator run", |m| m[field].as_f64());
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} MB | {:.2} | {} | {} |",
             c["server"].as_str().unwrap_or("?"),
@@ -610,21 +617,11 @@ pub fn print_table(files: &[std::path::PathBuf]) -> Result<()> {
                 return "–".to_owned();
             }
             let of = |field: &str| {
-                median(
-                    runs.iter()
-                        .filter(|r| r[1]["tool"] == tool)
-                        .filter_map(|r| {
-                            Some(r[1]["cpu"][field].as_f64()? * 1000.0 / r[1]["objects"].as_f64()?)
-                        })
-                        .collect(),
-                )
+                median_of(&runs, tool, |m| {
+                    Some(m["cpu"][field].as_f64()? * 1000.0 / m["objects"].as_f64()?)
+                })
             };
-            let busy = median(
-                runs.iter()
-                    .filter(|r| r[1]["tool"] == tool)
-                    .filter_map(|r| r[1]["cpu"]["machine_busy"].as_f64())
-                    .collect(),
-            );
+            let busy = median_of(&runs, tool, |m| m["cpu"]["machine_busy"].as_f64());
             format!(
                 "{:.2} / {:.2}; {:.0}%",
                 of("tool_seconds"),
