@@ -310,3 +310,42 @@ async fn sources_are_confirmed_by_a_listing_and_a_replaced_one_is_kept() {
     assert!(headed.contains(&replaced), "{headed:?}");
     assert!(headed.len() <= 2, "sources HEADed one by one: {headed:?}");
 }
+
+/// Under `--max-rps` the cleanup checks its sources with HEADs paid for before the first
+/// of them, not with a listing: a listing's later pages would wait for the rate between
+/// a key's confirmation and its delete, and an upload landing in that wait was deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn under_max_rps_no_listing_comes_between_a_look_and_the_delete() {
+    let env = TestEnv::new("listing-max-rps").await;
+    let seeded = env.seed(60, 0).await;
+    drop_path_index(&env).await;
+    let proxy = FaultProxy::start(
+        &common::var("AWS_ENDPOINT_URL"),
+        Box::new(|_, _, _| Fault::Forward),
+    )
+    .await;
+    let out = env
+        .run_cmd(&["--max-rps", "1000"])
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.assert_converged(&seeded).await;
+    let seen = proxy.seen.lock().unwrap().clone();
+    let src = format!("/{}", env.src_bucket);
+    let later_listings: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.target.starts_with(&src))
+        .filter(|s| s.target.contains("start-after="))
+        .map(|s| s.target.as_str())
+        .collect();
+    assert!(
+        later_listings.is_empty(),
+        "source listings after the run's own: {later_listings:?}"
+    );
+}

@@ -10,9 +10,9 @@
 //!
 //! A listing is older than the objects: a key written after it is not in it (a HEAD,
 //! as before), and a listed object may have been changed or deleted since. Neither can
-//! misplace anything: a copy still names the listed ETag (`x-amz-copy-source-if-match`)
-//! or version, and whatever is refused, missing, or already at the destination is
-//! looked at again with a HEAD ([`crate::pipeline::copy`]).
+//! misplace anything: a copy names the listed ETag (`x-amz-copy-source-if-match`), which
+//! the server is known to check ([`applies`]), and whatever is refused, missing, or
+//! already at the destination is looked at again with a HEAD ([`crate::pipeline::copy`]).
 
 use std::collections::HashMap;
 
@@ -34,6 +34,16 @@ const PAGE: i32 = 1000;
 /// [`MIN_LIMIT`]), the listing costs more than the HEADs it saves: it is given up.
 const KEYS_PER_ROW: i64 = 20;
 const MIN_LIMIT: i64 = 100_000;
+
+/// Whether the run's batches may learn their sources from a listing taken at its start:
+/// only where the run sweeps the table by id (phase 2 from the start), and only where a
+/// copy from an old look is refused once the source changed — the server refuses a
+/// wrong `x-amz-copy-source-if-match` (probed at the run's start) and the source bucket
+/// keeps no versions (a copy names a listed version, which stays there, current or not,
+/// so no copy would be refused). Elsewhere a HEAD per source, right before its copy.
+pub(crate) fn applies(sh: &Shared<'_>) -> bool {
+    !sh.phase1() && sh.s3.server_side && sh.s3.copy_checks_source && !sh.s3.versions
+}
 
 /// Make sure the run's source listing is in the ledger. Returns whether phase 2 may look
 /// sources up there: false when the prefix holds far more objects than the table has

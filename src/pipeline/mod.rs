@@ -226,7 +226,9 @@ pub async fn run(
     let result = async {
         finish_earlier_cleanups(&sh, &main, run_id, &cancel).await?;
         take_back_unused_copies(&sh, &main, run_id, &cancel).await?;
-        if !sh.phase1() && listed::prepare(&sh, &main, run_id, total as i64, &cancel).await? {
+        if listed::applies(&sh)
+            && listed::prepare(&sh, &main, run_id, total as i64, &cancel).await?
+        {
             let _ = sh.listing.set(run_id);
         }
         let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());

@@ -244,6 +244,11 @@ impl Endpoint {
         }
     }
 
+    /// Whether requests wait for `--max-rps`.
+    pub fn paced(&self) -> bool {
+        self.limiter.is_some()
+    }
+
     /// This endpoint with the rate permits of `n` requests paid now, for requests that
     /// must follow each other without a `--max-rps` wait between them (a cleanup's looks
     /// and the deletes they decide). The endpoint returned counts its requests but waits
@@ -329,6 +334,11 @@ pub struct S3 {
     /// The source bucket keeps versions: its listings read ListObjectVersions, so each
     /// listed object names the version a copy takes. Learned by [`S3::learn_versions`].
     pub versions: bool,
+    /// The server refuses (412) a CopyObject whose `x-amz-copy-source-if-match` names
+    /// another ETag than the source's (Garage and AWS S3 do; moto ignores it): a copy
+    /// made from an old look at the source is then the object looked at, or nothing.
+    /// Learned by [`S3::learn_create_only`]'s probe.
+    pub copy_checks_source: bool,
 }
 
 /// Which listed keys a job can work with. PostgreSQL's text holds no NUL character, and
@@ -379,6 +389,7 @@ impl S3 {
             uploads: None,
             held: HeldKeys::default(),
             versions: false,
+            copy_checks_source: false,
         }
     }
 
@@ -406,6 +417,7 @@ impl S3 {
             uploads: None,
             held: HeldKeys::default(),
             versions: false,
+            copy_checks_source: false,
         }
     }
 
@@ -480,10 +492,12 @@ impl S3 {
     /// (written with the job's write options, as every write): the first put again
     /// create-only, and (server-side copies) a copy of it made create-only onto an earlier
     /// copy — each refused (412) where honoured. Both are removed again. Any other answer
-    /// leaves the flag false, the safe assumption.
+    /// leaves the flag false, the safe assumption. (Server-side copies) also whether a copy
+    /// naming a wrong ETag in `x-amz-copy-source-if-match` is refused.
     pub async fn learn_create_only(&mut self, bucket: &str, prefix: &str, write: &WriteOptions) {
         self.create_only = false;
         self.create_only_put = false;
+        self.copy_checks_source = false;
         let tag = format!("{:016x}", rand::random::<u64>());
         let (a, b) = (
             format!("{prefix}.relocator-probe-{tag}-a"),
@@ -534,6 +548,17 @@ impl S3 {
                 }
                 .await;
                 self.create_only = honoured(answer, "CopyObject");
+                let wrong_etag = copy(self.dst.write().await, false)
+                    .copy_source_if_match("\"00000000000000000000000000000000\"")
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(&what, e));
+                self.copy_checks_source = matches!(wrong_etag, Err(S3Error::PreconditionFailed));
+                tracing::info!(
+                    honoured = self.copy_checks_source,
+                    "whether the server refuses a copy whose source is no longer the one looked at"
+                );
             }
         }
         for k in [&a, &b] {
