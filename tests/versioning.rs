@@ -113,8 +113,9 @@ async fn a_versioned_source_keeps_its_versions_and_rolls_back() {
 /// The source overwritten between relocator's look at it and its copy: the copy takes the
 /// version looked at (its versionId in the copy source), recorded with the move, and the
 /// source, no longer that version, is kept. moto ignores `x-amz-copy-source-if-match`, so
-/// a copy without the version took the new bytes. Both ways relocator learns the source:
-/// a HEAD per object (no index on the path column) and the listing (indexed).
+/// a copy without the version took the new bytes. Both ways relocator finds the source:
+/// by the table (no index on the path column) and by the listing (indexed); in both, the
+/// version is the one a HEAD right before the copy saw.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_takes_the_version_it_looked_at_after_a_head() {
     copy_takes_the_version_looked_at(false).await;
@@ -211,10 +212,12 @@ async fn copy_takes_the_version_looked_at(indexed: bool) {
                 .any(|s| s.method == method && s.target.contains(target))
         };
         let head = format!("/{}/image/a.png", env.src_bucket);
+        // Indexed, the batch's keys come from the versions listing; either way a HEAD right
+        // before the copy names the version (a listed one may be old by then).
         assert_eq!(
             (looked("GET", "versions"), looked("HEAD", &head)),
-            (indexed, !indexed),
-            "learnt from the versions listing (indexed) or a HEAD (not)"
+            (indexed, true),
+            "found by the versions listing (indexed), looked at with a HEAD before the copy"
         );
     }
     assert_eq!(env.rows().await[0].1, "avatar/a.png");
@@ -365,22 +368,39 @@ async fn object_lock_on_the_source_does_not_stop_the_run() {
     );
 }
 
-/// A versioned source on a table without an index on the path column: a copy names the
-/// version it looked at, and an old version stays there, so a copy from an old look is
-/// never refused. The run must look right before each copy, not at a listing taken at
-/// its start: the application re-uploads a source while an earlier copy of the run is
-/// held in the proxy, and that source's row ends at a copy of the new bytes.
+/// A versioned source: a copy names the version it looked at, and an old version stays
+/// there, so a copy from an old look is never refused. The run must look right before
+/// each copy, not at a listing taken earlier — the run's listing (no index on the path
+/// column) or the batch's (phase 1, indexed): the application re-uploads a source while
+/// an earlier copy of the run is held in the proxy, and that source's row ends at a copy
+/// of the new bytes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_versioned_source_re_uploaded_during_the_run_is_copied_as_it_is_now() {
+    reuploaded_during_the_run(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_versioned_source_re_uploaded_during_a_batch_is_copied_as_it_is_now() {
+    reuploaded_during_the_run(true).await;
+}
+
+async fn reuploaded_during_the_run(indexed: bool) {
     on_moto();
-    let env = TestEnv::new("versioned-reupload").await;
+    let env = TestEnv::new(if indexed {
+        "reupload-batch"
+    } else {
+        "reupload-run"
+    })
+    .await;
     enable_versioning(&env, &env.src_bucket).await;
     env.seed(0, 0).await;
-    env.db()
-        .await
-        .batch_execute("DROP INDEX avatars_path_idx")
-        .await
-        .unwrap();
+    if !indexed {
+        env.db()
+            .await
+            .batch_execute("DROP INDEX avatars_path_idx")
+            .await
+            .unwrap();
+    }
     env.put_row("image/a.png", b"a, first bytes".to_vec()).await;
     env.put_row("image/b.png", b"b, first bytes".to_vec()).await;
 
@@ -397,11 +417,14 @@ async fn a_versioned_source_re_uploaded_during_the_run_is_copied_as_it_is_now() 
         }),
     )
     .await;
+    // One row per batch without the index (phase 2 copies batch by batch); one batch of
+    // both keys with it (phase 1 copies them in key order).
+    let batch = if indexed { "10" } else { "1" };
     let mut run = env.run_cmd(&[
         "--endpoint-url",
         &proxy.url(),
         "--batch-size",
-        "1",
+        batch,
         "--concurrency",
         "1",
     ]);

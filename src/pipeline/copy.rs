@@ -181,6 +181,22 @@ pub async fn copy_all_known(
             // listing found free: the window for an object put there meanwhile is then one
             // HEAD→COPY round trip, not the batch's copy time.
             let mode = Mode::Copy(Some(intents));
+            // A versioned source: a copy names the listed version, which stays there after a
+            // re-upload or a delete, so no copy from the batch's listing would be refused.
+            // Look right before copying, as phase 2 does.
+            let fresh;
+            let src = if s3c.versions {
+                match s3c.src.head(&cfg.source.bucket, src_key).await {
+                    Ok(Some(now)) => {
+                        fresh = now;
+                        &fresh
+                    }
+                    Ok(None) => return Ok(PairResult::MissingSource),
+                    Err(e) => return per_object(e),
+                }
+            } else {
+                src
+            };
             let dst = match listed {
                 None if !s3c.create_only => {
                     match Destination::look(s3c, cfg, src, dst_key, mode).await {
