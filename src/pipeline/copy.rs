@@ -186,14 +186,11 @@ pub async fn copy_all_known(
             // Look right before copying, as phase 2 does.
             let fresh;
             let src = if s3c.versions {
-                match s3c.src.head(&cfg.source.bucket, src_key).await {
-                    Ok(Some(now)) => {
-                        fresh = now;
-                        &fresh
-                    }
-                    Ok(None) => return Ok(PairResult::MissingSource),
-                    Err(e) => return per_object(e),
-                }
+                fresh = match look_at_source(s3c, cfg, src_key).await {
+                    Ok(now) => now,
+                    Err(result) => return result,
+                };
+                &fresh
             } else {
                 src
             };
@@ -241,12 +238,25 @@ async fn copy_pair(
     dst_key: &str,
     mode: Mode<'_>,
 ) -> Result<PairResult> {
-    let src = match s3c.src.head(&cfg.source.bucket, src_key).await {
-        Ok(Some(info)) => info,
-        Ok(None) => return Ok(PairResult::MissingSource),
-        Err(e) => return per_object(e),
+    let src = match look_at_source(s3c, cfg, src_key).await {
+        Ok(src) => src,
+        Err(result) => return result,
     };
     copy_looking(s3c, cfg, src_key, &src, dst_key, mode).await
+}
+
+/// HEAD the source now: its identity, or (Err) what the pair comes to without one — a
+/// missing source, or the error.
+async fn look_at_source(
+    s3c: &S3,
+    cfg: &JobConfig,
+    src_key: &str,
+) -> std::result::Result<ObjectInfo, Result<PairResult>> {
+    match s3c.src.head(&cfg.source.bucket, src_key).await {
+        Ok(Some(info)) => Ok(info),
+        Ok(None) => Err(Ok(PairResult::MissingSource)),
+        Err(e) => Err(per_object(e)),
+    }
 }
 
 /// Copy `src` (seen with this identity) to `dst_key` if a look at the destination, made
