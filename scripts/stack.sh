@@ -401,7 +401,7 @@ garage_down() {
 
 print_env() {
     [ -f "$STATE/garage/key-main.env" ] || die "the stack was never started: run scripts/stack.sh up"
-    local main ro job second lmdb
+    local main ro job
     main=$(. "$STATE/garage/key-main.env"; echo "$KEY_ID $KEY_SECRET")
     ro=$(. "$STATE/garage/key-readonly.env"; echo "$KEY_ID $KEY_SECRET")
     job=$(. "$STATE/garage/key-job.env" 2>/dev/null; echo "${KEY_ID:-} ${KEY_SECRET:-}")
@@ -421,22 +421,21 @@ export RELOCATOR_TEST_REPLICA_PORT='$((PG_PORT + 2))'
 export RELOCATOR_TEST_MOTO_ENDPOINT='http://127.0.0.1:$MOTO_PORT'
 unset AWS_CA_BUNDLE
 EOF
-    if [ -f "$STATE/garage-lmdb/key-main.env" ]; then
-        lmdb=$(. "$STATE/garage-lmdb/key-main.env"; echo "$KEY_ID $KEY_SECRET")
-        cat <<EOF
-export RELOCATOR_BENCH_LMDB_ENDPOINT='http://127.0.0.1:$((S3_PORT + 30))'
-export RELOCATOR_BENCH_LMDB_KEY_ID='${lmdb% *}'
-export RELOCATOR_BENCH_LMDB_SECRET='${lmdb#* }'
+    garage_env garage-lmdb $((S3_PORT + 30)) RELOCATOR_BENCH_LMDB
+    garage_env garage2 $((S3_PORT + 10)) RELOCATOR_TEST_SECOND
+}
+
+# The endpoint and main key of a further Garage, once it was started: $1 = name, $2 = S3
+# port, $3 = the variables' prefix.
+garage_env() {
+    [ -f "$STATE/$1/key-main.env" ] || return 0
+    local key
+    key=$(. "$STATE/$1/key-main.env"; echo "$KEY_ID $KEY_SECRET")
+    cat <<EOF
+export $3_ENDPOINT='http://127.0.0.1:$2'
+export $3_KEY_ID='${key% *}'
+export $3_SECRET='${key#* }'
 EOF
-    fi
-    if [ -f "$STATE/garage2/key-main.env" ]; then
-        second=$(. "$STATE/garage2/key-main.env"; echo "$KEY_ID $KEY_SECRET")
-        cat <<EOF
-export RELOCATOR_TEST_SECOND_ENDPOINT='http://127.0.0.1:$((S3_PORT + 10))'
-export RELOCATOR_TEST_SECOND_KEY_ID='${second% *}'
-export RELOCATOR_TEST_SECOND_SECRET='${second#* }'
-EOF
-    fi
 }
 
 status() {
