@@ -9,7 +9,7 @@ use common::ClientExt;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proxy::{Fault, FaultProxy, Seen};
 use common::{read_summary, TestEnv};
@@ -257,30 +257,25 @@ async fn sources_are_confirmed_by_a_listing_and_a_replaced_one_is_kept() {
         .find(|k| rows_of[**k] == 1)
         .unwrap()
         .to_string();
-    let t = Instant::now();
-    loop {
-        let cleanup_listing = {
-            let seen = proxy.seen.lock().unwrap();
-            let first_copy = seen
-                .iter()
-                .position(|s| s.headers.contains_key("x-amz-copy-source"));
-            first_copy.is_some_and(|at| {
-                seen[at..].iter().any(|s| {
-                    s.method == "GET"
-                        && s.target.starts_with(&format!("/{src}"))
-                        && s.target.contains("start-after=")
+    // The cleanup's listing: a listing of the source after the first copy.
+    proxy
+        .wait_for(
+            "a listing before the deletes",
+            Duration::from_secs(60),
+            |seen| {
+                let first_copy = seen
+                    .iter()
+                    .position(|s| s.headers.contains_key("x-amz-copy-source"));
+                first_copy.is_some_and(|at| {
+                    seen[at..].iter().any(|s| {
+                        s.method == "GET"
+                            && s.target.starts_with(&format!("/{src}"))
+                            && s.target.contains("start-after=")
+                    })
                 })
-            })
-        };
-        if cleanup_listing {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no listing before the deletes"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            },
+        )
+        .await;
     let new_bytes = b"replaced while the cleanup listed".to_vec();
     env.s3
         .ep()

@@ -167,18 +167,12 @@ async fn copy_takes_the_version_looked_at(indexed: bool) {
     .await;
     let mut run = env.run_cmd(&["--endpoint-url", &proxy.url()]);
     let child = tokio::task::spawn_blocking(move || run.output().unwrap());
-    let mut waited = 0;
-    while !proxy
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|s| s.method == "PUT" && s.target.starts_with(&copy_path))
-    {
-        assert!(waited < 300, "the copy never came");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += 1;
-    }
+    proxy
+        .wait_for("the copy", Duration::from_secs(6), |seen| {
+            seen.iter()
+                .any(|s| s.method == "PUT" && s.target.starts_with(&copy_path))
+        })
+        .await;
     env.s3
         .ep()
         .put(
@@ -429,18 +423,12 @@ async fn reuploaded_during_the_run(indexed: bool) {
         "1",
     ]);
     let child = tokio::task::spawn_blocking(move || run.output().unwrap());
-    let mut waited = 0;
-    while !proxy
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|s| s.method == "PUT" && s.target.starts_with(&held))
-    {
-        assert!(waited < 300, "the copy of a never came");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += 1;
-    }
+    proxy
+        .wait_for("the copy of a", Duration::from_secs(6), |seen| {
+            seen.iter()
+                .any(|s| s.method == "PUT" && s.target.starts_with(&held))
+        })
+        .await;
     let new_bytes = b"b, uploaded again during the run".to_vec();
     env.s3
         .ep()

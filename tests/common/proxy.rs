@@ -134,6 +134,16 @@ impl FaultProxy {
         }
     }
 
+    /// Wait until the requests seen so far satisfy `seen` (e.g. a copy has arrived, and
+    /// is being held); panics with `what` after `within`.
+    pub async fn wait_for(&self, what: &str, within: Duration, seen: impl Fn(&[Seen]) -> bool) {
+        let start = std::time::Instant::now();
+        while !seen(&self.seen.lock().expect("seen lock")) {
+            assert!(start.elapsed() < within, "{what} never came");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
