@@ -33,6 +33,10 @@ pub enum Outcome {
     Error,
     /// `rollback`: the row points at its old key again, whose object exists.
     RolledBack,
+    /// The new value does not fit the column: longer than its declared length, or
+    /// refused by a CHECK constraint on it. Found before anything is copied; row
+    /// unchanged.
+    TooLong,
     /// The table refused the row's new value (column too short, a CHECK, a unique
     /// index, a foreign key, row-level security, a trigger). Row unchanged; a copy made
     /// for it is taken back.
@@ -66,6 +70,7 @@ impl Outcome {
             Outcome::RolledBack => "rolled_back",
             Outcome::SourceChanged => "source_changed",
             Outcome::Rejected => "rejected",
+            Outcome::TooLong => "too_long",
         }
     }
 }

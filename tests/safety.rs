@@ -399,10 +399,11 @@ async fn a_live_worker_keeps_its_lease_through_a_slow_batch() {
     );
 }
 
-/// Round two #2. Rows the table refuses — too long for `varchar(40)` (SQLSTATE 22001),
-/// a CHECK (23514), a unique index (23505), a trigger that raises (P0001) — are each that
-/// row's outcome `rejected`, with PostgreSQL's reason; the rest of the batch commits, the
-/// copies made for the refused rows are taken back, the run ends with exit 3.
+/// Round two #2. Rows the table refuses — a unique index (23505), a trigger that raises
+/// (P0001) — are each that row's outcome `rejected`, with PostgreSQL's reason; the rest
+/// of the batch commits, the copies made for the refused rows are taken back, the run
+/// ends with exit 3. Rows too long for `varchar(40)` or refused by a CHECK on the path
+/// are `too_long`, found before their copy (#18).
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_the_table_refuses_are_rejected_and_the_rest_of_the_batch_moves() {
     let env = TestEnv::new("refused").await;
@@ -478,12 +479,16 @@ async fn rows_the_table_refuses_are_rejected_and_the_rest_of_the_batch_moves() {
             "plan predicted row {id} as run did: {predicted:?}"
         );
     }
-    for (id, sqlstate) in [
-        ("2", "22001"),
-        ("3", "23514"),
-        ("4", "P0001"),
-        ("5", "23505"),
-    ] {
+    // Too long for the column, and refused by its CHECK: found before the copy (#18).
+    let report = std::fs::read_to_string(env.path("r.csv")).unwrap();
+    for (id, named) in [("2", "character varying(40)"), ("3", "avatars_path_check")] {
+        assert_eq!(outcomes[id].0, "too_long", "row {id}: {outcomes:?}");
+        assert!(
+            report.contains(named),
+            "{named} named in the report:\n{report}"
+        );
+    }
+    for (id, sqlstate) in [("4", "P0001"), ("5", "23505")] {
         assert_eq!(outcomes[id].0, "rejected", "row {id}: {outcomes:?}");
         let detail = std::fs::read_to_string(env.path("r.csv")).unwrap();
         assert!(

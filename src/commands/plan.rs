@@ -74,7 +74,8 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         };
         last_id = Some(last.id.clone());
         sh.progress.inc(rows.len() as u64, 0);
-        let batch = plan::plan_batch(rows, &cfg.rewrite);
+        let mut batch = plan::plan_batch(rows, &cfg.rewrite);
+        pipeline::limits::set_aside(&db, &sh.table.limits, &sh.q, &mut batch).await?;
         let pairs = plan::distinct_pairs(&batch.moves);
         let Some(results) = copy::copy_all(
             &sh.s3,

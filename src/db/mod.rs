@@ -120,6 +120,31 @@ pub struct TableInfo {
     pub referencing: Vec<Referencing>,
     /// Which keys the database can hold (its encoding).
     pub held_keys: crate::s3::HeldKeys,
+    /// What the path column accepts, checked before any copy
+    /// ([`crate::pipeline::limits`]).
+    pub limits: ColumnLimits,
+}
+
+/// What the path column accepts beyond its type: a declared length (`varchar(100)`,
+/// Django's default) and the table's CHECK constraints that read it.
+#[derive(Debug, Clone, Default)]
+pub struct ColumnLimits {
+    /// The declared length in characters, and the type as the catalog spells it.
+    pub max_chars: Option<(usize, String)>,
+    /// The CHECK constraints that read the path column.
+    pub checks: Vec<Check>,
+    /// The column's type without its length (`text`, `character varying`): a new value
+    /// is tried against the checks as this type, so no cast truncates it first.
+    pub base_type: String,
+}
+
+/// One CHECK constraint on the path column.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub expr: String,
+    /// The other columns the expression reads, quoted.
+    pub columns: Vec<String>,
 }
 
 /// Another table's column whose values reference the same objects.
@@ -344,6 +369,7 @@ impl TableInfo {
                 referencing.push(found);
             }
         }
+        let limits = ColumnLimits::resolve(client, oid, path_attnum).await?;
         let encoding: String = client
             .query_one("SELECT current_setting('server_encoding')", &[])
             .await
@@ -360,6 +386,7 @@ impl TableInfo {
             id_type,
             path_indexed,
             referencing,
+            limits,
         })
     }
 
@@ -380,6 +407,49 @@ impl TableInfo {
     /// The referencing columns as the ledger remembers them.
     pub fn referencing_names(&self) -> Vec<String> {
         self.referencing.iter().map(|r| r.name.clone()).collect()
+    }
+}
+
+impl ColumnLimits {
+    async fn resolve(client: &tokio_postgres::Client, table: u32, column: i16) -> Result<Self> {
+        let row = client
+            .query_one(
+                "SELECT format_type(a.atttypid, NULL), format_type(a.atttypid, a.atttypmod),
+                        CASE WHEN a.atttypid = 'varchar'::regtype AND a.atttypmod >= 4
+                             THEN a.atttypmod - 4 END
+                   FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum = $2",
+                &[&table, &column],
+            )
+            .await
+            .context("reading the path column's declared length")?;
+        let max_chars = row
+            .get::<_, Option<i32>>(2)
+            .map(|n| (n.max(0) as usize, row.get::<_, String>(1)));
+        let checks = client
+            .query(
+                "SELECT c.conname::text, pg_get_expr(c.conbin, c.conrelid),
+                        ARRAY(SELECT quote_ident(a.attname) FROM pg_attribute a
+                               WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+                                 AND a.attnum <> $2 ORDER BY a.attnum)
+                   FROM pg_constraint c
+                  WHERE c.conrelid = $1 AND c.contype = 'c' AND $2 = ANY (c.conkey)
+                  ORDER BY c.conname",
+                &[&table, &column],
+            )
+            .await
+            .context("reading the CHECK constraints on the path column")?
+            .into_iter()
+            .map(|r| Check {
+                name: r.get(0),
+                expr: r.get(1),
+                columns: r.get(2),
+            })
+            .collect();
+        Ok(ColumnLimits {
+            max_chars,
+            checks,
+            base_type: row.get(0),
+        })
     }
 }
 
@@ -593,6 +663,11 @@ pub struct Queries {
     /// [`crate::pipeline::cleanup::BatchIntents`]): that batch was killed, or lost its lease, before
     /// its commit. (No SQL comments inside: pg_stat_activity shows the first 1 KiB.)
     pub commit: String,
+    /// $1 ids, $2 new values: the rows whose new value a CHECK constraint on the path
+    /// column refuses, each with the (1-based) positions in
+    /// [`ColumnLimits::checks`] of the constraints it fails. Only reads; `None` without
+    /// such constraints. See [`crate::pipeline::limits`].
+    pub checks: Option<String>,
     /// $1 keys: which of them some row still references.
     pub referenced: String,
     /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
@@ -666,6 +741,7 @@ impl Queries {
                 scan(true, true),
             ],
             lease_end: [lease_end(false), lease_end(true)],
+            checks: checks_query(t),
             commit: one_line(format!(
                 "WITH lease AS (
                      UPDATE relocator.leases SET last_id = $9, heartbeat = clock_timestamp(), done = $12
@@ -797,6 +873,45 @@ impl Queries {
     pub fn lease_end(&self, lower: bool) -> &str {
         &self.lease_end[usize::from(lower)]
     }
+}
+
+/// The statement behind [`Queries::checks`]. Each CHECK expression is evaluated as the
+/// table would evaluate it on the UPDATE: over a row made of the row's columns it reads,
+/// with the path column holding the new value (as the column's type without its length,
+/// so no cast cuts it short). A CHECK fails only when false (NULL passes).
+fn checks_query(t: &TableInfo) -> Option<String> {
+    let checks = &t.limits.checks;
+    if checks.is_empty() {
+        return None;
+    }
+    let (tbl, id, path, ty) = (&t.qualified, &t.id_col, &t.path_col, t.id_type);
+    let mut columns: Vec<&str> = checks
+        .iter()
+        .flat_map(|c| c.columns.iter().map(String::as_str))
+        .collect();
+    columns.sort_unstable();
+    columns.dedup();
+    let others: String = columns.iter().map(|c| format!(", t.{c} AS {c}")).collect();
+    let fails: Vec<String> = checks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("CASE WHEN ({}) IS FALSE THEN {} END", c.expr, i + 1))
+        .collect();
+    Some(one_line(format!(
+        "SELECT x.\"relocator row id\", array_remove(ARRAY[{}], NULL)::int[]
+           FROM (SELECT u.id AS \"relocator row id\"{others},
+                        u.new_value::{base} AS {path}
+                   FROM unnest($1::text[], $2::text[]) AS u(id, new_value)
+                   JOIN {tbl} AS t ON t.{id} = u.id::{ty}) AS x
+          WHERE {}",
+        fails.join(", "),
+        checks
+            .iter()
+            .map(|c| format!("({}) IS FALSE", c.expr))
+            .collect::<Vec<_>>()
+            .join(" OR "),
+        base = t.limits.base_type,
+    )))
 }
 
 /// The server's own message for an error it sent ("permission denied for ..."), else

@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod commit;
 pub mod copy;
 pub mod lease;
+pub mod limits;
 pub mod listed;
 pub mod plan;
 pub mod throttle;
@@ -721,7 +722,8 @@ async fn copy_batch(
     at: Reserve<'_>,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<(Move, Made)>>> {
-    let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    let mut batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    limits::set_aside(db, &sh.table.limits, &sh.q, &mut batch).await?;
     let mut lines = batch.skipped;
     let mut moves = batch.moves;
     if claims {
@@ -785,7 +787,8 @@ async fn key_batch(
             path: r.get(1),
         })
         .collect();
-    let batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    let mut batch = plan::plan_batch(rows, &sh.cfg.rewrite);
+    limits::set_aside(db, &sh.table.limits, &sh.q, &mut batch).await?;
     let pairs = plan::distinct_pairs(&batch.moves);
     at.reserve(sh, db, &pairs).await?;
     let swap = |k: &str| match sh.cfg.rewrite.map(k) {
