@@ -13,7 +13,9 @@
 #   scripts/stack.sh garage-path  print where the Garage binary is cached (built or not)
 #   scripts/stack.sh lmdb-up      also start a Garage on LMDB metadata (the benchmark's
 #                                 second server configuration; the others use SQLite)
-#   scripts/stack.sh moto-path    print where moto's virtualenv is kept (installed or not)
+#   scripts/stack.sh tools-path   print where the tools' virtualenv is kept (installed or
+#                                 not): moto's server, and Django with django-storages for
+#                                 the Django round trip (moto-path: the same)
 #
 # Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
 # second endpoint takes +10), RELOCATOR_STACK_DIR (.stack), RELOCATOR_CACHE_DIR (where the
@@ -327,15 +329,18 @@ garage_up() {
 # ---------------------------------------------------------------- moto
 
 # moto's S3 server, a second S3 implementation (it has versioning, which Garage lacks),
-# from PyPI into a virtualenv under the cache directory, pinned. Any access key works.
+# from PyPI into the tools' virtualenv under the cache directory, pinned, with what the
+# Django round trip needs (tests/django). Any access key works on moto.
 MOTO_VERSION=5.2.5
+TOOLS_PACKAGES=("moto[server]==$MOTO_VERSION" "django==5.2.19" "django-storages[s3]==1.14.6"
+    "psycopg[binary]==3.3.9")
 MOTO_PORT=$((S3_PORT + 20))
-MOTO_VENV=${RELOCATOR_MOTO_VENV:-$CACHE/moto-$MOTO_VERSION}
+TOOLS_VENV=${RELOCATOR_TOOLS_VENV:-$CACHE/tools-$(echo "${TOOLS_PACKAGES[*]}" | cksum | cut -d' ' -f1)}
 
 moto_up() {
     local dir=$STATE/moto
     mkdir -p "$dir"
-    if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+    if [ ! -f "$TOOLS_VENV/installed" ]; then
         if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
             say "python3 with venv not found; installing Debian's python3-venv package"
             local sudo=""
@@ -343,17 +348,19 @@ moto_up() {
             DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >&2 \
                 || die "apt-get install python3-venv failed; install it by hand, then rerun"
         fi
-        say "installing moto $MOTO_VERSION into $MOTO_VENV (once)"
+        say "installing ${TOOLS_PACKAGES[*]} into $TOOLS_VENV (once)"
         mkdir -p "$CACHE"
-        { python3 -m venv "$MOTO_VENV" \
-            && "$MOTO_VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION"; } >"$CACHE/moto-install.log" 2>&1 \
-            || { rm -rf "$MOTO_VENV"; die "installing moto failed, see $CACHE/moto-install.log"; }
+        rm -rf "$TOOLS_VENV"
+        { python3 -m venv "$TOOLS_VENV" \
+            && "$TOOLS_VENV/bin/pip" install -q "${TOOLS_PACKAGES[@]}" \
+            && touch "$TOOLS_VENV/installed"; } >"$CACHE/tools-install.log" 2>&1 \
+            || { rm -rf "$TOOLS_VENV"; die "installing the tools failed, see $CACHE/tools-install.log"; }
     fi
     if pid_alive "$dir/pid"; then
         say "moto already running on 127.0.0.1:$MOTO_PORT"
     else
         port_open "$MOTO_PORT" && die "port $MOTO_PORT is taken by another process; stop it or set RELOCATOR_S3_PORT"
-        nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$dir/server.log" 2>&1 &
+        nohup "$TOOLS_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$dir/server.log" 2>&1 &
         echo $! >"$dir/pid"
         local i
         for i in $(seq 1 100); do
@@ -365,7 +372,7 @@ moto_up() {
         say "moto started on 127.0.0.1:$MOTO_PORT"
     fi
     # moto keeps everything in memory: the buckets are made at every start.
-    "$MOTO_VENV/bin/python" - "$MOTO_PORT" "${BUCKETS[@]}" <<'PY' || die "cannot create moto's buckets"
+    "$TOOLS_VENV/bin/python" - "$MOTO_PORT" "${BUCKETS[@]}" <<'PY' || die "cannot create moto's buckets"
 import sys, boto3
 s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1",
                   aws_access_key_id="moto", aws_secret_access_key="moto-secret")
@@ -419,6 +426,7 @@ export RELOCATOR_TEST_TLS_PORT='$((PG_PORT + 1))'
 export RELOCATOR_TEST_TLS_DIR='$STATE/tls'
 export RELOCATOR_TEST_REPLICA_PORT='$((PG_PORT + 2))'
 export RELOCATOR_TEST_MOTO_ENDPOINT='http://127.0.0.1:$MOTO_PORT'
+export RELOCATOR_TOOLS_PYTHON='$TOOLS_VENV/bin/python'
 unset AWS_CA_BUNDLE
 EOF
     garage_env garage-lmdb $((S3_PORT + 30)) RELOCATOR_BENCH_LMDB
@@ -492,14 +500,14 @@ case "$cmd" in
         say "PostgreSQL restarted"
         ;;
     garage-path) echo "$CACHE/garage-$GARAGE_VERSION/bin/garage" ;;
-    moto-path) echo "$MOTO_VENV" ;;
+    tools-path | moto-path) echo "$TOOLS_VENV" ;;
     reset)
         "$0" down
         rm -rf "$STATE"
         say "state removed"
         ;;
     *)
-        echo "usage: scripts/stack.sh up|lmdb-up|down|env|status|reset|pg-restart|garage-path|moto-path" >&2
+        echo "usage: scripts/stack.sh up|lmdb-up|down|env|status|reset|pg-restart|garage-path|tools-path" >&2
         exit 2
         ;;
 esac

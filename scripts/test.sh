@@ -32,7 +32,7 @@ fresh_env=(env -u XDG_CACHE_HOME -u RELOCATOR_CACHE_DIR HOME="$fresh/home"
     RELOCATOR_PG_PORT="${RELOCATOR_FRESH_PG_PORT:-54339}"
     RELOCATOR_S3_PORT="${RELOCATOR_FRESH_S3_PORT:-39100}"
     STANDIN_GARAGE="$(scripts/stack.sh garage-path)"
-    RELOCATOR_MOTO_VENV="$(scripts/stack.sh moto-path)")
+    RELOCATOR_TOOLS_VENV="$(scripts/stack.sh tools-path)")
 fresh_down() {
     "${fresh_env[@]}" scripts/stack.sh down 2>/dev/null || true
     rm -rf "$fresh"
@@ -78,10 +78,10 @@ eval "$(scripts/stack.sh env)"
 cargo fmt --check
 cargo clippy --all-targets --all-features --locked -- -D warnings
 cargo test --locked
-# The S3-semantics, relocation, chaos and runbook tests once more against the second S3
+# The S3-semantics, relocation, chaos, runbook, reference and Django tests once more against the second S3
 # implementation (moto); versioning is tested there in any case (tests/versioning.rs).
 # Skipped there: preflight's permission checks (they need Garage's read-only key; moto
 # accepts any key for anything) and the rollback SIGKILL test (it needs its kills to
 # land while the rollback works, paced for Garage).
 RELOCATOR_TEST_S3=moto cargo test --locked --test s3_semantics --test relocate --test chaos \
-    --test runbook -- --skip preflight_passes --skip rollback_killed
+    --test runbook --test references --test django -- --skip preflight_passes --skip rollback_killed
