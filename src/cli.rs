@@ -101,6 +101,28 @@ pub struct JobArgs {
     #[arg(long, value_name = "S3_URL")]
     pub dest: String,
 
+    /// A column naming the bucket each row's key is in (Rails Active Storage's
+    /// `service_name`): rows are selected by --source-service, and a move rewrites it to
+    /// --dest-service in the same compare-and-swap as the key. The key may stay the same
+    /// (--source and --dest with one prefix, in different buckets).
+    #[arg(long, value_name = "NAME", requires_all = ["source_service", "dest_service"])]
+    pub service_column: Option<String>,
+
+    /// The --service-column value of rows whose objects are in --source's bucket.
+    #[arg(long, value_name = "VALUE", requires = "service_column")]
+    pub source_service: Option<String>,
+
+    /// The --service-column value a moved row gets: its objects are in --dest's bucket.
+    #[arg(long, value_name = "VALUE", requires = "service_column")]
+    pub dest_service: Option<String>,
+
+    /// A column holding each object's MD5 in base64 (Active Storage's `checksum`):
+    /// checked against the copied object before the row is rewritten, where the ETag is
+    /// an MD5 (single-part, not SSE-KMS). A row that does not match is
+    /// `checksum_mismatch` and left alone.
+    #[arg(long, value_name = "NAME")]
+    pub checksum_column: Option<String>,
+
     /// Optional regex applied to the part of the path after the source prefix. Rows it
     /// does not match are left alone and reported as `unmatched`.
     #[arg(long, value_name = "REGEX", requires = "to")]

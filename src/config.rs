@@ -674,6 +674,10 @@ pub struct JobConfig {
     pub referenced_by: Vec<ColumnRef>,
     pub source: S3Location,
     pub dest: S3Location,
+    /// `--service-column`: the rows name their bucket.
+    pub service: Option<ServiceColumn>,
+    /// `--checksum-column`: each row's object MD5, in base64.
+    pub checksum_column: Option<String>,
     pub rewrite: Rewrite,
     /// The `--rewrite`/`--to` pair as typed, for the job's fingerprint in the ledger.
     pub rewrite_spec: Option<(String, String)>,
@@ -713,7 +717,21 @@ impl JobConfig {
         }
         let source = S3Location::parse("--source", &a.source)?;
         let dest = S3Location::parse("--dest", &a.dest)?;
-        check_locations(&source, &dest)?;
+        let service = ServiceColumn::from_args(a, &id_column, &path_column)?;
+        let checksum_column = a
+            .checksum_column
+            .as_deref()
+            .map(|c| parse_column("--checksum-column", c))
+            .transpose()?;
+        if let Some(c) = &checksum_column {
+            if *c == path_column || service.as_ref().is_some_and(|s| s.column == *c) {
+                return Err(ConfigError(format!(
+                    "--checksum-column {c:?} is also the --path-column or --service-column; \
+                     name the column holding the base64 MD5 (e.g. checksum)"
+                )));
+            }
+        }
+        check_locations(&source, &dest, service.is_some())?;
         let rule = match (&a.rewrite, &a.to) {
             (Some(re), Some(to)) => {
                 let compiled = Regex::new(re).map_err(|e| {
@@ -810,6 +828,8 @@ impl JobConfig {
             rewrite_spec: a.rewrite.clone().zip(a.to.clone()),
             source,
             dest,
+            service,
+            checksum_column,
             batch_size: a.batch_size,
             concurrency: a.concurrency,
         })
@@ -885,8 +905,13 @@ impl JobConfig {
             .rewrite_spec
             .clone()
             .unwrap_or_else(|| (String::new(), String::new()));
+        let service = self
+            .service
+            .as_ref()
+            .map(|s| format!("|{}|{}|{}", s.column, s.source, s.dest))
+            .unwrap_or_default();
         format!(
-            "{}|{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}{service}",
             self.table, self.id_column, self.path_column, self.source, self.dest, re, to
         )
     }
@@ -995,15 +1020,75 @@ fn is_local_host(host: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// `--service-column` with its two values: the column naming each row's bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceColumn {
+    pub column: String,
+    /// The value of rows whose objects are in `--source`'s bucket.
+    pub source: String,
+    /// The value a moved row gets.
+    pub dest: String,
+}
+
+impl ServiceColumn {
+    fn from_args(
+        a: &JobArgs,
+        id_column: &str,
+        path_column: &str,
+    ) -> Result<Option<Self>, ConfigError> {
+        let (column, source, dest) = match (&a.service_column, &a.source_service, &a.dest_service) {
+            (None, None, None) => return Ok(None),
+            (Some(c), Some(s), Some(d)) => (c, s, d),
+            _ => {
+                return Err(ConfigError(
+                    "--service-column, --source-service and --dest-service go together: give \
+                     all three or none"
+                        .into(),
+                ))
+            }
+        };
+        let column = parse_column("--service-column", column)?;
+        if column == id_column || column == path_column {
+            return Err(ConfigError(format!(
+                "--service-column {column:?} is also the --id-column or --path-column; name \
+                 the column holding the service (e.g. service_name)"
+            )));
+        }
+        for (flag, v) in [("--source-service", source), ("--dest-service", dest)] {
+            if v.is_empty() || v.chars().any(char::is_control) {
+                return Err(ConfigError(format!(
+                    "{flag} {v:?} must be a non-empty value without control characters"
+                )));
+            }
+        }
+        if source == dest {
+            return Err(ConfigError(format!(
+                "--source-service and --dest-service are both {source:?}: a moved row would \
+                 still be selected. Give the destination's service name"
+            )));
+        }
+        Ok(Some(ServiceColumn {
+            column,
+            source: source.clone(),
+            dest: dest.clone(),
+        }))
+    }
+}
+
 /// Refuse moves a rerun would repeat: the same location, or, within one bucket, one
 /// prefix inside the other (moved keys would be selected again, or sources would collide
 /// with destinations).
-fn check_locations(src: &S3Location, dst: &S3Location) -> Result<(), ConfigError> {
+/// With a `--service-column` in different buckets, the rows tell the buckets apart: the
+/// prefixes may overlap, even be one (the key stays, the bucket changes).
+fn check_locations(src: &S3Location, dst: &S3Location, service: bool) -> Result<(), ConfigError> {
     if src == dst {
         return Err(ConfigError(format!(
             "--source and --dest are both {src}; nothing would move and the cleanup would delete \
              what the rows point at. Give a different destination"
         )));
+    }
+    if service && src.bucket != dst.bucket {
+        return Ok(());
     }
     // Rows hold keys, not buckets: rows are selected by the source prefix alone, so a
     // destination prefix inside it (or around it) selects moved rows again — in any
@@ -1195,15 +1280,22 @@ mod tests {
     #[test]
     fn same_or_nested_locations_are_refused() {
         let loc = |s| S3Location::parse("x", s).unwrap();
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/")).is_err());
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/new/")).is_err());
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b")).is_err());
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/avatar/")).is_ok());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/"), false).is_err());
+        assert!(
+            check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/image/new/"), false).is_err()
+        );
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b"), false).is_err());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://a-b/avatar/"), false).is_ok());
         // Rows hold keys only: overlapping prefixes are ambiguous across buckets too.
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/image/")).is_err());
-        assert!(check_locations(&loc("s3://a-b/te/"), &loc("s3://c-d/te/new/")).is_err());
-        assert!(check_locations(&loc("s3://a-b/te/new/"), &loc("s3://c-d/te/")).is_err());
-        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/avatar/")).is_ok());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/image/"), false).is_err());
+        assert!(check_locations(&loc("s3://a-b/te/"), &loc("s3://c-d/te/new/"), false).is_err());
+        assert!(check_locations(&loc("s3://a-b/te/new/"), &loc("s3://c-d/te/"), false).is_err());
+        assert!(check_locations(&loc("s3://a-b/image/"), &loc("s3://c-d/avatar/"), false).is_ok());
+        // With a service column in different buckets the rows tell the buckets apart.
+        assert!(check_locations(&loc("s3://a-b/"), &loc("s3://c-d/"), true).is_ok());
+        assert!(check_locations(&loc("s3://a-b/x/"), &loc("s3://c-d/x/y/"), true).is_ok());
+        assert!(check_locations(&loc("s3://a-b/x/"), &loc("s3://a-b/x/y/"), true).is_err());
+        assert!(check_locations(&loc("s3://a-b/"), &loc("s3://a-b/"), true).is_err());
     }
 
     #[test]

@@ -43,6 +43,8 @@
 //! - [`db`] the pool, TLS ([`db::tls`]), table introspection and the user-table queries;
 //!   [`ledger`] relocator's own schema and the multipart uploads it started;
 //!   [`s3`] the only way to reach S3 (rate cap, counters, one listing, typed errors).
+//! - [`reference`] what a row's reference is (the key; the key and a service column):
+//!   the conditions every statement on the job's table takes from it.
 //! - [`rewrite`] the pure key arithmetic; [`report`] the outcomes, CSV and summary;
 //!   [`progress`] the bar.
 
@@ -53,6 +55,7 @@ pub mod db;
 pub mod ledger;
 pub mod pipeline;
 pub mod progress;
+pub mod reference;
 pub mod report;
 pub mod rewrite;
 pub mod s3;

@@ -37,6 +37,10 @@ pub enum Outcome {
     /// refused by a CHECK constraint on it. Found before anything is copied; row
     /// unchanged.
     TooLong,
+    /// The copied object's MD5 is not the row's `--checksum-column`: the bytes at the
+    /// source are not what the application stored. Row unchanged; the copy is taken
+    /// back.
+    ChecksumMismatch,
     /// The table refused the row's new value (column too short, a CHECK, a unique
     /// index, a foreign key, row-level security, a trigger). Row unchanged; a copy made
     /// for it is taken back.
@@ -71,6 +75,7 @@ impl Outcome {
             Outcome::SourceChanged => "source_changed",
             Outcome::Rejected => "rejected",
             Outcome::TooLong => "too_long",
+            Outcome::ChecksumMismatch => "checksum_mismatch",
         }
     }
 }

@@ -252,6 +252,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         size: 1,
         dst_etag: "etag".into(),
     };
+    let none_set_aside = std::collections::HashMap::new();
     let batch = |owner: &'static str| relocator::pipeline::commit::CommitBatch {
         run_id,
         lease_id,
@@ -263,6 +264,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         last_id: "5",
         ends_lease: false,
         holder: "test-batch",
+        set_aside: &none_set_aside,
     };
     // The batch's reservations, one noting a copy it made.
     db.execute(

@@ -94,12 +94,18 @@ pub async fn backup(cfg: &JobConfig, out: &Path) -> Result<BackupInfo> {
         .await?
         .get(0);
     let copy = format!(
-        "COPY (SELECT t.{id}::text AS {id}, t.{path}::text AS {path} FROM {tbl} AS t
-                WHERE starts_with(t.{path}, {prefix}) ORDER BY t.{id})
+        "COPY (SELECT t.{id}::text AS {id}, t.{path}::text AS {path}{service} FROM {tbl} AS t
+                WHERE starts_with(t.{path}, {prefix}){on} ORDER BY t.{id})
          TO STDOUT (FORMAT csv, HEADER true)",
         id = table.id_col,
         path = table.path_col,
         tbl = table.qualified,
+        service = table
+            .reference
+            .service_column()
+            .map(|c| format!(", t.{c}::text AS {c}"))
+            .unwrap_or_default(),
+        on = table.reference.on(crate::s3::Side::Source, "t"),
     );
     let tmp = out.with_file_name(format!(
         ".{}.partial",
@@ -178,15 +184,17 @@ pub fn check(cfg: &JobConfig, path: &Path) -> Result<BackupInfo> {
                 .cloned()
         })
         .unwrap_or_default();
-    let want = [cfg.id_column.as_str(), cfg.path_column.as_str()];
+    let want: Vec<&str> = [cfg.id_column.as_str(), cfg.path_column.as_str()]
+        .into_iter()
+        .chain(cfg.service.as_ref().map(|s| s.column.as_str()))
+        .collect();
     if header.iter().collect::<Vec<_>>() != want {
         return Err(config_error(format!(
-            "--backup {} is not a backup of {}({}, {}): its header is {:?}. Give the file \
+            "--backup {} is not a backup of {}({}): its header is {:?}. Give the file \
              `relocator backup` wrote for this table",
             path.display(),
             cfg.table,
-            cfg.id_column,
-            cfg.path_column,
+            want.join(", "),
             header.iter().collect::<Vec<_>>()
         )));
     }

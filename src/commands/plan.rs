@@ -27,18 +27,20 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
     sh.progress = Progress::new("plan", Some(total));
     // Rows the table would refuse are found by trying the rewrites (rolled back), which
     // needs the UPDATE a run needs anyway.
+    let service = cfg.service.as_ref().map(|s| s.column.as_str());
     let may_update: bool = db
         .query_one(
-            "SELECT has_column_privilege($1::text::regclass, $2, 'UPDATE')",
-            &[&sh.table.qualified, &cfg.path_column],
+            "SELECT has_column_privilege($1::text::regclass, $2, 'UPDATE')
+                AND ($3::text IS NULL OR has_column_privilege($1::text::regclass, $3, 'UPDATE'))",
+            &[&sh.table.qualified, &cfg.path_column, &service],
         )
         .await
         .context("checking the UPDATE privilege")?
         .get(0);
     if !may_update {
         warn!(
-            "this role may not UPDATE the path column: plan cannot try the rewrites, so rows \
-             the table would refuse are predicted as moved"
+            "this role may not UPDATE the path column (or the service column): plan cannot \
+             try the rewrites, so rows the table would refuse are predicted as moved"
         );
     }
     // The destinations ready pairs claim, kept for the batches after theirs in a
@@ -74,8 +76,9 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         };
         last_id = Some(last.id.clone());
         sh.progress.inc(rows.len() as u64, 0);
-        let mut batch = plan::plan_batch(rows, &cfg.rewrite);
-        pipeline::limits::set_aside(&db, &sh.table.limits, &sh.q, &mut batch).await?;
+        let batch =
+            pipeline::limits::plan_fitting(&db, &sh.table.limits, &sh.q, rows, &cfg.rewrite)
+                .await?;
         let pairs = plan::distinct_pairs(&batch.moves);
         let Some(results) = copy::copy_all(
             &sh.s3,
@@ -111,11 +114,17 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
         } else {
             HashMap::new()
         };
+        let pairs: Vec<(&plan::Move, &copy::Made)> = ready.iter().map(|(m, c)| (*m, c)).collect();
+        let mismatched = pipeline::checksum::mismatches(&db, &sh.q, cfg, &pairs).await?;
         let mut report = sh.report();
         for l in batch.skipped.into_iter().chain(lines) {
             report.record(l)?;
         }
         for (m, made) in ready {
+            if let Some(why) = mismatched.get(&m.row.id) {
+                report.record(attention(m, Outcome::ChecksumMismatch, why.clone()))?;
+                continue;
+            }
             match refused.get(&m.row.id) {
                 Some(why) => report.record(attention(m, Outcome::Rejected, why.clone()))?,
                 None => report.record(moved_line(m, made.created, true))?,

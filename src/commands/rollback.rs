@@ -388,7 +388,7 @@ async fn commit_undo(
         .prepare_cached(&sh.q.undo)
         .await
         .context("preparing the rewrite back")?;
-    let (restored, refused) = commit::without_refused(db, &sh.q, &rows, |tries| {
+    let (restored, refused) = commit::without_refused(db, &sh.q, &rows, HashMap::new(), |tries| {
         let refused: Vec<bool> = tries.iter().map(|t| !t).collect();
         let (stmt, move_ids, ids, olds, news, tried) =
             (&stmt, &move_ids, &ids, &olds, &news, &tried);

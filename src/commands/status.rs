@@ -97,8 +97,10 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
     let left: i64 = client
         .query_one(
             &format!(
-                "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1)",
-                table.qualified, table.path_col
+                "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1){}",
+                table.qualified,
+                table.path_col,
+                table.reference.on(crate::s3::Side::Source, "t")
             ),
             &[&cfg.source.prefix],
         )

@@ -402,7 +402,7 @@ async fn elsewhere(
     let sql = format!(
         "SELECT m.move_id, m.row_id, m.dst_bucket, m.new_path, m.dst_etag, m.size
            FROM relocator.moves m JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
-          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND t.{path} = m.new_path
+          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND t.{path} = m.new_path{on}
             AND NOT (m.dst_bucket = $2 AND starts_with(m.new_path, $3))
             AND NOT starts_with(m.new_path, $4) AND m.move_id > $5
           ORDER BY m.move_id LIMIT 1000",
@@ -410,6 +410,7 @@ async fn elsewhere(
         id = t.id_col,
         path = t.path_col,
         ty = t.id_type,
+        on = t.reference.on(Side::Dest, "t"),
     );
     let mut after = 0i64;
     loop {
@@ -468,11 +469,12 @@ async fn merge_side(
     };
     let sql = format!(
         "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
-          WHERE starts_with(t.{path}, $1)
+          WHERE starts_with(t.{path}, $1){on}
           ORDER BY t.{path} COLLATE \"C\", t.{id}",
         id = t.id_col,
         path = t.path_col,
-        tbl = t.qualified
+        tbl = t.qualified,
+        on = t.reference.on(side, "t"),
     );
     let rows = client
         .query_raw(&sql, [prefix])

@@ -8,6 +8,8 @@ use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use crate::config::{config_error, quote_ident, ColumnRef, DatabaseUrl, JobConfig};
+use crate::reference::Reference;
+use crate::s3::Side;
 
 /// Round trips to PostgreSQL made by the job path (process-wide; for the summary and
 /// the benchmark). Each statement relocator sends counts one.
@@ -123,6 +125,11 @@ pub struct TableInfo {
     /// What the path column accepts, checked before any copy
     /// ([`crate::pipeline::limits`]).
     pub limits: ColumnLimits,
+    /// How a row points at its object: the SQL every statement on the table takes its
+    /// conditions on the reference from.
+    pub reference: Reference,
+    /// `--checksum-column`, quoted.
+    pub checksum_col: Option<String>,
 }
 
 /// What the path column accepts beyond its type: a declared length (`varchar(100)`,
@@ -136,6 +143,11 @@ pub struct ColumnLimits {
     /// The column's type without its length (`text`, `character varying`): a new value
     /// is tried against the checks as this type, so no cast truncates it first.
     pub base_type: String,
+    /// The column's collation, qualified and quoted: a new value is tried against the
+    /// checks with it, as the column compares.
+    pub collation: Option<String>,
+    /// The database is SQL_ASCII: `varchar(n)` counts bytes there.
+    pub counts_bytes: bool,
 }
 
 /// One CHECK constraint on the path column.
@@ -267,6 +279,36 @@ impl TableInfo {
                 cfg.path_column
             )));
         }
+        if let Some(svc) = &cfg.service {
+            let found = column(&svc.column).await?.ok_or_else(|| {
+                config_error(format!(
+                    "table {display} has no column {:?}; check --service-column",
+                    svc.column
+                ))
+            })?;
+            let ty: String = found.get(1);
+            if !(ty == "text" || ty.starts_with("character varying")) {
+                return Err(config_error(format!(
+                    "--service-column {:?} is of type {ty}; it must be text or varchar",
+                    svc.column
+                )));
+            }
+        }
+        if let Some(c) = &cfg.checksum_column {
+            let found = column(c).await?.ok_or_else(|| {
+                config_error(format!(
+                    "table {display} has no column {c:?}; check --checksum-column"
+                ))
+            })?;
+            let ty: String = found.get(1);
+            if !(ty == "text" || ty.starts_with("character varying")) {
+                return Err(config_error(format!(
+                    "--checksum-column {c:?} is of type {ty}; it must be text or varchar (a \
+                     base64 MD5)"
+                )));
+            }
+        }
+        let reference = Reference::new(cfg.service.as_ref(), &cfg.source.bucket, &cfg.dest.bucket);
         // S3 keys are byte strings. Under a nondeterministic collation `=` takes
         // `IMAGE/A.PNG` for `image/a.png`: a lookup would pair a row with another row's
         // object and a compare-and-swap would pass on a changed value.
@@ -301,11 +343,12 @@ impl TableInfo {
             .query_one(
                 &format!(
                     "SELECT EXISTS (SELECT 1 FROM {}.{} AS t WHERE t.{} IS NULL
-                                       AND starts_with(t.{}, $1))",
+                                       AND starts_with(t.{}, $1){})",
                     quote_ident(&schema),
                     quote_ident(&name),
                     quote_ident(&cfg.id_column),
-                    quote_ident(&cfg.path_column)
+                    quote_ident(&cfg.path_column),
+                    reference.on(Side::Source, "t")
                 ),
                 &[&cfg.source.prefix],
             )
@@ -387,6 +430,8 @@ impl TableInfo {
             path_indexed,
             referencing,
             limits,
+            reference,
+            checksum_col: cfg.checksum_column.as_deref().map(quote_ident),
         })
     }
 
@@ -411,12 +456,28 @@ impl TableInfo {
 }
 
 impl ColumnLimits {
+    /// The path column's declared length, and the CHECK constraints on it that relocator
+    /// can evaluate as the UPDATE would. Left out (the commit still finds what they
+    /// refuse, after the copy): one reading the whole row, one reading a generated column
+    /// (computed from the new value by the UPDATE, not stored yet), a `NO INHERIT` one
+    /// on a table with children (it does not apply to their rows), and, on a table with
+    /// a BEFORE UPDATE trigger, one reading another column (the trigger may change it).
     async fn resolve(client: &tokio_postgres::Client, table: u32, column: i16) -> Result<Self> {
         let row = client
             .query_one(
                 "SELECT format_type(a.atttypid, NULL), format_type(a.atttypid, a.atttypmod),
                         CASE WHEN a.atttypid = 'varchar'::regtype AND a.atttypmod >= 4
-                             THEN a.atttypmod - 4 END
+                             THEN a.atttypmod - 4 END,
+                        (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname)
+                           FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace
+                          WHERE c.oid = a.attcollation),
+                        current_setting('server_encoding') = 'SQL_ASCII',
+                        EXISTS (SELECT 1 FROM pg_trigger g
+                                 WHERE g.tgrelid = a.attrelid AND NOT g.tgisinternal
+                                   AND g.tgenabled <> 'D'
+                                   AND g.tgtype & 1 = 1 AND g.tgtype & 2 = 2
+                                   AND g.tgtype & 16 = 16),
+                        EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = a.attrelid)
                    FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum = $2",
                 &[&table, &column],
             )
@@ -425,12 +486,18 @@ impl ColumnLimits {
         let max_chars = row
             .get::<_, Option<i32>>(2)
             .map(|n| (n.max(0) as usize, row.get::<_, String>(1)));
+        let (before_update, children): (bool, bool) = (row.get(5), row.get(6));
         let checks = client
             .query(
                 "SELECT c.conname::text, pg_get_expr(c.conbin, c.conrelid),
                         ARRAY(SELECT quote_ident(a.attname) FROM pg_attribute a
                                WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
-                                 AND a.attnum <> $2 ORDER BY a.attnum)
+                                 AND a.attnum <> $2 ORDER BY a.attnum),
+                        0 = ANY (c.conkey)
+                          OR EXISTS (SELECT 1 FROM pg_attribute a
+                                      WHERE a.attrelid = c.conrelid
+                                        AND a.attnum = ANY (c.conkey) AND a.attgenerated <> ''),
+                        c.connoinherit
                    FROM pg_constraint c
                   WHERE c.conrelid = $1 AND c.contype = 'c' AND $2 = ANY (c.conkey)
                   ORDER BY c.conname",
@@ -439,16 +506,25 @@ impl ColumnLimits {
             .await
             .context("reading the CHECK constraints on the path column")?
             .into_iter()
-            .map(|r| Check {
-                name: r.get(0),
-                expr: r.get(1),
-                columns: r.get(2),
+            .filter_map(|r| {
+                let check = Check {
+                    name: r.get(0),
+                    expr: r.get(1),
+                    columns: r.get(2),
+                };
+                let (whole_or_generated, no_inherit): (bool, bool) = (r.get(3), r.get(4));
+                let left_to_commit = whole_or_generated
+                    || (no_inherit && children)
+                    || (before_update && !check.columns.is_empty());
+                (!left_to_commit).then_some(check)
             })
             .collect();
         Ok(ColumnLimits {
             max_chars,
             checks,
             base_type: row.get(0),
+            collation: row.get(3),
+            counts_bytes: row.get(4),
         })
     }
 }
@@ -668,7 +744,14 @@ pub struct Queries {
     /// [`ColumnLimits::checks`] of the constraints it fails. Only reads; `None` without
     /// such constraints. See [`crate::pipeline::limits`].
     pub checks: Option<String>,
-    /// $1 keys: which of them some row still references.
+    /// How a row points at its object (for the parameters of [`Queries::referenced`]).
+    pub reference: Reference,
+    /// $1 ids: (id, the `--checksum-column`) of those rows; `None` without the option.
+    /// See [`crate::pipeline::checksum`].
+    pub checksums: Option<String>,
+    /// $1 keys (and, for the service shape, $2 the service whose rows cannot use them:
+    /// [`crate::reference::Reference::not_using`]): which of them some row still
+    /// references.
     pub referenced: String,
     /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
     /// is rolled back: which rows of a batch the table refuses. See [`crate::pipeline::commit`].
@@ -693,6 +776,9 @@ pub struct Queries {
 impl Queries {
     pub fn new(t: &TableInfo) -> Queries {
         let (tbl, id, path, ty) = (&t.qualified, &t.id_col, &t.path_col, t.id_type);
+        let r = &t.reference;
+        let (on_src, on_dst) = (r.on(Side::Source, "t"), r.on(Side::Dest, "t"));
+        let (set_src, set_dst) = (r.set(Side::Source), r.set(Side::Dest));
         let scan = |lower: bool, upper: bool| {
             let mut n = 0;
             let mut next = || {
@@ -706,7 +792,7 @@ impl Queries {
             if upper {
                 conds.push(format!("t.{id} <= {}::text::{ty}", next()));
             }
-            conds.push(format!("starts_with(t.{path}, {})", next()));
+            conds.push(format!("starts_with(t.{path}, {}){on_src}", next()));
             format!(
                 "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t WHERE {} ORDER BY t.{id} LIMIT {}",
                 conds.join(" AND "),
@@ -720,7 +806,7 @@ impl Queries {
                 (String::new(), "$1", "$2")
             };
             format!(
-                "SELECT t.{id}::text FROM {tbl} AS t WHERE {cond}starts_with(t.{path}, {p})
+                "SELECT t.{id}::text FROM {tbl} AS t WHERE {cond}starts_with(t.{path}, {p}){on_src}
                   ORDER BY t.{id} OFFSET {o} LIMIT 1"
             )
         };
@@ -742,6 +828,13 @@ impl Queries {
             ],
             lease_end: [lease_end(false), lease_end(true)],
             checks: checks_query(t),
+            reference: t.reference.clone(),
+            checksums: t.checksum_col.as_ref().map(|c| {
+                format!(
+                    "SELECT t.{id}::text, t.{c}::text
+                       FROM unnest($1::text[]) AS u(id) JOIN {tbl} AS t ON t.{id} = u.id::{ty}"
+                )
+            }),
             commit: one_line(format!(
                 "WITH lease AS (
                      UPDATE relocator.leases SET last_id = $9, heartbeat = clock_timestamp(), done = $12
@@ -762,9 +855,9 @@ impl Queries {
                                    src_version)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
-                     UPDATE {tbl} AS t SET {path} = u.new_path
+                     UPDATE {tbl} AS t SET {path} = u.new_path{set_dst}
                        FROM u
-                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path
+                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path{on_src}
                   RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag, u.dst_etag, u.size,
                             u.src_version, t.{path}::text AS stored
                  ), chk AS (
@@ -799,27 +892,29 @@ impl Queries {
                     .join(", ")
             ),
             probe_batch: format!(
-                "UPDATE {tbl} AS t SET {path} = u.new_path
+                "UPDATE {tbl} AS t SET {path} = u.new_path{set_dst}
                    FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, old_path, new_path)
-                  WHERE t.{id} = u.id::{ty} AND t.{path} = u.old_path
+                  WHERE t.{id} = u.id::{ty} AND t.{path} = u.old_path{on_src}
                  RETURNING u.id, u.new_path, t.{path}::text"
             ),
             probe: format!(
-                "UPDATE {tbl} AS t SET {path} = $3 WHERE t.{id} = $1::text::{ty} AND t.{path} = $2
+                "UPDATE {tbl} AS t SET {path} = $3{set_dst} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_src}
                  RETURNING t.{path}::text"
             ),
             referenced: std::iter::once(format!(
-                "SELECT {path}::text FROM {tbl} WHERE {path} = ANY ($1::text[])"
+                "SELECT t.{path}::text FROM {tbl} AS t WHERE t.{path} = ANY ($1::text[]){}",
+                r.may_use("t")
             ))
             .chain(t.referenced_elsewhere())
             .collect::<Vec<_>>()
             .join(" UNION "),
             lookup: format!(
                 "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
-                  WHERE t.{path} = ANY ($1::text[]) ORDER BY t.{id}"
+                  WHERE t.{path} = ANY ($1::text[]){on_src} ORDER BY t.{id}"
             ),
             to_undo: format!(
-                "SELECT m.move_id, m.row_id, m.old_path, m.new_path, t.{path}::text
+                "SELECT m.move_id, m.row_id, m.old_path, m.new_path,
+                        CASE WHEN t.{id} IS NOT NULL{on_dst} THEN t.{path}::text END
                    FROM relocator.moves m
                    LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
                   WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
@@ -831,9 +926,9 @@ impl Queries {
                                       $6::bool[])
                           AS u(move_id, id, old_path, new_path, try, refused)
              ), upd AS (
-                 UPDATE {tbl} AS t SET {path} = u.old_path
+                 UPDATE {tbl} AS t SET {path} = u.old_path{set_src}
                    FROM u
-                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND t.{path} = u.new_path
+                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND t.{path} = u.new_path{on_dst}
               RETURNING u.move_id, u.old_path, t.{path}::text AS stored
              ), chk AS (
                  SELECT 1 FROM upd WHERE stored IS DISTINCT FROM old_path
@@ -891,7 +986,14 @@ fn checks_query(t: &TableInfo) -> Option<String> {
         .collect();
     columns.sort_unstable();
     columns.dedup();
-    let others: String = columns.iter().map(|c| format!(", t.{c} AS {c}")).collect();
+    // The rewrite sets the service column too: a CHECK reading it sees its new value.
+    let others: String = columns
+        .iter()
+        .map(|c| match t.reference.service_value(Side::Dest) {
+            Some(v) if Some(*c) == t.reference.service_column() => format!(", {v} AS {c}"),
+            _ => format!(", t.{c} AS {c}"),
+        })
+        .collect();
     let fails: Vec<String> = checks
         .iter()
         .enumerate()
@@ -900,7 +1002,7 @@ fn checks_query(t: &TableInfo) -> Option<String> {
     Some(one_line(format!(
         "SELECT x.\"relocator row id\", array_remove(ARRAY[{}], NULL)::int[]
            FROM (SELECT u.id AS \"relocator row id\"{others},
-                        u.new_value::{base} AS {path}
+                        u.new_value::{base}{collate} AS {path}
                    FROM unnest($1::text[], $2::text[]) AS u(id, new_value)
                    JOIN {tbl} AS t ON t.{id} = u.id::{ty}) AS x
           WHERE {}",
@@ -911,6 +1013,12 @@ fn checks_query(t: &TableInfo) -> Option<String> {
             .collect::<Vec<_>>()
             .join(" OR "),
         base = t.limits.base_type,
+        collate = t
+            .limits
+            .collation
+            .as_ref()
+            .map(|c| format!(" COLLATE {c}"))
+            .unwrap_or_default(),
     )))
 }
 
@@ -992,8 +1100,10 @@ pub async fn count_selected(
         let n: i64 = client
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1)",
-                    table.qualified, table.path_col
+                    "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1){}",
+                    table.qualified,
+                    table.path_col,
+                    table.reference.on(Side::Source, "t")
                 ),
                 &[&prefix],
             )
@@ -1007,8 +1117,14 @@ pub async fn count_selected(
         .query_one(
             &format!(
                 "SELECT format('EXPLAIN (FORMAT JSON) SELECT 1 FROM {} AS t \
-                 WHERE t.{} LIKE %L', $1::text)",
-                table.qualified, table.path_col
+                 WHERE t.{} LIKE %L{}', $1::text)",
+                table.qualified,
+                table.path_col,
+                table
+                    .reference
+                    .on(Side::Source, "t")
+                    .replace('\'', "''")
+                    .replace('%', "%%")
             ),
             &[&format!("{}%", like_escape(prefix))],
         )

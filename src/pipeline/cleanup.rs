@@ -41,10 +41,11 @@ type Doomed = (String, Option<String>);
 /// One DeleteObjects answer: bucket, keys sent, keys S3 did not delete (with why).
 type DeleteAnswer<'a> = (&'a str, usize, Vec<(String, String)>);
 
-/// Which keys among `keys` some row of the table still references.
+/// Which keys among `keys`, objects in `bucket`, some row of the table still references.
 pub async fn still_referenced(
     client: &deadpool_postgres::Client,
     q: &Queries,
+    bucket: &str,
     keys: &[&str],
 ) -> Result<HashSet<String>> {
     if keys.is_empty() {
@@ -52,10 +53,13 @@ pub async fn still_referenced(
     }
     let stmt = client.prepare_cached(&q.referenced).await?;
     crate::db::rt(1);
-    let rows = client
-        .query(&stmt, &[&keys])
-        .await
-        .context("checking which source keys rows still reference")?;
+    let not_using = q.reference.not_using(bucket);
+    let rows = if q.reference.checks_service() {
+        client.query(&stmt, &[&keys, &not_using]).await
+    } else {
+        client.query(&stmt, &[&keys]).await
+    };
+    let rows = rows.context("checking which source keys rows still reference")?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
@@ -722,33 +726,42 @@ async fn delete_locked(
             || looked.gone.contains(p.key)
             || in_flight.contains(&(p.bucket, p.key.to_owned()))
     };
-    let keys: Vec<&str> = {
-        let mut seen = HashSet::new();
-        items
-            .iter()
-            .filter(|p| !kept(p))
-            .map(|p| p.key)
-            .filter(|k| seen.insert(*k))
-            .collect()
-    };
-    let mut referenced = still_referenced(db, q, &keys).await?;
-    // Rows of other tables that relocator moved onto a key rely on it too (another job with
-    // the same destination found the object there): their references are not in this
-    // table, but the ledger knows them.
+    // Bucket by bucket: with a service column, which rows may use an object depends on
+    // its bucket (see crate::reference).
+    let mut referenced: HashSet<(&str, String)> = HashSet::new();
     for b in &buckets {
-        let keys: Vec<&str> = keys
-            .iter()
-            .copied()
-            .filter(|k| items.iter().any(|p| p.bucket == *b && p.key == *k))
-            .collect();
-        referenced.extend(moved_onto_by_others(db, q, b, &keys).await?);
+        let keys: Vec<&str> = {
+            let mut seen = HashSet::new();
+            items
+                .iter()
+                .filter(|p| p.bucket == *b && !kept(p))
+                .map(|p| p.key)
+                .filter(|k| seen.insert(*k))
+                .collect()
+        };
+        referenced.extend(
+            still_referenced(db, q, b, &keys)
+                .await?
+                .into_iter()
+                .map(|k| (*b, k)),
+        );
+        // Rows of other tables that relocator moved onto a key rely on it too (another
+        // job with the same destination found the object there): their references are
+        // not in this table, but the ledger knows them.
+        referenced.extend(
+            moved_onto_by_others(db, q, b, &keys)
+                .await?
+                .into_iter()
+                .map(|k| (*b, k)),
+        );
     }
+    let referenced_at = |p: &Unreferenced<'_>| referenced.contains(&(p.bucket, p.key.to_owned()));
 
     // Group deletable keys by bucket (a ledger may span jobs with different buckets).
     let mut by_bucket: BTreeMap<&str, Vec<Doomed>> = BTreeMap::new();
     let mut queued = HashSet::new();
     for p in items {
-        if !referenced.contains(p.key) && !kept(p) && queued.insert((p.bucket, p.key)) {
+        if !referenced_at(p) && !kept(p) && queued.insert((p.bucket, p.key)) {
             by_bucket
                 .entry(p.bucket)
                 .or_default()
@@ -799,7 +812,7 @@ async fn delete_locked(
             Cleaned::Deleted
         } else if looked.gone.contains(p.key) {
             Cleaned::Gone
-        } else if referenced.contains(p.key) {
+        } else if referenced_at(p) {
             Cleaned::StillReferenced
         } else if failed.contains(&(p.bucket, p.key.to_owned())) {
             failures += 1;

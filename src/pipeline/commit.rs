@@ -40,6 +40,9 @@ pub struct CommitBatch<'a> {
     /// The batch's destination reservations ([`crate::pipeline::cleanup::reserve`]), released in
     /// the same statement.
     pub holder: &'a str,
+    /// Rows not to rewrite, with why (their copies are taken back): see
+    /// [`crate::pipeline::checksum`].
+    pub set_aside: &'a HashMap<String, String>,
 }
 
 /// What the commit did.
@@ -78,8 +81,10 @@ pub async fn commit_batch(
     b: &CommitBatch<'_>,
 ) -> Result<Committed> {
     let rows: Vec<Rewrite<'_>> = b.moves.iter().map(|(m, _)| Rewrite::from(*m)).collect();
-    let (sent, refused) =
-        without_refused(client, q, &rows, |tries| send(client, q, b, tries)).await?;
+    let (sent, refused) = without_refused(client, q, &rows, b.set_aside.clone(), |tries| {
+        send(client, q, b, tries)
+    })
+    .await?;
     Ok(match sent {
         Some(moved) => Committed::Rows(moved, refused),
         None => Committed::LeaseLost,
@@ -104,20 +109,22 @@ impl<'a> From<&'a Move> for Rewrite<'a> {
     }
 }
 
-/// Send a batch's statement (`send`, given for each row of `rows` whether to try it);
-/// when the table refuses a row's rewrite, find every such row ([`find_refused`]) and
-/// send it again without them. Returns what the statement returned, and row id → why
-/// the table refused it. Shared by the forward commit and rollback's rewrite back.
+/// Send a batch's statement (`send`, given for each row of `rows` whether to try it),
+/// without the rows `set_aside` names; when the table refuses a row's rewrite, find
+/// every such row ([`find_refused`]) and send it again without them. Returns what the
+/// statement returned, and row id → why it was not tried (`set_aside`'s reasons, then
+/// the table's). Shared by the forward commit and rollback's rewrite back.
 pub(crate) async fn without_refused<T, Fut>(
     client: &deadpool_postgres::Client,
     q: &Queries,
     rows: &[Rewrite<'_>],
+    set_aside: HashMap<String, String>,
     send: impl Fn(Vec<bool>) -> Fut,
 ) -> Result<(T, HashMap<String, String>)>
 where
     Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 {
-    let mut refused: HashMap<String, String> = HashMap::new();
+    let mut refused = set_aside;
     loop {
         let tries = rows.iter().map(|r| !refused.contains_key(r.id)).collect();
         match send(tries).await {

@@ -6,51 +6,68 @@
 //! `rejected` there ([`super::commit`]).
 //!
 //! The length is counted here, without I/O. The CHECK constraints are evaluated by
-//! PostgreSQL in one SELECT per batch ([`crate::db::Queries::checks`]), which writes
-//! nothing and takes no row lock.
+//! PostgreSQL in one SELECT per batch ([`crate::db::Queries::checks`]), in a transaction
+//! rolled back, taking no row lock; where one row's value makes it raise, row by row.
+//! Constraints it cannot evaluate as the UPDATE would are left to the commit (see
+//! [`crate::db::ColumnLimits`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use tokio_postgres::error::SqlState;
 use tracing::warn;
 
-use super::plan::{attention, BatchPlan, Move};
-use crate::db::{self, ColumnLimits, Queries};
+use super::plan::{attention, plan_batch, BatchPlan, Move};
+use crate::db::{self, ColumnLimits, Queries, Row};
 use crate::report::Outcome;
+use crate::rewrite::{Mapped, Rewrite};
 
-/// Move the batch's rows whose new value the column would not take from `moves` to
-/// `skipped`, as `too_long` with the reason. Without constraints to evaluate this is
-/// only the length count.
-pub async fn set_aside(
+/// Plan one batch ([`plan_batch`]) without the rows whose new value the column would not
+/// take: those are `too_long`, with the reason, and the others are planned as if they
+/// were not there (a row that cannot move claims no destination, so it makes no other
+/// row a `collision`).
+pub async fn plan_fitting(
     db: &deadpool_postgres::Client,
     limits: &ColumnLimits,
     q: &Queries,
-    batch: &mut BatchPlan,
-) -> Result<()> {
-    let mut why = too_long(limits, &batch.moves);
-    let rest: Vec<&Move> = batch
-        .moves
+    rows: Vec<Row>,
+    rewrite: &Rewrite,
+) -> Result<BatchPlan> {
+    let mapped: Vec<Move> = rows
+        .iter()
+        .filter_map(|r| match rewrite.map(&r.path) {
+            Mapped::To(dst_key) => Some(Move {
+                row: r.clone(),
+                dst_key,
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut why = too_long(limits, &mapped);
+    let rest: Vec<&Move> = mapped
         .iter()
         .filter(|m| !why.contains_key(&m.row.id))
         .collect();
     why.extend(refused_by_checks(db, limits, q, &rest).await?);
     if why.is_empty() {
-        return Ok(());
+        return Ok(plan_batch(rows, rewrite));
     }
-    let (fit, not): (Vec<Move>, Vec<Move>) = std::mem::take(&mut batch.moves)
+    let fit: Vec<Row> = rows
         .into_iter()
-        .partition(|m| !why.contains_key(&m.row.id));
-    batch.moves = fit;
-    for m in not {
-        let detail = why.remove(&m.row.id).unwrap_or_default();
-        batch.skipped.push(attention(&m, Outcome::TooLong, detail));
+        .filter(|r| !why.contains_key(&r.id))
+        .collect();
+    let mut batch = plan_batch(fit, rewrite);
+    for m in mapped {
+        if let Some(detail) = why.remove(&m.row.id) {
+            batch.skipped.push(attention(&m, Outcome::TooLong, detail));
+        }
     }
-    Ok(())
+    Ok(batch)
 }
 
 /// Row id → why, for the moves whose new value is longer than the declared length
-/// (in characters, as PostgreSQL counts `varchar(n)`).
+/// (in characters, as PostgreSQL counts `varchar(n)`; in bytes in a SQL_ASCII database).
 fn too_long(limits: &ColumnLimits, moves: &[Move]) -> HashMap<String, String> {
     let Some((max, ty)) = &limits.max_chars else {
         return HashMap::new();
@@ -58,7 +75,11 @@ fn too_long(limits: &ColumnLimits, moves: &[Move]) -> HashMap<String, String> {
     moves
         .iter()
         .filter_map(|m| {
-            let n = m.dst_key.chars().count();
+            let n = if limits.counts_bytes {
+                m.dst_key.len()
+            } else {
+                m.dst_key.chars().count()
+            };
             (n > *max).then(|| {
                 (
                     m.row.id.clone(),
@@ -73,10 +94,19 @@ fn too_long(limits: &ColumnLimits, moves: &[Move]) -> HashMap<String, String> {
         .collect()
 }
 
-/// Warned once per process: the role may not read a column a CHECK reads.
-static CHECKS_UNREADABLE: AtomicBool = AtomicBool::new(false);
+/// Warned once per process: the CHECK constraints cannot be evaluated here.
+static CHECKS_SKIPPED: AtomicBool = AtomicBool::new(false);
 
-/// Row id → why, for the moves a CHECK constraint on the path column refuses.
+/// An error PostgreSQL raised for one row's value (a data exception, a constraint, a
+/// function that raises): the UPDATE would fail on that row the same way.
+fn per_row(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| ["22", "23", "P0"].iter().any(|k| c.code().starts_with(k)))
+}
+
+/// Row id → why, for the moves a CHECK constraint on the path column refuses (false, or
+/// an error raised while evaluating it). Evaluated in a transaction that is rolled
+/// back, so a CHECK's function with side effects leaves none.
 async fn refused_by_checks(
     db: &deadpool_postgres::Client,
     limits: &ColumnLimits,
@@ -86,29 +116,75 @@ async fn refused_by_checks(
     let Some(sql) = &q.checks else {
         return Ok(HashMap::new());
     };
-    if moves.is_empty() {
+    if moves.is_empty() || CHECKS_SKIPPED.load(Ordering::Relaxed) {
         return Ok(HashMap::new());
     }
+    let failed = match evaluate(db, sql, limits, moves).await {
+        Ok(found) => return Ok(found),
+        Err(e) => e,
+    };
+    let failed = match failed.downcast::<tokio_postgres::Error>() {
+        Ok(e) if per_row(&e) => e,
+        Ok(e) if e.as_db_error().is_some() => return Ok(skip(&e)),
+        Ok(e) => return Err(e).context("evaluating the path column's CHECK constraints"),
+        Err(e) => return Err(e),
+    };
+    // One row's value makes the evaluation raise: find which, row by row.
+    tracing::debug!(error = %db::pg_message(&failed), "evaluating the CHECKs row by row");
+    let mut found = HashMap::new();
+    for m in moves {
+        match evaluate(db, sql, limits, std::slice::from_ref(m)).await {
+            Ok(one) => found.extend(one),
+            Err(e) => match e.downcast::<tokio_postgres::Error>() {
+                Ok(e) if per_row(&e) => {
+                    found.insert(
+                        m.row.id.clone(),
+                        format!(
+                            "the new key fails the column's CHECK constraints: {} (SQLSTATE \
+                             {}); change the constraint, or choose a --dest prefix or \
+                             --rewrite it accepts",
+                            db::pg_message(&e),
+                            e.code().map(SqlState::code).unwrap_or("?")
+                        ),
+                    );
+                }
+                Ok(e) if e.as_db_error().is_some() => return Ok(skip(&e)),
+                Ok(e) => return Err(e).context("evaluating the path column's CHECK constraints"),
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    Ok(found)
+}
+
+/// The constraints cannot be evaluated here (the role may not read a column they read,
+/// or their expression does not stand alone): say so once, and leave the rows they
+/// refuse to the commit, which finds them after their copy (`rejected`).
+fn skip(e: &tokio_postgres::Error) -> HashMap<String, String> {
+    if !CHECKS_SKIPPED.swap(true, Ordering::Relaxed) {
+        warn!(
+            "the path column's CHECK constraints cannot be evaluated before the copies ({}): \
+             rows they refuse are found at the commit, after their copy, instead",
+            db::pg_message(e)
+        );
+    }
+    HashMap::new()
+}
+
+/// One evaluation of the batch's new values, inside a transaction rolled back.
+async fn evaluate(
+    db: &deadpool_postgres::Client,
+    sql: &str,
+    limits: &ColumnLimits,
+    moves: &[&Move],
+) -> Result<HashMap<String, String>> {
     let ids: Vec<&str> = moves.iter().map(|m| m.row.id.as_str()).collect();
     let news: Vec<&str> = moves.iter().map(|m| m.dst_key.as_str()).collect();
-    db::rt(1);
-    let rows = match db.query(sql.as_str(), &[&ids, &news]).await {
-        Ok(rows) => rows,
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-            // The commit still finds these rows (as `rejected`, after their copy).
-            if !CHECKS_UNREADABLE.swap(true, Ordering::Relaxed) {
-                warn!(
-                    "this role may not read every column the path column's CHECK \
-                     constraints read ({}): rows they refuse are found at the commit, after \
-                     their copy, instead of before it",
-                    db::pg_message(&e)
-                );
-            }
-            return Ok(HashMap::new());
-        }
-        Err(e) => return Err(e).context("evaluating the path column's CHECK constraints"),
-    };
-    Ok(rows
+    db::rt(3);
+    db.batch_execute("BEGIN").await?;
+    let rows = db.query(sql, &[&ids, &news]).await;
+    db.batch_execute("ROLLBACK").await?;
+    Ok(rows?
         .into_iter()
         .map(|r| {
             let id: String = r.get(0);
@@ -133,7 +209,6 @@ async fn refused_by_checks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Row;
 
     fn mv(id: &str, dst: &str) -> Move {
         Move {
@@ -161,5 +236,13 @@ mod tests {
         found.sort();
         assert_eq!(found, ["3", "4"]);
         assert!(too_long(&ColumnLimits::default(), &moves).is_empty());
+        // A SQL_ASCII database counts bytes.
+        let bytes = ColumnLimits {
+            counts_bytes: true,
+            ..limits
+        };
+        let mut found: Vec<String> = too_long(&bytes, &moves).into_keys().collect();
+        found.sort();
+        assert_eq!(found, ["2", "3", "4"]);
     }
 }

@@ -4,6 +4,7 @@
 //! so S3 never waits on the database and the database never waits on S3. `plan` runs
 //! the same planning and checks batch by batch, only looking.
 
+pub mod checksum;
 pub mod cleanup;
 pub mod commit;
 pub mod copy;
@@ -722,8 +723,7 @@ async fn copy_batch(
     at: Reserve<'_>,
     cancel: &CancellationToken,
 ) -> Result<Option<Vec<(Move, Made)>>> {
-    let mut batch = plan::plan_batch(rows, &sh.cfg.rewrite);
-    limits::set_aside(db, &sh.table.limits, &sh.q, &mut batch).await?;
+    let batch = limits::plan_fitting(db, &sh.table.limits, &sh.q, rows, &sh.cfg.rewrite).await?;
     let mut lines = batch.skipped;
     let mut moves = batch.moves;
     if claims {
@@ -787,8 +787,7 @@ async fn key_batch(
             path: r.get(1),
         })
         .collect();
-    let mut batch = plan::plan_batch(rows, &sh.cfg.rewrite);
-    limits::set_aside(db, &sh.table.limits, &sh.q, &mut batch).await?;
+    let batch = limits::plan_fitting(db, &sh.table.limits, &sh.q, rows, &sh.cfg.rewrite).await?;
     let pairs = plan::distinct_pairs(&batch.moves);
     at.reserve(sh, db, &pairs).await?;
     let swap = |k: &str| match sh.cfg.rewrite.map(k) {
@@ -1012,6 +1011,8 @@ async fn commit_stage(
             }
             ToCommit::Batch(b) => b,
         };
+        let ready: Vec<(&Move, &Made)> = b.ready.iter().map(|(m, c)| (m, c)).collect();
+        let mismatched = checksum::mismatches(&db, &sh.q, sh.cfg, &ready).await?;
         let batch = CommitBatch {
             run_id,
             lease_id: b.lease,
@@ -1023,6 +1024,7 @@ async fn commit_stage(
             last_id: &b.last_id,
             ends_lease: b.ends_lease,
             holder: &b.holder,
+            set_aside: &mismatched,
         };
         if !sh.healthy(&db, run_id, cancel).await? {
             return Ok(());
@@ -1067,6 +1069,8 @@ async fn commit_stage(
                     // As the ledger has it: a copy an earlier, killed attempt of the run
                     // made is relocator's too.
                     report.record(moved_line(m, moved.copied, false))?;
+                } else if let Some(why) = mismatched.get(&m.row.id) {
+                    report.record(attention(m, Outcome::ChecksumMismatch, why.clone()))?;
                 } else if let Some(why) = refused.get(&m.row.id) {
                     report.record(attention(m, Outcome::Rejected, why.clone()))?;
                 } else {
