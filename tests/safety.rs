@@ -2270,3 +2270,63 @@ async fn max_rps_never_waits_between_the_look_at_a_copy_and_taking_it_back() {
     assert!(bytes(&env, &env.dst_bucket, "avatar/a.png").await.is_none());
     assert_eq!(env.rows().await[0].1, "image/a.png");
 }
+
+/// Found while reviewing #18: two rows share a source key, and a unique index (here a
+/// partial one, on the new prefix only) makes their two new keys duplicates. No row is
+/// refused alone, so the batch's statement failed on every attempt: plan predicted
+/// `moved` for both, and every run exited 1 without moving anything. Now the rows are
+/// tried one after the other: the second is `rejected` (23505), the others move, and the
+/// shared source stays for the row still pointing at it.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_that_conflict_only_with_each_other_do_not_block_the_batch() {
+    let env = TestEnv::new("refused-together").await;
+    table(&env, false).await;
+    env.db()
+        .await
+        .batch_execute(
+            "CREATE UNIQUE INDEX no_dup_new ON avatars (path) WHERE path LIKE 'avatar/%'",
+        )
+        .await
+        .unwrap();
+    put(&env, &env.src_bucket, "image/u.png", b"shared").await;
+    put(&env, &env.src_bucket, "image/v.png", b"v").await;
+    env.db()
+        .await
+        .batch_execute(
+            "INSERT INTO avatars (path) VALUES ('image/u.png'), ('image/u.png'), ('image/v.png')",
+        )
+        .await
+        .unwrap();
+    let plan = env
+        .cmd()
+        .args(["plan", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--out", &env.path("plan.csv")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        plan.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let (code, err) = env.run(&["--report", &env.path("r.csv")]);
+    assert_eq!(code, 3, "{err}");
+    let predicted = common::read_outcomes(&env.path("plan.csv"));
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    for (id, want) in [("1", "moved"), ("2", "rejected"), ("3", "moved")] {
+        assert_eq!(outcomes[id].0, want, "row {id}: {outcomes:?}");
+        assert_eq!(predicted[id].0, want, "plan, row {id}: {predicted:?}");
+    }
+    assert!(std::fs::read_to_string(env.path("r.csv"))
+        .unwrap()
+        .contains("23505"));
+    let rows: Vec<String> = env.rows().await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(rows, ["avatar/u.png", "image/u.png", "avatar/v.png"]);
+    assert_eq!(
+        bytes(&env, &env.src_bucket, "image/u.png").await.as_deref(),
+        Some(b"shared".as_slice()),
+        "the shared source stays for row 2"
+    );
+    assert!(bytes(&env, &env.src_bucket, "image/v.png").await.is_none());
+    env.assert_no_row_dangles().await;
+}

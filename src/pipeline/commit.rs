@@ -71,8 +71,8 @@ pub struct Moved {
 /// A row the table refuses (too long for the column, a CHECK, a unique index, a foreign
 /// key, row-level security, a trigger that raises) fails the whole statement, and so does
 /// a row the table stores with another value than the new key (a trigger rewriting NEW:
-/// the statement checks what it stored). Then each
-/// row's rewrite is tried alone in a transaction that is rolled back, the refused rows
+/// the statement checks what it stored). Then the rows' rewrites are tried one after
+/// the other in a transaction that is rolled back ([`find_refused`]), the refused rows
 /// are set aside with PostgreSQL's reason, and the batch is committed without them — so
 /// one row never blocks its batch, and the refusal is that row's outcome.
 pub async fn commit_batch(
@@ -200,8 +200,11 @@ fn refusal(e: &tokio_postgres::Error) -> Option<String> {
     })
 }
 
-/// Try each row's rewrite alone, in one transaction rolled back at the end (a savepoint
-/// per row): the rows the table refuses, with why.
+/// Try the rows' rewrites one after the other, in one transaction rolled back at the end
+/// (a savepoint per row): the rows the table refuses, with why. A row the table takes
+/// stays written for the rows after it, as in the batch's statement, so a row that
+/// conflicts only with another row of the batch (two rows sharing a key, whose new keys
+/// a unique index would make duplicates) is found too: the later one.
 async fn find_refused(
     client: &deadpool_postgres::Client,
     q: &Queries,
@@ -215,20 +218,24 @@ async fn find_refused(
         for r in rows.iter().filter(|r| !known.contains_key(r.id)) {
             client.batch_execute("SAVEPOINT probe").await?;
             crate::db::rt(2);
-            match client.query_opt(&probe, &[&r.id, &r.from, &r.to]).await {
+            let refused = match client.query_opt(&probe, &[&r.id, &r.from, &r.to]).await {
                 // A trigger stored something else than the new key.
                 Ok(Some(row)) if row.get::<_, Option<String>>(0).as_deref() != Some(r.to) => {
-                    found.insert(r.id.to_owned(), stored_otherwise(&row.get(0), r.to));
+                    Some(stored_otherwise(&row.get(0), r.to))
                 }
-                Ok(_) => {}
+                Ok(_) => None,
                 Err(e) => match refusal(&e) {
-                    Some(why) => {
-                        found.insert(r.id.to_owned(), why);
-                    }
+                    Some(why) => Some(why),
                     None => return Err(e),
                 },
+            };
+            match refused {
+                Some(why) => {
+                    found.insert(r.id.to_owned(), why);
+                    client.batch_execute("ROLLBACK TO SAVEPOINT probe").await?;
+                }
+                None => client.batch_execute("RELEASE SAVEPOINT probe").await?,
             }
-            client.batch_execute("ROLLBACK TO SAVEPOINT probe").await?;
         }
         Ok(())
     }
