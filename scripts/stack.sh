@@ -15,7 +15,8 @@
 #                                 second server configuration; the others use SQLite)
 #   scripts/stack.sh tools-path   print where the tools' virtualenv is kept (installed or
 #                                 not): moto's server, and Django with django-storages for
-#                                 the Django round trip (moto-path: the same)
+#                                 the Django round trip (moto-path: the same). `up` also
+#                                 installs Debian's Rails 6.1 packages for the Rails one
 #
 # Settings (environment): RELOCATOR_PG_PORT (54329), RELOCATOR_S3_PORT (39000; the
 # second endpoint takes +10), RELOCATOR_STACK_DIR (.stack), RELOCATOR_CACHE_DIR (where the
@@ -383,6 +384,24 @@ for b in sys.argv[2:]:
 PY
 }
 
+# Rails 6.1 (Active Storage, the AWS SDK for Ruby, the pg driver), from Debian, for the
+# Rails round trip (tests/rails): once per machine, nothing to start.
+RAILS_PACKAGES=(ruby ruby-activestorage ruby-aws-sdk-s3 ruby-pg)
+
+rails_tools() {
+    ruby -e 'require "active_storage"; require "aws-sdk-s3"; require "pg"' 2>/dev/null && return
+    say "Rails' Active Storage not found; installing Debian's ${RAILS_PACKAGES[*]} (once)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
+        die "cannot install ${RAILS_PACKAGES[*]}: not root and no sudo. Install them, then rerun."
+    fi
+    { DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${RAILS_PACKAGES[@]}" \
+        || { $sudo apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${RAILS_PACKAGES[@]}"; }; } >&2 \
+        || die "apt-get install ${RAILS_PACKAGES[*]} failed; install them by hand, then rerun"
+}
+
 moto_down() {
     local dir=$STATE/moto
     if pid_alive "$dir/pid"; then
@@ -479,6 +498,7 @@ case "$cmd" in
         garage_up garage2 $((S3_PORT + 10))
         # A second S3 implementation, with versioning.
         moto_up
+        rails_tools
         say "ready: eval \"\$(scripts/stack.sh env)\""
         ;;
     lmdb-up) garage_up garage-lmdb $((S3_PORT + 30)) lmdb ;;
