@@ -308,7 +308,7 @@ impl TableInfo {
                 )));
             }
         }
-        let reference = Reference::new(cfg.service.as_ref(), &cfg.source.bucket, &cfg.dest.bucket);
+        let reference = Reference::new(cfg);
         // S3 keys are byte strings. Under a nondeterministic collation `=` takes
         // `IMAGE/A.PNG` for `image/a.png`: a lookup would pair a row with another row's
         // object and a compare-and-swap would pass on a changed value.
