@@ -200,3 +200,6 @@ CREATE UNLOGGED TABLE IF NOT EXISTS relocator.listed (
 );
 -- NULL: not listed; -1: given up (far more objects than rows); else the keys listed.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS listed_keys bigint;
+-- --service-column: {"column": ..., "buckets": {service: bucket}} as the run was given
+-- them. A later job on the table that puts a service in another bucket is refused.
+ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS services jsonb;

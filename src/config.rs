@@ -899,6 +899,20 @@ impl JobConfig {
         }
     }
 
+    /// `--service-column` as the ledger remembers it for the table's later jobs:
+    /// `{"column": ..., "buckets": {service: bucket}}`.
+    pub fn services_json(&self) -> Option<serde_json::Value> {
+        self.service.as_ref().map(|s| {
+            serde_json::json!({
+                "column": s.column,
+                "buckets": {
+                    s.source.as_str(): self.source.bucket,
+                    s.dest.as_str(): self.dest.bucket,
+                },
+            })
+        })
+    }
+
     /// Identifies "the same job" across reruns, so an interrupted run is resumed.
     pub fn fingerprint(&self) -> String {
         let (re, to) = self
@@ -1055,9 +1069,10 @@ impl ServiceColumn {
             )));
         }
         for (flag, v) in [("--source-service", source), ("--dest-service", dest)] {
-            if v.is_empty() || v.chars().any(char::is_control) {
+            if v.is_empty() || v.chars().any(char::is_control) || v.trim() != v {
                 return Err(ConfigError(format!(
-                    "{flag} {v:?} must be a non-empty value without control characters"
+                    "{flag} {v:?} must be a non-empty value without control characters or \
+                     spaces around it (the service's name as config/storage.yml has it)"
                 )));
             }
         }

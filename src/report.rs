@@ -170,8 +170,13 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Exit code 3: an outcome that needs attention, a failed delete, or rows left under
+    /// the source that this process did not report (another, killed process of the run
+    /// reported them, or the application wrote them behind the run): the table is not
+    /// done, whatever this process saw.
     pub fn needs_attention(&self) -> bool {
         self.counters.delete_failures > 0
+            || self.rows_left_unreported > 0
             || self
                 .outcomes
                 .iter()

@@ -12,6 +12,32 @@ use std::time::{Duration, Instant};
 
 use common::{read_outcomes, read_summary, TestEnv};
 
+/// Wait until some session of this test's database waits for a lock (relocator's
+/// commit behind the row lock the test holds).
+async fn until_a_session_waits_for_a_lock(env: &TestEnv) {
+    let db = env.db().await;
+    let start = Instant::now();
+    loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "relocator never waited for the row lock the test holds"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `active_storage_blobs` as Rails 6.1's migration creates it
 /// (20170806125915_create_active_storage_tables.rb), with or without its unique index
 /// on `key` (without it the run sweeps the table by id, phase 2).
@@ -364,24 +390,7 @@ async fn a_blob_the_application_moves_meanwhile_is_left_alone() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let db = env.db().await;
-    let start = Instant::now();
-    loop {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "never waited");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_a_session_waits_for_a_lock(&env).await;
     tx.commit().await.unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(
@@ -483,6 +492,59 @@ async fn service_options_that_make_the_job_ambiguous_are_refused() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?} says {says:?}: {err}");
     }
+    // A service value with spaces around it is no service name.
+    let out = env
+        .cmd()
+        .arg("run")
+        .args(base)
+        .args([
+            "--service-column",
+            "service_name",
+            "--source-service",
+            "legacy",
+        ])
+        .args([
+            "--dest-service",
+            " production",
+            "--source",
+            &src,
+            "--dest",
+            &dst,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Under a nondeterministic collation `legacy` would select `Legacy` rows too.
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         ALTER TABLE active_storage_blobs ALTER COLUMN service_name TYPE varchar COLLATE ci",
+    )
+    .await
+    .unwrap();
+    let out = env
+        .cmd()
+        .arg("run")
+        .args(base)
+        .args([
+            "--service-column",
+            "service_name",
+            "--source-service",
+            "legacy",
+        ])
+        .args([
+            "--dest-service",
+            "production",
+            "--source",
+            &src,
+            "--dest",
+            &dst,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nondeterministic"), "{err}");
     // clap: one of the three without the others.
     let out = env
         .cmd()
@@ -509,7 +571,7 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
     let env = TestEnv::new("active-storage-md5").await;
     blobs_table(&env, true).await;
     let src = env.src_bucket.clone();
-    for n in 0..2 {
+    for n in 0..3 {
         blob(&env, &src, &key(n), "legacy", &body(n)).await;
     }
     env.s3
@@ -522,10 +584,19 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
         )
         .await
         .unwrap();
+    // Large enough to be copied in parts (so the copy's ETag is no MD5), uploaded in one
+    // (so the source's is): checked against the source's.
+    env.s3
+        .ep()
+        .put(&src, &key(2), vec![7u8; 6 << 20], "image/png")
+        .await
+        .unwrap();
+    let parts = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"];
     let plan = env
         .cmd()
         .arg("plan")
         .args(job(&env))
+        .args(parts)
         .args(["--out", &env.path("plan.csv")])
         .output()
         .unwrap();
@@ -539,6 +610,7 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
         .cmd()
         .arg("run")
         .args(job(&env))
+        .args(parts)
         .args(["--report", &env.path("run.csv")])
         .output()
         .unwrap();
@@ -552,7 +624,92 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
     let outcomes = read_outcomes(&env.path("run.csv"));
     assert_eq!(outcomes["1"].0, "moved", "{outcomes:?}");
     assert_eq!(outcomes["2"].0, "checksum_mismatch", "{outcomes:?}");
+    assert_eq!(outcomes["3"].0, "checksum_mismatch", "{outcomes:?}");
     assert_eq!(predicted, outcomes, "plan predicts run");
+    assert_eq!(
+        blobs(&env).await,
+        [
+            (key(0), "production".to_owned()),
+            (key(1), "legacy".to_owned()),
+            (key(2), "legacy".to_owned()),
+        ]
+    );
+    let mut kept = env.keys(&src, "").await;
+    kept.sort();
+    assert_eq!(kept, [key(1), key(2)], "their sources are kept");
+    assert_eq!(
+        env.keys(&env.dst_bucket, "").await,
+        [key(0)],
+        "the copies made for them were taken back"
+    );
+
+    // verify checks the checksum of the rows it finds moved.
+    env.db()
+        .await
+        .execute(
+            "UPDATE active_storage_blobs SET checksum = $1 WHERE id = 1",
+            &[&base64_md5(b"something else")],
+        )
+        .await
+        .unwrap();
+    let verify = env
+        .cmd()
+        .arg("verify")
+        .args(job(&env))
+        .args(["--out", &env.path("verify.csv")])
+        .output()
+        .unwrap();
+    let found = std::fs::read_to_string(env.path("verify.csv")).unwrap();
+    assert_ne!(verify.status.code(), Some(0), "{found}");
+    assert!(found.contains("checksum_mismatch"), "{found}");
+}
+
+/// Promise 3 with `--checksum-column`, from the service-shape review: the application
+/// replaces a blob's bytes and its checksum while relocator's commit waits on the row.
+/// The commit's compare-and-swap guards the checksum it read too: the row is
+/// `changed_by_app`, left alone, and the new upload is kept. On the code before, the row
+/// was rewritten to a copy of the old bytes under the new checksum.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checksum_the_application_changes_meanwhile_is_guarded() {
+    let env = TestEnv::new("active-storage-cas-md5").await;
+    blobs_table(&env, true).await;
+    let src = env.src_bucket.clone();
+    for n in 0..2 {
+        blob(&env, &src, &key(n), "legacy", &body(n)).await;
+    }
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE active_storage_blobs SET checksum = $1 WHERE id = 2",
+        &[&base64_md5(b"new bytes")],
+    )
+    .await
+    .unwrap();
+    let child = env
+        .cmd()
+        .arg("run")
+        .args(job(&env))
+        .args(["--report", &env.path("run.csv")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_a_session_waits_for_a_lock(&env).await;
+    env.s3
+        .ep()
+        .put(&src, &key(1), b"new bytes".to_vec(), "image/png")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcomes = read_outcomes(&env.path("run.csv"));
+    assert_eq!(outcomes["2"].0, "changed_by_app", "{outcomes:?}");
     assert_eq!(
         blobs(&env).await,
         [
@@ -560,10 +717,44 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
             (key(1), "legacy".to_owned()),
         ]
     );
-    assert_eq!(env.keys(&src, "").await, [key(1)], "its source is kept");
     assert_eq!(
-        env.keys(&env.dst_bucket, "").await,
-        [key(0)],
-        "the copy made for it was taken back"
+        env.s3.ep().get_bytes(&src, &key(1)).await.unwrap(),
+        b"new bytes",
+        "the application's upload is kept"
     );
+}
+
+/// A job that puts a service in another bucket than an earlier run on the table did is
+/// ambiguous (the cleanup trusts that a service names one bucket): refused, exit 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_an_earlier_run_put_in_another_bucket_is_refused() {
+    let env = TestEnv::new("active-storage-agree").await;
+    blobs_table(&env, true).await;
+    blob(&env, &env.src_bucket, &key(0), "legacy", &body(0)).await;
+    let out = env.cmd().arg("run").args(job(&env)).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // `production` is in the destination bucket; this job says it is in the source's.
+    let out = env
+        .cmd()
+        .arg("run")
+        .args([
+            "--table",
+            "active_storage_blobs",
+            "--path-column",
+            "key",
+            "--service-column",
+            "service_name",
+            "--source-service",
+            "production",
+            "--dest-service",
+            "archive",
+        ])
+        .args(["--source", &format!("s3://{}/", env.src_bucket)])
+        .args(["--dest", &format!("s3://{}/", env.dst_bucket)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("\"production\" in bucket"), "{err}");
+    assert_eq!(blobs(&env).await, [(key(0), "production".to_owned())]);
 }

@@ -253,6 +253,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         dst_etag: "etag".into(),
     };
     let none_set_aside = std::collections::HashMap::new();
+    let no_checksums = std::collections::HashMap::new();
     let batch = |owner: &'static str| relocator::pipeline::commit::CommitBatch {
         run_id,
         lease_id,
@@ -265,6 +266,7 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         ends_lease: false,
         holder: "test-batch",
         set_aside: &none_set_aside,
+        checksums: &no_checksums,
     };
     // The batch's reservations, one noting a copy it made.
     db.execute(

@@ -115,7 +115,9 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             HashMap::new()
         };
         let pairs: Vec<(&plan::Move, &copy::Made)> = ready.iter().map(|(m, c)| (*m, c)).collect();
-        let mismatched = pipeline::checksum::mismatches(&db, &sh.q, cfg, &pairs).await?;
+        let mismatched = pipeline::checksum::check(&db, &sh.q, cfg, &pairs)
+            .await?
+            .mismatched;
         let mut report = sh.report();
         for l in batch.skipped.into_iter().chain(lines) {
             report.record(l)?;

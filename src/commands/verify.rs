@@ -31,6 +31,8 @@ pub enum Check {
     Replaced,
     /// `--verify-content`: the object's bytes do not match its own ETag.
     Corrupt,
+    /// `--checksum-column`: the object's MD5 (its ETag) is not the row's checksum.
+    ChecksumMismatch,
     /// Not moved yet; its source object is there.
     StillLegacy,
     /// Its object is in neither bucket.
@@ -50,6 +52,7 @@ impl Check {
             Check::Ok => "ok",
             Check::Replaced => "replaced",
             Check::Corrupt => "corrupt",
+            Check::ChecksumMismatch => "checksum_mismatch",
             Check::StillLegacy => "still_legacy",
             Check::Missing => "missing",
             Check::LegacyLeftover => "legacy_leftover",
@@ -348,10 +351,29 @@ impl Moved<'_> {
         } else {
             BTreeMap::new()
         };
+        // --checksum-column: each row's checksum against its object's MD5.
+        let checksums: BTreeMap<String, Option<String>> = match self.table.checksums_query() {
+            Some(sql) => {
+                let ids: Vec<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
+                self.client
+                    .query(&sql, &[&ids])
+                    .await
+                    .context("reading the rows' checksums")?
+                    .into_iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect()
+            }
+            None => BTreeMap::new(),
+        };
         let mut read: BTreeMap<String, Check> = BTreeMap::new();
         for (id, key, info) in rows {
+            let wrong_checksum = checksums
+                .get(&id)
+                .and_then(|c| c.as_deref())
+                .and_then(|c| crate::pipeline::checksum::mismatch(c, &info.etag));
             let check = match recorded.get(&key) {
                 Some((etag, size)) if !same(&info, etag, *size) => Check::Replaced,
+                _ if wrong_checksum.is_some() => Check::ChecksumMismatch,
                 _ if self.content => match read.get(&key) {
                     Some(c) => *c,
                     None => {

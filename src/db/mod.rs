@@ -293,6 +293,17 @@ impl TableInfo {
                     svc.column
                 )));
             }
+            // As for the path column: under a nondeterministic collation `legacy` would
+            // select (and guard) `Legacy` rows too, another service's.
+            if !found.get::<_, bool>(3) {
+                return Err(config_error(format!(
+                    "--service-column {:?} uses the nondeterministic collation {:?}, under \
+                     which different services compare equal; give the column a \
+                     deterministic collation (e.g. \"C\") first",
+                    svc.column,
+                    found.get::<_, Option<String>>(2).unwrap_or_default()
+                )));
+            }
         }
         if let Some(c) = &cfg.checksum_column {
             let found = column(c).await?.ok_or_else(|| {
@@ -412,6 +423,7 @@ impl TableInfo {
                 referencing.push(found);
             }
         }
+        services_agree(client, cfg, &display).await?;
         let limits = ColumnLimits::resolve(client, oid, path_attnum).await?;
         let encoding: String = client
             .query_one("SELECT current_setting('server_encoding')", &[])
@@ -447,6 +459,17 @@ impl TableInfo {
             })
             .collect();
         (!parts.is_empty()).then(|| parts.join(" UNION "))
+    }
+
+    /// `--checksum-column`: $1 ids → (id, checksum) of those rows.
+    pub fn checksums_query(&self) -> Option<String> {
+        let (tbl, id, ty) = (&self.qualified, &self.id_col, self.id_type);
+        self.checksum_col.as_ref().map(|c| {
+            format!(
+                "SELECT t.{id}::text, t.{c}::text
+                   FROM unnest($1::text[]) AS u(id) JOIN {tbl} AS t ON t.{id} = u.id::{ty}"
+            )
+        })
     }
 
     /// The referencing columns as the ledger remembers them.
@@ -569,6 +592,62 @@ pub async fn rls_hiding(client: &tokio_postgres::Client, tables: &[String]) -> R
 
 /// The `--referenced-by` columns runs on this table recorded (`display`: schema.table as
 /// the ledger names it). Read at start, and again by every cleanup before it deletes.
+/// A `--service-column` job puts each service in a bucket, and the cleanup trusts that
+/// (a row of the destination's service never uses a source object). Earlier runs on the
+/// table that put one of its services in another bucket make the job ambiguous: refused.
+async fn services_agree(
+    client: &tokio_postgres::Client,
+    cfg: &JobConfig,
+    display: &str,
+) -> Result<()> {
+    let Some(svc) = &cfg.service else {
+        return Ok(());
+    };
+    let has_column: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute a
+                              JOIN pg_class c ON c.oid = a.attrelid
+                              JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = 'relocator' AND c.relname = 'runs'
+                               AND a.attname = 'services' AND NOT a.attisdropped
+                               AND has_schema_privilege(n.oid, 'USAGE')
+                               AND has_table_privilege(c.oid, 'SELECT'))",
+            &[],
+        )
+        .await
+        .context("looking for the ledger's services column")?
+        .get(0);
+    if !has_column {
+        return Ok(());
+    }
+    for (service, bucket, flag) in [
+        (&svc.source, &cfg.source.bucket, "--source-service/--source"),
+        (&svc.dest, &cfg.dest.bucket, "--dest-service/--dest"),
+    ] {
+        let other: Option<(i64, String)> = client
+            .query_opt(
+                "SELECT run_id, services->'buckets'->>$3 FROM relocator.runs
+                  WHERE table_name = $1 AND services->>'column' = $2
+                    AND services->'buckets' ? $3 AND services->'buckets'->>$3 <> $4
+                  ORDER BY run_id DESC LIMIT 1",
+                &[&display, &svc.column, service, bucket],
+            )
+            .await
+            .context("reading the services earlier runs on this table were given")?
+            .map(|r| (r.get(0), r.get(1)));
+        if let Some((run, theirs)) = other {
+            return Err(config_error(format!(
+                "{flag}: this job puts {} {service:?} in bucket {bucket:?}, but run {run} on \
+                 {display} put it in bucket {theirs:?}. A service names one bucket, and the \
+                 cleanup relies on it; check the job's services and buckets against \
+                 config/storage.yml",
+                svc.column
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub async fn remembered_references(
     client: &tokio_postgres::Client,
     display: &str,
@@ -779,6 +858,12 @@ impl Queries {
         let r = &t.reference;
         let (on_src, on_dst) = (r.on(Side::Source, "t"), r.on(Side::Dest, "t"));
         let (set_src, set_dst) = (r.set(Side::Source), r.set(Side::Dest));
+        // --checksum-column: the checksum read before the commit is guarded with the key.
+        let same_checksum = t
+            .checksum_col
+            .as_ref()
+            .map(|c| format!(" AND t.{c} IS NOT DISTINCT FROM u.checksum"))
+            .unwrap_or_default();
         let scan = |lower: bool, upper: bool| {
             let mut n = 0;
             let mut next = || {
@@ -829,12 +914,7 @@ impl Queries {
             lease_end: [lease_end(false), lease_end(true)],
             checks: checks_query(t),
             reference: t.reference.clone(),
-            checksums: t.checksum_col.as_ref().map(|c| {
-                format!(
-                    "SELECT t.{id}::text, t.{c}::text
-                       FROM unnest($1::text[]) AS u(id) JOIN {tbl} AS t ON t.{id} = u.id::{ty}"
-                )
-            }),
+            checksums: t.checksums_query(),
             commit: one_line(format!(
                 "WITH lease AS (
                      UPDATE relocator.leases SET last_id = $9, heartbeat = clock_timestamp(), done = $12
@@ -842,7 +922,7 @@ impl Queries {
                   RETURNING lease_id
                  ), u AS (
                      SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try, u.dst_etag, u.size,
-                            u.src_version,
+                            u.src_version, u.checksum,
                             u.copied OR EXISTS (
                                 SELECT 1 FROM relocator.reservations r
                                   JOIN relocator.leases l ON l.lease_id = r.lease_id
@@ -850,14 +930,14 @@ impl Queries {
                                    AND r.holder <> $15 AND l.run_id = $5) AS copied
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
                                    $13::text[], $14::bool[], $16::text[], $17::bigint[],
-                                   $18::text[])
+                                   $18::text[], $19::text[])
                               AS u(id, old_path, new_path, copied, src_etag, try, dst_etag, size,
-                                   src_version)
+                                   src_version, checksum)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
                      UPDATE {tbl} AS t SET {path} = u.new_path{set_dst}
                        FROM u
-                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path{on_src}
+                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path{on_src}{same_checksum}
                   RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag, u.dst_etag, u.size,
                             u.src_version, t.{path}::text AS stored
                  ), chk AS (

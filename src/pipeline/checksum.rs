@@ -18,53 +18,69 @@ use super::plan::Move;
 use crate::config::JobConfig;
 use crate::db::{self, Queries};
 
-/// Row id → why, for the ready rows whose copied object does not match their checksum.
-/// Empty without `--checksum-column`.
-pub async fn mismatches(
+/// The batch's rows' checksums as read before the commit, and the rows whose object
+/// does not match theirs.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Row id → the checksum read: the commit's compare-and-swap guards it too, so a
+    /// row whose checksum the application changes meanwhile is not rewritten.
+    pub read: HashMap<String, Option<String>>,
+    /// Row id → why it does not match.
+    pub mismatched: HashMap<String, String>,
+}
+
+/// Read the ready rows' checksums and compare each with its object: the source's ETag
+/// the copy was made from, or the copy's, whichever is an MD5 (an object copied in parts
+/// from a single-part source still has the source's). Nothing without
+/// `--checksum-column`.
+pub async fn check(
     db: &deadpool_postgres::Client,
     q: &Queries,
     cfg: &JobConfig,
     ready: &[(&Move, &Made)],
-) -> Result<HashMap<String, String>> {
+) -> Result<Checked> {
     let Some(sql) = &q.checksums else {
-        return Ok(HashMap::new());
+        return Ok(Checked::default());
     };
-    // Objects written with a KMS key have ETags that are no MD5 of their bytes.
-    if !cfg.write.etag_is_md5(None) {
-        return Ok(HashMap::new());
+    if ready.is_empty() {
+        return Ok(Checked::default());
     }
-    let checkable: Vec<(&Move, String)> = ready
-        .iter()
-        .filter_map(|(m, made)| Some((*m, md5_of_etag(&made.dst_etag)?)))
-        .collect();
-    if checkable.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let ids: Vec<&str> = checkable.iter().map(|(m, _)| m.row.id.as_str()).collect();
+    let ids: Vec<&str> = ready.iter().map(|(m, _)| m.row.id.as_str()).collect();
     db::rt(1);
-    let stored: HashMap<String, Option<String>> = db
+    let read: HashMap<String, Option<String>> = db
         .query(sql.as_str(), &[&ids])
         .await
         .context("reading the rows' checksums")?
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    Ok(checkable
-        .into_iter()
-        .filter_map(|(m, md5)| {
-            let checksum = stored.get(&m.row.id)?.as_deref()?;
-            let want = md5_of_checksum(checksum)?;
-            (want != md5).then(|| {
-                (
-                    m.row.id.clone(),
-                    format!(
-                        "the object's MD5 is {md5}, the row's checksum {checksum:?} says {want}: \
-                         the bytes at the source are not what the application stored"
-                    ),
-                )
-            })
+    // Objects written with a KMS key have ETags that are no MD5 of their bytes.
+    let md5s = cfg.write.etag_is_md5(None);
+    let mismatched = ready
+        .iter()
+        .filter(|_| md5s)
+        .filter_map(|(m, made)| {
+            let checksum = read.get(&m.row.id)?.as_deref()?;
+            let etag = [&made.src_etag, &made.dst_etag]
+                .into_iter()
+                .find(|e| md5_of_etag(e).is_some())?;
+            mismatch(checksum, etag).map(|why| (m.row.id.clone(), why))
         })
-        .collect())
+        .collect();
+    Ok(Checked { read, mismatched })
+}
+
+/// Why an object with ETag `etag` is not the one `checksum` (base64 MD5) names, if it
+/// is not; `None` when it is, or when either is no MD5.
+pub fn mismatch(checksum: &str, etag: &str) -> Option<String> {
+    let md5 = md5_of_etag(etag)?;
+    let want = md5_of_checksum(checksum)?;
+    (want != md5).then(|| {
+        format!(
+            "the object's MD5 is {md5}, the row's checksum {checksum:?} says {want}: the bytes \
+             are not what the application stored"
+        )
+    })
 }
 
 /// The MD5 an ETag is, in lower-case hex, if it is one (a single-part object's ETag,

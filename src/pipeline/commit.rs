@@ -43,6 +43,9 @@ pub struct CommitBatch<'a> {
     /// Rows not to rewrite, with why (their copies are taken back): see
     /// [`crate::pipeline::checksum`].
     pub set_aside: &'a HashMap<String, String>,
+    /// `--checksum-column`: row id → the checksum read before the commit, which the
+    /// compare-and-swap guards too.
+    pub checksums: &'a HashMap<String, Option<String>>,
 }
 
 /// What the commit did.
@@ -260,6 +263,11 @@ async fn send(
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
     let dst_etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.dst_etag.as_str()).collect();
     let sizes: Vec<i64> = b.moves.iter().map(|(_, c)| c.size).collect();
+    let checksums: Vec<Option<&str>> = b
+        .moves
+        .iter()
+        .map(|(m, _)| b.checksums.get(&m.row.id).and_then(|c| c.as_deref()))
+        .collect();
     let versions: Vec<Option<&str>> = b
         .moves
         .iter()
@@ -289,6 +297,7 @@ async fn send(
                 &dst_etags,
                 &sizes,
                 &versions,
+                &checksums,
             ],
         )
         .await?;

@@ -178,8 +178,9 @@ pub async fn begin_run(
             let r = tx
                 .query_one(
                     "INSERT INTO relocator.runs
-                            (job, table_name, source, dest, lease_ttl_secs, referenced_by)
-                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING run_id",
+                            (job, table_name, source, dest, lease_ttl_secs, referenced_by,
+                             services)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING run_id",
                     &[
                         &job,
                         &table.display,
@@ -187,6 +188,7 @@ pub async fn begin_run(
                         &cfg.dest.to_string(),
                         &secs,
                         &table.referencing_names(),
+                        &cfg.services_json(),
                     ],
                 )
                 .await

@@ -1012,7 +1012,8 @@ async fn commit_stage(
             ToCommit::Batch(b) => b,
         };
         let ready: Vec<(&Move, &Made)> = b.ready.iter().map(|(m, c)| (m, c)).collect();
-        let mismatched = checksum::mismatches(&db, &sh.q, sh.cfg, &ready).await?;
+        let checked = checksum::check(&db, &sh.q, sh.cfg, &ready).await?;
+        let mismatched = &checked.mismatched;
         let batch = CommitBatch {
             run_id,
             lease_id: b.lease,
@@ -1024,7 +1025,8 @@ async fn commit_stage(
             last_id: &b.last_id,
             ends_lease: b.ends_lease,
             holder: &b.holder,
-            set_aside: &mismatched,
+            set_aside: mismatched,
+            checksums: &checked.read,
         };
         if !sh.healthy(&db, run_id, cancel).await? {
             return Ok(());
