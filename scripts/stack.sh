@@ -113,8 +113,20 @@ pg_start() {
         say "PostgreSQL ($name) already running on 127.0.0.1:$port"
     else
         port_open "$port" && die "port $port is taken by another process; stop it or set RELOCATOR_PG_PORT"
-        as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start -o "$opts" \
-            >/dev/null || die "PostgreSQL ($name) did not start, see $dir/server.log"
+        # The port lies in Linux's ephemeral range: a client connection of the moment may
+        # hold it as its local port, and the bind fails. Such a connection is short: retry.
+        local try
+        for try in 1 2 3 4 5; do
+            if as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start -o "$opts" \
+                >/dev/null; then
+                break
+            fi
+            grep -q "Address already in use" "$dir/server.log" 2>/dev/null && [ "$try" -lt 5 ] \
+                || { tail -n 20 "$dir/server.log" >&2 2>/dev/null || true
+                     die "PostgreSQL ($name) did not start, see $dir/server.log"; }
+            say "port $port was in use for a moment; starting PostgreSQL ($name) again"
+            sleep 1
+        done
         say "PostgreSQL ($name) started on 127.0.0.1:$port"
     fi
 }
