@@ -148,8 +148,8 @@ fn body(n: usize) -> Vec<u8> {
 }
 
 /// #18 item 3, on Rails' own schema (the unique index on `key`: the run finds rows by
-/// key, phase 1). Five blobs of service `legacy` (one a tracked variant,
-/// `variants/<key>/<digest>`), one already `production`, one of a third service. `plan`
+/// key, phase 1). Five blobs of service `legacy` (one with a key under `variants/`), one
+/// already `production`, one of a third service. `plan`
 /// predicts `run`; the five get service `production` with the same key, their objects
 /// byte-identical in the new bucket (the `checksum` column matches), their sources
 /// deleted; the others and an untracked variant's object are left alone; `verify` finds
@@ -166,7 +166,8 @@ async fn blobs_move_to_the_new_service_under_the_same_key() {
     blob(&env, &src, &variant, "legacy", &body(9)).await;
     blob(&env, &dst, &key(5), "production", &body(5)).await;
     blob(&env, &src, &key(6), "mirror", &body(6)).await;
-    // A variant Active Storage made without tracking it: an object, no row.
+    // A variant Active Storage made without tracking it: an object at
+    // variants/<blob key>/<digest>, no row.
     let untracked = format!("variants/{}/9d8e7f", key(1));
     env.s3
         .ep()
