@@ -592,7 +592,14 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
         .put(&src, &key(2), vec![7u8; 6 << 20], "image/png")
         .await
         .unwrap();
-    let parts = ["--multipart-threshold", "5MiB", "--part-size", "5MiB"];
+    // moto answers a copy made in parts with a checksum that is not the object's (a
+    // 4-byte value labelled CRC64NVME), which relocator does not take as confirmed: on
+    // moto the object is copied in one request.
+    let parts: &[&str] = if common::on_moto() {
+        &[]
+    } else {
+        &["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
+    };
     let plan = env
         .cmd()
         .arg("plan")
