@@ -766,3 +766,157 @@ async fn a_service_an_earlier_run_put_in_another_bucket_is_refused() {
     assert!(err.contains("\"production\" in bucket"), "{err}");
     assert_eq!(blobs(&env).await, [(key(0), "production".to_owned())]);
 }
+
+/// The fixes round's review (1): rollback tried the rows the table refuses with the
+/// forward rewrite's probe (`legacy` → `production`), which matches no row of a
+/// rollback, so one blob the table refuses to take back made every rollback exit 1.
+/// Now that blob is `rejected` and the others are rolled back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_the_table_refuses_for_one_blob_rolls_back_the_others() {
+    let env = TestEnv::new("active-storage-back").await;
+    blobs_table(&env, true).await;
+    let src = env.src_bucket.clone();
+    for n in 0..3 {
+        blob(&env, &src, &key(n), "legacy", &body(n)).await;
+    }
+    let out = env.cmd().arg("run").args(job(&env)).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    env.db()
+        .await
+        .batch_execute(&format!(
+            "CREATE FUNCTION no_way_back() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.key = '{}' AND NEW.service_name = 'legacy' THEN
+                     RAISE EXCEPTION 'this blob may not go back';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER no_way_back BEFORE UPDATE ON active_storage_blobs
+                 FOR EACH ROW EXECUTE FUNCTION no_way_back();",
+            key(1)
+        ))
+        .await
+        .unwrap();
+    let back = env
+        .cmd()
+        .arg("rollback")
+        .args(job(&env))
+        .args(["--report", &env.path("back.csv")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        back.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let outcomes = read_outcomes(&env.path("back.csv"));
+    assert_eq!(outcomes["2"].0, "rejected", "{outcomes:?}");
+    assert_eq!(
+        blobs(&env).await,
+        [
+            (key(0), "legacy".to_owned()),
+            (key(1), "production".to_owned()),
+            (key(2), "legacy".to_owned()),
+        ]
+    );
+    for n in [0, 2] {
+        assert_eq!(env.s3.ep().get_bytes(&src, &key(n)).await.unwrap(), body(n));
+    }
+}
+
+/// The fixes round's review (3): two jobs putting `production` in different buckets,
+/// started together, both passed the check of earlier runs (made before either had
+/// registered) and both ran, splitting the blobs across two buckets. The check is made
+/// again inside the registration, one job at a time per table: the second is refused.
+/// The interleaving is forced: the ledger's runs table is locked until both have passed
+/// the first check.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_jobs_putting_a_service_in_two_buckets_cannot_both_start() {
+    let env = TestEnv::new("active-storage-race").await;
+    blobs_table(&env, true).await;
+    for n in 0..4 {
+        blob(&env, &env.src_bucket, &key(n), "legacy", &body(n)).await;
+    }
+    // The ledger, made by a job on another table.
+    let db = env.db().await;
+    db.batch_execute("CREATE TABLE other (id int PRIMARY KEY, path text)")
+        .await
+        .unwrap();
+    let out = env
+        .cmd()
+        .args(["run", "--table", "other", "--source", &env.source()])
+        .args(["--dest", &env.dest()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let third = format!("{}-third", env.name);
+    env.s3.create_bucket().bucket(&third).send().await.unwrap();
+
+    let mut hold = env.db().await;
+    let tx = hold.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE relocator.runs IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let start = |dest: String| {
+        env.cmd()
+            .arg("run")
+            .args([
+                "--table",
+                "active_storage_blobs",
+                "--path-column",
+                "key",
+                "--service-column",
+                "service_name",
+                "--source-service",
+                "legacy",
+                "--dest-service",
+                "production",
+            ])
+            .args(["--source", &format!("s3://{}/", env.src_bucket)])
+            .args(["--dest", &dest])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let x = start(format!("s3://{}/", env.dst_bucket));
+    let y = start(format!("s3://{third}/"));
+    // Both past the check at their start, waiting to register.
+    let started = Instant::now();
+    loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type IN ('Lock')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n >= 2 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "both wait");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.commit().await.unwrap();
+    let (x, y) = (x.wait_with_output().unwrap(), y.wait_with_output().unwrap());
+    let mut codes = [x.status.code(), y.status.code()];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [Some(0), Some(2)],
+        "one runs, the other is refused: {} / {}",
+        String::from_utf8_lossy(&x.stderr),
+        String::from_utf8_lossy(&y.stderr)
+    );
+    let refused = if x.status.code() == Some(2) { &x } else { &y };
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in bucket"));
+    let in_dst = env.keys(&env.dst_bucket, "").await.len();
+    let in_third = env.keys(&third, "").await.len();
+    assert!(
+        (in_dst, in_third) == (4, 0) || (in_dst, in_third) == (0, 4),
+        "every blob in one bucket: {in_dst} / {in_third}"
+    );
+}

@@ -2330,3 +2330,57 @@ async fn rows_that_conflict_only_with_each_other_do_not_block_the_batch() {
     assert!(bytes(&env, &env.src_bucket, "image/v.png").await.is_none());
     env.assert_no_row_dangles().await;
 }
+
+/// The fixes round's review (2): a deferred unique constraint is checked only at the
+/// commit, so the rows the table refuses were looked for in vain (each row tried with
+/// the constraint deferred passed) and every run exited 1, with `plan` predicting
+/// `moved`. The rows are now tried with the constraints immediate: the row whose new
+/// key exists is `rejected`, the others move.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_constraint_refuses_its_row_not_the_batch() {
+    let env = TestEnv::new("refused-deferred").await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE avatars (
+             id serial PRIMARY KEY,
+             path text CONSTRAINT upath UNIQUE DEFERRABLE INITIALLY DEFERRED);
+         INSERT INTO avatars (path)
+             VALUES ('image/a1.png'), ('image/a2.png'), ('image/a3.png'), ('avatar/a2.png');",
+    )
+    .await
+    .unwrap();
+    for p in ["image/a1.png", "image/a2.png", "image/a3.png"] {
+        put(&env, &env.src_bucket, p, p.as_bytes()).await;
+    }
+    put(&env, &env.dst_bucket, "avatar/a2.png", b"image/a2.png").await;
+    let plan = env
+        .cmd()
+        .args(["plan", "--source", &env.source(), "--dest", &env.dest()])
+        .args(["--out", &env.path("plan.csv")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        plan.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let (code, err) = env.run(&["--report", &env.path("r.csv")]);
+    assert_eq!(code, 3, "{err}");
+    let predicted = common::read_outcomes(&env.path("plan.csv"));
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    for (id, want) in [("1", "moved"), ("2", "rejected"), ("3", "moved")] {
+        assert_eq!(outcomes[id].0, want, "row {id}: {outcomes:?}");
+        assert_eq!(predicted[id].0, want, "plan, row {id}: {predicted:?}");
+    }
+    let rows: Vec<String> = env.rows().await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        rows,
+        [
+            "avatar/a1.png",
+            "image/a2.png",
+            "avatar/a3.png",
+            "avatar/a2.png"
+        ]
+    );
+}

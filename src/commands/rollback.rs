@@ -388,24 +388,25 @@ async fn commit_undo(
         .prepare_cached(&sh.q.undo)
         .await
         .context("preparing the rewrite back")?;
-    let (restored, refused) = commit::without_refused(db, &sh.q, &rows, HashMap::new(), |tries| {
-        let refused: Vec<bool> = tries.iter().map(|t| !t).collect();
-        let (stmt, move_ids, ids, olds, news, tried) =
-            (&stmt, &move_ids, &ids, &olds, &news, &tried);
-        let (table, dst_bucket) = (&sh.table.display, &sh.cfg.dest.bucket);
-        async move {
-            db::rt(1);
-            db.query(
-                stmt,
-                &[
-                    move_ids, ids, olds, news, tried, &refused, table, dst_bucket,
-                ],
-            )
-            .await
-        }
-    })
-    .await
-    .context("rewriting the batch's rows back")?;
+    let (restored, refused) =
+        commit::without_refused(db, &sh.q.probe_back, &rows, HashMap::new(), |tries| {
+            let refused: Vec<bool> = tries.iter().map(|t| !t).collect();
+            let (stmt, move_ids, ids, olds, news, tried) =
+                (&stmt, &move_ids, &ids, &olds, &news, &tried);
+            let (table, dst_bucket) = (&sh.table.display, &sh.cfg.dest.bucket);
+            async move {
+                db::rt(1);
+                db.query(
+                    stmt,
+                    &[
+                        move_ids, ids, olds, news, tried, &refused, table, dst_bucket,
+                    ],
+                )
+                .await
+            }
+        })
+        .await
+        .context("rewriting the batch's rows back")?;
     Ok((
         restored.into_iter().map(|r| (r.get(0), r.get(1))).collect(),
         refused,

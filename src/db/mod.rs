@@ -595,8 +595,10 @@ pub async fn rls_hiding(client: &tokio_postgres::Client, tables: &[String]) -> R
 /// A `--service-column` job puts each service in a bucket, and the cleanup trusts that
 /// (a row of the destination's service never uses a source object). Earlier runs on the
 /// table that put one of its services in another bucket make the job ambiguous: refused.
-async fn services_agree(
-    client: &tokio_postgres::Client,
+/// Checked when the table is resolved, and again in `run`'s registration, under a lock
+/// per table, so two jobs started at once cannot both pass it.
+pub async fn services_agree<C: tokio_postgres::GenericClient>(
+    client: &C,
     cfg: &JobConfig,
     display: &str,
 ) -> Result<()> {
@@ -835,6 +837,9 @@ pub struct Queries {
     /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
     /// is rolled back: which rows of a batch the table refuses. See [`crate::pipeline::commit`].
     pub probe: String,
+    /// Rollback's: one row's guarded rewrite back ($1 id, $2 the new key it must still
+    /// hold, $3 the old key), tried like [`Queries::probe`].
+    pub probe_back: String,
     /// A batch's guarded rewrites ($1 ids, $2 olds, $3 news) tried at once inside a
     /// transaction that is rolled back (`plan`): (id, new, stored) of the rows it wrote.
     pub probe_batch: String,
@@ -979,6 +984,10 @@ impl Queries {
             ),
             probe: format!(
                 "UPDATE {tbl} AS t SET {path} = $3{set_dst} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_src}
+                 RETURNING t.{path}::text"
+            ),
+            probe_back: format!(
+                "UPDATE {tbl} AS t SET {path} = $3{set_src} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_dst}
                  RETURNING t.{path}::text"
             ),
             referenced: std::iter::once(format!(

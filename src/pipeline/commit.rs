@@ -84,7 +84,7 @@ pub async fn commit_batch(
     b: &CommitBatch<'_>,
 ) -> Result<Committed> {
     let rows: Vec<Rewrite<'_>> = b.moves.iter().map(|(m, _)| Rewrite::from(*m)).collect();
-    let (sent, refused) = without_refused(client, q, &rows, b.set_aside.clone(), |tries| {
+    let (sent, refused) = without_refused(client, &q.probe, &rows, b.set_aside.clone(), |tries| {
         send(client, q, b, tries)
     })
     .await?;
@@ -119,7 +119,7 @@ impl<'a> From<&'a Move> for Rewrite<'a> {
 /// the table's). Shared by the forward commit and rollback's rewrite back.
 pub(crate) async fn without_refused<T, Fut>(
     client: &deadpool_postgres::Client,
-    q: &Queries,
+    probe: &str,
     rows: &[Rewrite<'_>],
     set_aside: HashMap<String, String>,
     send: impl Fn(Vec<bool>) -> Fut,
@@ -133,7 +133,7 @@ where
         match send(tries).await {
             Ok(sent) => return Ok((sent, refused)),
             Err(e) if refusal(&e).is_some() => {
-                let found = find_refused(client, q, rows, &refused).await?;
+                let found = find_refused(client, probe, rows, &refused).await?;
                 if found.is_empty() {
                     // No single row is refused: not a per-row problem after all.
                     return Err(e).context("rewriting the batch's rows");
@@ -162,7 +162,9 @@ pub async fn refused_rewrites(
     let olds: Vec<&str> = rows.iter().map(|r| r.from).collect();
     let news: Vec<&str> = rows.iter().map(|r| r.to).collect();
     let stmt = client.prepare_cached(&q.probe_batch).await?;
-    client.batch_execute("BEGIN").await?;
+    client
+        .batch_execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE")
+        .await?;
     crate::db::rt(3);
     let tried = client.query(&stmt, &[&ids, &olds, &news]).await;
     client.batch_execute("ROLLBACK").await?;
@@ -175,7 +177,9 @@ pub async fn refused_rewrites(
                 (got.as_deref() != Some(new.as_str())).then(|| (id, stored_otherwise(&got, &new)))
             })
             .collect()),
-        Err(e) if refusal(&e).is_some() => find_refused(client, q, rows, &HashMap::new()).await,
+        Err(e) if refusal(&e).is_some() => {
+            find_refused(client, &q.probe, rows, &HashMap::new()).await
+        }
         Err(e) => Err(e).context("trying the batch's rewrites"),
     }
 }
@@ -210,12 +214,15 @@ fn refusal(e: &tokio_postgres::Error) -> Option<String> {
 /// a unique index would make duplicates) is found too: the later one.
 async fn find_refused(
     client: &deadpool_postgres::Client,
-    q: &Queries,
+    probe: &str,
     rows: &[Rewrite<'_>],
     known: &HashMap<String, String>,
 ) -> Result<HashMap<String, String>> {
-    let probe = client.prepare_cached(&q.probe).await?;
-    client.batch_execute("BEGIN").await?;
+    let probe = client.prepare_cached(probe).await?;
+    // A deferred constraint is checked at the commit: here, at each row.
+    client
+        .batch_execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE")
+        .await?;
     let mut found = HashMap::new();
     let result = async {
         for r in rows.iter().filter(|r| !known.contains_key(r.id)) {

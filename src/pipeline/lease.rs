@@ -139,6 +139,17 @@ pub async fn begin_run(
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&job])
         .await?;
+    // Jobs naming services register one at a time per table, each seeing the others'
+    // service-to-bucket mapping (checked once already, but another job may have
+    // registered since).
+    if cfg.service.is_some() {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('relocator services ' || $1))",
+            &[&table.display],
+        )
+        .await?;
+        crate::db::services_agree(&*tx, cfg, &table.display).await?;
+    }
     let open = tx
         .query_opt(
             "SELECT run_id, lease_ttl_secs FROM relocator.runs
