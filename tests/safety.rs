@@ -2384,3 +2384,65 @@ async fn a_deferred_constraint_refuses_its_row_not_the_batch() {
         ]
     );
 }
+
+/// The fixes round's review (4): the probe for the rows the table refuses did not guard
+/// the checksum the commit guards (`--checksum-column`). A row the application changed
+/// while the commit waited stayed written in the probe, so the next row sharing its key
+/// looked like a duplicate under a unique index and was `rejected`. Now that row moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_probe_for_refused_rows_guards_what_the_commit_guards() {
+    let env = TestEnv::new("refused-checksum").await;
+    let db = env.db().await;
+    db.batch_execute(
+        "CREATE TABLE avatars (id serial PRIMARY KEY, path text, checksum varchar);
+         CREATE UNIQUE INDEX new_once ON avatars (path) WHERE path LIKE 'avatar/%';
+         CREATE FUNCTION no_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.path LIKE 'avatar/bad%' THEN RAISE EXCEPTION 'refused %', NEW.path; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER no_bad BEFORE UPDATE ON avatars FOR EACH ROW EXECUTE FUNCTION no_bad();",
+    )
+    .await
+    .unwrap();
+    let md5 = |b: &[u8]| {
+        use md5::Digest;
+        aws_smithy_types::base64::encode(md5::Md5::digest(b))
+    };
+    for p in ["image/s.png", "image/bad.png"] {
+        put(&env, &env.src_bucket, p, p.as_bytes()).await;
+    }
+    for p in ["image/s.png", "image/s.png", "image/bad.png"] {
+        db.execute(
+            "INSERT INTO avatars (path, checksum) VALUES ($1, $2)",
+            &[&p, &md5(p.as_bytes())],
+        )
+        .await
+        .unwrap();
+    }
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE avatars SET checksum = 'AAAAAAAAAAAAAAAAAAAAAA==' WHERE id = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let child = spawn(
+        &env,
+        &[
+            "--checksum-column",
+            "checksum",
+            "--report",
+            &env.path("r.csv"),
+        ],
+    );
+    until_a_session_waits_for_a_lock(&env).await;
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 3, "{err}");
+    let outcomes = common::read_outcomes(&env.path("r.csv"));
+    for (id, want) in [("1", "changed_by_app"), ("2", "moved"), ("3", "rejected")] {
+        assert_eq!(outcomes[id].0, want, "row {id}: {outcomes:?}");
+    }
+}

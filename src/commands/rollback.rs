@@ -382,6 +382,7 @@ async fn commit_undo(
             id: &e.row_id,
             from: &e.new_path,
             to: &e.old_path,
+            checksum: None,
         })
         .collect();
     let stmt = db

@@ -834,11 +834,11 @@ pub struct Queries {
     /// [`crate::reference::Reference::not_using`]): which of them some row still
     /// references.
     pub referenced: String,
-    /// One row's guarded rewrite ($1 id, $2 old, $3 new), tried inside a transaction that
-    /// is rolled back: which rows of a batch the table refuses. See [`crate::pipeline::commit`].
+    /// One row's guarded rewrite ($1 id, $2 old, $3 new, $4 the checksum the commit
+    /// guards or NULL), tried inside a transaction that is rolled back: which rows of a batch the table refuses. See [`crate::pipeline::commit`].
     pub probe: String,
     /// Rollback's: one row's guarded rewrite back ($1 id, $2 the new key it must still
-    /// hold, $3 the old key), tried like [`Queries::probe`].
+    /// hold, $3 the old key, $4 NULL), tried like [`Queries::probe`].
     pub probe_back: String,
     /// A batch's guarded rewrites ($1 ids, $2 olds, $3 news) tried at once inside a
     /// transaction that is rolled back (`plan`): (id, new, stored) of the rows it wrote.
@@ -869,6 +869,11 @@ impl Queries {
             .as_ref()
             .map(|c| format!(" AND t.{c} IS NOT DISTINCT FROM u.checksum"))
             .unwrap_or_default();
+        // The probe's $4: the checksum the commit guards, if it read one.
+        let probe_checksum = match &t.checksum_col {
+            Some(c) => format!(" AND ($4::text IS NULL OR t.{c} IS NOT DISTINCT FROM $4::text)"),
+            None => " AND $4::text IS NULL".to_owned(),
+        };
         let scan = |lower: bool, upper: bool| {
             let mut n = 0;
             let mut next = || {
@@ -983,11 +988,11 @@ impl Queries {
                  RETURNING u.id, u.new_path, t.{path}::text"
             ),
             probe: format!(
-                "UPDATE {tbl} AS t SET {path} = $3{set_dst} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_src}
+                "UPDATE {tbl} AS t SET {path} = $3{set_dst} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_src}{probe_checksum}
                  RETURNING t.{path}::text"
             ),
             probe_back: format!(
-                "UPDATE {tbl} AS t SET {path} = $3{set_src} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_dst}
+                "UPDATE {tbl} AS t SET {path} = $3{set_src} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_dst} AND $4::text IS NULL
                  RETURNING t.{path}::text"
             ),
             referenced: std::iter::once(format!(

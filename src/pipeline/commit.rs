@@ -83,7 +83,14 @@ pub async fn commit_batch(
     q: &Queries,
     b: &CommitBatch<'_>,
 ) -> Result<Committed> {
-    let rows: Vec<Rewrite<'_>> = b.moves.iter().map(|(m, _)| Rewrite::from(*m)).collect();
+    let rows: Vec<Rewrite<'_>> = b
+        .moves
+        .iter()
+        .map(|(m, _)| Rewrite {
+            checksum: b.checksums.get(&m.row.id).and_then(|c| c.as_deref()),
+            ..Rewrite::from(*m)
+        })
+        .collect();
     let (sent, refused) = without_refused(client, &q.probe, &rows, b.set_aside.clone(), |tries| {
         send(client, q, b, tries)
     })
@@ -99,6 +106,9 @@ pub struct Rewrite<'a> {
     pub id: &'a str,
     pub from: &'a str,
     pub to: &'a str,
+    /// `--checksum-column`: the checksum the commit's compare-and-swap guards too, so
+    /// that the probe for refused rows skips a row the commit would skip.
+    pub checksum: Option<&'a str>,
 }
 
 impl<'a> From<&'a Move> for Rewrite<'a> {
@@ -108,6 +118,7 @@ impl<'a> From<&'a Move> for Rewrite<'a> {
             id: &m.row.id,
             from: &m.row.path,
             to: &m.dst_key,
+            checksum: None,
         }
     }
 }
@@ -228,7 +239,10 @@ async fn find_refused(
         for r in rows.iter().filter(|r| !known.contains_key(r.id)) {
             client.batch_execute("SAVEPOINT probe").await?;
             crate::db::rt(2);
-            let refused = match client.query_opt(&probe, &[&r.id, &r.from, &r.to]).await {
+            let refused = match client
+                .query_opt(&probe, &[&r.id, &r.from, &r.to, &r.checksum])
+                .await
+            {
                 // A trigger stored something else than the new key.
                 Ok(Some(row)) if row.get::<_, Option<String>>(0).as_deref() != Some(r.to) => {
                     Some(stored_otherwise(&row.get(0), r.to))
