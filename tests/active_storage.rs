@@ -10,33 +10,7 @@ use common::ClientExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{read_outcomes, read_summary, TestEnv};
-
-/// Wait until some session of this test's database waits for a lock (relocator's
-/// commit behind the row lock the test holds).
-async fn until_a_session_waits_for_a_lock(env: &TestEnv) {
-    let db = env.db().await;
-    let start = Instant::now();
-    loop {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "relocator never waited for the row lock the test holds"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::{exits, read_outcomes, read_summary, until_a_session_waits_for_a_lock, TestEnv};
 
 /// `active_storage_blobs` as Rails 6.1's migration creates it
 /// (20170806125915_create_active_storage_tables.rb), with or without its unique index
@@ -176,32 +150,20 @@ async fn blobs_move_to_the_new_service_under_the_same_key() {
         .unwrap();
     let before = blobs(&env).await;
 
-    let plan = env
-        .cmd()
-        .arg("plan")
-        .args(job(&env))
-        .args(["--out", &env.path("plan.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        plan.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job(&env))
+            .args(["--out", &env.path("plan.csv")]),
+        0,
     );
     assert_eq!(blobs(&env).await, before, "plan changed nothing");
-    let out = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(["--report", &env.path("run.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(["--report", &env.path("run.csv")]),
+        0,
     );
     let predicted = read_outcomes(&env.path("plan.csv"));
     let outcomes = read_outcomes(&env.path("run.csv"));
@@ -240,32 +202,20 @@ async fn blobs_move_to_the_new_service_under_the_same_key() {
         "sources deleted; others kept"
     );
 
-    let verify = env
-        .cmd()
-        .arg("verify")
-        .args(job(&env))
-        .args(["--out", &env.path("verify.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
+    exits(
+        env.cmd()
+            .arg("verify")
+            .args(job(&env))
+            .args(["--out", &env.path("verify.csv")]),
+        0,
     );
 
-    let back = env
-        .cmd()
-        .arg("rollback")
-        .args(job(&env))
-        .args(["--report", &env.path("back.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        back.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&back.stderr)
+    exits(
+        env.cmd()
+            .arg("rollback")
+            .args(job(&env))
+            .args(["--report", &env.path("back.csv")]),
+        0,
     );
     assert_eq!(blobs(&env).await, before, "rollback returns every row");
     for (n, k) in [(0, key(0)), (1, key(1)), (9, variant.clone())] {
@@ -600,33 +550,21 @@ async fn a_blob_whose_bytes_do_not_match_its_checksum_is_left_alone() {
     } else {
         &["--multipart-threshold", "5MiB", "--part-size", "5MiB"]
     };
-    let plan = env
-        .cmd()
-        .arg("plan")
-        .args(job(&env))
-        .args(parts)
-        .args(["--out", &env.path("plan.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        plan.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job(&env))
+            .args(parts)
+            .args(["--out", &env.path("plan.csv")]),
+        3,
     );
-    let out = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(parts)
-        .args(["--report", &env.path("run.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(parts)
+            .args(["--report", &env.path("run.csv")]),
+        3,
     );
     let predicted = read_outcomes(&env.path("plan.csv"));
     let outcomes = read_outcomes(&env.path("run.csv"));
@@ -797,18 +735,12 @@ async fn a_rollback_the_table_refuses_for_one_blob_rolls_back_the_others() {
         ))
         .await
         .unwrap();
-    let back = env
-        .cmd()
-        .arg("rollback")
-        .args(job(&env))
-        .args(["--report", &env.path("back.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        back.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&back.stderr)
+    exits(
+        env.cmd()
+            .arg("rollback")
+            .args(job(&env))
+            .args(["--report", &env.path("back.csv")]),
+        3,
     );
     let outcomes = read_outcomes(&env.path("back.csv"));
     assert_eq!(outcomes["2"].0, "rejected", "{outcomes:?}");

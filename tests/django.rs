@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{read_outcomes, var, TestEnv, HOW_TO_START};
+use common::{exits, read_outcomes, var, TestEnv, HOW_TO_START};
 
 /// Run tests/django/roundtrip.py `command` against `bucket`, as the application would,
 /// on this test's database; its standard output.
@@ -71,31 +71,19 @@ async fn files_uploaded_through_django_read_back_identical_after_the_move() {
         "--dest",
         &env.dest(),
     ];
-    let plan = env
-        .cmd()
-        .arg("plan")
-        .args(job)
-        .args(["--out", &env.path("plan.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        plan.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job)
+            .args(["--out", &env.path("plan.csv")]),
+        3,
     );
-    let out = env
-        .cmd()
-        .arg("run")
-        .args(job)
-        .args(["--report", &env.path("run.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job)
+            .args(["--report", &env.path("run.csv")]),
+        3,
     );
     let predicted = read_outcomes(&env.path("plan.csv"));
     let outcomes = read_outcomes(&env.path("run.csv"));

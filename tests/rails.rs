@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{read_outcomes, var, TestEnv, HOW_TO_START};
+use common::{exits, read_outcomes, var, TestEnv, HOW_TO_START};
 
 /// Run tests/rails/roundtrip.rb `command` as the application would, on this test's
 /// database and buckets; its standard output.
@@ -71,31 +71,19 @@ async fn blobs_uploaded_through_rails_read_back_from_the_new_service() {
         "--dest",
         &dest,
     ];
-    let plan = env
-        .cmd()
-        .arg("plan")
-        .args(job)
-        .args(["--out", &env.path("plan.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        plan.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job)
+            .args(["--out", &env.path("plan.csv")]),
+        0,
     );
-    let run = env
-        .cmd()
-        .arg("run")
-        .args(job)
-        .args(["--report", &env.path("run.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job)
+            .args(["--report", &env.path("run.csv")]),
+        0,
     );
     assert_eq!(
         read_outcomes(&env.path("plan.csv")),

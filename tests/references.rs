@@ -6,7 +6,7 @@
 mod common;
 use common::ClientExt;
 
-use common::{read_outcomes, read_summary, TestEnv};
+use common::{exits, read_outcomes, read_summary, TestEnv};
 
 /// Django's shape of the table: a `varchar` of a declared length, with CHECKs on the path
 /// column, one of them also reading another column. Rows (id, path, kind, what happens):
@@ -61,17 +61,11 @@ async fn too_long_before_any_copy(path_index: bool) {
     let env = TestEnv::new(if path_index { "limits-idx" } else { "limits" }).await;
     limited_table(&env, path_index).await;
 
-    let plan = env
-        .cmd()
-        .args(["plan", "--source", &env.source(), "--dest", &env.dest()])
-        .args(["--out", &env.path("plan.csv")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        plan.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
+    exits(
+        env.cmd()
+            .args(["plan", "--source", &env.source(), "--dest", &env.dest()])
+            .args(["--out", &env.path("plan.csv")]),
+        3,
     );
     let predicted = read_outcomes(&env.path("plan.csv"));
 
@@ -274,18 +268,12 @@ async fn the_column_collation_counts() {
     .unwrap();
     env.put_row("image/a.png", b"a".to_vec()).await;
     let dest = format!("s3://{}/Été/", env.dst_bucket);
-    let out = env
-        .cmd()
-        .args(["run", "--source", &env.source(), "--dest", &dest])
-        .args(["--report", &env.path("r.csv")])
-        .args(["--summary-json", &env.path("s.json")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exits(
+        env.cmd()
+            .args(["run", "--source", &env.source(), "--dest", &dest])
+            .args(["--report", &env.path("r.csv")])
+            .args(["--summary-json", &env.path("s.json")]),
+        3,
     );
     let outcomes = read_outcomes(&env.path("r.csv"));
     assert_eq!(outcomes["1"].0, "too_long", "{outcomes:?}");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, FaultProxy};
-use common::{read_summary, TestEnv};
+use common::{read_summary, until_a_session_waits_for_a_lock, TestEnv};
 
 /// The table as the application has it, without the seeder: `avatars(id, path)`, with
 /// or without the index on `path` (without it the run takes phase 2: HEAD per object,
@@ -56,32 +56,6 @@ fn finish(child: Child) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Wait until some session of this test's database waits for a lock (relocator's
-/// commit behind a held row lock, or its cleanup behind an open writer).
-async fn until_a_session_waits_for_a_lock(env: &TestEnv) {
-    let db = env.db().await;
-    let start = Instant::now();
-    loop {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "relocator never waited for the lock held by the test"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Safety #1. Rows 1 and 3 share a key, batches {1,2} and {3,4}. Batch 1 copies it; the

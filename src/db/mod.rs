@@ -605,21 +605,7 @@ pub async fn services_agree<C: tokio_postgres::GenericClient>(
     let Some(svc) = &cfg.service else {
         return Ok(());
     };
-    let has_column: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute a
-                              JOIN pg_class c ON c.oid = a.attrelid
-                              JOIN pg_namespace n ON n.oid = c.relnamespace
-                             WHERE n.nspname = 'relocator' AND c.relname = 'runs'
-                               AND a.attname = 'services' AND NOT a.attisdropped
-                               AND has_schema_privilege(n.oid, 'USAGE')
-                               AND has_table_privilege(c.oid, 'SELECT'))",
-            &[],
-        )
-        .await
-        .context("looking for the ledger's services column")?
-        .get(0);
-    if !has_column {
+    if !runs_column_readable(client, "services").await? {
         return Ok(());
     }
     for (service, bucket, flag) in [
@@ -650,27 +636,34 @@ pub async fn services_agree<C: tokio_postgres::GenericClient>(
     Ok(())
 }
 
-pub async fn remembered_references(
-    client: &tokio_postgres::Client,
-    display: &str,
-) -> Result<Vec<String>> {
-    // From the catalog alone: to_regclass would fail for a role without USAGE on the
-    // ledger's schema (a reader running `verify` or `status`).
-    let has_column: bool = client
+/// Whether the ledger's `relocator.runs` has `column` and this role may read it: from
+/// the catalog alone, as to_regclass would fail for a role without USAGE on the ledger's
+/// schema (a reader running `verify` or `status`), and an older ledger lacks the column.
+async fn runs_column_readable<C: tokio_postgres::GenericClient>(
+    client: &C,
+    column: &str,
+) -> Result<bool> {
+    Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute a
                               JOIN pg_class c ON c.oid = a.attrelid
                               JOIN pg_namespace n ON n.oid = c.relnamespace
                              WHERE n.nspname = 'relocator' AND c.relname = 'runs'
-                               AND a.attname = 'referenced_by' AND NOT a.attisdropped
+                               AND a.attname = $1 AND NOT a.attisdropped
                                AND has_schema_privilege(n.oid, 'USAGE')
                                AND has_table_privilege(c.oid, 'SELECT'))",
-            &[],
+            &[&column],
         )
         .await
-        .context("looking for the ledger's referenced_by column")?
-        .get(0);
-    if !has_column {
+        .with_context(|| format!("looking for the ledger's column runs.{column}"))?
+        .get(0))
+}
+
+pub async fn remembered_references(
+    client: &tokio_postgres::Client,
+    display: &str,
+) -> Result<Vec<String>> {
+    if !runs_column_readable(client, "referenced_by").await? {
         return Ok(Vec::new());
     }
     let rows = client

@@ -614,3 +614,42 @@ pub fn read_outcomes(path: &str) -> HashMap<String, (String, String)> {
 pub fn read_summary(path: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("summary exists")).expect("json")
 }
+
+/// Wait until some session of this test's database waits for a lock (relocator's
+/// commit behind a held row lock, or its cleanup behind an open writer), at most 60 s.
+pub async fn until_a_session_waits_for_a_lock(env: &TestEnv) {
+    let db = env.db().await;
+    let start = std::time::Instant::now();
+    loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("reading pg_stat_activity")
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "relocator never waited for the lock held by the test"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Run `cmd` to completion and assert its exit code (its stderr shown otherwise); its
+/// output.
+pub fn exits(cmd: &mut Command, code: i32) -> std::process::Output {
+    let out = cmd.output().expect("running relocator");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "relocator's exit code; its stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
