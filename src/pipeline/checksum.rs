@@ -1,13 +1,14 @@
 //! `--checksum-column`: a column holding each object's MD5 in base64 (Rails Active
 //! Storage's `checksum`, which it checks on every download). Before a batch's rows are
-//! rewritten, each copied object's ETag is compared with its row's checksum where the
-//! ETag is an MD5 of the bytes (a single-part object, not encrypted with a KMS key): a row
-//! whose object does not match is `checksum_mismatch`, not rewritten, and the copy made
-//! for it is taken back like any row not rewritten. `plan` reports the same from the
-//! source's ETag.
+//! rewritten, each row's checksum is compared with its object's MD5 — the source's ETag
+//! the copy was made from, or the copy's, whichever is an MD5 of the bytes (a
+//! single-part object, not encrypted with a KMS key): a row whose object does not match
+//! is `checksum_mismatch`, not rewritten, and the copy made for it is taken back like any
+//! row not rewritten. `plan` reports the same. The checksum read is guarded by the
+//! commit's compare-and-swap too.
 //!
-//! A row without a checksum, or an object whose ETag is no MD5 (multipart, SSE-KMS), is
-//! not checked.
+//! A row without a checksum (or with one that is no base64 MD5), or an object uploaded
+//! in parts or with SSE-KMS, is not checked.
 
 use std::collections::HashMap;
 
