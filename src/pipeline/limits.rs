@@ -34,6 +34,11 @@ pub async fn plan_fitting(
     rows: Vec<Row>,
     rewrite: &Rewrite,
 ) -> Result<BatchPlan> {
+    // A column with neither a declared length nor a CHECK relocator evaluates (the usual
+    // `text` column) has nothing to set aside: plan the batch as it is.
+    if limits.max_chars.is_none() && q.checks.is_none() {
+        return Ok(plan_batch(rows, rewrite));
+    }
     let mapped: Vec<Move> = rows
         .iter()
         .filter_map(|r| match rewrite.map(&r.path) {
