@@ -24,6 +24,8 @@ pub fn check(data: &[u8]) {
         service_column: None,
         source_service: None,
         dest_service: None,
+        source_url: Vec::new(),
+        dest_url: None,
         checksum_column: None,
         rewrite: rule.as_ref().map(|(r, _)| r.clone()),
         to: rule.as_ref().map(|(_, t)| t.clone()),

@@ -203,3 +203,8 @@ ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS listed_keys bigint;
 -- --service-column: {"column": ..., "buckets": {service: bucket}} as the run was given
 -- them. A later job on the table that puts a service in another bucket is refused.
 ALTER TABLE relocator.runs ADD COLUMN IF NOT EXISTS services jsonb;
+-- What the row held before and after, where that is not the key itself (URL columns):
+-- old_path and new_path are always the objects' keys; rollback's compare-and-swap is on
+-- these values.
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS old_value text;
+ALTER TABLE relocator.moves ADD COLUMN IF NOT EXISTS new_value text;

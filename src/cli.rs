@@ -116,6 +116,19 @@ pub struct JobArgs {
     #[arg(long, value_name = "VALUE", requires = "service_column")]
     pub dest_service: Option<String>,
 
+    /// The path column holds URLs: rows whose value starts with PREFIX (repeatable: the
+    /// same location spelled with http and https, path-style and virtual-hosted, a CDN)
+    /// reference objects under --source; the key is --source's prefix followed by the rest
+    /// of the URL's path, percent-decoded. E.g. https://cdn.example.com/image/ with
+    /// --source s3://legacy-s3/image/. Rows under no PREFIX are not selected.
+    #[arg(long, value_name = "PREFIX", requires = "dest_url")]
+    pub source_url: Vec<String>,
+
+    /// What a moved row holds: PREFIX, then the new key's rest after --dest's prefix,
+    /// encoded as the old URL was, then the old URL's query string or fragment.
+    #[arg(long, value_name = "PREFIX", requires = "source_url")]
+    pub dest_url: Option<String>,
+
     /// A column holding each object's MD5 in base64 (Active Storage's `checksum`):
     /// checked against the copied object before the row is rewritten, where the ETag is
     /// an MD5 (single-part, not SSE-KMS). A row that does not match is

@@ -676,6 +676,8 @@ pub struct JobConfig {
     pub dest: S3Location,
     /// `--service-column`: the rows name their bucket.
     pub service: Option<ServiceColumn>,
+    /// `--source-url`/`--dest-url`: the rows hold URLs.
+    pub urls: Option<UrlColumn>,
     /// `--checksum-column`: each row's object MD5, in base64.
     pub checksum_column: Option<String>,
     pub rewrite: Rewrite,
@@ -731,7 +733,15 @@ impl JobConfig {
                 )));
             }
         }
-        check_locations(&source, &dest, service.is_some())?;
+        let urls = UrlColumn::from_args(a)?;
+        if service.is_some() && urls.is_some() {
+            return Err(ConfigError(
+                "--service-column and --source-url/--dest-url describe two different shapes \
+                 of reference; give one of them"
+                    .into(),
+            ));
+        }
+        check_locations(&source, &dest, service.is_some() || urls.is_some())?;
         let rule = match (&a.rewrite, &a.to) {
             (Some(re), Some(to)) => {
                 let compiled = Regex::new(re).map_err(|e| {
@@ -829,6 +839,7 @@ impl JobConfig {
             source,
             dest,
             service,
+            urls,
             checksum_column,
             batch_size: a.batch_size,
             concurrency: a.concurrency,
@@ -923,7 +934,12 @@ impl JobConfig {
             .service
             .as_ref()
             .map(|s| format!("|{}|{}|{}", s.column, s.source, s.dest))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &self
+                .urls
+                .as_ref()
+                .map(|u| format!("|urls|{}|{}", u.source.join(" "), u.dest))
+                .unwrap_or_default();
         format!(
             "{}|{}|{}|{}|{}|{}|{}{service}",
             self.table, self.id_column, self.path_column, self.source, self.dest, re, to
@@ -1090,11 +1106,96 @@ impl ServiceColumn {
     }
 }
 
+/// `--source-url` (one or more) with `--dest-url`: the path column holds URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlColumn {
+    /// What rows hold for objects under `--source`, each a prefix of the value.
+    pub source: Vec<String>,
+    /// What a moved row holds for objects under `--dest`.
+    pub dest: String,
+}
+
+impl UrlColumn {
+    fn from_args(a: &JobArgs) -> Result<Option<Self>, ConfigError> {
+        let dest = match (&a.dest_url, a.source_url.is_empty()) {
+            (None, true) => return Ok(None),
+            (Some(d), false) => d,
+            _ => {
+                return Err(ConfigError(
+                    "--source-url and --dest-url go together: give at least one --source-url \
+                     and one --dest-url, or neither"
+                        .into(),
+                ))
+            }
+        };
+        let mut source: Vec<String> = Vec::new();
+        for u in &a.source_url {
+            check_url_prefix("--source-url", u)?;
+            if !source.contains(u) {
+                source.push(u.clone());
+            }
+        }
+        check_url_prefix("--dest-url", dest)?;
+        // One value must name one location: a prefix inside another would select a
+        // row for both (or a moved row again).
+        let all: Vec<(&str, &String)> = source
+            .iter()
+            .map(|u| ("--source-url", u))
+            .chain([("--dest-url", dest)])
+            .collect();
+        for (i, (f1, u1)) in all.iter().enumerate() {
+            for (f2, u2) in &all[i + 1..] {
+                if u1.starts_with(u2.as_str()) || u2.starts_with(u1.as_str()) {
+                    return Err(ConfigError(format!(
+                        "{f1} {u1:?} and {f2} {u2:?} overlap: one starts with the other, so a \
+                         value under both could not be told apart (and a moved row would be \
+                         selected again). Give prefixes where neither starts with the other"
+                    )));
+                }
+            }
+        }
+        Ok(Some(UrlColumn {
+            source,
+            dest: dest.clone(),
+        }))
+    }
+}
+
+/// A URL prefix: http(s)://HOST/ and a path, with no query string or fragment.
+fn check_url_prefix(flag: &str, u: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        ConfigError(format!(
+            "{flag} {u:?} {why}; write the start of what the rows hold, scheme and host \
+             included, up to a '/', e.g. https://cdn.example.com/image/"
+        ))
+    };
+    let Some((scheme, rest)) = u.split_once("://") else {
+        return Err(bad("is not a URL"));
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(bad("is not an http or https URL"));
+    }
+    let Some((host, _)) = rest.split_once('/') else {
+        return Err(bad("has no path after the host (not even '/')"));
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if u.contains(['?', '#', '%']) || u.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(bad(
+            "has a '?', '#', '%', space or control character (a prefix is matched as \
+             written, before any decoding)",
+        ));
+    }
+    Ok(())
+}
+
 /// Refuse moves a rerun would repeat: the same location, or, within one bucket, one
 /// prefix inside the other (moved keys would be selected again, or sources would collide
 /// with destinations).
-/// With a `--service-column` in different buckets, the rows tell the buckets apart: the
-/// prefixes may overlap, even be one (the key stays, the bucket changes).
+/// With a `--service-column` or URL columns in different buckets, the rows tell the
+/// buckets apart: the prefixes may overlap, even be one (the key stays, the bucket
+/// changes).
 fn check_locations(src: &S3Location, dst: &S3Location, service: bool) -> Result<(), ConfigError> {
     if src == dst {
         return Err(ConfigError(format!(

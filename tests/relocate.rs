@@ -228,14 +228,17 @@ async fn a_row_changed_by_the_application_is_not_rewritten() {
         .await
         .unwrap()
         .get(0);
-    let rows = relocator::db::scan(&db, &q, "image/", None, None, 10)
-        .await
-        .unwrap();
+    let rows = relocator::db::scan(&db, &q, None, None, 10).await.unwrap();
     let moves: Vec<Move> = rows
         .iter()
-        .map(|r: &Row| Move {
-            row: r.clone(),
-            dst_key: format!("avatar/{}", r.path.strip_prefix("image/").unwrap()),
+        .map(|r: &Row| {
+            let dst_key = format!("avatar/{}", r.path.strip_prefix("image/").unwrap());
+            Move {
+                row: r.clone(),
+                src_key: r.path.clone(),
+                new_value: dst_key.clone(),
+                dst_key,
+            }
         })
         .collect();
     // The application rewrites row 2 after relocator read it.

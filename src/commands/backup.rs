@@ -87,15 +87,11 @@ pub async fn backup(cfg: &JobConfig, out: &Path) -> Result<BackupInfo> {
     let pool = db::pool(&cfg.database_url, 1, None)?;
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
-    let (total, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
-    // COPY takes no parameters: the prefix is quoted by the server.
-    let prefix: String = client
-        .query_one("SELECT quote_literal($1::text)", &[&cfg.source.prefix])
-        .await?
-        .get(0);
+    let (total, _) = db::count_selected(&client, &table, crate::s3::Side::Source).await?;
+    // COPY takes no parameters: the selection's literals are quoted already.
     let copy = format!(
         "COPY (SELECT t.{id}::text AS {id}, t.{path}::text AS {path}{service} FROM {tbl} AS t
-                WHERE starts_with(t.{path}, {prefix}){on} ORDER BY t.{id})
+                WHERE {selected} ORDER BY t.{id})
          TO STDOUT (FORMAT csv, HEADER true)",
         id = table.id_col,
         path = table.path_col,
@@ -105,7 +101,7 @@ pub async fn backup(cfg: &JobConfig, out: &Path) -> Result<BackupInfo> {
             .service_column()
             .map(|c| format!(", t.{c}::text AS {c}"))
             .unwrap_or_default(),
-        on = table.reference.on(crate::s3::Side::Source, "t"),
+        selected = table.reference.selects(crate::s3::Side::Source, "t"),
     );
     let tmp = out.with_file_name(format!(
         ".{}.partial",

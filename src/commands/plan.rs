@@ -23,7 +23,7 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
     may_keep_claims(cfg).await?;
     let mut sh = pipeline::open(cfg, 1, Report::new("plan", Some(out))?).await?;
     let db = sh.conn().await?;
-    let (total, _) = db::count_selected(&db, &sh.table, &cfg.source.prefix).await?;
+    let (total, _) = db::count_selected(&db, &sh.table, crate::s3::Side::Source).await?;
     sh.progress = Progress::new("plan", Some(total));
     // Rows the table would refuse are found by trying the rewrites (rolled back), which
     // needs the UPDATE a run needs anyway.
@@ -62,15 +62,7 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             interrupted = true;
             break;
         }
-        let rows = db::scan(
-            &db,
-            &sh.q,
-            &cfg.source.prefix,
-            last_id.as_deref(),
-            None,
-            cfg.batch_size,
-        )
-        .await?;
+        let rows = db::scan(&db, &sh.q, last_id.as_deref(), None, cfg.batch_size).await?;
         let Some(last) = rows.last() else {
             break;
         };

@@ -307,7 +307,7 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
             format!("GRANT pg_monitor TO {role};"),
         );
     }
-    let (rows, exact) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
+    let (rows, exact) = db::count_selected(&client, &table, crate::s3::Side::Source).await?;
     r.rows_to_move = Some(rows);
     r.rows_exact = exact;
     r.ok(

@@ -48,9 +48,14 @@ pub struct RollbackOptions<'a> {
 struct Entry {
     move_id: i64,
     row_id: String,
+    /// The objects' keys, before and after the move.
     old_path: String,
     new_path: String,
+    /// What the row holds now, if it is on the destination side.
     current: Option<String>,
+    /// What the row held before and after the move.
+    old_value: String,
+    new_value: String,
 }
 
 /// The identity of a move's new object, for [`cleanup::finish_listed`]: its ETag as the
@@ -121,6 +126,8 @@ pub async fn rollback(
                 old_path: r.get(2),
                 new_path: r.get(3),
                 current: r.get(4),
+                old_value: r.get(5),
+                new_value: r.get(6),
             })
             .collect();
         let Some(last) = entries.last() else {
@@ -211,7 +218,7 @@ async fn undo_batch(
     // the application and are left as they are.
     let mut pairs: Vec<(String, String)> = entries
         .iter()
-        .filter(|e| e.current.as_deref() == Some(e.new_path.as_str()))
+        .filter(|e| e.current.as_deref() == Some(e.new_value.as_str()))
         .map(|e| (e.new_path.clone(), e.old_path.clone()))
         .collect();
     pairs.sort();
@@ -234,7 +241,7 @@ async fn undo_batch(
     let mut copied_back: HashMap<&str, &str> = HashMap::new();
     let mut copies = 0u64;
     for e in &entries {
-        if e.current.as_deref() != Some(e.new_path.as_str()) {
+        if e.current.as_deref() != Some(e.new_value.as_str()) {
             commit.push((e, false));
             continue;
         }
@@ -375,13 +382,15 @@ async fn commit_undo(
     let ids: Vec<&str> = commit.iter().map(|(e, _)| e.row_id.as_str()).collect();
     let olds: Vec<&str> = commit.iter().map(|(e, _)| e.old_path.as_str()).collect();
     let news: Vec<&str> = commit.iter().map(|(e, _)| e.new_path.as_str()).collect();
+    let old_values: Vec<&str> = commit.iter().map(|(e, _)| e.old_value.as_str()).collect();
+    let new_values: Vec<&str> = commit.iter().map(|(e, _)| e.new_value.as_str()).collect();
     let tried: Vec<bool> = commit.iter().map(|(_, t)| *t).collect();
     let rows: Vec<Rewrite<'_>> = commit
         .iter()
         .map(|(e, _)| Rewrite {
             id: &e.row_id,
-            from: &e.new_path,
-            to: &e.old_path,
+            from: &e.new_value,
+            to: &e.old_value,
             checksum: None,
         })
         .collect();
@@ -392,15 +401,24 @@ async fn commit_undo(
     let (restored, refused) =
         commit::without_refused(db, &sh.q.probe_back, &rows, HashMap::new(), |tries| {
             let refused: Vec<bool> = tries.iter().map(|t| !t).collect();
-            let (stmt, move_ids, ids, olds, news, tried) =
-                (&stmt, &move_ids, &ids, &olds, &news, &tried);
+            let (stmt, move_ids, ids, olds, news, tried, old_values, new_values) = (
+                &stmt,
+                &move_ids,
+                &ids,
+                &olds,
+                &news,
+                &tried,
+                &old_values,
+                &new_values,
+            );
             let (table, dst_bucket) = (&sh.table.display, &sh.cfg.dest.bucket);
             async move {
                 db::rt(1);
                 db.query(
                     stmt,
                     &[
-                        move_ids, ids, olds, news, tried, &refused, table, dst_bucket,
+                        move_ids, ids, olds, news, tried, &refused, table, dst_bucket, old_values,
+                        new_values,
                     ],
                 )
                 .await
@@ -447,8 +465,8 @@ async fn remove_new_objects(
 fn line(e: &Entry, outcome: Outcome, detail: String) -> ReportLine {
     ReportLine {
         id: e.row_id.clone(),
-        old_path: e.new_path.clone(),
-        new_path: e.old_path.clone(),
+        old_path: e.new_value.clone(),
+        new_path: e.old_value.clone(),
         outcome,
         detail,
     }

@@ -97,12 +97,11 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
     let left: i64 = client
         .query_one(
             &format!(
-                "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1){}",
+                "SELECT count(*) FROM {} AS t WHERE {}",
                 table.qualified,
-                table.path_col,
-                table.reference.on(crate::s3::Side::Source, "t")
+                table.reference.selects(crate::s3::Side::Source, "t")
             ),
-            &[&cfg.source.prefix],
+            &[],
         )
         .await
         .context("counting the rows left")?

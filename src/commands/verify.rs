@@ -169,8 +169,8 @@ pub async fn verify(cfg: &JobConfig, out: Option<&Path>, orphans: bool) -> Resul
     s3c.src.check_bucket("--source", &cfg.source.bucket).await?;
     s3c.dst.check_bucket("--dest", &cfg.dest.bucket).await?;
     let ledger = crate::ledger::exists(&client).await?;
-    let (on_dest, _) = db::count_selected(&client, &table, &cfg.dest.prefix).await?;
-    let (on_source, _) = db::count_selected(&client, &table, &cfg.source.prefix).await?;
+    let (on_dest, _) = db::count_selected(&client, &table, Side::Dest).await?;
+    let (on_source, _) = db::count_selected(&client, &table, Side::Source).await?;
 
     let mut o = Out {
         progress: Progress::new("verify", Some(on_dest + on_source)),
@@ -424,7 +424,7 @@ async fn elsewhere(
     let sql = format!(
         "SELECT m.move_id, m.row_id, m.dst_bucket, m.new_path, m.dst_etag, m.size
            FROM relocator.moves m JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
-          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND t.{path} = m.new_path{on}
+          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND t.{path} = coalesce(m.new_value, m.new_path){on}
             AND NOT (m.dst_bucket = $2 AND starts_with(m.new_path, $3))
             AND NOT starts_with(m.new_path, $4) AND m.move_id > $5
           ORDER BY m.move_id LIMIT 1000",
@@ -489,17 +489,19 @@ async fn merge_side(
     } else {
         Check::StillLegacy
     };
+    // Keys as bytes, in the order of the listing (UTF-8 bytes), whatever the column's
+    // collation and the database's encoding.
     let sql = format!(
-        "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
-          WHERE starts_with(t.{path}, $1){on}
-          ORDER BY t.{path} COLLATE \"C\", t.{id}",
+        "SELECT t.{id}::text, {key} AS k FROM {tbl} AS t
+          WHERE {selected}
+          ORDER BY k, t.{id}",
         id = t.id_col,
-        path = t.path_col,
+        key = t.reference.key_bytes(side, "t"),
         tbl = t.qualified,
-        on = t.reference.on(side, "t"),
+        selected = t.reference.selects(side, "t"),
     );
     let rows = client
-        .query_raw(&sql, [prefix])
+        .query_raw(&sql, std::iter::empty::<&str>())
         .await
         .context("scanning rows in key order")?;
     pin_mut!(rows);
@@ -508,8 +510,13 @@ async fn merge_side(
     let mut last_matched: Option<(String, ObjectInfo)> = None;
     while let Some(row) = rows.next().await {
         let row = row.context("reading rows in key order")?;
-        let (id, path): (String, String) = (row.get(0), row.get(1));
+        let (id, key): (String, Option<Vec<u8>>) = (row.get(0), row.get(1));
         o.progress.inc(1, 0);
+        // A value holding no key (a URL whose path is not percent-encoded UTF-8) points
+        // at no object relocator could move: `run` reports it as `invalid_key`.
+        let Some(path) = key.and_then(|k| String::from_utf8(k).ok()) else {
+            continue;
+        };
         let found = match &last_matched {
             Some((k, info)) if *k == path => Some(info.clone()),
             _ => {

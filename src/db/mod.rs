@@ -353,15 +353,13 @@ impl TableInfo {
         let null_ids: bool = client
             .query_one(
                 &format!(
-                    "SELECT EXISTS (SELECT 1 FROM {}.{} AS t WHERE t.{} IS NULL
-                                       AND starts_with(t.{}, $1){})",
+                    "SELECT EXISTS (SELECT 1 FROM {}.{} AS t WHERE t.{} IS NULL AND {})",
                     quote_ident(&schema),
                     quote_ident(&name),
                     quote_ident(&cfg.id_column),
-                    quote_ident(&cfg.path_column),
-                    reference.on(Side::Source, "t")
+                    reference.selects(Side::Source, "t")
                 ),
-                &[&cfg.source.prefix],
+                &[],
             )
             .await
             .context("looking for rows without an id")?
@@ -798,7 +796,7 @@ pub struct Queries {
     pub checked_tables: Vec<String>,
     /// Keyset scans, indexed by [`Queries::scan`]: with/without a lower bound (exclusive,
     /// the last id seen) and an upper bound (inclusive, the lease's end). Parameters: the
-    /// bounds present (as text), then the prefix, then the limit. The sort key is
+    /// bounds present (as text), then the limit. The sort key is
     /// qualified (`t.id`): a bare `ORDER BY id` would sort by the `id::text` output
     /// column, i.e. as strings.
     scans: [String; 4],
@@ -823,9 +821,8 @@ pub struct Queries {
     /// $1 ids: (id, the `--checksum-column`) of those rows; `None` without the option.
     /// See [`crate::pipeline::checksum`].
     pub checksums: Option<String>,
-    /// $1 keys (and, for the service shape, $2 the service whose rows cannot use them:
-    /// [`crate::reference::Reference::not_using`]): which of them some row still
-    /// references.
+    /// $1 keys (and, where the shape takes it, $2 [`Reference::param`] for their
+    /// bucket): which of them some row still references.
     pub referenced: String,
     /// One row's guarded rewrite ($1 id, $2 old, $3 new, $4 the checksum the commit
     /// guards or NULL), tried inside a transaction that is rolled back: which rows of a batch the table refuses. See [`crate::pipeline::commit`].
@@ -867,6 +864,7 @@ impl Queries {
             Some(c) => format!(" AND ($4::text IS NULL OR t.{c} IS NOT DISTINCT FROM $4::text)"),
             None => " AND $4::text IS NULL".to_owned(),
         };
+        let selected = r.selects(Side::Source, "t");
         let scan = |lower: bool, upper: bool| {
             let mut n = 0;
             let mut next = || {
@@ -880,7 +878,7 @@ impl Queries {
             if upper {
                 conds.push(format!("t.{id} <= {}::text::{ty}", next()));
             }
-            conds.push(format!("starts_with(t.{path}, {}){on_src}", next()));
+            conds.push(selected.clone());
             format!(
                 "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t WHERE {} ORDER BY t.{id} LIMIT {}",
                 conds.join(" AND "),
@@ -888,13 +886,13 @@ impl Queries {
             )
         };
         let lease_end = |lower: bool| {
-            let (cond, p, o) = if lower {
-                (format!("t.{id} > $1::text::{ty} AND "), "$2", "$3")
+            let (cond, o) = if lower {
+                (format!("t.{id} > $1::text::{ty} AND "), "$2")
             } else {
-                (String::new(), "$1", "$2")
+                (String::new(), "$1")
             };
             format!(
-                "SELECT t.{id}::text FROM {tbl} AS t WHERE {cond}starts_with(t.{path}, {p}){on_src}
+                "SELECT t.{id}::text FROM {tbl} AS t WHERE {cond}{selected}
                   ORDER BY t.{id} OFFSET {o} LIMIT 1"
             )
         };
@@ -925,7 +923,7 @@ impl Queries {
                   RETURNING lease_id
                  ), u AS (
                      SELECT u.id, u.old_path, u.new_path, u.src_etag, u.try, u.dst_etag, u.size,
-                            u.src_version, u.checksum,
+                            u.src_version, u.checksum, u.old_value, u.new_value,
                             u.copied OR EXISTS (
                                 SELECT 1 FROM relocator.reservations r
                                   JOIN relocator.leases l ON l.lease_id = r.lease_id
@@ -933,26 +931,28 @@ impl Queries {
                                    AND r.holder <> $15 AND l.run_id = $5) AS copied
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[],
                                    $13::text[], $14::bool[], $16::text[], $17::bigint[],
-                                   $18::text[], $19::text[])
+                                   $18::text[], $19::text[], $20::text[], $21::text[])
                               AS u(id, old_path, new_path, copied, src_etag, try, dst_etag, size,
-                                   src_version, checksum)
+                                   src_version, checksum, old_value, new_value)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
-                     UPDATE {tbl} AS t SET {path} = u.new_path{set_dst}
+                     UPDATE {tbl} AS t SET {path} = u.new_value{set_dst}
                        FROM u
-                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_path{on_src}{same_checksum}
+                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_value{on_src}{same_checksum}
                   RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag, u.dst_etag, u.size,
-                            u.src_version, t.{path}::text AS stored
+                            u.src_version, u.old_value, u.new_value, t.{path}::text AS stored
                  ), chk AS (
-                     SELECT 1 FROM upd WHERE stored IS DISTINCT FROM new_path
-                        AND relocator.refuse_stored(new_path, stored)
+                     SELECT 1 FROM upd WHERE stored IS DISTINCT FROM new_value
+                        AND relocator.refuse_stored(new_value, stored)
                  ), led AS (
                      INSERT INTO relocator.moves
                             (run_id, table_name, row_id, old_path, new_path,
                              src_bucket, dst_bucket, copied, lease_id, src_etag, dst_etag, size,
-                             src_version)
+                             src_version, old_value, new_value)
                      SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag,
-                            dst_etag, size, src_version
+                            dst_etag, size, src_version,
+                            CASE WHEN old_value <> old_path THEN old_value END,
+                            CASE WHEN new_value <> new_path THEN new_value END
                        FROM upd
                   RETURNING move_id, row_id, copied
                  ), released AS (
@@ -988,10 +988,7 @@ impl Queries {
                 "UPDATE {tbl} AS t SET {path} = $3{set_src} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_dst} AND $4::text IS NULL
                  RETURNING t.{path}::text"
             ),
-            referenced: std::iter::once(format!(
-                "SELECT t.{path}::text FROM {tbl} AS t WHERE t.{path} = ANY ($1::text[]){}",
-                r.may_use("t")
-            ))
+            referenced: std::iter::once(r.referenced(tbl))
             .chain(t.referenced_elsewhere())
             .collect::<Vec<_>>()
             .join(" UNION "),
@@ -1001,7 +998,8 @@ impl Queries {
             ),
             to_undo: format!(
                 "SELECT m.move_id, m.row_id, m.old_path, m.new_path,
-                        CASE WHEN t.{id} IS NOT NULL{on_dst} THEN t.{path}::text END
+                        CASE WHEN t.{id} IS NOT NULL{on_dst} THEN t.{path}::text END,
+                        coalesce(m.old_value, m.old_path), coalesce(m.new_value, m.new_path)
                    FROM relocator.moves m
                    LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
                   WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
@@ -1010,16 +1008,16 @@ impl Queries {
             undo: format!(
                 "WITH u AS (
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
-                                      $6::bool[])
-                          AS u(move_id, id, old_path, new_path, try, refused)
+                                      $6::bool[], $9::text[], $10::text[])
+                          AS u(move_id, id, old_path, new_path, try, refused, old_value, new_value)
              ), upd AS (
-                 UPDATE {tbl} AS t SET {path} = u.old_path{set_src}
+                 UPDATE {tbl} AS t SET {path} = u.old_value{set_src}
                    FROM u
-                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND t.{path} = u.new_path{on_dst}
-              RETURNING u.move_id, u.old_path, t.{path}::text AS stored
+                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND t.{path} = u.new_value{on_dst}
+              RETURNING u.move_id, u.old_value, t.{path}::text AS stored
              ), chk AS (
-                 SELECT 1 FROM upd WHERE stored IS DISTINCT FROM old_path
-                    AND relocator.refuse_stored(old_path, stored)
+                 SELECT 1 FROM upd WHERE stored IS DISTINCT FROM old_value
+                    AND relocator.refuse_stored(old_value, stored)
              )
              UPDATE relocator.moves m
                 SET rolled_back_at = now(),
@@ -1130,7 +1128,6 @@ pub struct Row {
 pub async fn scan(
     client: &deadpool_postgres::Client,
     q: &Queries,
-    prefix: &str,
     after: Option<&str>,
     upto: Option<&str>,
     limit: usize,
@@ -1147,7 +1144,6 @@ pub async fn scan(
     if let Some(u) = &upto {
         params.push(u);
     }
-    params.push(&prefix);
     params.push(&limit);
     rt(1);
     let rows = client
@@ -1167,14 +1163,15 @@ pub async fn scan(
 /// up front: the planner's estimate is used instead.
 const EXACT_COUNT_LIMIT: f64 = 10_000_000.0;
 
-/// Rows whose path starts with `prefix`, for progress totals and estimates: an exact
-/// count on tables up to [`EXACT_COUNT_LIMIT`] rows, the planner's estimate beyond.
+/// Rows on `side` (under its prefix), for progress totals and estimates: an exact count
+/// on tables up to [`EXACT_COUNT_LIMIT`] rows, the planner's estimate beyond.
 /// Returns (rows, exact).
 pub async fn count_selected(
     client: &tokio_postgres::Client,
     table: &TableInfo,
-    prefix: &str,
+    side: Side,
 ) -> Result<(u64, bool)> {
+    let selected = table.reference.selects(side, "t");
     let reltuples: f32 = client
         .query_one(
             "SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass",
@@ -1187,36 +1184,21 @@ pub async fn count_selected(
         let n: i64 = client
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {} AS t WHERE starts_with(t.{}, $1){}",
-                    table.qualified,
-                    table.path_col,
-                    table.reference.on(Side::Source, "t")
+                    "SELECT count(*) FROM {} AS t WHERE {selected}",
+                    table.qualified
                 ),
-                &[&prefix],
+                &[],
             )
             .await
             .context("counting the selected rows")?
             .get(0);
         return Ok((n.max(0) as u64, true));
     }
-    // EXPLAIN takes no parameters: the prefix is quoted by the server (%L).
-    let explain: String = client
-        .query_one(
-            &format!(
-                "SELECT format('EXPLAIN (FORMAT JSON) SELECT 1 FROM {} AS t \
-                 WHERE t.{} LIKE %L{}', $1::text)",
-                table.qualified,
-                table.path_col,
-                table
-                    .reference
-                    .on(Side::Source, "t")
-                    .replace('\'', "''")
-                    .replace('%', "%%")
-            ),
-            &[&format!("{}%", like_escape(prefix))],
-        )
-        .await?
-        .get(0);
+    // The selection's literals are quoted already: EXPLAIN takes no parameters.
+    let explain = format!(
+        "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} AS t WHERE {selected}",
+        table.qualified
+    );
     let plan: serde_json::Value = client
         .query_one(&explain, &[])
         .await
@@ -1224,11 +1206,4 @@ pub async fn count_selected(
         .get(0);
     let rows = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0);
     Ok((rows.max(0.0) as u64, false))
-}
-
-/// `s` as a LIKE pattern matching itself literally.
-fn like_escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_")
 }

@@ -53,9 +53,9 @@ pub async fn still_referenced(
     }
     let stmt = client.prepare_cached(&q.referenced).await?;
     crate::db::rt(1);
-    let not_using = q.reference.not_using(bucket);
-    let rows = if q.reference.checks_service() {
-        client.query(&stmt, &[&keys, &not_using]).await
+    let param = q.reference.param(bucket);
+    let rows = if q.reference.takes_param() {
+        client.query(&stmt, &[&keys, &param]).await
     } else {
         client.query(&stmt, &[&keys]).await
     };

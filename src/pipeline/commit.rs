@@ -112,12 +112,12 @@ pub struct Rewrite<'a> {
 }
 
 impl<'a> From<&'a Move> for Rewrite<'a> {
-    /// A move's rewrite: the row's path to its destination key.
+    /// A move's rewrite: the row's value to its new one.
     fn from(m: &'a Move) -> Self {
         Rewrite {
             id: &m.row.id,
             from: &m.row.path,
-            to: &m.dst_key,
+            to: &m.new_value,
             checksum: None,
         }
     }
@@ -278,8 +278,10 @@ async fn send(
     tries: Vec<bool>,
 ) -> Result<Option<HashMap<String, Moved>>, tokio_postgres::Error> {
     let ids: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.id.as_str()).collect();
-    let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.path.as_str()).collect();
+    let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.src_key.as_str()).collect();
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
+    let old_values: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.path.as_str()).collect();
+    let new_values: Vec<&str> = b.moves.iter().map(|(m, _)| m.new_value.as_str()).collect();
     let copied: Vec<bool> = b.moves.iter().map(|(_, c)| c.created).collect();
     let etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.src_etag.as_str()).collect();
     let dst_etags: Vec<&str> = b.moves.iter().map(|(_, c)| c.dst_etag.as_str()).collect();
@@ -319,6 +321,8 @@ async fn send(
                 &sizes,
                 &versions,
                 &checksums,
+                &old_values,
+                &new_values,
             ],
         )
         .await?;

@@ -314,17 +314,12 @@ pub async fn take(
             return Ok(if open_all > 0 { Take::Wait } else { Take::Done });
         }
         let offset = batch as i64 * PHASE2_BATCHES - 1;
-        let prefix = cfg.source.prefix.as_str();
         rt(1);
         let hi: Option<String> = match &frontier {
-            None => {
-                lease_conn
-                    .query_opt(q.lease_end(false), &[&prefix, &offset])
-                    .await?
-            }
+            None => lease_conn.query_opt(q.lease_end(false), &[&offset]).await?,
             Some(f) => {
                 lease_conn
-                    .query_opt(q.lease_end(true), &[f, &prefix, &offset])
+                    .query_opt(q.lease_end(true), &[f, &offset])
                     .await?
             }
         }

@@ -34,19 +34,25 @@ pub async fn plan_fitting(
     rows: Vec<Row>,
     rewrite: &Rewrite,
 ) -> Result<BatchPlan> {
+    let reference = &q.reference;
     // A column with neither a declared length nor a CHECK relocator evaluates (the usual
     // `text` column) has nothing to set aside: plan the batch as it is.
     if limits.max_chars.is_none() && q.checks.is_none() {
-        return Ok(plan_batch(rows, rewrite));
+        return Ok(plan_batch(rows, rewrite, reference));
     }
     let mapped: Vec<Move> = rows
         .iter()
-        .filter_map(|r| match rewrite.map(&r.path) {
-            Mapped::To(dst_key) => Some(Move {
-                row: r.clone(),
-                dst_key,
-            }),
-            _ => None,
+        .filter_map(|r| {
+            let src_key = reference.key_of(&r.path).ok()?;
+            match rewrite.map(&src_key) {
+                Mapped::To(dst_key) => Some(Move {
+                    row: r.clone(),
+                    new_value: reference.value_for(&r.path, &src_key, &dst_key),
+                    src_key,
+                    dst_key,
+                }),
+                _ => None,
+            }
         })
         .collect();
     let mut why = too_long(limits, &mapped);
@@ -56,13 +62,13 @@ pub async fn plan_fitting(
         .collect();
     why.extend(refused_by_checks(db, limits, q, &rest).await?);
     if why.is_empty() {
-        return Ok(plan_batch(rows, rewrite));
+        return Ok(plan_batch(rows, rewrite, reference));
     }
     let fit: Vec<Row> = rows
         .into_iter()
         .filter(|r| !why.contains_key(&r.id))
         .collect();
-    let mut batch = plan_batch(fit, rewrite);
+    let mut batch = plan_batch(fit, rewrite, reference);
     for m in mapped {
         if let Some(detail) = why.remove(&m.row.id) {
             batch.skipped.push(attention(&m, Outcome::TooLong, detail));
@@ -81,15 +87,15 @@ fn too_long(limits: &ColumnLimits, moves: &[Move]) -> HashMap<String, String> {
         .iter()
         .filter_map(|m| {
             let n = if limits.counts_bytes {
-                m.dst_key.len()
+                m.new_value.len()
             } else {
-                m.dst_key.chars().count()
+                m.new_value.chars().count()
             };
             (n > *max).then(|| {
                 (
                     m.row.id.clone(),
                     format!(
-                        "the new key is {n} characters long and the column is {ty}: widen the \
+                        "the new value is {n} characters long and the column is {ty}: widen the \
                          column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar({n})), or choose \
                          a shorter --dest prefix or --rewrite"
                     ),
@@ -184,7 +190,7 @@ async fn evaluate(
     moves: &[&Move],
 ) -> Result<HashMap<String, String>> {
     let ids: Vec<&str> = moves.iter().map(|m| m.row.id.as_str()).collect();
-    let news: Vec<&str> = moves.iter().map(|m| m.dst_key.as_str()).collect();
+    let news: Vec<&str> = moves.iter().map(|m| m.new_value.as_str()).collect();
     db::rt(3);
     db.batch_execute("BEGIN").await?;
     let rows = db.query(sql, &[&ids, &news]).await;
@@ -221,7 +227,9 @@ mod tests {
                 id: id.into(),
                 path: "image/x".into(),
             },
+            src_key: "image/x".into(),
             dst_key: dst.into(),
+            new_value: dst.into(),
         }
     }
 

@@ -89,7 +89,9 @@ impl Shared<'_> {
     /// key order (no --rewrite) and an index finds the rows of a page of keys. Else it
     /// sweeps the table by id (phase 2) from the start.
     pub(crate) fn phase1(&self) -> bool {
-        self.table.path_indexed && self.cfg.rewrite_spec.is_none()
+        self.table.path_indexed
+            && self.cfg.rewrite_spec.is_none()
+            && self.table.reference.values_are_keys()
     }
 
     /// Wait while the database is under stress (see [`throttle`]). False: the run was
@@ -222,7 +224,7 @@ pub async fn run(
         info!(file = %b.file, rows = b.rows, sha256 = %b.sha256, "following backup");
     }
     cleanup::void_reservations(&main, &[]).await?;
-    let (total, _) = db::count_selected(&main, &sh.table, &cfg.source.prefix).await?;
+    let (total, _) = db::count_selected(&main, &sh.table, Side::Source).await?;
     sh.progress = Progress::new("run", Some(total));
 
     let result = async {
@@ -278,7 +280,7 @@ pub async fn run(
     let q = sh.q.clone();
     let report = sh.into_report();
     let unreported = if status == "finished" {
-        rows_left_unreported(&main, &q, &cfg.source.prefix, &report).await?
+        rows_left_unreported(&main, &q, &report).await?
     } else {
         0
     };
@@ -305,12 +307,11 @@ pub async fn run(
 async fn rows_left_unreported(
     db: &deadpool_postgres::Client,
     q: &Queries,
-    prefix: &str,
     report: &Report,
 ) -> Result<u64> {
     let limit = report.judged_count() as i64 + 1000;
     let rows = db
-        .query(q.scan(false, false), &[&prefix, &limit])
+        .query(q.scan(false, false), &[&limit])
         .await
         .context("looking for rows written behind the run")?;
     Ok(rows
@@ -642,7 +643,6 @@ async fn copy_stage(
             let rows = db::scan(
                 &scan_conn,
                 &sh.q,
-                &cfg.source.prefix,
                 pos.as_deref(),
                 lease.hi.as_deref(),
                 cfg.batch_size,
@@ -925,7 +925,7 @@ async fn claim_destinations(
     moves: &[Move],
 ) -> Result<HashMap<String, String>> {
     let dsts: Vec<&str> = moves.iter().map(|m| m.dst_key.as_str()).collect();
-    let srcs: Vec<&str> = moves.iter().map(|m| m.row.path.as_str()).collect();
+    let srcs: Vec<&str> = moves.iter().map(|m| m.src_key.as_str()).collect();
     let stmt = db
         .prepare_cached(
             "WITH c AS (
@@ -1062,7 +1062,7 @@ async fn commit_stage(
                     pending.push(Pending {
                         move_id: moved.move_id,
                         row_id: m.row.id.clone(),
-                        old_path: m.row.path.clone(),
+                        old_path: m.src_key.clone(),
                         new_path: m.dst_key.clone(),
                         src_bucket: sh.cfg.source.bucket.clone(),
                         src_etag: Some(made.src_etag.clone()),

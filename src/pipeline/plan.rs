@@ -7,14 +7,18 @@ use std::collections::HashMap;
 
 use super::copy::{Made, PairResult};
 use crate::db::Row;
+use crate::reference::Reference;
 use crate::report::{Outcome, ReportLine};
 use crate::rewrite::{Mapped, Rewrite};
 
-/// A row that can move, and where to.
+/// A row that can move, and where to: its object's key now and after, and the value
+/// the row gets (the key itself, unless the [`Reference`] says otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
     pub row: Row,
+    pub src_key: String,
     pub dst_key: String,
+    pub new_value: String,
 }
 
 /// A batch split into what may move and what is reported without touching anything.
@@ -27,38 +31,56 @@ pub struct BatchPlan {
 /// Plan one batch. Rows arrive in id order; when two rows with different sources map to
 /// one destination key, the first keeps it and the others are `collision`s (rows sharing
 /// one source, like a default avatar, all move: it is one object).
-pub fn plan_batch(rows: Vec<Row>, rewrite: &Rewrite) -> BatchPlan {
+pub fn plan_batch(rows: Vec<Row>, rewrite: &Rewrite, reference: &Reference) -> BatchPlan {
     let mut plan = BatchPlan::default();
     let mut claimed: HashMap<String, String> = HashMap::new();
     for row in rows {
-        match rewrite.map(&row.path) {
-            Mapped::To(dst_key) => match claimed.get(&dst_key) {
-                Some(src) if *src != row.path => plan.skipped.push(ReportLine {
-                    detail: format!("{src:?} maps to the same destination key"),
-                    id: row.id,
-                    old_path: row.path,
-                    new_path: dst_key,
-                    outcome: Outcome::Collision,
-                }),
-                _ => {
-                    claimed.insert(dst_key.clone(), row.path.clone());
-                    plan.moves.push(Move { row, dst_key });
+        let skip = |row: Row, outcome, new_path, detail| ReportLine {
+            detail,
+            id: row.id,
+            old_path: row.path,
+            new_path,
+            outcome,
+        };
+        let src_key = match reference.key_of(&row.path) {
+            Ok(k) => k,
+            Err(why) => {
+                plan.skipped
+                    .push(skip(row, Outcome::InvalidKey, String::new(), why));
+                continue;
+            }
+        };
+        match rewrite.map(&src_key) {
+            Mapped::To(dst_key) => {
+                let new_value = reference.value_for(&row.path, &src_key, &dst_key);
+                match claimed.get(&dst_key) {
+                    Some(src) if *src != src_key => plan.skipped.push(skip(
+                        row,
+                        Outcome::Collision,
+                        new_value,
+                        format!("{src:?} maps to the same destination key"),
+                    )),
+                    _ => {
+                        claimed.insert(dst_key.clone(), src_key.clone());
+                        plan.moves.push(Move {
+                            row,
+                            src_key,
+                            dst_key,
+                            new_value,
+                        });
+                    }
                 }
-            },
-            Mapped::Unmatched => plan.skipped.push(ReportLine {
-                detail: "--rewrite does not match this path".into(),
-                id: row.id,
-                old_path: row.path,
-                new_path: String::new(),
-                outcome: Outcome::Unmatched,
-            }),
-            Mapped::Invalid(e) => plan.skipped.push(ReportLine {
-                detail: e.to_string(),
-                id: row.id,
-                old_path: row.path,
-                new_path: String::new(),
-                outcome: Outcome::InvalidKey,
-            }),
+            }
+            Mapped::Unmatched => plan.skipped.push(skip(
+                row,
+                Outcome::Unmatched,
+                String::new(),
+                "--rewrite does not match this path".into(),
+            )),
+            Mapped::Invalid(e) => {
+                plan.skipped
+                    .push(skip(row, Outcome::InvalidKey, String::new(), e.to_string()))
+            }
         }
     }
     plan
@@ -70,8 +92,8 @@ pub fn distinct_pairs(moves: &[Move]) -> Vec<(String, String)> {
     let mut seen = std::collections::HashSet::new();
     moves
         .iter()
-        .filter(|m| seen.insert((m.row.path.as_str(), m.dst_key.as_str())))
-        .map(|m| (m.row.path.clone(), m.dst_key.clone()))
+        .filter(|m| seen.insert((m.src_key.as_str(), m.dst_key.as_str())))
+        .map(|m| (m.src_key.clone(), m.dst_key.clone()))
         .collect()
 }
 
@@ -85,7 +107,7 @@ pub fn split_ready<'m>(
     let mut ready = Vec::new();
     let mut lines = Vec::new();
     for m in moves {
-        let (outcome, detail) = match &by_pair[&(m.row.path.as_str(), m.dst_key.as_str())] {
+        let (outcome, detail) = match &by_pair[&(m.src_key.as_str(), m.dst_key.as_str())] {
             PairResult::Ready {
                 created,
                 size,
@@ -107,7 +129,7 @@ pub fn split_ready<'m>(
             }
             PairResult::MissingSource => (
                 Outcome::MissingSource,
-                format!("no object s3://{src_bucket}/{}", m.row.path),
+                format!("no object s3://{src_bucket}/{}", m.src_key),
             ),
             PairResult::Conflict(d) => (Outcome::Conflict, d.clone()),
             PairResult::Collision(d) => (Outcome::Collision, d.clone()),
@@ -122,7 +144,7 @@ pub fn attention(m: &Move, outcome: Outcome, detail: String) -> ReportLine {
     ReportLine {
         id: m.row.id.clone(),
         old_path: m.row.path.clone(),
-        new_path: m.dst_key.clone(),
+        new_path: m.new_value.clone(),
         outcome,
         detail,
     }
@@ -139,7 +161,7 @@ pub fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
     ReportLine {
         id: m.row.id.clone(),
         old_path: m.row.path.clone(),
-        new_path: m.dst_key.clone(),
+        new_path: m.new_value.clone(),
         outcome: Outcome::Moved,
         detail: detail.into(),
     }
@@ -213,6 +235,7 @@ mod tests {
                 row(3, "image/default.png"),
             ],
             &rw,
+            &Reference::keys(),
         );
         assert_eq!(p.moves.len(), 3);
         assert!(p.skipped.is_empty());
@@ -230,6 +253,7 @@ mod tests {
                 row(3, "image/c.jpg"),
             ],
             &rw,
+            &Reference::keys(),
         );
         assert_eq!(
             p.moves
@@ -254,6 +278,7 @@ mod tests {
                 row(3, "image/keep-"),
             ],
             &rw,
+            &Reference::keys(),
         );
         assert_eq!(p.moves.len(), 1);
         let outcomes: Vec<_> = p.skipped.iter().map(|l| l.outcome).collect();
@@ -275,15 +300,21 @@ mod tests {
         let moves = vec![
             Move {
                 row: row(1, "image/a.png"),
+                src_key: "image/a.png".into(),
                 dst_key: "avatar/a.png".into(),
+                new_value: "avatar/a.png".into(),
             },
             Move {
                 row: row(2, "image/b.png"),
+                src_key: "image/b.png".into(),
                 dst_key: "avatar/b.png".into(),
+                new_value: "avatar/b.png".into(),
             },
             Move {
                 row: row(3, "image/a.png"),
+                src_key: "image/a.png".into(),
                 dst_key: "avatar/a.png".into(),
+                new_value: "avatar/a.png".into(),
             },
         ];
         let by_pair = HashMap::from([

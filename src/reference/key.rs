@@ -1,15 +1,47 @@
 //! The key shape: the path column holds the object's whole key, and the bucket is the
 //! job's — `--source`'s before the move, `--dest`'s after it. The key alone tells the
 //! sides apart (which is why their prefixes may not overlap), so the shape adds nothing
-//! to a statement.
+//! to a compare-and-swap, and a row uses an object when it holds its key.
 
-use super::Shape;
+use super::{under, Shape};
 use crate::s3::Side;
 
 #[derive(Debug)]
-pub(super) struct Key;
+pub(super) struct Key {
+    /// The path column, quoted.
+    path: String,
+    /// The key prefixes of `--source` and `--dest`.
+    prefixes: (String, String),
+}
+
+impl Key {
+    pub(super) fn new(path: String, (source, dest): (&str, &str)) -> Key {
+        Key {
+            path,
+            prefixes: (source.to_owned(), dest.to_owned()),
+        }
+    }
+}
+
+/// The key shape's statements, shared with the service shape (whose key is the
+/// column's value too).
+pub(super) fn selects(path: &str, prefixes: &(String, String), side: Side, t: &str) -> String {
+    let prefix = match side {
+        Side::Source => &prefixes.0,
+        Side::Dest => &prefixes.1,
+    };
+    under(t, path, prefix)
+}
+
+pub(super) fn key_bytes(path: &str, t: &str) -> String {
+    format!("convert_to({t}.{path}, 'UTF8')")
+}
 
 impl Shape for Key {
+    fn selects(&self, side: Side, t: &str) -> String {
+        selects(&self.path, &self.prefixes, side, t)
+    }
+
     fn on(&self, _side: Side, _t: &str) -> String {
         String::new()
     }
@@ -18,16 +50,37 @@ impl Shape for Key {
         String::new()
     }
 
-    fn may_use(&self, _t: &str) -> String {
-        String::new()
+    fn key_of(&self, value: &str) -> Result<String, String> {
+        Ok(value.to_owned())
     }
 
-    fn not_using(&self, _bucket: &str) -> Option<&str> {
+    fn value_for(&self, _old: &str, _old_key: &str, new_key: &str) -> String {
+        new_key.to_owned()
+    }
+
+    fn key_bytes(&self, _side: Side, t: &str) -> String {
+        key_bytes(&self.path, t)
+    }
+
+    fn referenced(&self, tbl: &str) -> String {
+        let path = &self.path;
+        format!("SELECT t.{path}::text FROM {tbl} AS t WHERE t.{path} = ANY ($1::text[])")
+    }
+
+    fn takes_param(&self) -> bool {
+        false
+    }
+
+    fn param(&self, _bucket: &str) -> Option<&str> {
         None
     }
 
     fn column(&self, _side: Side) -> Option<(&str, &str)> {
         None
+    }
+
+    fn values_are_keys(&self) -> bool {
+        true
     }
 }
 
@@ -36,11 +89,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_key_shape_adds_nothing() {
-        assert_eq!(Key.on(Side::Source, "t"), "");
-        assert_eq!(Key.may_use("t"), "");
-        assert_eq!(Key.set(Side::Dest), "");
-        assert_eq!(Key.column(Side::Dest), None);
-        assert_eq!(Key.not_using("old"), None);
+    fn the_key_shape_adds_nothing_to_a_compare_and_swap() {
+        let k = Key::new("\"path\"".into(), ("image/", "avatar/"));
+        assert_eq!(k.on(Side::Source, "t"), "");
+        assert_eq!(k.set(Side::Dest), "");
+        assert_eq!(k.column(Side::Dest), None);
+        assert_eq!(k.param("old"), None);
+        assert_eq!(
+            k.selects(Side::Dest, "t"),
+            "starts_with(t.\"path\", E'avatar/')"
+        );
+        assert_eq!(k.key_of("image/a b.png").unwrap(), "image/a b.png");
+        assert_eq!(k.value_for("image/a", "image/a", "avatar/a"), "avatar/a");
     }
 }

@@ -1,47 +1,75 @@
 //! What a row's reference is: how the job's columns point at an object, and so which
 //! rows reference what on each side. Every statement on the job's table takes its
 //! conditions on the reference from here — what selects a row, what a compare-and-swap
-//! guards, what a rewrite sets, which rows may still use an object — so the pipeline
-//! never spells a shape out itself.
+//! guards, what a rewrite sets, which rows may still use an object — and every key is
+//! read from a row's value here, so the pipeline never spells a shape out itself.
+//!
+//! A row's *value* (what the path column holds) and its *key* (the object's) are two
+//! things: the compare-and-swap, the rewrite and the report are on values; copies,
+//! deletes, reservations and the ledger's `old_path`/`new_path` are on keys.
 //!
 //! One file per shape, each a [`Shape`]:
 //! - [`key`] (the default): the path column holds the object's key; the bucket is the
 //!   job's, `--source`'s before the move and `--dest`'s after it.
 //! - [`service`] (`--service-column`, Rails Active Storage's `(key, service_name)`): a
 //!   second column names the bucket, and a move rewrites it with the key.
+//! - [`url`] (`--source-url`/`--dest-url`): the path column holds a URL whose path,
+//!   percent-decoded, is the key.
 //!
 //! A new shape is a new file implementing [`Shape`], chosen in [`Reference::new`].
 
 mod key;
 mod service;
+mod url;
 
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use crate::config::JobConfig;
+use crate::config::{quote_ident, JobConfig};
 use crate::s3::Side;
 
-/// One shape of reference, as SQL fragments on a row of the job's table. `t` is the
-/// row's table alias (or the table's quoted name).
+/// One shape of reference, as SQL fragments on a row of the job's table and as the
+/// arithmetic between a row's value and its key. `t` is the row's table alias (or the
+/// table's quoted name).
 trait Shape: Debug + Send + Sync {
-    /// Appended to a condition on row `t`'s key: the row's key is in `side`'s bucket.
+    /// The condition that selects row `t` as one on `side`: its value is under `side`'s
+    /// location.
+    fn selects(&self, side: Side, t: &str) -> String;
+
+    /// Appended to a compare-and-swap on row `t`'s value: the row is on `side`.
     fn on(&self, side: Side, t: &str) -> String;
 
-    /// Appended to an UPDATE's SET list: the row's key becomes `side`'s.
+    /// Appended to an UPDATE's SET list: the row's reference becomes `side`'s.
     fn set(&self, side: Side) -> String;
 
-    /// Appended to the cleanup's check that row `t`, holding the key, may still use the
-    /// object: the rows that cannot are those of the value in `$2`
-    /// ([`Shape::not_using`]). Empty when every row holding the key may use it; the
-    /// statement then has no `$2`.
-    fn may_use(&self, t: &str) -> String;
+    /// The key a selected row's value holds, or why it holds none.
+    fn key_of(&self, value: &str) -> Result<String, String>;
 
-    /// The `$2` of [`Shape::may_use`] for an object in `bucket`; `None` for none.
-    fn not_using(&self, bucket: &str) -> Option<&str>;
+    /// The value a row that held `old` (holding `old_key`) gets for `new_key`.
+    fn value_for(&self, old: &str, old_key: &str, new_key: &str) -> String;
+
+    /// Row `t`'s key on `side`, as `bytea` (UTF-8): what `verify` merges with a listing,
+    /// in this order.
+    fn key_bytes(&self, side: Side, t: &str) -> String;
+
+    /// The reference check's statement on the table `tbl`: which of the keys `$1` some row
+    /// may still use an object at. It reads `$2` ([`Shape::param`]) when
+    /// [`Shape::takes_param`].
+    fn referenced(&self, tbl: &str) -> String;
+
+    /// Whether [`Shape::referenced`] reads `$2`.
+    fn takes_param(&self) -> bool;
+
+    /// The `$2` of [`Shape::referenced`] for an object in `bucket`.
+    fn param(&self, bucket: &str) -> Option<&str>;
 
     /// A further column the shape rewrites, quoted, with the SQL literal it holds on
     /// `side`.
     fn column(&self, side: Side) -> Option<(&str, &str)>;
+
+    /// Whether the value is the key itself (an index on the column then finds the rows
+    /// of a key).
+    fn values_are_keys(&self) -> bool;
 }
 
 /// How the job's rows point at their objects: the job's [`Shape`].
@@ -51,41 +79,83 @@ pub struct Reference(Arc<dyn Shape>);
 impl Reference {
     /// The shape the job's options name.
     pub fn new(cfg: &JobConfig) -> Reference {
-        match &cfg.service {
-            Some(s) => Reference(Arc::new(service::Service::new(
+        let path = quote_ident(&cfg.path_column);
+        let prefixes = (&cfg.source.prefix[..], &cfg.dest.prefix[..]);
+        if let Some(s) = &cfg.service {
+            return Reference(Arc::new(service::Service::new(
                 s,
-                &cfg.source.bucket,
-                &cfg.dest.bucket,
-            ))),
-            None => Reference(Arc::new(key::Key)),
+                path,
+                prefixes,
+                (&cfg.source.bucket, &cfg.dest.bucket),
+            )));
         }
+        if let Some(u) = &cfg.urls {
+            return Reference(Arc::new(url::Url::new(
+                u,
+                path,
+                prefixes,
+                (&cfg.source.bucket, &cfg.dest.bucket),
+            )));
+        }
+        Reference(Arc::new(key::Key::new(path, prefixes)))
     }
 
-    /// SQL to append to a condition on the key of row `t`: the row's key is in `side`'s
-    /// bucket.
+    /// The key shape on a column `path`, with no prefixes (for tests of what is built on
+    /// it).
+    #[cfg(test)]
+    pub(crate) fn keys() -> Reference {
+        Reference(Arc::new(key::Key::new("\"path\"".into(), ("", ""))))
+    }
+
+    /// The condition that selects row `t` as one on `side`.
+    pub fn selects(&self, side: Side, t: &str) -> String {
+        self.0.selects(side, t)
+    }
+
+    /// SQL to append to a compare-and-swap on the value of row `t`: the row is on `side`.
     pub fn on(&self, side: Side, t: &str) -> String {
         self.0.on(side, t)
     }
 
-    /// SQL to append to an UPDATE's SET list that makes the row's key `side`'s.
+    /// SQL to append to an UPDATE's SET list that makes the row's reference `side`'s.
     pub fn set(&self, side: Side) -> String {
         self.0.set(side)
     }
 
-    /// SQL to append to the cleanup's check whether row `t` still uses an object at a
-    /// key it holds; it reads `$2` when [`Reference::checks_service`].
-    pub fn may_use(&self, t: &str) -> String {
-        self.0.may_use(t)
+    /// The source key a selected row's value holds, or why it holds none.
+    pub fn key_of(&self, value: &str) -> Result<String, String> {
+        self.0.key_of(value)
     }
 
-    /// The `$2` of [`Reference::may_use`] for an object in `bucket`.
-    pub fn not_using(&self, bucket: &str) -> Option<&str> {
-        self.0.not_using(bucket)
+    /// The value a row that held `old` (at `old_key`) gets when its object moves to
+    /// `new_key`.
+    pub fn value_for(&self, old: &str, old_key: &str, new_key: &str) -> String {
+        self.0.value_for(old, old_key, new_key)
     }
 
-    /// Whether [`Reference::may_use`] takes the parameter `$2`.
-    pub fn checks_service(&self) -> bool {
-        !self.0.may_use("t").is_empty()
+    /// Row `t`'s key on `side` as `bytea`, in the order of a listing.
+    pub fn key_bytes(&self, side: Side, t: &str) -> String {
+        self.0.key_bytes(side, t)
+    }
+
+    /// The reference check on `tbl`: `$1` keys, `$2` [`Reference::param`].
+    pub fn referenced(&self, tbl: &str) -> String {
+        self.0.referenced(tbl)
+    }
+
+    /// The `$2` of [`Reference::referenced`] for an object in `bucket`.
+    pub fn param(&self, bucket: &str) -> Option<&str> {
+        self.0.param(bucket)
+    }
+
+    /// Whether [`Reference::referenced`] takes the parameter `$2`.
+    pub fn takes_param(&self) -> bool {
+        self.0.takes_param()
+    }
+
+    /// Whether a row's value is its key.
+    pub fn values_are_keys(&self) -> bool {
+        self.0.values_are_keys()
     }
 
     /// The further column the shape rewrites (the service column), quoted.
@@ -102,4 +172,9 @@ impl Reference {
 /// `s` as an SQL string literal, whatever `standard_conforming_strings` says.
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// The condition that row `t`'s column `path` starts with `prefix`.
+fn under(t: &str, path: &str, prefix: &str) -> String {
+    format!("starts_with({t}.{path}, {})", literal(prefix))
 }

@@ -9,12 +9,16 @@
 //! service is counted (its bucket is unknown to relocator), so such an object is kept.
 //! With one bucket for both services every row holding the key counts.
 
-use super::{literal, Shape};
+use super::{key, literal, Shape};
 use crate::config::{quote_ident, ServiceColumn};
 use crate::s3::Side;
 
 #[derive(Debug)]
 pub(super) struct Service {
+    /// The path column, quoted.
+    path: String,
+    /// The key prefixes of `--source` and `--dest`.
+    prefixes: (String, String),
     /// The column, quoted.
     column: String,
     /// `--source-service` and `--dest-service` as SQL literals.
@@ -26,8 +30,15 @@ pub(super) struct Service {
 }
 
 impl Service {
-    pub(super) fn new(s: &ServiceColumn, source: &str, dest: &str) -> Service {
+    pub(super) fn new(
+        s: &ServiceColumn,
+        path: String,
+        (source_prefix, dest_prefix): (&str, &str),
+        (source, dest): (&str, &str),
+    ) -> Service {
         Service {
+            path,
+            prefixes: (source_prefix.to_owned(), dest_prefix.to_owned()),
             column: quote_ident(&s.column),
             source: literal(&s.source),
             dest: literal(&s.dest),
@@ -45,6 +56,10 @@ impl Service {
 }
 
 impl Shape for Service {
+    fn selects(&self, side: Side, t: &str) -> String {
+        key::selects(&self.path, &self.prefixes, side, t) + &self.on(side, t)
+    }
+
     fn on(&self, side: Side, t: &str) -> String {
         format!(" AND {t}.{} = {}", self.column, self.value(side))
     }
@@ -53,14 +68,33 @@ impl Shape for Service {
         format!(", {} = {}", self.column, self.value(side))
     }
 
-    fn may_use(&self, t: &str) -> String {
+    fn key_of(&self, value: &str) -> Result<String, String> {
+        Ok(value.to_owned())
+    }
+
+    fn value_for(&self, _old: &str, _old_key: &str, new_key: &str) -> String {
+        new_key.to_owned()
+    }
+
+    fn key_bytes(&self, _side: Side, t: &str) -> String {
+        key::key_bytes(&self.path, t)
+    }
+
+    /// Every row holding the key, except one of the service in `$2` (the other side's).
+    fn referenced(&self, tbl: &str) -> String {
+        let path = &self.path;
         format!(
-            " AND ($2::text IS NULL OR {t}.{} IS DISTINCT FROM $2::text)",
+            "SELECT t.{path}::text FROM {tbl} AS t WHERE t.{path} = ANY ($1::text[])
+                AND ($2::text IS NULL OR t.{} IS DISTINCT FROM $2::text)",
             self.column
         )
     }
 
-    fn not_using(&self, bucket: &str) -> Option<&str> {
+    fn takes_param(&self) -> bool {
+        true
+    }
+
+    fn param(&self, bucket: &str) -> Option<&str> {
         if self.source_bucket.0 == self.dest_bucket.0 {
             return None;
         }
@@ -76,6 +110,10 @@ impl Shape for Service {
     fn column(&self, side: Side) -> Option<(&str, &str)> {
         Some((&self.column, self.value(side)))
     }
+
+    fn values_are_keys(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -89,8 +127,9 @@ mod tests {
                 source: "legacy".into(),
                 dest: "it's\\prod".into(),
             },
-            "old",
-            dest_bucket,
+            "\"key\"".into(),
+            ("", ""),
+            ("old", dest_bucket),
         )
     }
 
@@ -102,16 +141,20 @@ mod tests {
             " AND t.\"service_name\" = E'legacy'"
         );
         assert_eq!(r.set(Side::Dest), ", \"service_name\" = E'it''s\\\\prod'");
+        assert_eq!(
+            r.selects(Side::Source, "t"),
+            "starts_with(t.\"key\", E'') AND t.\"service_name\" = E'legacy'"
+        );
     }
 
     #[test]
     fn an_object_is_not_used_by_the_other_sides_rows() {
         let r = service("new");
-        assert_eq!(r.not_using("old"), Some("it's\\prod"));
-        assert_eq!(r.not_using("new"), Some("legacy"));
+        assert_eq!(r.param("old"), Some("it's\\prod"));
+        assert_eq!(r.param("new"), Some("legacy"));
         // A third bucket's object, and one bucket for both services: every row holding
         // the key may use it.
-        assert_eq!(r.not_using("third"), None);
-        assert_eq!(service("old").not_using("old"), None);
+        assert_eq!(r.param("third"), None);
+        assert_eq!(service("old").param("old"), None);
     }
 }

@@ -295,6 +295,8 @@ impl TestEnv {
             service_column: None,
             source_service: None,
             dest_service: None,
+            source_url: Vec::new(),
+            dest_url: None,
             checksum_column: None,
             rewrite: None,
             to: None,

@@ -1,0 +1,385 @@
+//! The URL shape (`--source-url`, `--dest-url`): the path column holds a URL, e.g.
+//! `https://cdn.example.com/image/a%20b.png?v=3`. A row is on the source side when its
+//! value starts with one of the `--source-url` prefixes (the same location is often
+//! spelled several ways), which stand for `--source`; the key is `--source`'s prefix
+//! followed by the rest of the URL's path, percent-decoded (RFC 3986). A move writes
+//! `--dest-url`, the new key's rest encoded the way the old one was, and the query
+//! string or fragment the old value had.
+//!
+//! Which rows may use an object: a row whose URL's path is under the path of one of its
+//! side's URL prefixes, at any host (a spelling not named: `http` for `https`, another
+//! host of the same CDN), and decodes to its key; since a row may also spell the object
+//! as the bucket serves it, any URL whose path — whole, or after its first segment (the
+//! bucket, path-style) — decodes to the key; and any value that is not a URL and is the
+//! key. Only values under the other side's URL prefixes (when the sides are two buckets)
+//! are known not to use it. The check reads every row of the table: there is no index to
+//! find a decoded key.
+
+use percent_encoding::percent_decode_str;
+
+use super::{literal, under, Shape};
+use crate::config::UrlColumn;
+use crate::s3::Side;
+
+#[derive(Debug)]
+pub(super) struct Url {
+    /// The path column, quoted.
+    path: String,
+    /// `--source-url` prefixes and `--dest-url`.
+    source: Vec<String>,
+    dest: String,
+    /// The key prefixes of `--source` and `--dest`.
+    prefixes: (String, String),
+    /// Both sides are one bucket.
+    same_bucket: bool,
+    /// The buckets of `--source` and `--dest`.
+    buckets: (String, String),
+}
+
+impl Url {
+    pub(super) fn new(
+        u: &UrlColumn,
+        path: String,
+        (source_prefix, dest_prefix): (&str, &str),
+        buckets: (&str, &str),
+    ) -> Url {
+        Url {
+            path,
+            source: u.source.clone(),
+            dest: u.dest.clone(),
+            prefixes: (source_prefix.to_owned(), dest_prefix.to_owned()),
+            same_bucket: buckets.0 == buckets.1,
+            buckets: (buckets.0.to_owned(), buckets.1.to_owned()),
+        }
+    }
+
+    /// `side`'s URL prefixes.
+    fn urls(&self, side: Side) -> Vec<&str> {
+        match side {
+            Side::Source => self.source.iter().map(String::as_str).collect(),
+            Side::Dest => vec![self.dest.as_str()],
+        }
+    }
+
+    fn prefix(&self, side: Side) -> &str {
+        match side {
+            Side::Source => &self.prefixes.0,
+            Side::Dest => &self.prefixes.1,
+        }
+    }
+
+    /// `side`'s key of value `v` (an SQL expression), as `bytea`: NULL when `v` is under
+    /// none of `side`'s URL prefixes.
+    fn key_sql(&self, side: Side, v: &str) -> String {
+        let arms: String = self
+            .urls(side)
+            .into_iter()
+            .map(|u| {
+                let rest = format!("substr({v}, {})", u.chars().count() + 1);
+                format!(
+                    " WHEN starts_with({v}, {}) THEN convert_to({}, 'UTF8') || {}",
+                    literal(u),
+                    literal(self.prefix(side)),
+                    decoded(&format!("substring({rest} from '^[^?#]*')"))
+                )
+            })
+            .collect();
+        format!("CASE{arms} END")
+    }
+}
+
+/// SQL: the text `x` percent-decoded, as `bytea` (a `%` not followed by two hex digits
+/// stays as it is). No function: `plan` and `verify` create nothing in the database.
+fn decoded(x: &str) -> String {
+    format!(
+        "CASE WHEN strpos({x}, '%') = 0 THEN convert_to({x}, 'UTF8') ELSE
+           (SELECT string_agg(CASE WHEN m[1] IS NULL THEN convert_to(m[2], 'UTF8')
+                                   ELSE decode(substr(m[1], 2), 'hex') END, ''::bytea ORDER BY o)
+              FROM regexp_matches({x}, '(%[0-9A-Fa-f]{{2}})|([^%]+|%)', 'g')
+                   WITH ORDINALITY AS r(m, o)) END"
+    )
+}
+
+/// The path of URL `rest` (after the prefix) and what follows it: `?query`, `#fragment`.
+fn split(rest: &str) -> (&str, &str) {
+    rest.split_at(rest.find(['?', '#']).unwrap_or(rest.len()))
+}
+
+/// A URL path, percent-decoded; an error for a `%` not followed by two hex digits, or
+/// bytes that are not UTF-8.
+fn decode(path: &str) -> Result<String, String> {
+    let b = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        if !(b.len() > i + 2 && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+            return Err(format!(
+                "the URL's path has a '%' at byte {i} not followed by two hex digits \
+                 (RFC 3986 percent-encoding)"
+            ));
+        }
+    }
+    percent_decode_str(path)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| "the URL's path decodes to bytes that are not UTF-8".to_owned())
+}
+
+/// Characters a URL path carries as they are when the old value gives no example:
+/// RFC 3986's unreserved ones and the segment separator.
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~/".contains(c)
+}
+
+/// `new` encoded the way `old` (an encoded path) is: a character `old` carries as it
+/// is stays so, one it encodes is encoded, others by RFC 3986; hex digits in `old`'s
+/// case.
+fn encode_like(old: &str, new: &str) -> String {
+    let mut literal = std::collections::HashSet::new();
+    let mut encoded = std::collections::HashSet::new();
+    let mut lower = false;
+    let mut rest = old;
+    while let Some(c) = rest.chars().next() {
+        if c == '%' && rest.len() >= 3 {
+            // The whole run of escapes is one or more characters.
+            let run = rest
+                .as_bytes()
+                .chunks(3)
+                .take_while(|e| e.len() == 3 && e[0] == b'%')
+                .count();
+            let (esc, after) = rest.split_at(run * 3);
+            lower |= esc.chars().any(|c| c.is_ascii_lowercase());
+            encoded.extend(percent_decode_str(esc).decode_utf8_lossy().chars());
+            rest = after;
+        } else {
+            literal.insert(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    let mut out = String::with_capacity(new.len());
+    for c in new.chars() {
+        let keep = c != '%' && (literal.contains(&c) || (!encoded.contains(&c) && plain(c)));
+        if keep {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                if lower {
+                    out.push_str(&format!("%{b:02x}"));
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Shape for Url {
+    fn selects(&self, side: Side, t: &str) -> String {
+        let any: Vec<String> = self
+            .urls(side)
+            .into_iter()
+            .map(|u| under(t, &self.path, u))
+            .collect();
+        format!("({})", any.join(" OR "))
+    }
+
+    fn on(&self, _side: Side, _t: &str) -> String {
+        String::new()
+    }
+
+    fn set(&self, _side: Side) -> String {
+        String::new()
+    }
+
+    fn key_of(&self, value: &str) -> Result<String, String> {
+        let Some(u) = self.source.iter().find(|u| value.starts_with(u.as_str())) else {
+            return Err("the value is under no --source-url".into());
+        };
+        let (path, _) = split(&value[u.len()..]);
+        Ok(format!("{}{}", self.prefixes.0, decode(path)?))
+    }
+
+    fn value_for(&self, old: &str, old_key: &str, new_key: &str) -> String {
+        let u = self
+            .source
+            .iter()
+            .find(|u| old.starts_with(u.as_str()))
+            .map_or(0, |u| u.len());
+        let (path, after) = split(&old[u..]);
+        let old_rest = old_key.strip_prefix(&self.prefixes.0).unwrap_or(old_key);
+        let new_rest = new_key.strip_prefix(&self.prefixes.1).unwrap_or(new_key);
+        let encoded = if old_rest == new_rest {
+            path.to_owned()
+        } else {
+            encode_like(path, new_rest)
+        };
+        format!("{}{encoded}{after}", self.dest)
+    }
+
+    fn key_bytes(&self, side: Side, t: &str) -> String {
+        self.key_sql(side, &format!("{t}.{}", self.path))
+    }
+
+    /// `$2`: the sides whose URL prefixes name the object's bucket (`source`, `dest` or
+    /// `both`).
+    fn referenced(&self, tbl: &str) -> String {
+        let v = format!("t.{}", self.path);
+        let other = |side: Side| {
+            self.urls(side)
+                .into_iter()
+                .map(|u| format!(" OR starts_with({v}, {})", literal(u)))
+                .collect::<String>()
+        };
+        // Values the other side's prefixes claim (two buckets only) name another bucket.
+        let mine = format!(
+            "NOT (($2::text = 'source' AND (false{})) OR ($2::text = 'dest' AND (false{})))",
+            other(Side::Dest),
+            other(Side::Source)
+        );
+        // The URL's path, from its first '/', without query or fragment.
+        let path = format!("substring({v} from '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(/[^?#]*)')");
+        let mut candidates = Vec::new();
+        // Under a side's URL prefix, at any host (another spelling of the same CDN):
+        // that side's prefix followed by the rest.
+        for (side, when) in [
+            (Side::Source, "$2::text <> 'dest'"),
+            (Side::Dest, "$2::text <> 'source'"),
+        ] {
+            for u in self.urls(side) {
+                let at = u.find("://").map_or(0, |i| i + 3);
+                let dir = &u[at + u[at..].find('/').unwrap_or(u.len() - at)..];
+                candidates.push(format!(
+                    "CASE WHEN {when} AND {mine} AND starts_with({path}, {dir}) THEN convert_to({}, 'UTF8') || {} END",
+                    literal(self.prefix(side)),
+                    decoded(&format!("substr({path}, {})", dir.chars().count() + 1)),
+                    dir = literal(dir),
+                ));
+            }
+        }
+        // Any URL's path as a key: virtual-hosted (the whole path) or path-style (after
+        // the bucket).
+        for re in ["", "[^/]*/"] {
+            candidates.push(format!(
+                "CASE WHEN {mine} THEN {} END",
+                decoded(&format!("substring({path} from '^/{re}(.*)$')"))
+            ));
+        }
+        // A value that is no URL: the key itself.
+        candidates.push(format!(
+            "CASE WHEN strpos({v}, '://') = 0 THEN convert_to({v}, 'UTF8') END"
+        ));
+        format!(
+            "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
+               JOIN (SELECT x.c FROM {tbl} AS t CROSS JOIN LATERAL (VALUES ({})) AS x(c)
+                     ) AS s ON s.c = convert_to(u.k, 'UTF8')",
+            candidates.join("), (")
+        )
+    }
+
+    fn takes_param(&self) -> bool {
+        true
+    }
+
+    fn param(&self, bucket: &str) -> Option<&str> {
+        if self.same_bucket {
+            Some("both")
+        } else if bucket == self.buckets.0 {
+            Some("source")
+        } else if bucket == self.buckets.1 {
+            Some("dest")
+        } else {
+            Some("both")
+        }
+    }
+
+    fn column(&self, _side: Side) -> Option<(&str, &str)> {
+        None
+    }
+
+    fn values_are_keys(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url() -> Url {
+        Url::new(
+            &UrlColumn {
+                source: vec![
+                    "https://legacy-s3.s3.eu-west-1.amazonaws.com/image/".into(),
+                    "https://cdn.example.com/".into(),
+                ],
+                dest: "https://new.example.com/a/".into(),
+            },
+            "\"avatar_url\"".into(),
+            ("image/", "avatar/"),
+            ("legacy-s3", "production-s3"),
+        )
+    }
+
+    #[test]
+    fn the_key_is_the_decoded_path_after_the_prefix() {
+        let u = url();
+        assert_eq!(
+            u.key_of("https://legacy-s3.s3.eu-west-1.amazonaws.com/image/a%20b.png")
+                .unwrap(),
+            "image/a b.png"
+        );
+        assert_eq!(
+            u.key_of("https://cdn.example.com/x/%C3%A9.png?v=3#top")
+                .unwrap(),
+            "image/x/é.png"
+        );
+        assert!(u.key_of("https://cdn.example.com/100%.png").is_err());
+        assert!(u.key_of("https://cdn.example.com/%ff.png").is_err());
+        assert!(u.key_of("http://cdn.example.com/a.png").is_err());
+    }
+
+    #[test]
+    fn the_new_value_keeps_the_encoding_and_the_query() {
+        let u = url();
+        let old = "https://cdn.example.com/a%20b+c.png?v=3";
+        let key = u.key_of(old).unwrap();
+        assert_eq!(
+            u.value_for(old, &key, "avatar/a b+c.png"),
+            "https://new.example.com/a/a%20b+c.png?v=3"
+        );
+        // A rewritten rest: spaces encoded as the old one did, '+' kept as it was, a
+        // character with no example by RFC 3986.
+        assert_eq!(
+            u.value_for(old, &key, "avatar/b c+d[1].png"),
+            "https://new.example.com/a/b%20c+d%5B1%5D.png?v=3"
+        );
+        // Lower-case hex, and a character the old one carried as it is.
+        let old = "https://cdn.example.com/%c3%a9 x.png#f";
+        let key = u.key_of(old).unwrap();
+        assert_eq!(key, "image/é x.png");
+        assert_eq!(
+            u.value_for(old, &key, "avatar/é y ü.png"),
+            "https://new.example.com/a/%c3%a9 y %c3%bc.png#f"
+        );
+        // An unchanged rest keeps its exact spelling, even an unusual one.
+        let old = "https://cdn.example.com/%61b.png";
+        let key = u.key_of(old).unwrap();
+        assert_eq!(key, "image/ab.png");
+        assert_eq!(
+            u.value_for(old, &key, "avatar/ab.png"),
+            "https://new.example.com/a/%61b.png"
+        );
+    }
+
+    #[test]
+    fn a_row_is_selected_by_any_source_url() {
+        let u = url();
+        assert_eq!(
+            u.selects(Side::Source, "t"),
+            "(starts_with(t.\"avatar_url\", E'https://legacy-s3.s3.eu-west-1.amazonaws.com/image/') \
+             OR starts_with(t.\"avatar_url\", E'https://cdn.example.com/'))"
+        );
+        assert_eq!(u.param("legacy-s3"), Some("source"));
+        assert_eq!(u.param("production-s3"), Some("dest"));
+    }
+}
