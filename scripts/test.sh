@@ -78,11 +78,11 @@ eval "$(scripts/stack.sh env)"
 cargo fmt --check
 cargo clippy --all-targets --all-features --locked -- -D warnings
 cargo test --locked
-# The S3-semantics, relocation, chaos, runbook, reference-shape (keys, services, URLs),
+# The S3-semantics, relocation, chaos, runbook, reference-shape (every shape),
 # Django and Rails tests once more against the second S3 implementation (moto); versioning
 # is tested there in any case (tests/versioning.rs).
 # Skipped there: preflight's permission checks (they need Garage's read-only key; moto
 # accepts any key for anything) and the rollback SIGKILL test (it needs its kills to
 # land while the rollback works, paced for Garage).
 RELOCATOR_TEST_S3=moto cargo test --locked --test s3_semantics --test relocate --test chaos \
-    --test runbook --test references --test active_storage --test urls --test django --test rails -- --skip preflight_passes --skip rollback_killed
+    --test runbook --test references --test active_storage --test urls --test json --test columns --test django --test rails -- --skip preflight_passes --skip rollback_killed

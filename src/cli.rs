@@ -81,9 +81,11 @@ pub struct JobArgs {
     #[arg(long, default_value = "id")]
     pub id_column: String,
 
-    /// Column holding the object key (text or varchar).
-    #[arg(long, default_value = "path")]
-    pub path_column: String,
+    /// Column holding the object key (text or varchar; json/jsonb with --json-key).
+    /// Repeatable, for several columns per row (users(avatar_path, banner_path)), each
+    /// holding a key: a row is rewritten once, when every one of its objects is in place.
+    #[arg(long, default_value = "path", value_name = "NAME")]
+    pub path_column: Vec<String>,
 
     /// Another column that holds keys of these objects (TABLE.COLUMN or
     /// SCHEMA.TABLE.COLUMN, quoted as for --table; repeatable): an object is deleted only
@@ -128,6 +130,18 @@ pub struct JobArgs {
     /// encoded as the old URL was, then the old URL's query string or fragment.
     #[arg(long, value_name = "PREFIX", requires = "source_url")]
     pub dest_url: Option<String>,
+
+    /// The path column is a json or jsonb document (Shrine's attachment data): PATH, a
+    /// dot-separated field path (repeatable, e.g. id and derivatives.thumb.id), holds a
+    /// key. Only those fields change; a row moves once every one of them under --source
+    /// is in place.
+    #[arg(long, value_name = "PATH")]
+    pub json_key: Vec<String>,
+
+    /// With --json-key: set FIELD to the string VALUE next to each moved key, in the same
+    /// rewrite (e.g. storage=store).
+    #[arg(long, value_name = "FIELD=VALUE", requires = "json_key")]
+    pub json_set: Vec<String>,
 
     /// A column holding each object's MD5 in base64 (Active Storage's `checksum`):
     /// checked against the copied object before the row is rewritten, where the ETag is

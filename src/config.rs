@@ -670,6 +670,8 @@ pub struct JobConfig {
     pub table: TableName,
     pub id_column: String,
     pub path_column: String,
+    /// Further `--path-column`s: each row holds a key in every one of them.
+    pub more_columns: Vec<String>,
     /// `--referenced-by`: other columns whose references keep an object.
     pub referenced_by: Vec<ColumnRef>,
     pub source: S3Location,
@@ -678,6 +680,8 @@ pub struct JobConfig {
     pub service: Option<ServiceColumn>,
     /// `--source-url`/`--dest-url`: the rows hold URLs.
     pub urls: Option<UrlColumn>,
+    /// `--json-key`/`--json-set`: the rows hold JSON documents.
+    pub json: Option<JsonDocument>,
     /// `--checksum-column`: each row's object MD5, in base64.
     pub checksum_column: Option<String>,
     pub rewrite: Rewrite,
@@ -704,8 +708,19 @@ impl JobConfig {
         let database_url = DatabaseUrl::new(&a.database_url)?;
         let table = TableName::parse(&a.table).map_err(|e| ConfigError(format!("--table: {e}")))?;
         let id_column = parse_column("--id-column", &a.id_column)?;
-        let path_column = parse_column("--path-column", &a.path_column)?;
-        if id_column == path_column {
+        let mut columns: Vec<String> = Vec::new();
+        for c in &a.path_column {
+            let c = parse_column("--path-column", c)?;
+            if columns.contains(&c) {
+                return Err(ConfigError(format!("--path-column {c:?} is given twice")));
+            }
+            columns.push(c);
+        }
+        let Some((path_column, more_columns)) = columns.split_first() else {
+            return Err(ConfigError("--path-column names no column".into()));
+        };
+        let (path_column, more_columns) = (path_column.clone(), more_columns.to_vec());
+        if columns.contains(&id_column) {
             return Err(ConfigError(
                 "--id-column and --path-column name the same column".into(),
             ));
@@ -734,10 +749,40 @@ impl JobConfig {
             }
         }
         let urls = UrlColumn::from_args(a)?;
-        if service.is_some() && urls.is_some() {
+        let json = JsonDocument::from_args(a)?;
+        let shapes: Vec<&str> = [
+            (service.is_some(), "--service-column"),
+            (urls.is_some(), "--source-url/--dest-url"),
+            (json.is_some(), "--json-key"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect();
+        if shapes.len() > 1 {
+            return Err(ConfigError(format!(
+                "{} describe different shapes of reference; give one of them",
+                shapes.join(" and ")
+            )));
+        }
+        if !more_columns.is_empty() && (!shapes.is_empty() || checksum_column.is_some()) {
+            return Err(ConfigError(format!(
+                "several --path-column hold keys each; {} reads one column. Give one \
+                 --path-column, or leave that option out",
+                shapes.first().copied().unwrap_or("--checksum-column")
+            )));
+        }
+        if let Some(c) = more_columns.iter().find(|c| {
+            service.as_ref().is_some_and(|s| s.column == **c)
+                || checksum_column.as_ref() == Some(*c)
+        }) {
+            return Err(ConfigError(format!(
+                "--path-column {c:?} is also the --service-column or --checksum-column"
+            )));
+        }
+        if json.is_some() && checksum_column.is_some() {
             return Err(ConfigError(
-                "--service-column and --source-url/--dest-url describe two different shapes \
-                 of reference; give one of them"
+                "--checksum-column checks one object per row; with --json-key a row holds \
+                 several. Leave one of them out"
                     .into(),
             ));
         }
@@ -833,6 +878,7 @@ impl JobConfig {
             table,
             id_column,
             path_column,
+            more_columns,
             referenced_by,
             rewrite: Rewrite::new(&source.prefix, &dest.prefix, rule),
             rewrite_spec: a.rewrite.clone().zip(a.to.clone()),
@@ -840,6 +886,7 @@ impl JobConfig {
             dest,
             service,
             urls,
+            json,
             checksum_column,
             batch_size: a.batch_size,
             concurrency: a.concurrency,
@@ -924,6 +971,16 @@ impl JobConfig {
         })
     }
 
+    /// The `--path-column`s, sorted (in any order they are the same job).
+    pub fn columns(&self) -> Vec<String> {
+        let mut all: Vec<String> = std::iter::once(&self.path_column)
+            .chain(&self.more_columns)
+            .cloned()
+            .collect();
+        all.sort();
+        all
+    }
+
     /// Identifies "the same job" across reruns, so an interrupted run is resumed.
     pub fn fingerprint(&self) -> String {
         let (re, to) = self
@@ -938,11 +995,33 @@ impl JobConfig {
             + &self
                 .urls
                 .as_ref()
-                .map(|u| format!("|urls|{}|{}", u.source.join(" "), u.dest))
+                .map(|u| {
+                    // The same prefixes in another order are the same job.
+                    let mut source = u.source.clone();
+                    source.sort();
+                    format!("|urls|{}|{}", source.join(" "), u.dest)
+                })
+                .unwrap_or_default()
+            + &self
+                .json
+                .as_ref()
+                .map(|j| {
+                    // The same fields in another order are the same job.
+                    let (mut keys, mut set) = (j.keys.clone(), j.set.clone());
+                    keys.sort();
+                    set.sort();
+                    format!("|json|{keys:?}|{set:?}")
+                })
                 .unwrap_or_default();
         format!(
             "{}|{}|{}|{}|{}|{}|{}{service}",
-            self.table, self.id_column, self.path_column, self.source, self.dest, re, to
+            self.table,
+            self.id_column,
+            self.columns().join(","),
+            self.source,
+            self.dest,
+            re,
+            to
         )
     }
 }
@@ -1143,9 +1222,16 @@ impl UrlColumn {
             .map(|u| ("--source-url", u))
             .chain([("--dest-url", dest)])
             .collect();
+        // Scheme and host are compared in lower case: they name the same place in any.
+        let folded = |u: &str| {
+            let at = u.find("://").map_or(0, |i| i + 3);
+            let end = at + u[at..].find('/').unwrap_or(u.len() - at);
+            format!("{}{}", u[..end].to_ascii_lowercase(), &u[end..])
+        };
         for (i, (f1, u1)) in all.iter().enumerate() {
             for (f2, u2) in &all[i + 1..] {
-                if u1.starts_with(u2.as_str()) || u2.starts_with(u1.as_str()) {
+                let (a, b) = (folded(u1), folded(u2));
+                if a.starts_with(&b) || b.starts_with(&a) {
                     return Err(ConfigError(format!(
                         "{f1} {u1:?} and {f2} {u2:?} overlap: one starts with the other, so a \
                          value under both could not be told apart (and a moved row would be \
@@ -1158,6 +1244,81 @@ impl UrlColumn {
             source,
             dest: dest.clone(),
         }))
+    }
+}
+
+/// `--json-key` (one or more) with `--json-set`: the path column holds JSON documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonDocument {
+    /// The field paths holding keys, each split at its dots.
+    pub keys: Vec<Vec<String>>,
+    /// Fields set next to each moved key: (name, string value).
+    pub set: Vec<(String, String)>,
+}
+
+impl JsonDocument {
+    fn from_args(a: &JobArgs) -> Result<Option<Self>, ConfigError> {
+        if a.json_key.is_empty() {
+            if !a.json_set.is_empty() {
+                return Err(ConfigError(
+                    "--json-set goes with --json-key: name the fields holding keys".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let mut keys: Vec<Vec<String>> = Vec::new();
+        for k in &a.json_key {
+            let path: Vec<String> = k.split('.').map(str::to_owned).collect();
+            if path
+                .iter()
+                .any(|p| p.is_empty() || p.chars().any(char::is_control))
+            {
+                return Err(ConfigError(format!(
+                    "--json-key {k:?} is not a field path: write field names separated by dots, \
+                     e.g. id or derivatives.thumb.id"
+                )));
+            }
+            if !keys.contains(&path) {
+                keys.push(path);
+            }
+        }
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                if a.starts_with(b) || b.starts_with(a) {
+                    return Err(ConfigError(format!(
+                        "--json-key {:?} and {:?}: one is inside the other, so a field would \
+                         be both a key and an object holding one",
+                        a.join("."),
+                        b.join(".")
+                    )));
+                }
+            }
+        }
+        let mut set: Vec<(String, String)> = Vec::new();
+        for kv in &a.json_set {
+            let bad = |why: &str| {
+                ConfigError(format!(
+                    "--json-set {kv:?} {why}; write FIELD=VALUE, e.g. storage=store"
+                ))
+            };
+            let (field, value) = kv.split_once('=').ok_or_else(|| bad("has no '='"))?;
+            if field.is_empty() || field.contains('.') || field.chars().any(char::is_control) {
+                return Err(bad(
+                    "needs a field name without dots (it is set next to each key)",
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(bad("has a control character in its value"));
+            }
+            if keys.iter().any(|k| k.last().is_some_and(|l| l == field)) {
+                return Err(bad("names a field --json-key moves"));
+            }
+            if set.iter().any(|(f, _)| f == field) {
+                return Err(bad("sets a field another --json-set sets"));
+            }
+            set.push((field.to_owned(), value.to_owned()));
+        }
+        Ok(Some(JsonDocument { keys, set }))
     }
 }
 
@@ -1180,6 +1341,11 @@ fn check_url_prefix(flag: &str, u: &str) -> Result<(), ConfigError> {
     };
     if host.is_empty() {
         return Err(bad("has no host"));
+    }
+    // --source and --dest prefixes end with '/': a URL prefix without it would glue the
+    // key's rest onto its last segment.
+    if !u.ends_with('/') {
+        return Err(bad("does not end with '/'"));
     }
     if u.contains(['?', '#', '%']) || u.chars().any(|c| c.is_control() || c == ' ') {
         return Err(bad(
@@ -1284,6 +1450,51 @@ mod tests {
         let a = run_args(extra);
         let cfg = JobConfig::from_args(&a.job).expect("a valid job");
         RunPolicy::from_args(&a, &cfg)
+    }
+
+    #[test]
+    fn the_same_shape_options_in_another_order_are_the_same_job() {
+        let job = |extra: &[&str]| {
+            JobConfig::from_args(&run_args(extra).job)
+                .expect("a valid job")
+                .fingerprint()
+        };
+        let (a, b, d) = (
+            "https://a.example/i/",
+            "http://b.example/",
+            "https://n.example/a/",
+        );
+        assert_eq!(
+            job(&["--source-url", a, "--source-url", b, "--dest-url", d]),
+            job(&["--source-url", b, "--source-url", a, "--dest-url", d])
+        );
+        assert_ne!(
+            job(&["--source-url", a, "--dest-url", d]),
+            job(&["--source-url", b, "--dest-url", d])
+        );
+        let (k1, k2) = ("id", "derivatives.thumb.id");
+        assert_eq!(
+            job(&[
+                "--json-key",
+                k1,
+                "--json-key",
+                k2,
+                "--json-set",
+                "s=1",
+                "--json-set",
+                "t=2"
+            ]),
+            job(&[
+                "--json-key",
+                k2,
+                "--json-key",
+                k1,
+                "--json-set",
+                "t=2",
+                "--json-set",
+                "s=1"
+            ])
+        );
     }
 
     #[test]

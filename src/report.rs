@@ -49,6 +49,10 @@ pub enum Outcome {
     /// copied: the new upload was kept at the old key, and the row points at the copy of
     /// the object it referenced when relocator read it.
     SourceChanged,
+    /// Another reference the row holds (a field of its JSON document) cannot move: the
+    /// row is rewritten only with all of them, so it is left unchanged; a copy made for
+    /// this one is taken back.
+    HeldBack,
 }
 
 impl Outcome {
@@ -73,6 +77,7 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::RolledBack => "rolled_back",
             Outcome::SourceChanged => "source_changed",
+            Outcome::HeldBack => "held_back",
             Outcome::Rejected => "rejected",
             Outcome::TooLong => "too_long",
             Outcome::ChecksumMismatch => "checksum_mismatch",

@@ -1231,6 +1231,39 @@ async fn a_run_killed_mid_batch_and_rolled_back_leaves_nothing_behind() {
     env.assert_no_row_dangles().await;
 }
 
+/// Only what is ours (found by review): a run, its rollback (which removes the copy),
+/// then the application puts its own object at the destination key, with the same
+/// bytes; the job runs again and finds it already there (not copied). Its rollback must
+/// leave that object: the earlier move that copied to this key had its copy removed,
+/// so it no longer makes the object there relocator's. On the code before, the second
+/// rollback deleted it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_after_an_earlier_rollback_keeps_the_applications_object() {
+    let env = TestEnv::new("rollback-twice").await;
+    table(&env, false).await;
+    env.put_row("image/k.png", b"the bytes".to_vec()).await;
+    assert_eq!(env.run(&[]).0, 0);
+    rollback(&env);
+    assert!(bytes(&env, &env.dst_bucket, "avatar/k.png").await.is_none());
+    env.s3
+        .ep()
+        .put(
+            &env.dst_bucket,
+            "avatar/k.png",
+            b"the bytes".to_vec(),
+            "image/png",
+        )
+        .await
+        .unwrap();
+    let (code, err) = env.run(&["--report", &env.path("again.csv")]);
+    assert_eq!(code, 0, "{err}");
+    let again = std::fs::read_to_string(env.path("again.csv")).unwrap();
+    assert!(again.contains("already at the destination"), "{again}");
+    rollback(&env);
+    assert_eq!(env.rows().await, [(1, "image/k.png".to_owned())]);
+    assert_kept(&env, "avatar/k.png", b"the bytes").await;
+}
+
 /// Only what is ours (found by review): `--verify-content` reads a fresh copy back; the
 /// application puts its own object at that key between the copy and the read. The
 /// mismatch must not make relocator delete the application's object.

@@ -99,8 +99,10 @@ pub async fn backup(cfg: &JobConfig, out: &Path) -> Result<BackupInfo> {
         service = table
             .reference
             .service_column()
+            .into_iter()
+            .chain(table.more_cols.iter().map(String::as_str))
             .map(|c| format!(", t.{c}::text AS {c}"))
-            .unwrap_or_default(),
+            .collect::<String>(),
         selected = table.reference.selects(crate::s3::Side::Source, "t"),
     );
     let tmp = out.with_file_name(format!(
@@ -183,6 +185,7 @@ pub fn check(cfg: &JobConfig, path: &Path) -> Result<BackupInfo> {
     let want: Vec<&str> = [cfg.id_column.as_str(), cfg.path_column.as_str()]
         .into_iter()
         .chain(cfg.service.as_ref().map(|s| s.column.as_str()))
+        .chain(cfg.more_columns.iter().map(String::as_str))
         .collect();
     if header.iter().collect::<Vec<_>>() != want {
         return Err(config_error(format!(

@@ -96,10 +96,12 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             by_pair.insert((src.as_str(), dst.as_str()), r);
         }
         store_claims(&db, claims.into_new()).await?;
-        let (ready, lines) = split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
+        let plan::Split { ready, lines, held } =
+            split_ready(&batch.moves, &by_pair, &cfg.source.bucket);
         let refused = if may_update {
             let rows: Vec<commit::Rewrite<'_>> = ready
                 .iter()
+                .filter(|(m, _)| !held.contains_key(&m.row.id))
                 .map(|(m, _)| commit::Rewrite::from(*m))
                 .collect();
             commit::refused_rewrites(&db, &sh.q, &rows).await?
@@ -115,6 +117,10 @@ pub async fn plan(cfg: &JobConfig, out: &Path, cancel: CancellationToken) -> Res
             report.record(l)?;
         }
         for (m, made) in ready {
+            if let Some(why) = held.get(&m.row.id) {
+                report.record(attention(m, Outcome::HeldBack, why.clone()))?;
+                continue;
+            }
             if let Some(why) = mismatched.get(&m.row.id) {
                 report.record(attention(m, Outcome::ChecksumMismatch, why.clone()))?;
                 continue;

@@ -246,7 +246,17 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
         ),
     }
     tx.rollback().await?;
-    if !table.path_indexed {
+    if !table.reference.values_are_keys() {
+        r.warn(
+            "reference check",
+            format!(
+                "{} holds URLs or documents, not bare keys: no index finds the rows holding a \
+                 key, so each cleanup batch reads the whole column",
+                table.path_col
+            ),
+            "give a larger --batch-size on a large table (fewer cleanup batches)".to_owned(),
+        );
+    } else if !table.path_indexed {
         r.warn(
             "path index",
             format!(
@@ -353,7 +363,10 @@ async fn other_references(
         )
         .await
         .map_err(|e| anyhow::anyhow!("listing the database's text columns: {e}"))?;
-    let own = format!("{}.{}", table.qualified, table.path_col);
+    let own: Vec<String> = std::iter::once(&table.path_col)
+        .chain(&table.more_cols)
+        .map(|c| format!("{}.{c}", table.qualified))
+        .collect();
     let given: Vec<&str> = table.referencing.iter().map(|x| x.name.as_str()).collect();
     let mut found = Vec::new();
     let mut unknown = Vec::new();
@@ -369,7 +382,7 @@ async fn other_references(
         );
         let col = quote_ident(row.get::<_, &str>(2));
         let name = format!("{tbl}.{col}");
-        if name == own || given.contains(&name.as_str()) {
+        if own.contains(&name) || given.contains(&name.as_str()) {
             continue;
         }
         if start.elapsed() > PROBES_BUDGET {

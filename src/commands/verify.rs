@@ -424,14 +424,14 @@ async fn elsewhere(
     let sql = format!(
         "SELECT m.move_id, m.row_id, m.dst_bucket, m.new_path, m.dst_etag, m.size
            FROM relocator.moves m JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
-          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND t.{path} = coalesce(m.new_value, m.new_path){on}
+          WHERE m.table_name = $1 AND m.rolled_back_at IS NULL AND {holds}{on}
             AND NOT (m.dst_bucket = $2 AND starts_with(m.new_path, $3))
             AND NOT starts_with(m.new_path, $4) AND m.move_id > $5
           ORDER BY m.move_id LIMIT 1000",
         tbl = t.qualified,
         id = t.id_col,
-        path = t.path_col,
         ty = t.id_type,
+        holds = t.reference.holds("t", "coalesce(m.new_value, m.new_path)"),
         on = t.reference.on(Side::Dest, "t"),
     );
     let mut after = 0i64;
@@ -491,12 +491,14 @@ async fn merge_side(
     };
     // Keys as bytes, in the order of the listing (UTF-8 bytes), whatever the column's
     // collation and the database's encoding.
+    // A row holding several references (a JSON document's fields) is one row here per
+    // reference on this side.
     let sql = format!(
-        "SELECT t.{id}::text, {key} AS k FROM {tbl} AS t
-          WHERE {selected}
-          ORDER BY k, t.{id}",
+        "SELECT t.{id}::text, x.k FROM {tbl} AS t CROSS JOIN LATERAL (VALUES ({keys})) AS x(k)
+          WHERE {selected} AND x.k IS NOT NULL
+          ORDER BY x.k, t.{id}",
         id = t.id_col,
-        key = t.reference.key_bytes(side, "t"),
+        keys = t.reference.key_bytes(side, "t").join("), ("),
         tbl = t.qualified,
         selected = t.reference.selects(side, "t"),
     );

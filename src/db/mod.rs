@@ -114,6 +114,8 @@ pub struct TableInfo {
     pub display: String,
     pub id_col: String,
     pub path_col: String,
+    /// Further `--path-column`s, quoted.
+    pub more_cols: Vec<String>,
     /// The id column's type as SQL (from a fixed allow-list, never from input).
     pub id_type: &'static str,
     /// Whether an index leads with the path column (reference checks are then cheap).
@@ -273,11 +275,32 @@ impl TableInfo {
                 cfg.id_column
             ))
         })?;
-        if !(path_pg_type == "text" || path_pg_type.starts_with("character varying")) {
-            return Err(config_error(format!(
-                "--path-column {:?} is of type {path_pg_type}; it must be text or varchar",
-                cfg.path_column
-            )));
+        let textual = path_pg_type == "text" || path_pg_type.starts_with("character varying");
+        let document = path_pg_type == "json" || path_pg_type == "jsonb";
+        match (cfg.json.is_some(), textual, document) {
+            (false, true, _) | (true, _, true) => {}
+            (false, _, true) => {
+                return Err(config_error(format!(
+                    "--path-column {:?} is of type {path_pg_type}: give --json-key with the \
+                     field(s) of the document that hold keys (e.g. --json-key id)",
+                    cfg.path_column
+                )))
+            }
+            (true, true, _) => {
+                return Err(config_error(format!(
+                    "--path-column {:?} is of type {path_pg_type}; --json-key reads json and \
+                     jsonb columns. Convert it first (ALTER TABLE ... ALTER COLUMN ... TYPE \
+                     jsonb USING ...::jsonb), after checking every value is JSON",
+                    cfg.path_column
+                )))
+            }
+            _ => {
+                return Err(config_error(format!(
+                    "--path-column {:?} is of type {path_pg_type}; it must be text or varchar \
+                     (or json/jsonb with --json-key)",
+                    cfg.path_column
+                )))
+            }
         }
         if let Some(svc) = &cfg.service {
             let found = column(&svc.column).await?.ok_or_else(|| {
@@ -305,6 +328,28 @@ impl TableInfo {
                 )));
             }
         }
+        for c in &cfg.more_columns {
+            let found = column(c).await?.ok_or_else(|| {
+                config_error(format!(
+                    "table {display} has no column {c:?}; check --path-column"
+                ))
+            })?;
+            let ty: String = found.get(1);
+            if !(ty == "text" || ty.starts_with("character varying")) {
+                return Err(config_error(format!(
+                    "--path-column {c:?} is of type {ty}; with several --path-column each must \
+                     be text or varchar"
+                )));
+            }
+            if !found.get::<_, bool>(3) {
+                return Err(config_error(format!(
+                    "--path-column {c:?} uses the nondeterministic collation {:?}, under \
+                     which different keys compare equal; give it a deterministic collation \
+                     (e.g. \"C\") first",
+                    found.get::<_, Option<String>>(2).unwrap_or_default()
+                )));
+            }
+        }
         if let Some(c) = &cfg.checksum_column {
             let found = column(c).await?.ok_or_else(|| {
                 config_error(format!(
@@ -319,7 +364,7 @@ impl TableInfo {
                 )));
             }
         }
-        let reference = Reference::new(cfg);
+        let reference = Reference::new(cfg, &path_pg_type);
         // S3 keys are byte strings. Under a nondeterministic collation `=` takes
         // `IMAGE/A.PNG` for `image/a.png`: a lookup would pair a row with another row's
         // object and a compare-and-swap would pass on a changed value.
@@ -393,7 +438,10 @@ impl TableInfo {
             )
             .await?
             .get(0);
-        let own = format!("{qualified}.{}", quote_ident(&cfg.path_column));
+        let own: Vec<String> = std::iter::once(&cfg.path_column)
+            .chain(&cfg.more_columns)
+            .map(|c| format!("{qualified}.{}", quote_ident(c)))
+            .collect();
         let mut referencing: Vec<Referencing> = Vec::new();
         let mut wanted: Vec<(ColumnRef, bool)> = cfg
             .referenced_by
@@ -417,12 +465,18 @@ impl TableInfo {
                     e
                 }
             })?;
-            if found.name != own && !referencing.iter().any(|x| x.name == found.name) {
+            if !own.contains(&found.name) && !referencing.iter().any(|x| x.name == found.name) {
                 referencing.push(found);
             }
         }
         services_agree(client, cfg, &display).await?;
-        let limits = ColumnLimits::resolve(client, oid, path_attnum).await?;
+        // What one column accepts: with several, each column's own limits would apply to
+        // its own key; the commit finds a key one refuses (`rejected`).
+        let limits = if cfg.more_columns.is_empty() {
+            ColumnLimits::resolve(client, oid, path_attnum).await?
+        } else {
+            ColumnLimits::default()
+        };
         let encoding: String = client
             .query_one("SELECT current_setting('server_encoding')", &[])
             .await
@@ -436,6 +490,7 @@ impl TableInfo {
             display,
             id_col: quote_ident(&cfg.id_column),
             path_col: quote_ident(&cfg.path_column),
+            more_cols: cfg.more_columns.iter().map(|c| quote_ident(c)).collect(),
             id_type,
             path_indexed,
             referencing,
@@ -852,6 +907,8 @@ impl Queries {
         let (tbl, id, path, ty) = (&t.qualified, &t.id_col, &t.path_col, t.id_type);
         let r = &t.reference;
         let (on_src, on_dst) = (r.on(Side::Source, "t"), r.on(Side::Dest, "t"));
+        let value = r.value("t");
+        let (set_new, holds_old) = (r.assign("u.new_value"), r.holds("t", "u.old_value"));
         let (set_src, set_dst) = (r.set(Side::Source), r.set(Side::Dest));
         // --checksum-column: the checksum read before the commit is guarded with the key.
         let same_checksum = t
@@ -880,7 +937,7 @@ impl Queries {
             }
             conds.push(selected.clone());
             format!(
-                "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t WHERE {} ORDER BY t.{id} LIMIT {}",
+                "SELECT t.{id}::text, {value} FROM {tbl} AS t WHERE {} ORDER BY t.{id} LIMIT {}",
                 conds.join(" AND "),
                 next()
             )
@@ -904,7 +961,11 @@ impl Queries {
             checked_columns: t
                 .referencing_names()
                 .into_iter()
-                .chain([format!("{tbl}.{path}")])
+                .chain(
+                    std::iter::once(path)
+                        .chain(&t.more_cols)
+                        .map(|c| format!("{tbl}.{c}")),
+                )
                 .collect(),
             scans: [
                 scan(false, false),
@@ -936,11 +997,10 @@ impl Queries {
                                    src_version, checksum, old_value, new_value)
                       WHERE EXISTS (SELECT 1 FROM lease)
                  ), upd AS (
-                     UPDATE {tbl} AS t SET {path} = u.new_value{set_dst}
+                     UPDATE {tbl} AS t SET {set_new}{set_dst}
                        FROM u
-                      WHERE u.try AND t.{id} = u.id::{ty} AND t.{path} = u.old_value{on_src}{same_checksum}
-                  RETURNING u.id, u.old_path, u.new_path, u.copied, u.src_etag, u.dst_etag, u.size,
-                            u.src_version, u.old_value, u.new_value, t.{path}::text AS stored
+                      WHERE u.try AND t.{id} = u.id::{ty} AND {holds_old}{on_src}{same_checksum}
+                  RETURNING u.id, u.new_value, {value} AS stored
                  ), chk AS (
                      SELECT 1 FROM upd WHERE stored IS DISTINCT FROM new_value
                         AND relocator.refuse_stored(new_value, stored)
@@ -949,12 +1009,12 @@ impl Queries {
                             (run_id, table_name, row_id, old_path, new_path,
                              src_bucket, dst_bucket, copied, lease_id, src_etag, dst_etag, size,
                              src_version, old_value, new_value)
-                     SELECT $5, $6, id, old_path, new_path, $7, $8, copied, $10, src_etag,
-                            dst_etag, size, src_version,
-                            CASE WHEN old_value <> old_path THEN old_value END,
-                            CASE WHEN new_value <> new_path THEN new_value END
-                       FROM upd
-                  RETURNING move_id, row_id, copied
+                     SELECT $5, $6, u.id, u.old_path, u.new_path, $7, $8, u.copied, $10, u.src_etag,
+                            u.dst_etag, u.size, u.src_version,
+                            CASE WHEN u.old_value <> u.old_path THEN u.old_value END,
+                            CASE WHEN u.new_value <> u.new_path THEN u.new_value END
+                       FROM u JOIN upd ON upd.id = u.id
+                  RETURNING move_id, row_id, copied, old_path, new_path
                  ), released AS (
                      DELETE FROM relocator.reservations WHERE holder = $15 AND EXISTS (SELECT 1 FROM lease)
                  ), tb AS (
@@ -963,7 +1023,7 @@ impl Queries {
                       WHERE u.copied AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.id = u.id)
                      ON CONFLICT DO NOTHING
                  )
-                 SELECT l.lease_id, led.move_id, led.row_id, led.copied
+                 SELECT l.lease_id, led.move_id, led.row_id, led.copied, led.old_path, led.new_path
                    FROM lease l LEFT JOIN led ON true
                   WHERE NOT EXISTS (SELECT 1 FROM chk)"
             )),
@@ -975,18 +1035,22 @@ impl Queries {
                     .join(", ")
             ),
             probe_batch: format!(
-                "UPDATE {tbl} AS t SET {path} = u.new_path{set_dst}
-                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, old_path, new_path)
-                  WHERE t.{id} = u.id::{ty} AND t.{path} = u.old_path{on_src}
-                 RETURNING u.id, u.new_path, t.{path}::text"
+                "UPDATE {tbl} AS t SET {set_new}{set_dst}
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, old_value, new_value)
+                  WHERE t.{id} = u.id::{ty} AND {holds_old}{on_src}
+                 RETURNING u.id, u.new_value, {value}"
             ),
             probe: format!(
-                "UPDATE {tbl} AS t SET {path} = $3{set_dst} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_src}{probe_checksum}
-                 RETURNING t.{path}::text"
+                "UPDATE {tbl} AS t SET {}{set_dst} WHERE t.{id} = $1::text::{ty} AND {}{on_src}{probe_checksum}
+                 RETURNING {value}",
+                r.assign("$3::text"),
+                r.holds("t", "$2::text")
             ),
             probe_back: format!(
-                "UPDATE {tbl} AS t SET {path} = $3{set_src} WHERE t.{id} = $1::text::{ty} AND t.{path} = $2{on_dst} AND $4::text IS NULL
-                 RETURNING t.{path}::text"
+                "UPDATE {tbl} AS t SET {}{set_src} WHERE t.{id} = $1::text::{ty} AND {}{on_dst} AND $4::text IS NULL
+                 RETURNING {value}",
+                r.assign("$3::text"),
+                r.holds("t", "$2::text")
             ),
             referenced: std::iter::once(r.referenced(tbl))
             .chain(t.referenced_elsewhere())
@@ -998,7 +1062,7 @@ impl Queries {
             ),
             to_undo: format!(
                 "SELECT m.move_id, m.row_id, m.old_path, m.new_path,
-                        CASE WHEN t.{id} IS NOT NULL{on_dst} THEN t.{path}::text END,
+                        CASE WHEN t.{id} IS NOT NULL{on_dst} THEN {value} END,
                         coalesce(m.old_value, m.old_path), coalesce(m.new_value, m.new_path)
                    FROM relocator.moves m
                    LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
@@ -1011,36 +1075,42 @@ impl Queries {
                                       $6::bool[], $9::text[], $10::text[])
                           AS u(move_id, id, old_path, new_path, try, refused, old_value, new_value)
              ), upd AS (
-                 UPDATE {tbl} AS t SET {path} = u.old_value{set_src}
+                 UPDATE {tbl} AS t SET {}{set_src}
                    FROM u
-                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND t.{path} = u.new_value{on_dst}
-              RETURNING u.move_id, u.old_value, t.{path}::text AS stored
+                  WHERE u.try AND NOT u.refused AND t.{id} = u.id::{ty} AND {}{on_dst}
+              RETURNING u.id, u.old_value, u.new_value, {value} AS stored
              ), chk AS (
                  SELECT 1 FROM upd WHERE stored IS DISTINCT FROM old_value
                     AND relocator.refuse_stored(old_value, stored)
              )
              UPDATE relocator.moves m
                 SET rolled_back_at = now(),
-                    rollback = CASE WHEN upd.move_id IS NULL THEN 'changed_by_app' ELSE 'restored' END,
+                    rollback = CASE WHEN upd.id IS NULL THEN 'changed_by_app' ELSE 'restored' END,
                     -- The forward cleanup no longer applies: the row references the old key.
-                    cleaned_at = CASE WHEN upd.move_id IS NOT NULL THEN coalesce(m.cleaned_at, now())
+                    cleaned_at = CASE WHEN upd.id IS NOT NULL THEN coalesce(m.cleaned_at, now())
                                       ELSE m.cleaned_at END,
-                    cleanup = CASE WHEN upd.move_id IS NOT NULL AND m.cleaned_at IS NULL
+                    cleanup = CASE WHEN upd.id IS NOT NULL AND m.cleaned_at IS NULL
                                    THEN 'rolled_back' ELSE m.cleanup END,
                     -- A new object relocator did not create (no move of the table copied
-                    -- it) is not relocator's to delete.
-                    rollback_cleaned_at = CASE WHEN upd.move_id IS NOT NULL AND NOT o.copied
+                    -- it, or its copy was removed since: an object there now is another's)
+                    -- is not relocator's to delete.
+                    rollback_cleaned_at = CASE WHEN upd.id IS NOT NULL AND NOT o.copied
                                                THEN now() END,
-                    rollback_cleanup = CASE WHEN upd.move_id IS NOT NULL AND NOT o.copied
+                    rollback_cleanup = CASE WHEN upd.id IS NOT NULL AND NOT o.copied
                                             THEN 'not_ours' END
-               FROM u LEFT JOIN upd ON upd.move_id = u.move_id
+               FROM u LEFT JOIN upd ON upd.id = u.id AND upd.old_value = u.old_value
+                                   AND upd.new_value = u.new_value
                       CROSS JOIN LATERAL (
                           SELECT EXISTS (SELECT 1 FROM relocator.moves c
                                           WHERE c.table_name = $7 AND c.new_path = u.new_path
-                                            AND c.dst_bucket = $8 AND c.copied) AS copied) o
+                                            AND c.dst_bucket = $8 AND c.copied
+                                            AND coalesce(c.rollback_cleanup, 'still_referenced')
+                                                = 'still_referenced') AS copied) o
               WHERE m.move_id = u.move_id AND m.rolled_back_at IS NULL AND NOT u.refused
                 AND NOT EXISTS (SELECT 1 FROM chk)
-          RETURNING m.move_id, m.rollback = 'restored'"
+          RETURNING m.move_id, m.rollback = 'restored'",
+                r.assign("u.old_value"),
+                r.holds("t", "u.new_value")
             ),
         }
     }

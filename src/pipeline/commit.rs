@@ -51,13 +51,17 @@ pub struct CommitBatch<'a> {
 /// What the commit did.
 #[derive(Debug)]
 pub enum Committed {
-    /// Row id → the ledger's move for the rows actually rewritten, and row id → why the
-    /// table refused the rewrite (PostgreSQL's message and SQLSTATE); the other rows
-    /// were changed by the application.
-    Rows(HashMap<String, Moved>, HashMap<String, String>),
+    /// (row id, source key, destination key) → the ledger's move for the references of
+    /// the rows actually rewritten, and row id → why the table refused the rewrite
+    /// (PostgreSQL's message and SQLSTATE); the other rows were changed by the
+    /// application.
+    Rows(HashMap<MoveKey, Moved>, HashMap<String, String>),
     /// This worker no longer owns the lease (another took it over): nothing was written.
     LeaseLost,
 }
+
+/// One reference of a row: (row id, source key, destination key).
+pub type MoveKey = (String, String, String);
 
 /// A row the commit rewrote, as its ledger entry records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +240,12 @@ async fn find_refused(
         .await?;
     let mut found = HashMap::new();
     let result = async {
-        for r in rows.iter().filter(|r| !known.contains_key(r.id)) {
+        // A row holding several references comes once per reference: probed once.
+        let mut seen = std::collections::HashSet::new();
+        for r in rows
+            .iter()
+            .filter(|r| !known.contains_key(r.id) && seen.insert(r.id))
+        {
             client.batch_execute("SAVEPOINT probe").await?;
             crate::db::rt(2);
             let refused = match client
@@ -276,7 +285,7 @@ async fn send(
     q: &Queries,
     b: &CommitBatch<'_>,
     tries: Vec<bool>,
-) -> Result<Option<HashMap<String, Moved>>, tokio_postgres::Error> {
+) -> Result<Option<HashMap<MoveKey, Moved>>, tokio_postgres::Error> {
     let ids: Vec<&str> = b.moves.iter().map(|(m, _)| m.row.id.as_str()).collect();
     let olds: Vec<&str> = b.moves.iter().map(|(m, _)| m.src_key.as_str()).collect();
     let news: Vec<&str> = b.moves.iter().map(|(m, _)| m.dst_key.as_str()).collect();
@@ -335,8 +344,10 @@ async fn send(
                 let row: Option<String> = r.get(2);
                 let move_id: Option<i64> = r.get(1);
                 let copied: Option<bool> = r.get(3);
-                row.zip(move_id.zip(copied))
-                    .map(|(row, (move_id, copied))| (row, Moved { move_id, copied }))
+                let (old, new): (Option<String>, Option<String>) = (r.get(4), r.get(5));
+                let this = row.zip(old).zip(new).map(|((r, o), n)| (r, o, n));
+                this.zip(move_id.zip(copied))
+                    .map(|(this, (move_id, copied))| (this, Moved { move_id, copied }))
             })
             .collect(),
     ))

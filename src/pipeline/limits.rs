@@ -21,7 +21,7 @@ use tracing::warn;
 use super::plan::{attention, plan_batch, BatchPlan, Move};
 use crate::db::{self, ColumnLimits, Queries, Row};
 use crate::report::Outcome;
-use crate::rewrite::{Mapped, Rewrite};
+use crate::rewrite::Rewrite;
 
 /// Plan one batch ([`plan_batch`]) without the rows whose new value the column would not
 /// take: those are `too_long`, with the reason, and the others are planned as if they
@@ -40,20 +40,11 @@ pub async fn plan_fitting(
     if limits.max_chars.is_none() && q.checks.is_none() {
         return Ok(plan_batch(rows, rewrite, reference));
     }
+    // Each row planned alone: the new value of every row that could move, whichever
+    // rows it would collide with.
     let mapped: Vec<Move> = rows
         .iter()
-        .filter_map(|r| {
-            let src_key = reference.key_of(&r.path).ok()?;
-            match rewrite.map(&src_key) {
-                Mapped::To(dst_key) => Some(Move {
-                    row: r.clone(),
-                    new_value: reference.value_for(&r.path, &src_key, &dst_key),
-                    src_key,
-                    dst_key,
-                }),
-                _ => None,
-            }
-        })
+        .flat_map(|r| plan_batch(vec![r.clone()], rewrite, reference).moves)
         .collect();
     let mut why = too_long(limits, &mapped);
     let rest: Vec<&Move> = mapped
@@ -70,8 +61,10 @@ pub async fn plan_fitting(
         .collect();
     let mut batch = plan_batch(fit, rewrite, reference);
     for m in mapped {
-        if let Some(detail) = why.remove(&m.row.id) {
-            batch.skipped.push(attention(&m, Outcome::TooLong, detail));
+        if let Some(detail) = why.get(&m.row.id) {
+            batch
+                .skipped
+                .push(attention(&m, Outcome::TooLong, detail.clone()));
         }
     }
     Ok(batch)
@@ -227,6 +220,7 @@ mod tests {
                 id: id.into(),
                 path: "image/x".into(),
             },
+            at: String::new(),
             src_key: "image/x".into(),
             dst_key: dst.into(),
             new_value: dst.into(),

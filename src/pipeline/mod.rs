@@ -453,8 +453,14 @@ struct Copied {
     ends_lease: bool,
     last_id: String,
     ready: Vec<(Move, Made)>,
+    /// Rows not to rewrite though some of their moves are ready, with why
+    /// ([`plan::Split::held`]).
+    held: HashMap<String, String>,
     rows: usize,
 }
+
+/// A batch's ready moves and the rows held back ([`plan::Split`]).
+type Ready = (Vec<(Move, Made)>, HashMap<String, String>);
 
 /// What flows from the copy stage to the commit stage.
 enum ToCommit {
@@ -607,7 +613,7 @@ async fn copy_stage(
                     return Ok(());
                 }
                 let copies = key_batch(sh, &scan_conn, lease.pos.as_deref(), objects, at, cancel);
-                let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
+                let Some((ready, held)) = within_batch_timeout(cfg, n, copies).await? else {
                     info!("interrupted during the copy stage; nothing of this batch was committed");
                     return Ok(());
                 };
@@ -617,6 +623,7 @@ async fn copy_stage(
                     ends_lease: true,
                     last_id,
                     ready,
+                    held,
                     rows: n,
                 };
                 if out.send(ToCommit::Batch(batch)).await.is_err() {
@@ -670,7 +677,7 @@ async fn copy_stage(
                 return Ok(());
             }
             let copies = copy_batch(sh, &scan_conn, run_id, rows, claims, at, cancel);
-            let Some(ready) = within_batch_timeout(cfg, n, copies).await? else {
+            let Some((ready, held)) = within_batch_timeout(cfg, n, copies).await? else {
                 info!("interrupted during the copy stage; nothing of this batch was committed");
                 return Ok(());
             };
@@ -681,6 +688,7 @@ async fn copy_stage(
                 ends_lease: false,
                 last_id,
                 ready,
+                held,
                 rows: n,
             };
             if out.send(ToCommit::Batch(batch)).await.is_err() {
@@ -722,7 +730,7 @@ async fn copy_batch(
     claims: bool,
     at: Reserve<'_>,
     cancel: &CancellationToken,
-) -> Result<Option<Vec<(Move, Made)>>> {
+) -> Result<Option<Ready>> {
     let batch = limits::plan_fitting(db, &sh.table.limits, &sh.q, rows, &sh.cfg.rewrite).await?;
     let mut lines = batch.skipped;
     let mut moves = batch.moves;
@@ -730,16 +738,30 @@ async fn copy_batch(
         // Several sources may map to one destination under --rewrite: the first claim
         // in PostgreSQL wins, whichever worker makes it.
         let lost = claim_destinations(db, run_id, &moves).await?;
-        moves.retain(|m| match lost.get(&m.dst_key) {
-            Some(other) => {
-                lines.push(attention(
+        // A row moves with all its references or not at all: one lost claim holds back
+        // the others of its row.
+        let losing: HashSet<String> = moves
+            .iter()
+            .filter(|m| lost.contains_key(&m.dst_key))
+            .map(|m| m.row.id.clone())
+            .collect();
+        moves.retain(|m| {
+            if !losing.contains(&m.row.id) {
+                return true;
+            }
+            lines.push(match lost.get(&m.dst_key) {
+                Some(other) => attention(
                     m,
                     Outcome::Collision,
                     format!("{other:?} maps to the same destination key"),
-                ));
-                false
-            }
-            None => true,
+                ),
+                None => attention(
+                    m,
+                    Outcome::HeldBack,
+                    "another reference of the row is a collision; the row is left as it is".into(),
+                ),
+            });
+            false
         });
     }
     let pairs = plan::distinct_pairs(&moves);
@@ -773,7 +795,7 @@ async fn key_batch(
     objects: Vec<(String, s3::ObjectInfo)>,
     at: Reserve<'_>,
     cancel: &CancellationToken,
-) -> Result<Option<Vec<(Move, Made)>>> {
+) -> Result<Option<Ready>> {
     let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
     db::rt(1);
     let stmt = db.prepare_cached(&sh.q.lookup).await?;
@@ -888,7 +910,7 @@ async fn settle(
     pairs: &[(String, String)],
     results: Vec<PairResult>,
     mut lines: Vec<ReportLine>,
-) -> Result<Vec<(Move, Made)>> {
+) -> Result<Ready> {
     let mut by_pair: HashMap<(&str, &str), PairResult> = HashMap::new();
     let mut copies = (0u64, 0u64);
     for ((src, dst), r) in pairs.iter().zip(results) {
@@ -904,7 +926,11 @@ async fn settle(
         }
         by_pair.insert((src.as_str(), dst.as_str()), r);
     }
-    let (ready, more) = split_ready(&moves, &by_pair, &sh.cfg.source.bucket);
+    let plan::Split {
+        ready,
+        lines: more,
+        held,
+    } = split_ready(&moves, &by_pair, &sh.cfg.source.bucket);
     lines.extend(more);
     let ready = ready.into_iter().map(|(m, c)| (m.clone(), c)).collect();
     sh.progress.inc(0, copies.1);
@@ -914,7 +940,7 @@ async fn settle(
     for l in lines {
         report.record(l)?;
     }
-    Ok(ready)
+    Ok((ready, held))
 }
 
 /// Insert this batch's destination claims; returns the destinations already claimed by
@@ -1014,6 +1040,8 @@ async fn commit_stage(
         let ready: Vec<(&Move, &Made)> = b.ready.iter().map(|(m, c)| (m, c)).collect();
         let checked = checksum::check(&db, &sh.q, sh.cfg, &ready).await?;
         let mismatched = &checked.mismatched;
+        let mut set_aside = b.held.clone();
+        set_aside.extend(mismatched.iter().map(|(k, v)| (k.clone(), v.clone())));
         let batch = CommitBatch {
             run_id,
             lease_id: b.lease,
@@ -1025,7 +1053,7 @@ async fn commit_stage(
             last_id: &b.last_id,
             ends_lease: b.ends_lease,
             holder: &b.holder,
-            set_aside: mismatched,
+            set_aside: &set_aside,
             checksums: &checked.read,
         };
         if !sh.healthy(&db, run_id, cancel).await? {
@@ -1058,7 +1086,8 @@ async fn commit_stage(
         {
             let mut report = sh.report();
             for (m, made) in &b.ready {
-                if let Some(moved) = committed.get(&m.row.id) {
+                let this = (m.row.id.clone(), m.src_key.clone(), m.dst_key.clone());
+                if let Some(moved) = committed.get(&this) {
                     pending.push(Pending {
                         move_id: moved.move_id,
                         row_id: m.row.id.clone(),
@@ -1071,6 +1100,8 @@ async fn commit_stage(
                     // As the ledger has it: a copy an earlier, killed attempt of the run
                     // made is relocator's too.
                     report.record(moved_line(m, moved.copied, false))?;
+                } else if let Some(why) = b.held.get(&m.row.id) {
+                    report.record(attention(m, Outcome::HeldBack, why.clone()))?;
                 } else if let Some(why) = mismatched.get(&m.row.id) {
                     report.record(attention(m, Outcome::ChecksumMismatch, why.clone()))?;
                 } else if let Some(why) = refused.get(&m.row.id) {

@@ -7,15 +7,20 @@ use std::collections::HashMap;
 
 use super::copy::{Made, PairResult};
 use crate::db::Row;
-use crate::reference::Reference;
+use crate::reference::{Moving, Reference};
 use crate::report::{Outcome, ReportLine};
 use crate::rewrite::{Mapped, Rewrite};
 
-/// A row that can move, and where to: its object's key now and after, and the value
-/// the row gets (the key itself, unless the [`Reference`] says otherwise).
+/// One reference of a row that can move, and where to: its object's key now and after,
+/// and the value the row gets (the key itself, unless the [`Reference`] says otherwise).
+/// A row holding several references (a JSON document's fields) has one `Move` each, all
+/// with the same `new_value`: the row is rewritten once, only when every one of them is
+/// ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
     pub row: Row,
+    /// Where in the row's value the reference is (empty: the value itself).
+    pub at: String,
     pub src_key: String,
     pub dst_key: String,
     pub new_value: String,
@@ -28,59 +33,95 @@ pub struct BatchPlan {
     pub skipped: Vec<ReportLine>,
 }
 
+/// `detail`, naming the reference of the row it is about when the row has several.
+fn about(at: &str, detail: String) -> String {
+    if at.is_empty() {
+        detail
+    } else {
+        format!("{at}: {detail}")
+    }
+}
+
 /// Plan one batch. Rows arrive in id order; when two rows with different sources map to
 /// one destination key, the first keeps it and the others are `collision`s (rows sharing
-/// one source, like a default avatar, all move: it is one object).
+/// one source, like a default avatar, all move: it is one object). A row moves only when
+/// every reference it holds can: otherwise each is reported, those that could move as
+/// `held_back`.
 pub fn plan_batch(rows: Vec<Row>, rewrite: &Rewrite, reference: &Reference) -> BatchPlan {
     let mut plan = BatchPlan::default();
     let mut claimed: HashMap<String, String> = HashMap::new();
     for row in rows {
-        let skip = |row: Row, outcome, new_path, detail| ReportLine {
-            detail,
-            id: row.id,
-            old_path: row.path,
+        let line = |at: &str, outcome, new_path: String, detail: String| ReportLine {
+            detail: about(at, detail),
+            id: row.id.clone(),
+            old_path: row.path.clone(),
             new_path,
             outcome,
         };
-        let src_key = match reference.key_of(&row.path) {
-            Ok(k) => k,
+        let slots = match reference.keys_of(&row.path) {
+            Ok(s) => s,
             Err(why) => {
                 plan.skipped
-                    .push(skip(row, Outcome::InvalidKey, String::new(), why));
+                    .push(line("", Outcome::InvalidKey, String::new(), why));
                 continue;
             }
         };
-        match rewrite.map(&src_key) {
-            Mapped::To(dst_key) => {
-                let new_value = reference.value_for(&row.path, &src_key, &dst_key);
-                match claimed.get(&dst_key) {
-                    Some(src) if *src != src_key => plan.skipped.push(skip(
-                        row,
+        let mut mapped = Vec::new();
+        let mut failed = Vec::new();
+        for slot in slots {
+            match rewrite.map(&slot.key) {
+                Mapped::To(dst) => match claimed.get(&dst) {
+                    Some(src) if *src != slot.key => failed.push(line(
+                        &slot.at,
                         Outcome::Collision,
-                        new_value,
+                        String::new(),
                         format!("{src:?} maps to the same destination key"),
                     )),
-                    _ => {
-                        claimed.insert(dst_key.clone(), src_key.clone());
-                        plan.moves.push(Move {
-                            row,
-                            src_key,
-                            dst_key,
-                            new_value,
-                        });
-                    }
-                }
+                    _ => mapped.push((slot, dst)),
+                },
+                Mapped::Unmatched => failed.push(line(
+                    &slot.at,
+                    Outcome::Unmatched,
+                    String::new(),
+                    "--rewrite does not match this path".into(),
+                )),
+                Mapped::Invalid(e) => failed.push(line(
+                    &slot.at,
+                    Outcome::InvalidKey,
+                    String::new(),
+                    e.to_string(),
+                )),
             }
-            Mapped::Unmatched => plan.skipped.push(skip(
-                row,
-                Outcome::Unmatched,
-                String::new(),
-                "--rewrite does not match this path".into(),
-            )),
-            Mapped::Invalid(e) => {
-                plan.skipped
-                    .push(skip(row, Outcome::InvalidKey, String::new(), e.to_string()))
+        }
+        if !failed.is_empty() {
+            for (slot, _) in &mapped {
+                plan.skipped.push(line(
+                    &slot.at,
+                    Outcome::HeldBack,
+                    String::new(),
+                    "another reference of the row cannot move; the row is left as it is".into(),
+                ));
             }
+            plan.skipped.extend(failed);
+            continue;
+        }
+        let moving: Vec<Moving<'_>> = mapped
+            .iter()
+            .map(|(slot, dst)| Moving {
+                at: &slot.at,
+                new_key: dst,
+            })
+            .collect();
+        let new_value = reference.value_for(&row.path, &moving);
+        for (slot, dst_key) in mapped {
+            claimed.insert(dst_key.clone(), slot.key.clone());
+            plan.moves.push(Move {
+                row: row.clone(),
+                at: slot.at,
+                src_key: slot.key,
+                dst_key,
+                new_value: new_value.clone(),
+            });
         }
     }
     plan
@@ -97,15 +138,28 @@ pub fn distinct_pairs(moves: &[Move]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Rows whose pair is ready, with whether relocator created the copy; report lines for
-/// the others. Shared by `run` and `plan`, so both classify alike.
+/// How a batch's moves came out of the copy stage ([`split_ready`]).
+pub struct Split<'m> {
+    /// Moves whose pair is ready, with whether relocator created the copy.
+    pub ready: Vec<(&'m Move, Made)>,
+    /// Report lines for the others.
+    pub lines: Vec<ReportLine>,
+    /// Rows with a ready move and another that is not: not to be rewritten (their ready
+    /// moves are in `ready`, so that the commit takes their copies back), with why.
+    pub held: HashMap<String, String>,
+}
+
+/// The moves whose pair is ready, report lines for the others, and the rows that
+/// cannot be rewritten because one of their references is not ready. Shared by `run`
+/// and `plan`, so both classify alike.
 pub fn split_ready<'m>(
     moves: &'m [Move],
     by_pair: &HashMap<(&str, &str), PairResult>,
     src_bucket: &str,
-) -> (Vec<(&'m Move, Made)>, Vec<ReportLine>) {
+) -> Split<'m> {
     let mut ready = Vec::new();
     let mut lines = Vec::new();
+    let mut held = HashMap::new();
     for m in moves {
         let (outcome, detail) = match &by_pair[&(m.src_key.as_str(), m.dst_key.as_str())] {
             PairResult::Ready {
@@ -135,9 +189,21 @@ pub fn split_ready<'m>(
             PairResult::Collision(d) => (Outcome::Collision, d.clone()),
             PairResult::Rejected(d) => (Outcome::Error, d.clone()),
         };
+        held.entry(m.row.id.clone()).or_insert_with(|| {
+            format!(
+                "{} is {}; the row is left as it is",
+                if m.at.is_empty() {
+                    "its reference"
+                } else {
+                    m.at.as_str()
+                },
+                outcome.as_str()
+            )
+        });
         lines.push(attention(m, outcome, detail));
     }
-    (ready, lines)
+    held.retain(|id, _| ready.iter().any(|(m, _)| m.row.id == *id));
+    Split { ready, lines, held }
 }
 
 pub fn attention(m: &Move, outcome: Outcome, detail: String) -> ReportLine {
@@ -146,7 +212,7 @@ pub fn attention(m: &Move, outcome: Outcome, detail: String) -> ReportLine {
         old_path: m.row.path.clone(),
         new_path: m.new_value.clone(),
         outcome,
-        detail,
+        detail: about(&m.at, detail),
     }
 }
 
@@ -163,7 +229,7 @@ pub fn moved_line(m: &Move, created: bool, dry_run: bool) -> ReportLine {
         old_path: m.row.path.clone(),
         new_path: m.new_value.clone(),
         outcome: Outcome::Moved,
-        detail: detail.into(),
+        detail: about(&m.at, detail.into()),
     }
 }
 
@@ -300,18 +366,21 @@ mod tests {
         let moves = vec![
             Move {
                 row: row(1, "image/a.png"),
+                at: String::new(),
                 src_key: "image/a.png".into(),
                 dst_key: "avatar/a.png".into(),
                 new_value: "avatar/a.png".into(),
             },
             Move {
                 row: row(2, "image/b.png"),
+                at: String::new(),
                 src_key: "image/b.png".into(),
                 dst_key: "avatar/b.png".into(),
                 new_value: "avatar/b.png".into(),
             },
             Move {
                 row: row(3, "image/a.png"),
+                at: String::new(),
                 src_key: "image/a.png".into(),
                 dst_key: "avatar/a.png".into(),
                 new_value: "avatar/a.png".into(),
@@ -321,7 +390,8 @@ mod tests {
             (("image/a.png", "avatar/a.png"), ready()),
             (("image/b.png", "avatar/b.png"), PairResult::MissingSource),
         ]);
-        let (ready, lines) = split_ready(&moves, &by_pair, "legacy");
+        let Split { ready, lines, held } = split_ready(&moves, &by_pair, "legacy");
+        assert!(held.is_empty(), "each row has one reference");
         let ids: Vec<&str> = ready.iter().map(|(m, _)| m.row.id.as_str()).collect();
         assert_eq!(ids, ["1", "3"], "both rows sharing the object move");
         assert!(ready.iter().all(|(_, made)| made.created && made.size == 3));

@@ -3,7 +3,7 @@
 //! sides apart (which is why their prefixes may not overlap), so the shape adds nothing
 //! to a compare-and-swap, and a row uses an object when it holds its key.
 
-use super::{under, Shape};
+use super::{under, whole, Moving, Shape, Slot};
 use crate::s3::Side;
 
 #[derive(Debug)]
@@ -33,8 +33,20 @@ pub(super) fn selects(path: &str, prefixes: &(String, String), side: Side, t: &s
     under(t, path, prefix)
 }
 
-pub(super) fn key_bytes(path: &str, t: &str) -> String {
-    format!("convert_to({t}.{path}, 'UTF8')")
+pub(super) fn key_bytes(path: &str, t: &str) -> Vec<String> {
+    vec![format!("convert_to({t}.{path}, 'UTF8')")]
+}
+
+pub(super) fn value(path: &str, t: &str) -> String {
+    format!("{t}.{path}::text")
+}
+
+pub(super) fn holds(path: &str, t: &str, v: &str) -> String {
+    format!("{t}.{path} = {v}")
+}
+
+pub(super) fn assign(path: &str, v: &str) -> String {
+    format!("{path} = {v}")
 }
 
 impl Shape for Key {
@@ -50,15 +62,29 @@ impl Shape for Key {
         String::new()
     }
 
-    fn key_of(&self, value: &str) -> Result<String, String> {
-        Ok(value.to_owned())
+    fn value(&self, t: &str) -> String {
+        value(&self.path, t)
     }
 
-    fn value_for(&self, _old: &str, _old_key: &str, new_key: &str) -> String {
-        new_key.to_owned()
+    fn holds(&self, t: &str, v: &str) -> String {
+        holds(&self.path, t, v)
     }
 
-    fn key_bytes(&self, _side: Side, t: &str) -> String {
+    fn assign(&self, v: &str) -> String {
+        assign(&self.path, v)
+    }
+
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+        Ok(whole(value.to_owned()))
+    }
+
+    fn value_for(&self, _old: &str, moving: &[Moving<'_>]) -> String {
+        moving
+            .first()
+            .map_or_else(String::new, |m| m.new_key.to_owned())
+    }
+
+    fn key_bytes(&self, _side: Side, t: &str) -> Vec<String> {
         key_bytes(&self.path, t)
     }
 
@@ -99,7 +125,11 @@ mod tests {
             k.selects(Side::Dest, "t"),
             "starts_with(t.\"path\", E'avatar/')"
         );
-        assert_eq!(k.key_of("image/a b.png").unwrap(), "image/a b.png");
-        assert_eq!(k.value_for("image/a", "image/a", "avatar/a"), "avatar/a");
+        assert_eq!(k.keys_of("image/a b.png").unwrap()[0].key, "image/a b.png");
+        let moving = [Moving {
+            at: "",
+            new_key: "avatar/a",
+        }];
+        assert_eq!(k.value_for("image/a", &moving), "avatar/a");
     }
 }

@@ -15,9 +15,15 @@
 //!   second column names the bucket, and a move rewrites it with the key.
 //! - [`url`] (`--source-url`/`--dest-url`): the path column holds a URL whose path,
 //!   percent-decoded, is the key.
+//! - [`json`] (`--json-key`, Shrine's attachment data): a `json`/`jsonb` document whose
+//!   fields hold keys — several references in one row, rewritten together.
+//! - [`columns`] (`--path-column` repeated): several columns, each holding a key, all
+//!   rewritten together.
 //!
 //! A new shape is a new file implementing [`Shape`], chosen in [`Reference::new`].
 
+mod columns;
+mod json;
 mod key;
 mod service;
 mod url;
@@ -28,12 +34,27 @@ use std::sync::Arc;
 use crate::config::{quote_ident, JobConfig};
 use crate::s3::Side;
 
+/// One reference a row's value holds: where in the value (empty for the value itself; a
+/// JSON document's field path), and the object's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub at: String,
+    pub key: String,
+}
+
+/// A reference that moves: where in the value, and the key it gets.
+#[derive(Debug, Clone, Copy)]
+pub struct Moving<'a> {
+    pub at: &'a str,
+    pub new_key: &'a str,
+}
+
 /// One shape of reference, as SQL fragments on a row of the job's table and as the
-/// arithmetic between a row's value and its key. `t` is the row's table alias (or the
+/// arithmetic between a row's value and its keys. `t` is the row's table alias (or the
 /// table's quoted name).
 trait Shape: Debug + Send + Sync {
-    /// The condition that selects row `t` as one on `side`: its value is under `side`'s
-    /// location.
+    /// The condition that selects row `t` as one on `side`: its value holds a reference
+    /// under `side`'s location.
     fn selects(&self, side: Side, t: &str) -> String;
 
     /// Appended to a compare-and-swap on row `t`'s value: the row is on `side`.
@@ -42,15 +63,25 @@ trait Shape: Debug + Send + Sync {
     /// Appended to an UPDATE's SET list: the row's reference becomes `side`'s.
     fn set(&self, side: Side) -> String;
 
-    /// The key a selected row's value holds, or why it holds none.
-    fn key_of(&self, value: &str) -> Result<String, String>;
+    /// Row `t`'s value, as text.
+    fn value(&self, t: &str) -> String;
 
-    /// The value a row that held `old` (holding `old_key`) gets for `new_key`.
-    fn value_for(&self, old: &str, old_key: &str, new_key: &str) -> String;
+    /// The condition that row `t` holds the value `v` (an SQL text expression).
+    fn holds(&self, t: &str, v: &str) -> String;
 
-    /// Row `t`'s key on `side`, as `bytea` (UTF-8): what `verify` merges with a listing,
-    /// in this order.
-    fn key_bytes(&self, side: Side, t: &str) -> String;
+    /// An UPDATE's SET list making the row's value `v` (an SQL text expression).
+    fn assign(&self, v: &str) -> String;
+
+    /// The references to source objects a selected row's value holds (at least one), or
+    /// why it holds none that can be read.
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String>;
+
+    /// The value a row that held `old` gets when these of its references move.
+    fn value_for(&self, old: &str, moving: &[Moving<'_>]) -> String;
+
+    /// Row `t`'s keys on `side`, each an expression of type `bytea` (UTF-8), NULL where
+    /// the row holds none there: what `verify` merges with a listing, in this order.
+    fn key_bytes(&self, side: Side, t: &str) -> Vec<String>;
 
     /// The reference check's statement on the table `tbl`: which of the keys `$1` some row
     /// may still use an object at. It reads `$2` ([`Shape::param`]) when
@@ -77,8 +108,8 @@ trait Shape: Debug + Send + Sync {
 pub struct Reference(Arc<dyn Shape>);
 
 impl Reference {
-    /// The shape the job's options name.
-    pub fn new(cfg: &JobConfig) -> Reference {
+    /// The shape the job's options name, on a path column of type `path_type`.
+    pub fn new(cfg: &JobConfig, path_type: &str) -> Reference {
         let path = quote_ident(&cfg.path_column);
         let prefixes = (&cfg.source.prefix[..], &cfg.dest.prefix[..]);
         if let Some(s) = &cfg.service {
@@ -87,6 +118,21 @@ impl Reference {
                 path,
                 prefixes,
                 (&cfg.source.bucket, &cfg.dest.bucket),
+            )));
+        }
+        if !cfg.more_columns.is_empty() {
+            let all: Vec<String> = std::iter::once(&cfg.path_column)
+                .chain(&cfg.more_columns)
+                .cloned()
+                .collect();
+            return Reference(Arc::new(columns::Columns::new(&all, prefixes)));
+        }
+        if let Some(j) = &cfg.json {
+            return Reference(Arc::new(json::Json::new(
+                j,
+                path,
+                path_type == "jsonb",
+                prefixes,
             )));
         }
         if let Some(u) = &cfg.urls {
@@ -122,19 +168,35 @@ impl Reference {
         self.0.set(side)
     }
 
-    /// The source key a selected row's value holds, or why it holds none.
-    pub fn key_of(&self, value: &str) -> Result<String, String> {
-        self.0.key_of(value)
+    /// Row `t`'s value, as text.
+    pub fn value(&self, t: &str) -> String {
+        self.0.value(t)
     }
 
-    /// The value a row that held `old` (at `old_key`) gets when its object moves to
-    /// `new_key`.
-    pub fn value_for(&self, old: &str, old_key: &str, new_key: &str) -> String {
-        self.0.value_for(old, old_key, new_key)
+    /// The condition that row `t` holds the value `v` (an SQL text expression).
+    pub fn holds(&self, t: &str, v: &str) -> String {
+        self.0.holds(t, v)
     }
 
-    /// Row `t`'s key on `side` as `bytea`, in the order of a listing.
-    pub fn key_bytes(&self, side: Side, t: &str) -> String {
+    /// An UPDATE's SET list making the row's value `v` (an SQL text expression).
+    pub fn assign(&self, v: &str) -> String {
+        self.0.assign(v)
+    }
+
+    /// The references to source objects a selected row's value holds, or why none can
+    /// be read.
+    pub fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+        self.0.keys_of(value)
+    }
+
+    /// The value a row that held `old` gets when these of its references move.
+    pub fn value_for(&self, old: &str, moving: &[Moving<'_>]) -> String {
+        self.0.value_for(old, moving)
+    }
+
+    /// Row `t`'s keys on `side` as `bytea` expressions (NULL where none), in the order of
+    /// a listing.
+    pub fn key_bytes(&self, side: Side, t: &str) -> Vec<String> {
         self.0.key_bytes(side, t)
     }
 
@@ -172,6 +234,14 @@ impl Reference {
 /// `s` as an SQL string literal, whatever `standard_conforming_strings` says.
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// The one reference of a value that is a reference (the key and URL shapes).
+fn whole(key: String) -> Vec<Slot> {
+    vec![Slot {
+        at: String::new(),
+        key,
+    }]
 }
 
 /// The condition that row `t`'s column `path` starts with `prefix`.

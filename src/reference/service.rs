@@ -9,7 +9,7 @@
 //! service is counted (its bucket is unknown to relocator), so such an object is kept.
 //! With one bucket for both services every row holding the key counts.
 
-use super::{key, literal, Shape};
+use super::{key, literal, whole, Moving, Shape, Slot};
 use crate::config::{quote_ident, ServiceColumn};
 use crate::s3::Side;
 
@@ -68,15 +68,29 @@ impl Shape for Service {
         format!(", {} = {}", self.column, self.value(side))
     }
 
-    fn key_of(&self, value: &str) -> Result<String, String> {
-        Ok(value.to_owned())
+    fn value(&self, t: &str) -> String {
+        key::value(&self.path, t)
     }
 
-    fn value_for(&self, _old: &str, _old_key: &str, new_key: &str) -> String {
-        new_key.to_owned()
+    fn holds(&self, t: &str, v: &str) -> String {
+        key::holds(&self.path, t, v)
     }
 
-    fn key_bytes(&self, _side: Side, t: &str) -> String {
+    fn assign(&self, v: &str) -> String {
+        key::assign(&self.path, v)
+    }
+
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+        Ok(whole(value.to_owned()))
+    }
+
+    fn value_for(&self, _old: &str, moving: &[Moving<'_>]) -> String {
+        moving
+            .first()
+            .map_or_else(String::new, |m| m.new_key.to_owned())
+    }
+
+    fn key_bytes(&self, _side: Side, t: &str) -> Vec<String> {
         key::key_bytes(&self.path, t)
     }
 

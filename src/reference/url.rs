@@ -6,18 +6,19 @@
 //! `--dest-url`, the new key's rest encoded the way the old one was, and the query
 //! string or fragment the old value had.
 //!
-//! Which rows may use an object: a row whose URL's path is under the path of one of its
-//! side's URL prefixes, at any host (a spelling not named: `http` for `https`, another
-//! host of the same CDN), and decodes to its key; since a row may also spell the object
-//! as the bucket serves it, any URL whose path — whole, or after its first segment (the
-//! bucket, path-style) — decodes to the key; and any value that is not a URL and is the
-//! key. Only values under the other side's URL prefixes (when the sides are two buckets)
-//! are known not to use it. The check reads every row of the table: there is no index to
-//! find a decoded key.
+//! Which rows may use an object: any row whose value's path (a URL's, with or without a
+//! scheme, or the value itself), from any of its '/' on and decoded, is the key — as the
+//! bucket serves it, virtual-hosted or path-style — or is the key's rest after a side's
+//! prefix (a CDN serving the prefix at any path, under any spelling); and a value that
+//! is the key itself. Only values that name the other side's bucket (when the sides are
+//! two buckets: under its URL prefixes, or with that bucket as the host or first path
+//! segment) are known not to use it. Some other rows are counted too (a file of the same
+//! name elsewhere): an object is kept rather than lost. The check reads every row of the
+//! table: there is no index to find a decoded key.
 
 use percent_encoding::percent_decode_str;
 
-use super::{literal, under, Shape};
+use super::{key, literal, under, whole, Moving, Shape, Slot};
 use crate::config::UrlColumn;
 use crate::s3::Side;
 
@@ -53,6 +54,15 @@ impl Url {
         }
     }
 
+    /// The key URL `value` holds (under a `--source-url`), or why none.
+    fn key(&self, value: &str) -> Result<String, String> {
+        let Some(u) = self.source.iter().find(|u| value.starts_with(u.as_str())) else {
+            return Err("the value is under no --source-url".into());
+        };
+        let (path, _) = split(&value[u.len()..]);
+        Ok(format!("{}{}", self.prefixes.0, decode(path)?))
+    }
+
     /// `side`'s URL prefixes.
     fn urls(&self, side: Side) -> Vec<&str> {
         match side {
@@ -76,17 +86,23 @@ impl Url {
             .into_iter()
             .map(|u| {
                 let rest = format!("substr({v}, {})", u.chars().count() + 1);
+                let path = format!("substring({rest} from '^[^?#]*')");
+                // A malformed escape holds no key (`run` reports it `invalid_key`).
                 format!(
-                    " WHEN starts_with({v}, {}) THEN convert_to({}, 'UTF8') || {}",
+                    " WHEN starts_with({v}, {}) AND {path} !~ '%(?![0-9A-Fa-f]{{2}})' THEN \
+                     convert_to({}, 'UTF8') || {}",
                     literal(u),
                     literal(self.prefix(side)),
-                    decoded(&format!("substring({rest} from '^[^?#]*')"))
+                    decoded(&path)
                 )
             })
             .collect();
         format!("CASE{arms} END")
     }
 }
+
+/// A URL's start up to its host: a scheme (or none: `//host`, protocol-relative) and `//`.
+const AUTHORITY: &str = "^(?:[A-Za-z][A-Za-z0-9+.-]*:)?//";
 
 /// SQL: the text `x` percent-decoded, as `bytea` (a `%` not followed by two hex digits
 /// stays as it is). No function: `plan` and `verify` create nothing in the database.
@@ -191,22 +207,32 @@ impl Shape for Url {
         String::new()
     }
 
-    fn key_of(&self, value: &str) -> Result<String, String> {
-        let Some(u) = self.source.iter().find(|u| value.starts_with(u.as_str())) else {
-            return Err("the value is under no --source-url".into());
-        };
-        let (path, _) = split(&value[u.len()..]);
-        Ok(format!("{}{}", self.prefixes.0, decode(path)?))
+    fn value(&self, t: &str) -> String {
+        key::value(&self.path, t)
     }
 
-    fn value_for(&self, old: &str, old_key: &str, new_key: &str) -> String {
+    fn holds(&self, t: &str, v: &str) -> String {
+        key::holds(&self.path, t, v)
+    }
+
+    fn assign(&self, v: &str) -> String {
+        key::assign(&self.path, v)
+    }
+
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+        self.key(value).map(whole)
+    }
+
+    fn value_for(&self, old: &str, moving: &[Moving<'_>]) -> String {
+        let old_key = self.key(old).unwrap_or_default();
+        let new_key = moving.first().map_or("", |m| m.new_key);
         let u = self
             .source
             .iter()
             .find(|u| old.starts_with(u.as_str()))
             .map_or(0, |u| u.len());
         let (path, after) = split(&old[u..]);
-        let old_rest = old_key.strip_prefix(&self.prefixes.0).unwrap_or(old_key);
+        let old_rest = old_key.strip_prefix(&self.prefixes.0).unwrap_or(&old_key);
         let new_rest = new_key.strip_prefix(&self.prefixes.1).unwrap_or(new_key);
         let encoded = if old_rest == new_rest {
             path.to_owned()
@@ -216,63 +242,67 @@ impl Shape for Url {
         format!("{}{encoded}{after}", self.dest)
     }
 
-    fn key_bytes(&self, side: Side, t: &str) -> String {
-        self.key_sql(side, &format!("{t}.{}", self.path))
+    fn key_bytes(&self, side: Side, t: &str) -> Vec<String> {
+        vec![self.key_sql(side, &format!("{t}.{}", self.path))]
     }
 
     /// `$2`: the sides whose URL prefixes name the object's bucket (`source`, `dest` or
     /// `both`).
     fn referenced(&self, tbl: &str) -> String {
         let v = format!("t.{}", self.path);
+        // A value names the other side's bucket (when the sides are two buckets) if it
+        // is under the other side's URL prefixes, or names that bucket as a URL's host
+        // (virtual-hosted, s3://) or first path segment (path-style).
         let other = |side: Side| {
+            let bucket = regex::escape(match side {
+                Side::Source => &self.buckets.0,
+                Side::Dest => &self.buckets.1,
+            });
             self.urls(side)
                 .into_iter()
                 .map(|u| format!(" OR starts_with({v}, {})", literal(u)))
+                .chain([
+                    format!(
+                        " OR {v} ~* {}",
+                        literal(&format!("{AUTHORITY}{bucket}([./:]|$)"))
+                    ),
+                    format!(
+                        " OR {v} ~* {}",
+                        literal(&format!("{AUTHORITY}[^/?#]*/{bucket}/"))
+                    ),
+                ])
                 .collect::<String>()
         };
-        // Values the other side's prefixes claim (two buckets only) name another bucket.
         let mine = format!(
             "NOT (($2::text = 'source' AND (false{})) OR ($2::text = 'dest' AND (false{})))",
             other(Side::Dest),
             other(Side::Source)
         );
-        // The URL's path, from its first '/', without query or fragment.
-        let path = format!("substring({v} from '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(/[^?#]*)')");
-        let mut candidates = Vec::new();
-        // Under a side's URL prefix, at any host (another spelling of the same CDN):
-        // that side's prefix followed by the rest.
-        for (side, when) in [
-            (Side::Source, "$2::text <> 'dest'"),
-            (Side::Dest, "$2::text <> 'source'"),
-        ] {
-            for u in self.urls(side) {
-                let at = u.find("://").map_or(0, |i| i + 3);
-                let dir = &u[at + u[at..].find('/').unwrap_or(u.len() - at)..];
-                candidates.push(format!(
-                    "CASE WHEN {when} AND {mine} AND starts_with({path}, {dir}) THEN convert_to({}, 'UTF8') || {} END",
-                    literal(self.prefix(side)),
-                    decoded(&format!("substr({path}, {})", dir.chars().count() + 1)),
-                    dir = literal(dir),
-                ));
-            }
-        }
-        // Any URL's path as a key: virtual-hosted (the whole path) or path-style (after
-        // the bucket).
-        for re in ["", "[^/]*/"] {
-            candidates.push(format!(
-                "CASE WHEN {mine} THEN {} END",
-                decoded(&format!("substring({path} from '^/{re}(.*)$')"))
-            ));
-        }
-        // A value that is no URL: the key itself.
-        candidates.push(format!(
-            "CASE WHEN strpos({v}, '://') = 0 THEN convert_to({v}, 'UTF8') END"
-        ));
+        // The value's path, query and fragment left out: a URL's (with or without its
+        // scheme), else the value's own (a path, a bare key).
+        let path = format!(
+            "coalesce(substring({v} from {}), substring({v} from '^([^?#]*)'))",
+            literal(&format!("{AUTHORITY}[^/?#]*(/[^?#]*)"))
+        );
+        // Every part of the path from a '/' on, decoded, as a key: as the bucket serves it
+        // (virtual-hosted, path-style after the bucket), or after a side's prefix (a CDN
+        // serving the prefix at any path, spelled any way).
+        let tail = decoded("q.s");
         format!(
             "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
-               JOIN (SELECT x.c FROM {tbl} AS t CROSS JOIN LATERAL (VALUES ({})) AS x(c)
+               JOIN (SELECT x.c FROM {tbl} AS t
+                       CROSS JOIN LATERAL (SELECT string_to_array({path}, '/') AS a) AS p
+                       CROSS JOIN LATERAL generate_series(1, greatest(cardinality(p.a), 1)) AS i
+                       CROSS JOIN LATERAL (SELECT array_to_string(p.a[i:], '/') AS s) AS q
+                       CROSS JOIN LATERAL (VALUES
+                           ({tail}),
+                           (CASE WHEN $2::text <> 'dest' THEN convert_to({}, 'UTF8') || {tail} END),
+                           (CASE WHEN $2::text <> 'source' THEN convert_to({}, 'UTF8') || {tail} END),
+                           (CASE WHEN i = 1 THEN convert_to({v}, 'UTF8') END)) AS x(c)
+                      WHERE {mine}
                      ) AS s ON s.c = convert_to(u.k, 'UTF8')",
-            candidates.join("), (")
+            literal(&self.prefixes.0),
+            literal(&self.prefixes.1),
         )
     }
 
@@ -324,49 +354,71 @@ mod tests {
     fn the_key_is_the_decoded_path_after_the_prefix() {
         let u = url();
         assert_eq!(
-            u.key_of("https://legacy-s3.s3.eu-west-1.amazonaws.com/image/a%20b.png")
+            u.key("https://legacy-s3.s3.eu-west-1.amazonaws.com/image/a%20b.png")
                 .unwrap(),
             "image/a b.png"
         );
         assert_eq!(
-            u.key_of("https://cdn.example.com/x/%C3%A9.png?v=3#top")
+            u.key("https://cdn.example.com/x/%C3%A9.png?v=3#top")
                 .unwrap(),
             "image/x/é.png"
         );
-        assert!(u.key_of("https://cdn.example.com/100%.png").is_err());
-        assert!(u.key_of("https://cdn.example.com/%ff.png").is_err());
-        assert!(u.key_of("http://cdn.example.com/a.png").is_err());
+        assert!(u.key("https://cdn.example.com/100%.png").is_err());
+        assert!(u.key("https://cdn.example.com/%ff.png").is_err());
+        assert!(u.key("http://cdn.example.com/a.png").is_err());
     }
 
     #[test]
     fn the_new_value_keeps_the_encoding_and_the_query() {
         let u = url();
         let old = "https://cdn.example.com/a%20b+c.png?v=3";
-        let key = u.key_of(old).unwrap();
+        assert_eq!(u.key(old).unwrap(), "image/a b+c.png");
         assert_eq!(
-            u.value_for(old, &key, "avatar/a b+c.png"),
+            u.value_for(
+                old,
+                &[Moving {
+                    at: "",
+                    new_key: "avatar/a b+c.png"
+                }]
+            ),
             "https://new.example.com/a/a%20b+c.png?v=3"
         );
         // A rewritten rest: spaces encoded as the old one did, '+' kept as it was, a
         // character with no example by RFC 3986.
         assert_eq!(
-            u.value_for(old, &key, "avatar/b c+d[1].png"),
+            u.value_for(
+                old,
+                &[Moving {
+                    at: "",
+                    new_key: "avatar/b c+d[1].png"
+                }]
+            ),
             "https://new.example.com/a/b%20c+d%5B1%5D.png?v=3"
         );
         // Lower-case hex, and a character the old one carried as it is.
         let old = "https://cdn.example.com/%c3%a9 x.png#f";
-        let key = u.key_of(old).unwrap();
-        assert_eq!(key, "image/é x.png");
+        assert_eq!(u.key(old).unwrap(), "image/é x.png");
         assert_eq!(
-            u.value_for(old, &key, "avatar/é y ü.png"),
+            u.value_for(
+                old,
+                &[Moving {
+                    at: "",
+                    new_key: "avatar/é y ü.png"
+                }]
+            ),
             "https://new.example.com/a/%c3%a9 y %c3%bc.png#f"
         );
         // An unchanged rest keeps its exact spelling, even an unusual one.
         let old = "https://cdn.example.com/%61b.png";
-        let key = u.key_of(old).unwrap();
-        assert_eq!(key, "image/ab.png");
+        assert_eq!(u.key(old).unwrap(), "image/ab.png");
         assert_eq!(
-            u.value_for(old, &key, "avatar/ab.png"),
+            u.value_for(
+                old,
+                &[Moving {
+                    at: "",
+                    new_key: "avatar/ab.png"
+                }]
+            ),
             "https://new.example.com/a/%61b.png"
         );
     }

@@ -1,0 +1,428 @@
+//! The JSON document shape (`--json-key`, Shrine's `image_data`): a `json` or `jsonb`
+//! column holds a document, and the fields `--json-key` names (`id`,
+//! `derivatives.thumb.id`) hold keys. A row is on a side when one of them holds a key
+//! under that side's prefix; a move rewrites those fields, and sets each
+//! `--json-set FIELD=VALUE` next to them, in one compare-and-swap on the whole old
+//! document. Nothing else in the document changes: in a `json` column its text stays
+//! byte for byte; a `jsonb` column's text is the database's own form, which the new
+//! document keeps too (a field `--json-set` adds goes where `jsonb` orders it).
+//!
+//! Which rows may use an object: any row holding its key as a string anywhere in its
+//! document — a field `--json-key` does not name (a derivative the command did not
+//! list) keeps it too. The check reads every row of the table: there is no index to find
+//! a string inside a document. The key alone does not tell the buckets apart, so the two
+//! prefixes may not overlap (as for the key shape).
+
+use std::collections::BTreeMap;
+
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{literal, Moving, Shape, Slot};
+use crate::config::JsonDocument;
+use crate::s3::Side;
+
+#[derive(Debug)]
+pub(super) struct Json {
+    /// The path column, quoted.
+    path: String,
+    /// The column is `jsonb` (else `json`).
+    jsonb: bool,
+    /// `--json-key`: field paths, and each as the report names it (dotted).
+    keys: Vec<(Vec<String>, String)>,
+    /// `--json-set`.
+    set: Vec<(String, String)>,
+    /// The key prefixes of `--source` and `--dest`.
+    prefixes: (String, String),
+}
+
+impl Json {
+    pub(super) fn new(
+        j: &JsonDocument,
+        path: String,
+        jsonb: bool,
+        (source, dest): (&str, &str),
+    ) -> Json {
+        Json {
+            path,
+            jsonb,
+            keys: j.keys.iter().map(|k| (k.clone(), k.join("."))).collect(),
+            set: j.set.clone(),
+            prefixes: (source.to_owned(), dest.to_owned()),
+        }
+    }
+
+    fn prefix(&self, side: Side) -> &str {
+        match side {
+            Side::Source => &self.prefixes.0,
+            Side::Dest => &self.prefixes.1,
+        }
+    }
+
+    /// Row `t`'s field `key`, as text (NULL when absent).
+    fn field(&self, t: &str, key: &[String]) -> String {
+        let path: Vec<String> = key.iter().map(|k| literal(k)).collect();
+        format!("({t}.{} #>> ARRAY[{}]::text[])", self.path, path.join(", "))
+    }
+
+    /// The edits that make `old` hold the moving references (and `--json-set` next to
+    /// them): (start, end, replacement), in `old`'s bytes.
+    fn edits(
+        &self,
+        old: &str,
+        moving: &[Moving<'_>],
+    ) -> Result<Vec<(usize, usize, String)>, String> {
+        let mut edits = Vec::new();
+        let mut parents = Vec::new();
+        for m in moving {
+            let Some((key, _)) = self.keys.iter().find(|(_, label)| label == m.at) else {
+                continue;
+            };
+            let (at, _) = locate(old, old, key)?.ok_or("the field is gone")?;
+            edits.push((at.0, at.1, quoted(m.new_key)));
+            let parent = &key[..key.len() - 1];
+            if !parents.contains(&parent) {
+                parents.push(parent);
+            }
+        }
+        for parent in parents {
+            let obj = if parent.is_empty() {
+                Some(old.trim())
+            } else {
+                locate(old, old, parent)?.map(|(span, _)| &old[span.0..span.1])
+            };
+            let Some(obj) = obj else {
+                continue;
+            };
+            let fields = entries(obj)?;
+            for (name, value) in &self.set {
+                let found: Vec<_> = fields.iter().filter(|(k, _)| k == name).collect();
+                match found.as_slice() {
+                    [(_, raw)] => {
+                        let s = span(old, raw);
+                        edits.push((s.0, s.1, quoted(value)));
+                    }
+                    [] => edits.push(self.insertion(old, obj, &fields, name, value)),
+                    _ => return Err(format!("the document has the field {name:?} twice")),
+                }
+            }
+        }
+        Ok(edits)
+    }
+
+    /// Where and how field `name` is added to object `obj` (a slice of `old`): in a
+    /// `json` column at its end; in a `jsonb` column where `jsonb` orders it (shorter
+    /// keys first, then by bytes), in its form (`"k": v, `).
+    fn insertion(
+        &self,
+        old: &str,
+        obj: &str,
+        fields: &[(String, &RawValue)],
+        name: &str,
+        value: &str,
+    ) -> (usize, usize, String) {
+        let field = format!("{}: {}", quoted(name), quoted(value));
+        let end = offset(old, obj) + obj.len() - 1;
+        if self.jsonb {
+            let after = fields
+                .iter()
+                .find(|(k, _)| (k.len(), k.as_str()) > (name.len(), name));
+            if let Some((k, raw)) = after {
+                // The key's start: its value's, less `"key": `.
+                let at = span(old, raw).0 - quoted(k).len() - 2;
+                return (at, at, format!("{field}, "));
+            }
+        }
+        if fields.is_empty() {
+            (end, end, field)
+        } else {
+            (end, end, format!(", {field}"))
+        }
+    }
+}
+
+/// `s` as a JSON string.
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+/// Where slice `part` of `base` starts in it.
+fn offset(base: &str, part: &str) -> usize {
+    part.as_ptr() as usize - base.as_ptr() as usize
+}
+
+/// Where a value parsed out of `base` lies in it.
+fn span(base: &str, raw: &RawValue) -> (usize, usize) {
+    let at = offset(base, raw.get());
+    (at, at + raw.get().len())
+}
+
+/// The fields of JSON object `obj`, in order, each value as it is written.
+fn entries(obj: &str) -> Result<Vec<(String, &RawValue)>, String> {
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(String, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(e) = map.next_entry::<String, &'de RawValue>()? {
+                out.push(e);
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(obj);
+    let found = (&mut de)
+        .deserialize_map(Entries)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| format!("the value is not a JSON object: {e}"))?;
+    Ok(found)
+}
+
+/// A field's value: its span in the document, and the string it is (if it is one).
+type Found = ((usize, usize), Option<String>);
+
+/// Field `path` of object `obj` (a slice of `base`): its span in `base`, and whether it
+/// is a string (with the string). `None` where the path does not lead to a value.
+fn locate(base: &str, obj: &str, path: &[String]) -> Result<Option<Found>, String> {
+    let fields = entries(obj)?;
+    let found: Vec<_> = fields.iter().filter(|(k, _)| *k == path[0]).collect();
+    let raw = match found.as_slice() {
+        [] => return Ok(None),
+        [(_, raw)] => *raw,
+        _ => return Err(format!("the document has the field {:?} twice", path[0])),
+    };
+    if path.len() > 1 {
+        if !raw.get().starts_with('{') {
+            return Ok(None);
+        }
+        return locate(base, raw.get(), &path[1..]);
+    }
+    let string = serde_json::from_str::<String>(raw.get()).ok();
+    Ok(Some((span(base, raw), string)))
+}
+
+/// `edits` applied to `old`, none overlapping.
+fn apply(old: &str, mut edits: Vec<(usize, usize, String)>) -> String {
+    edits.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+    let mut out = old.to_owned();
+    for (start, end, with) in edits {
+        out.replace_range(start..end, &with);
+    }
+    out
+}
+
+impl Shape for Json {
+    fn selects(&self, side: Side, t: &str) -> String {
+        let any: Vec<String> = self
+            .keys
+            .iter()
+            .map(|(k, _)| {
+                format!(
+                    "starts_with({}, {})",
+                    self.field(t, k),
+                    literal(self.prefix(side))
+                )
+            })
+            .collect();
+        format!("({})", any.join(" OR "))
+    }
+
+    fn on(&self, _side: Side, _t: &str) -> String {
+        String::new()
+    }
+
+    fn set(&self, _side: Side) -> String {
+        String::new()
+    }
+
+    fn value(&self, t: &str) -> String {
+        format!("{t}.{}::text", self.path)
+    }
+
+    fn holds(&self, t: &str, v: &str) -> String {
+        if self.jsonb {
+            format!("{t}.{} = ({v})::jsonb", self.path)
+        } else {
+            format!("{t}.{}::text = {v}", self.path)
+        }
+    }
+
+    fn assign(&self, v: &str) -> String {
+        let ty = if self.jsonb { "jsonb" } else { "json" };
+        format!("{} = ({v})::{ty}", self.path)
+    }
+
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+        let mut slots = Vec::new();
+        let mut parents = BTreeMap::new();
+        for (key, label) in &self.keys {
+            let Some((_, Some(s))) = locate(value, value, key)? else {
+                continue;
+            };
+            if s.starts_with(&self.prefixes.0) {
+                slots.push(Slot {
+                    at: label.clone(),
+                    key: s,
+                });
+                parents.insert(&key[..key.len() - 1], ());
+            }
+        }
+        if slots.is_empty() {
+            return Err("no --json-key field holds a key under --source's prefix".into());
+        }
+        // What --json-set will change must be there once, or not at all.
+        let moving: Vec<Moving<'_>> = slots
+            .iter()
+            .map(|s| Moving {
+                at: &s.at,
+                new_key: "",
+            })
+            .collect();
+        self.edits(value, &moving)?;
+        Ok(slots)
+    }
+
+    fn value_for(&self, old: &str, moving: &[Moving<'_>]) -> String {
+        match self.edits(old, moving) {
+            Ok(edits) => apply(old, edits),
+            // keys_of read this value: it has no such error.
+            Err(_) => old.to_owned(),
+        }
+    }
+
+    fn key_bytes(&self, side: Side, t: &str) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|(k, _)| {
+                let f = self.field(t, k);
+                format!(
+                    "CASE WHEN starts_with({f}, {}) THEN convert_to({f}, 'UTF8') END",
+                    literal(self.prefix(side))
+                )
+            })
+            .collect()
+    }
+
+    fn referenced(&self, tbl: &str) -> String {
+        format!(
+            "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
+               JOIN (SELECT s #>> '{{}}' AS c
+                       FROM {tbl} AS t,
+                            jsonb_path_query(t.{}::jsonb, 'strict $.** ? (@.type() == \"string\")') AS s
+                    ) AS x ON x.c = u.k",
+            self.path
+        )
+    }
+
+    fn takes_param(&self) -> bool {
+        false
+    }
+
+    fn param(&self, _bucket: &str) -> Option<&str> {
+        None
+    }
+
+    fn column(&self, _side: Side) -> Option<(&str, &str)> {
+        None
+    }
+
+    fn values_are_keys(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(jsonb: bool) -> Json {
+        Json::new(
+            &JsonDocument {
+                keys: vec![
+                    vec!["id".into()],
+                    vec!["derivatives".into(), "thumb".into(), "id".into()],
+                ],
+                set: vec![("storage".into(), "store".into())],
+            },
+            "\"image_data\"".into(),
+            jsonb,
+            ("image/", "avatar/"),
+        )
+    }
+
+    fn moving<'a>(slots: &'a [Slot], to: &'a [String]) -> Vec<Moving<'a>> {
+        slots
+            .iter()
+            .zip(to)
+            .map(|(s, k)| Moving {
+                at: &s.at,
+                new_key: k,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_keys_and_the_set_fields_change_byte_for_byte() {
+        let j = json(false);
+        let old = r#"{ "id" : "image/a.png",  "storage":"cache", "metadata": {"size": 1.50e2},
+  "derivatives": {"thumb": {"id": "image/a_\u0074humb.png"}}}"#;
+        let slots = j.keys_of(old).unwrap();
+        assert_eq!(
+            slots,
+            [
+                Slot {
+                    at: "id".into(),
+                    key: "image/a.png".into()
+                },
+                Slot {
+                    at: "derivatives.thumb.id".into(),
+                    key: "image/a_thumb.png".into()
+                }
+            ]
+        );
+        let to = ["avatar/a.png".to_owned(), "avatar/a_thumb.png".to_owned()];
+        assert_eq!(
+            j.value_for(old, &moving(&slots, &to)),
+            r#"{ "id" : "avatar/a.png",  "storage":"store", "metadata": {"size": 1.50e2},
+  "derivatives": {"thumb": {"id": "avatar/a_thumb.png", "storage": "store"}}}"#
+        );
+    }
+
+    #[test]
+    fn a_jsonb_document_keeps_its_form() {
+        let j = json(true);
+        // As PostgreSQL prints a jsonb: keys by length, then bytes.
+        let old = r#"{"id": "image/a.png", "metadata": {"size": 150}, "derivatives": {"thumb": {"id": "image/t.png", "metadata": {}}}}"#;
+        let slots = j.keys_of(old).unwrap();
+        let to = ["avatar/a.png".to_owned(), "avatar/t.png".to_owned()];
+        assert_eq!(
+            j.value_for(old, &moving(&slots, &to)),
+            r#"{"id": "avatar/a.png", "storage": "store", "metadata": {"size": 150}, "derivatives": {"thumb": {"id": "avatar/t.png", "storage": "store", "metadata": {}}}}"#
+        );
+        let old = r#"{"id": "image/a.png", "zz": 1}"#;
+        let slots = j.keys_of(old).unwrap();
+        assert_eq!(
+            j.value_for(old, &moving(&slots, &to)),
+            r#"{"id": "avatar/a.png", "zz": 1, "storage": "store"}"#
+        );
+    }
+
+    #[test]
+    fn documents_that_hold_no_usable_key_are_refused_with_why() {
+        let j = json(true);
+        assert!(j.keys_of("not json").is_err());
+        assert!(j.keys_of(r#"{"id": "image/a", "id": "image/b"}"#).is_err());
+        assert!(j.keys_of(r#"{"id": "other/a"}"#).is_err());
+        assert!(j
+            .keys_of(r#"{"id": "image/a", "storage": 1, "storage": 2}"#)
+            .is_err());
+        // A derivative elsewhere, or not a string: only `id` moves.
+        let slots = j
+            .keys_of(r#"{"id": "image/a", "derivatives": {"thumb": {"id": 5}}}"#)
+            .unwrap();
+        assert_eq!(slots.len(), 1);
+    }
+}

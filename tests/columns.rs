@@ -1,0 +1,399 @@
+//! Several reference columns per row (`--path-column` repeated): `users(avatar_path,
+//! banner_path)`, each column holding a key. A row is rewritten once, when every one of
+//! its objects is in place; a source goes only when no column of any row references it.
+//! Each promise for this shape, and a kill-and-rerun.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+use common::ClientExt;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{exits, read_summary, until_a_session_waits_for_a_lock, TestEnv};
+
+async fn users_table(env: &TestEnv) {
+    env.db()
+        .await
+        .batch_execute(
+            "CREATE TABLE users (id serial PRIMARY KEY, avatar_path text,
+                                 banner_path varchar(200), name text)",
+        )
+        .await
+        .unwrap();
+}
+
+fn body(key: &str) -> Vec<u8> {
+    format!("bytes of {key} ")
+        .repeat(key.len() * 9)
+        .into_bytes()
+}
+
+async fn object(env: &TestEnv, key: &str) {
+    env.s3
+        .ep()
+        .put(&env.src_bucket, key, body(key), "image/png")
+        .await
+        .unwrap();
+}
+
+async fn user(env: &TestEnv, avatar: Option<&str>, banner: Option<&str>) {
+    env.db()
+        .await
+        .execute(
+            "INSERT INTO users (avatar_path, banner_path, name) VALUES ($1, $2, 'n')",
+            &[&avatar, &banner],
+        )
+        .await
+        .unwrap();
+}
+
+fn job(env: &TestEnv) -> Vec<String> {
+    [
+        "--table",
+        "users",
+        "--path-column",
+        "avatar_path",
+        "--path-column",
+        "banner_path",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(["--source".into(), env.source(), "--dest".into(), env.dest()])
+    .collect()
+}
+
+async fn columns(env: &TestEnv) -> Vec<(Option<String>, Option<String>)> {
+    env.db()
+        .await
+        .query(
+            "SELECT avatar_path, banner_path FROM users ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Report lines as (id, outcome, the column its detail names), sorted.
+fn lines(path: &str) -> Vec<(String, String, String)> {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let mut all: Vec<_> = r
+        .records()
+        .map(|rec| {
+            let rec = rec.unwrap();
+            let at = rec[4].split(':').next().unwrap().to_owned();
+            (rec[0].to_owned(), rec[3].to_owned(), at)
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+fn s(v: &str) -> Option<String> {
+    Some(v.to_owned())
+}
+
+/// #18 item 4. Rows: both columns under the source; one column NULL; a banner whose
+/// object is missing (the row is held back, its avatar too); a banner naming another
+/// row's avatar object (one copy); a banner naming the held-back row's avatar object
+/// (it moves, and the object stays: the held-back row's avatar still references it).
+/// `plan` predicts `run` line for line, one line per (row, column); `verify` finds every
+/// moved key; `rollback` returns every column exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn columns_of_a_row_move_together() {
+    let env = TestEnv::new("columns").await;
+    users_table(&env).await;
+    for k in ["image/a.png", "image/a-b.png", "image/b.png", "image/c.png"] {
+        object(&env, k).await;
+    }
+    user(&env, Some("image/a.png"), Some("image/a-b.png")).await;
+    user(&env, Some("image/b.png"), None).await;
+    user(&env, Some("image/c.png"), Some("image/missing.png")).await;
+    user(&env, Some("other/x.png"), Some("image/a.png")).await;
+    user(&env, None, Some("image/c.png")).await;
+    let before = columns(&env).await;
+
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job(&env))
+            .args(["--out", &env.path("plan.csv")]),
+        3,
+    );
+    assert_eq!(columns(&env).await, before, "plan changed nothing");
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(["--report", &env.path("run.csv")]),
+        3,
+    );
+    let got = lines(&env.path("run.csv"));
+    assert_eq!(lines(&env.path("plan.csv")), got, "plan predicts run");
+    let line = |id: &str, o: &str, at: &str| (id.to_owned(), o.to_owned(), at.to_owned());
+    assert_eq!(
+        got,
+        [
+            line("1", "moved", "avatar_path"),
+            line("1", "moved", "banner_path"),
+            line("2", "moved", "avatar_path"),
+            line("3", "held_back", "avatar_path"),
+            line("3", "missing_source", "banner_path"),
+            line("4", "moved", "banner_path"),
+            line("5", "moved", "banner_path"),
+        ]
+    );
+    assert_eq!(
+        columns(&env).await,
+        [
+            (s("avatar/a.png"), s("avatar/a-b.png")),
+            (s("avatar/b.png"), None),
+            (s("image/c.png"), s("image/missing.png")),
+            (s("other/x.png"), s("avatar/a.png")),
+            (None, s("avatar/c.png")),
+        ]
+    );
+    for k in ["a.png", "a-b.png", "b.png", "c.png"] {
+        let bytes = env
+            .s3
+            .ep()
+            .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
+            .await
+            .unwrap();
+        assert_eq!(bytes, body(&format!("image/{k}")), "{k}");
+    }
+    assert_eq!(
+        env.keys(&env.src_bucket, "").await,
+        ["image/c.png"],
+        "a source goes only when no column of any row references it"
+    );
+
+    let out = env
+        .cmd()
+        .arg("verify")
+        .args(job(&env))
+        .args(["--out", &env.path("verify.csv")])
+        .output()
+        .unwrap();
+    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
+    for k in ["a.png", "a-b.png", "b.png", "c.png"] {
+        assert!(
+            checks.contains(&format!("avatar/{k},ok")),
+            "{k}: {checks}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    exits(
+        env.cmd()
+            .arg("rollback")
+            .args(job(&env))
+            .args(["--report", &env.path("back.csv")]),
+        0,
+    );
+    assert_eq!(columns(&env).await, before, "rollback returns every column");
+    let mut back = env.keys(&env.src_bucket, "").await;
+    back.sort();
+    assert_eq!(
+        back,
+        ["image/a-b.png", "image/a.png", "image/b.png", "image/c.png"]
+    );
+    assert!(env.keys(&env.dst_bucket, "").await.is_empty());
+}
+
+/// Promise 3: the application changes one column of a row while relocator's commit
+/// waits on it. The compare-and-swap covers every column: the row is not rewritten (both
+/// lines `changed_by_app`) and its objects are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_the_application_changes_meanwhile_is_left_alone() {
+    let env = TestEnv::new("columns-cas").await;
+    users_table(&env).await;
+    for n in 0..3 {
+        let (a, b) = (format!("image/{n}a.png"), format!("image/{n}b.png"));
+        object(&env, &a).await;
+        object(&env, &b).await;
+        user(&env, Some(&a), Some(&b)).await;
+    }
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE users SET banner_path = 'image/1b.png?' WHERE id = 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    let child = env
+        .cmd()
+        .arg("run")
+        .args(job(&env))
+        .args(["--report", &env.path("run.csv")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_a_session_waits_for_a_lock(&env).await;
+    tx.commit().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = lines(&env.path("run.csv"));
+    let row2: Vec<_> = got.iter().filter(|(id, _, _)| id == "2").collect();
+    assert_eq!(row2.len(), 2, "{got:?}");
+    assert!(
+        row2.iter().all(|(_, o, _)| o == "changed_by_app"),
+        "{got:?}"
+    );
+    assert_eq!(
+        columns(&env).await[1],
+        (s("image/1a.png"), s("image/1b.png?"))
+    );
+    assert_eq!(
+        env.keys(&env.src_bucket, "").await,
+        ["image/1a.png", "image/1b.png"],
+        "its sources are kept"
+    );
+}
+
+/// Promise 4: killed with SIGKILL at rising moments and rerun, the job converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_column_runs_converge() {
+    let env = TestEnv::new("columns-kill").await;
+    users_table(&env).await;
+    let n = 30;
+    for i in 0..n {
+        let (a, b) = (format!("image/{i}a.png"), format!("image/{i}b.png"));
+        object(&env, &a).await;
+        object(&env, &b).await;
+        user(&env, Some(&a), Some(&b)).await;
+    }
+    let mut kills = 0;
+    let start = Instant::now();
+    let mut ms = 150;
+    loop {
+        let mut child: Child = env
+            .cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(["--batch-size", "3", "--concurrency", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            child.wait().unwrap();
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        ms += 97;
+    }
+    let out = env
+        .cmd()
+        .arg("run")
+        .args(job(&env))
+        .args(["--summary-json", &env.path("s.json")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "after {kills} kills: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills > 0, "the run was killed at least once");
+    for (i, (a, b)) in columns(&env).await.into_iter().enumerate() {
+        assert_eq!(a, Some(format!("avatar/{i}a.png")));
+        assert_eq!(b, Some(format!("avatar/{i}b.png")));
+        for k in [format!("{i}a.png"), format!("{i}b.png")] {
+            let bytes = env
+                .s3
+                .ep()
+                .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
+                .await
+                .unwrap();
+            assert_eq!(bytes, body(&format!("image/{k}")));
+        }
+    }
+    assert!(
+        env.keys(&env.src_bucket, "").await.is_empty(),
+        "no source left (after {kills} kills)"
+    );
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(s["outcomes"]["moved"].as_u64().unwrap_or(0), 0, "{s}");
+}
+
+/// Bad combinations: exit 2, a message naming the problem, nothing changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn column_options_that_make_the_job_ambiguous_are_refused() {
+    let env = TestEnv::new("columns-usage").await;
+    users_table(&env).await;
+    env.db()
+        .await
+        .batch_execute("ALTER TABLE users ADD COLUMN n integer, ADD COLUMN checksum text")
+        .await
+        .unwrap();
+    object(&env, "image/a.png").await;
+    user(&env, Some("image/a.png"), None).await;
+    let base = |extra: &[&str]| {
+        let mut c = env.cmd();
+        c.args(["run", "--table", "users"])
+            .args(["--source", &env.source(), "--dest", &env.dest()])
+            .args(extra);
+        c
+    };
+    let two = [
+        "--path-column",
+        "avatar_path",
+        "--path-column",
+        "banner_path",
+    ];
+    let with = |more: &[&'static str]| -> Vec<&'static str> {
+        two.iter().copied().chain(more.iter().copied()).collect()
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--path-column",
+                "avatar_path",
+                "--path-column",
+                "avatar_path",
+            ],
+            "given twice",
+        ),
+        (
+            vec!["--path-column", "avatar_path", "--path-column", "n"],
+            "text or varchar",
+        ),
+        (
+            vec!["--path-column", "avatar_path", "--path-column", "nope"],
+            "no column",
+        ),
+        (with(&["--json-key", "id"]), "reads one column"),
+        (with(&["--checksum-column", "checksum"]), "reads one column"),
+        (
+            with(&[
+                "--source-url",
+                "https://a.example/",
+                "--dest-url",
+                "https://b.example/",
+            ]),
+            "reads one column",
+        ),
+    ];
+    for (extra, says) in cases {
+        let out = exits(&mut base(&extra), 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    assert_eq!(columns(&env).await, [(s("image/a.png"), None)]);
+    assert_eq!(env.keys(&env.src_bucket, "").await, ["image/a.png"]);
+}

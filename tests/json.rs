@@ -1,0 +1,525 @@
+//! The JSON document shape (`--json-key`, `--json-set`): Shrine's attachment data, a
+//! `jsonb` or `json` column whose `id` and `derivatives.<name>.id` fields hold keys.
+//! Several references in one row, rewritten together. Each promise for this shape, and a
+//! kill-and-rerun.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+use common::ClientExt;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{exits, read_summary, until_a_session_waits_for_a_lock, TestEnv};
+
+async fn photos_table(env: &TestEnv, ty: &str) {
+    env.db()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE photos (id serial PRIMARY KEY, image_data {ty})"
+        ))
+        .await
+        .unwrap();
+}
+
+fn body(key: &str) -> Vec<u8> {
+    format!("bytes of {key} ")
+        .repeat(key.len() * 11)
+        .into_bytes()
+}
+
+async fn object(env: &TestEnv, key: &str) {
+    env.s3
+        .ep()
+        .put(&env.src_bucket, key, body(key), "image/png")
+        .await
+        .unwrap();
+}
+
+/// A row holding `doc` (as the column's type has it: a json column keeps its text).
+async fn photo(env: &TestEnv, doc: &str) {
+    let db = env.db().await;
+    let ty: String = db
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = 'photos'::regclass AND attname = 'image_data'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.execute(
+        &format!("INSERT INTO photos (image_data) VALUES ($1::text::{ty})"),
+        &[&doc],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{doc}: {e}"));
+}
+
+/// Shrine's data for an upload at `key`, with a `thumb` derivative at `thumb` if given.
+fn shrine(key: &str, thumb: Option<&str>) -> String {
+    let meta = r#""metadata": {"size": 512, "filename": "a.png", "mime_type": "image/png"}"#;
+    match thumb {
+        Some(t) => format!(
+            r#"{{"id": "{key}", "storage": "legacy", {meta}, "derivatives": {{"thumb": {{"id": "{t}", "storage": "legacy", "metadata": {{"size": 64}}}}}}}}"#
+        ),
+        None => format!(r#"{{"id": "{key}", "storage": "legacy", {meta}}}"#),
+    }
+}
+
+/// The job: `id` and `derivatives.thumb.id` hold keys; a moved one gets storage=store.
+fn job(env: &TestEnv) -> Vec<String> {
+    [
+        "--table",
+        "photos",
+        "--path-column",
+        "image_data",
+        "--json-key",
+        "id",
+        "--json-key",
+        "derivatives.thumb.id",
+        "--json-set",
+        "storage=store",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(["--source".into(), env.source(), "--dest".into(), env.dest()])
+    .collect()
+}
+
+/// Each row's document as text (json: as stored; jsonb: PostgreSQL's form).
+async fn docs(env: &TestEnv) -> Vec<String> {
+    env.db()
+        .await
+        .query("SELECT image_data::text FROM photos ORDER BY id", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Report lines as (id, outcome, detail), in file order.
+fn lines(path: &str) -> Vec<(String, String, String)> {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    r.records()
+        .map(|rec| {
+            let rec = rec.unwrap();
+            (rec[0].to_owned(), rec[3].to_owned(), rec[4].to_owned())
+        })
+        .collect()
+}
+
+/// #18 item 2, on a `jsonb` or `json` column. Rows: a photo with a thumb; one without
+/// derivatives; one whose thumb object is missing (its `id` is `held_back`); one under
+/// another prefix (not selected); one whose thumb is already at the destination; one whose
+/// document names another row's object in a field the command does not list. `plan`
+/// predicts `run` line for line; moved keys and `storage` change and nothing else in the
+/// document; objects are byte-identical at their new keys; the sources go except the one
+/// the unlisted field names; `verify` finds every moved key; `rollback` returns every
+/// document exactly.
+async fn documents_move_field_by_field(ty: &str) {
+    let env = TestEnv::new(&format!("json-{ty}")).await;
+    photos_table(&env, ty).await;
+    for k in [
+        "image/a.png",
+        "image/a_t.png",
+        "image/b.png",
+        "image/c.png",
+        "image/e.png",
+    ] {
+        object(&env, k).await;
+    }
+    env.s3
+        .ep()
+        .put(
+            &env.dst_bucket,
+            "avatar/e_t.png",
+            body("image/e_t.png"),
+            "image/png",
+        )
+        .await
+        .unwrap();
+    // A json column keeps the text as written: odd spacing, a number spelled 1.50e2.
+    let first = if ty == "json" {
+        r#"{ "id":"image/a.png" ,"storage":"legacy","metadata":{"size":1.50e2},
+ "derivatives":{"thumb":{"id":"image/a_t.png","storage":"legacy"}}}"#
+            .to_owned()
+    } else {
+        shrine("image/a.png", Some("image/a_t.png"))
+    };
+    photo(&env, &first).await;
+    photo(&env, &shrine("image/b.png", None)).await;
+    photo(&env, &shrine("image/c.png", Some("image/c_t.png"))).await;
+    photo(&env, &shrine("other/d.png", None)).await;
+    photo(&env, &shrine("image/e.png", Some("avatar/e_t.png"))).await;
+    photo(
+        &env,
+        r#"{"id": "elsewhere/f.png", "derivatives": {"large": {"id": "image/b.png"}}}"#,
+    )
+    .await;
+    let before = docs(&env).await;
+
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job(&env))
+            .args(["--out", &env.path("plan.csv")]),
+        3,
+    );
+    assert_eq!(docs(&env).await, before, "plan changed nothing");
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(["--report", &env.path("run.csv")]),
+        3,
+    );
+    let mut predicted = lines(&env.path("plan.csv"));
+    let mut got = lines(&env.path("run.csv"));
+    for l in predicted.iter_mut().chain(got.iter_mut()) {
+        l.2 = l.2.split(':').next().unwrap().to_owned();
+    }
+    predicted.sort();
+    got.sort();
+    assert_eq!(predicted, got, "plan predicts run, line for line");
+    let outcome = |id: &str, at: &str| {
+        got.iter()
+            .find(|(i, _, d)| i == id && d == at)
+            .map(|(_, o, _)| o.clone())
+            .unwrap_or_else(|| panic!("no line for row {id} {at}: {got:?}"))
+    };
+    assert_eq!(outcome("1", "id"), "moved");
+    assert_eq!(outcome("1", "derivatives.thumb.id"), "moved");
+    assert_eq!(outcome("2", "id"), "moved");
+    assert_eq!(outcome("3", "id"), "held_back");
+    assert_eq!(outcome("3", "derivatives.thumb.id"), "missing_source");
+    assert_eq!(outcome("5", "id"), "moved");
+    assert_eq!(got.len(), 6, "{got:?}");
+
+    let after = docs(&env).await;
+    if ty == "json" {
+        assert_eq!(
+            after[0],
+            r#"{ "id":"avatar/a.png" ,"storage":"store","metadata":{"size":1.50e2},
+ "derivatives":{"thumb":{"id":"avatar/a_t.png","storage":"store"}}}"#,
+            "only the keys and storage change, byte for byte"
+        );
+    } else {
+        let want: serde_json::Value = serde_json::from_str(
+            &shrine("avatar/a.png", Some("avatar/a_t.png")).replace("legacy", "store"),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&after[0]).unwrap(),
+            want
+        );
+    }
+    let value = |i: usize| serde_json::from_str::<serde_json::Value>(&after[i]).unwrap();
+    assert_eq!(value(1)["id"], "avatar/b.png");
+    assert_eq!(value(1)["storage"], "store");
+    assert_eq!(value(1)["metadata"]["filename"], "a.png");
+    assert_eq!(after[2], before[2], "held back: unchanged");
+    assert_eq!(after[3], before[3], "not selected");
+    assert_eq!(value(4)["id"], "avatar/e.png");
+    assert_eq!(
+        value(4)["derivatives"]["thumb"]["storage"],
+        "legacy",
+        "a derivative already at the destination is not touched"
+    );
+    assert_eq!(after[5], before[5]);
+    for k in ["a.png", "a_t.png", "b.png", "e.png"] {
+        let bytes = env
+            .s3
+            .ep()
+            .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
+            .await
+            .unwrap();
+        assert_eq!(bytes, body(&format!("image/{k}")), "{k} byte-identical");
+    }
+    let mut left = env.keys(&env.src_bucket, "").await;
+    left.sort();
+    assert_eq!(
+        left,
+        ["image/b.png", "image/c.png"],
+        "sources go, except one a field the command does not list names, and the held row's"
+    );
+    let made = env.keys(&env.dst_bucket, "").await;
+    assert!(
+        !made.contains(&"avatar/c.png".to_owned()),
+        "the held-back row's copy is taken back: {made:?}"
+    );
+
+    let out = env
+        .cmd()
+        .arg("verify")
+        .args(job(&env))
+        .args(["--out", &env.path("verify.csv")])
+        .output()
+        .unwrap();
+    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
+    for k in ["a.png", "a_t.png", "b.png", "e.png", "e_t.png"] {
+        assert!(
+            checks.contains(&format!("avatar/{k},ok")),
+            "{k}: {checks}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    exits(
+        env.cmd()
+            .arg("rollback")
+            .args(job(&env))
+            .args(["--report", &env.path("back.csv")]),
+        0,
+    );
+    assert_eq!(
+        docs(&env).await,
+        before,
+        "rollback returns every document exactly"
+    );
+    let mut back = env.keys(&env.src_bucket, "").await;
+    back.sort();
+    assert_eq!(
+        back,
+        [
+            "image/a.png",
+            "image/a_t.png",
+            "image/b.png",
+            "image/c.png",
+            "image/e.png"
+        ]
+    );
+    assert_eq!(
+        env.keys(&env.dst_bucket, "").await,
+        ["avatar/e_t.png"],
+        "the copies are removed; the object that was there stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jsonb_documents_move_field_by_field() {
+    documents_move_field_by_field("jsonb").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_documents_move_field_by_field_byte_for_byte() {
+    documents_move_field_by_field("json").await;
+}
+
+/// Promise 3: the application changes a document (its metadata, not its keys) while
+/// relocator's commit waits on the row. The compare-and-swap is on the whole document:
+/// the row is not rewritten, and its objects are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_the_application_changes_meanwhile_is_left_alone() {
+    let env = TestEnv::new("json-cas").await;
+    photos_table(&env, "jsonb").await;
+    for n in 0..3 {
+        let (k, t) = (format!("image/{n}.png"), format!("image/{n}_t.png"));
+        object(&env, &k).await;
+        object(&env, &t).await;
+        photo(&env, &shrine(&k, Some(&t))).await;
+    }
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE photos SET image_data = jsonb_set(image_data, '{metadata,size}', '513')
+          WHERE id = 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    let child = env
+        .cmd()
+        .arg("run")
+        .args(job(&env))
+        .args(["--report", &env.path("run.csv")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_a_session_waits_for_a_lock(&env).await;
+    tx.commit().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = lines(&env.path("run.csv"));
+    let changed: Vec<_> = got.iter().filter(|(id, _, _)| id == "2").collect();
+    assert_eq!(changed.len(), 2, "{got:?}");
+    assert!(
+        changed.iter().all(|(_, o, _)| o == "changed_by_app"),
+        "{got:?}"
+    );
+    let d: serde_json::Value = serde_json::from_str(&docs(&env).await[1]).unwrap();
+    assert_eq!(d["id"], "image/1.png");
+    assert_eq!(d["metadata"]["size"], 513);
+    let mut left = env.keys(&env.src_bucket, "").await;
+    left.sort();
+    assert_eq!(
+        left,
+        ["image/1.png", "image/1_t.png"],
+        "its sources are kept"
+    );
+}
+
+/// Promise 4: killed with SIGKILL at rising moments and rerun, the job converges: every
+/// document holds its new keys, every object is at its new key byte for byte, no source
+/// is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_document_runs_converge() {
+    let env = TestEnv::new("json-kill").await;
+    photos_table(&env, "jsonb").await;
+    let n = 30;
+    for i in 0..n {
+        let (k, t) = (format!("image/{i}.png"), format!("image/{i}_t.png"));
+        object(&env, &k).await;
+        object(&env, &t).await;
+        photo(&env, &shrine(&k, Some(&t))).await;
+    }
+    let mut kills = 0;
+    let start = Instant::now();
+    let mut ms = 150;
+    loop {
+        let mut child: Child = env
+            .cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(["--batch-size", "3", "--concurrency", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            child.wait().unwrap();
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        ms += 97;
+    }
+    let out = env
+        .cmd()
+        .arg("run")
+        .args(job(&env))
+        .args(["--summary-json", &env.path("s.json")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "after {kills} kills: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills > 0, "the run was killed at least once");
+    for (i, d) in docs(&env).await.iter().enumerate() {
+        let d: serde_json::Value = serde_json::from_str(d).unwrap();
+        assert_eq!(d["id"], format!("avatar/{i}.png"));
+        assert_eq!(d["derivatives"]["thumb"]["id"], format!("avatar/{i}_t.png"));
+        for k in [format!("{i}.png"), format!("{i}_t.png")] {
+            let bytes = env
+                .s3
+                .ep()
+                .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
+                .await
+                .unwrap();
+            assert_eq!(bytes, body(&format!("image/{k}")));
+        }
+    }
+    assert!(
+        env.keys(&env.src_bucket, "").await.is_empty(),
+        "no source left (after {kills} kills)"
+    );
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(s["outcomes"]["moved"].as_u64().unwrap_or(0), 0, "{s}");
+}
+
+/// Bad JSON options: exit 2, a message naming the problem, nothing changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_options_that_make_the_job_ambiguous_are_refused() {
+    let env = TestEnv::new("json-usage").await;
+    photos_table(&env, "jsonb").await;
+    env.db()
+        .await
+        .batch_execute("ALTER TABLE photos ADD COLUMN path text, ADD COLUMN checksum text")
+        .await
+        .unwrap();
+    object(&env, "image/a.png").await;
+    photo(&env, &shrine("image/a.png", None)).await;
+    let base = |extra: &[&str]| {
+        let mut c = env.cmd();
+        c.args(["run", "--table", "photos"])
+            .args(["--source", &env.source(), "--dest", &env.dest()])
+            .args(extra);
+        c
+    };
+    let cases: [(&[&str], &str); 7] = [
+        (&["--path-column", "image_data"], "--json-key"),
+        (
+            &["--path-column", "path", "--json-key", "id"],
+            "json and jsonb",
+        ),
+        (
+            &[
+                "--path-column",
+                "image_data",
+                "--json-key",
+                "a",
+                "--json-key",
+                "a.id",
+            ],
+            "one is inside the other",
+        ),
+        (
+            &["--path-column", "image_data", "--json-set", "storage=store"],
+            "--json-key",
+        ),
+        (
+            &[
+                "--path-column",
+                "image_data",
+                "--json-key",
+                "id",
+                "--json-set",
+                "id=x",
+            ],
+            "names a field --json-key moves",
+        ),
+        (
+            &[
+                "--path-column",
+                "image_data",
+                "--json-key",
+                "id",
+                "--checksum-column",
+                "checksum",
+            ],
+            "--checksum-column",
+        ),
+        (
+            &[
+                "--path-column",
+                "image_data",
+                "--json-key",
+                "id",
+                "--source-url",
+                "https://a.example/",
+                "--dest-url",
+                "https://b.example/",
+            ],
+            "different shapes",
+        ),
+    ];
+    for (extra, says) in cases {
+        let out = exits(&mut base(extra), 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    assert_eq!(docs(&env).await.len(), 1);
+    assert_eq!(env.keys(&env.src_bucket, "").await, ["image/a.png"]);
+}
