@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::copy::{Made, PairResult};
 use crate::db::Row;
-use crate::reference::{Moving, Reference};
+use crate::reference::{Moving, NoKey, Reference};
 use crate::report::{Outcome, ReportLine};
 use crate::rewrite::{Mapped, Rewrite};
 
@@ -60,7 +60,12 @@ pub fn plan_batch(rows: Vec<Row>, rewrite: &Rewrite, reference: &Reference) -> B
         };
         let slots = match reference.keys_of(&row.path) {
             Ok(s) => s,
-            Err(why) => {
+            Err(NoKey::Unmatched(why)) => {
+                plan.skipped
+                    .push(line("", Outcome::Unmatched, String::new(), why));
+                continue;
+            }
+            Err(NoKey::Invalid(why)) => {
                 plan.skipped
                     .push(line("", Outcome::InvalidKey, String::new(), why));
                 continue;

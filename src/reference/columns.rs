@@ -9,7 +9,7 @@
 //! checked through its own index, where it has one). The key alone tells the sides
 //! apart, so the prefixes may not overlap.
 
-use super::{under, Moving, Shape, Slot};
+use super::{under, Moving, NoKey, Shape, Slot};
 use crate::config::quote_ident;
 use crate::s3::Side;
 
@@ -102,8 +102,8 @@ impl Shape for Columns {
         set.join(", ")
     }
 
-    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
-        let values = Columns::parse(value)?;
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
+        let values = Columns::parse(value).map_err(NoKey::Invalid)?;
         let slots: Vec<Slot> = self
             .columns
             .iter()
@@ -117,7 +117,9 @@ impl Shape for Columns {
             })
             .collect();
         if slots.is_empty() {
-            return Err("no --path-column holds a key under --source's prefix".into());
+            return Err(NoKey::Invalid(
+                "no --path-column holds a key under --source's prefix".into(),
+            ));
         }
         Ok(slots)
     }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{literal, Moving, Shape, Slot};
+use super::{literal, Moving, NoKey, Shape, Slot};
 use crate::config::JsonDocument;
 use crate::s3::Side;
 
@@ -255,11 +255,11 @@ impl Shape for Json {
         format!("{} = ({v})::{ty}", self.path)
     }
 
-    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
         let mut slots = Vec::new();
         let mut parents = BTreeMap::new();
         for (key, label) in &self.keys {
-            let Some((_, Some(s))) = locate(value, value, key)? else {
+            let Some((_, Some(s))) = locate(value, value, key).map_err(NoKey::Invalid)? else {
                 continue;
             };
             if s.starts_with(&self.prefixes.0) {
@@ -271,7 +271,9 @@ impl Shape for Json {
             }
         }
         if slots.is_empty() {
-            return Err("no --json-key field holds a key under --source's prefix".into());
+            return Err(NoKey::Invalid(
+                "no --json-key field holds a key under --source's prefix".into(),
+            ));
         }
         // What --json-set will change must be there once, or not at all.
         let moving: Vec<Moving<'_>> = slots
@@ -281,7 +283,7 @@ impl Shape for Json {
                 new_key: "",
             })
             .collect();
-        self.edits(value, &moving)?;
+        self.edits(value, &moving).map_err(NoKey::Invalid)?;
         Ok(slots)
     }
 

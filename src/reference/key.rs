@@ -3,7 +3,7 @@
 //! sides apart (which is why their prefixes may not overlap), so the shape adds nothing
 //! to a compare-and-swap, and a row uses an object when it holds its key.
 
-use super::{under, whole, Moving, Shape, Slot};
+use super::{under, whole, Moving, NoKey, Shape, Slot};
 use crate::s3::Side;
 
 #[derive(Debug)]
@@ -74,7 +74,7 @@ impl Shape for Key {
         assign(&self.path, v)
     }
 
-    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
         Ok(whole(value.to_owned()))
     }
 

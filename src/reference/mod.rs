@@ -42,6 +42,21 @@ pub struct Slot {
     pub key: String,
 }
 
+/// Why a selected row's value holds no reference that can move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoKey {
+    /// The value is of no location the options name (`unmatched`).
+    Unmatched(String),
+    /// The value cannot be read (`invalid_key`).
+    Invalid(String),
+}
+
+impl From<String> for NoKey {
+    fn from(why: String) -> NoKey {
+        NoKey::Invalid(why)
+    }
+}
+
 /// A reference that moves: where in the value, and the key it gets.
 #[derive(Debug, Clone, Copy)]
 pub struct Moving<'a> {
@@ -74,7 +89,7 @@ trait Shape: Debug + Send + Sync {
 
     /// The references to source objects a selected row's value holds (at least one), or
     /// why it holds none that can be read.
-    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String>;
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey>;
 
     /// The value a row that held `old` gets when these of its references move.
     fn value_for(&self, old: &str, moving: &[Moving<'_>]) -> String;
@@ -185,7 +200,7 @@ impl Reference {
 
     /// The references to source objects a selected row's value holds, or why none can
     /// be read.
-    pub fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+    pub fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
         self.0.keys_of(value)
     }
 

@@ -9,7 +9,7 @@
 //! service is counted (its bucket is unknown to relocator), so such an object is kept.
 //! With one bucket for both services every row holding the key counts.
 
-use super::{key, literal, whole, Moving, Shape, Slot};
+use super::{key, literal, whole, Moving, NoKey, Shape, Slot};
 use crate::config::{quote_ident, ServiceColumn};
 use crate::s3::Side;
 
@@ -80,7 +80,7 @@ impl Shape for Service {
         key::assign(&self.path, v)
     }
 
-    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
         Ok(whole(value.to_owned()))
     }
 

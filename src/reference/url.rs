@@ -18,7 +18,7 @@
 
 use percent_encoding::percent_decode_str;
 
-use super::{key, literal, under, whole, Moving, Shape, Slot};
+use super::{key, literal, under, whole, Moving, NoKey, Shape, Slot};
 use crate::config::UrlColumn;
 use crate::s3::Side;
 
@@ -190,7 +190,16 @@ fn encode_like(old: &str, new: &str) -> String {
 }
 
 impl Shape for Url {
+    /// On the source side every value not under `--dest-url`: those under no
+    /// `--source-url` are reported `unmatched` (a spelling the command may have missed).
     fn selects(&self, side: Side, t: &str) -> String {
+        if side == Side::Source {
+            return format!(
+                "({t}.{p} IS NOT NULL AND NOT {})",
+                under(t, &self.path, &self.dest),
+                p = self.path
+            );
+        }
         let any: Vec<String> = self
             .urls(side)
             .into_iter()
@@ -219,8 +228,15 @@ impl Shape for Url {
         key::assign(&self.path, v)
     }
 
-    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, String> {
-        self.key(value).map(whole)
+    fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
+        if !self.source.iter().any(|u| value.starts_with(u.as_str())) {
+            return Err(NoKey::Unmatched(
+                "the value starts with no --source-url (if it names an object under \
+                 --source, give its spelling with another --source-url)"
+                    .into(),
+            ));
+        }
+        self.key(value).map(whole).map_err(NoKey::Invalid)
     }
 
     fn value_for(&self, old: &str, moving: &[Moving<'_>]) -> String {
@@ -424,13 +440,25 @@ mod tests {
     }
 
     #[test]
-    fn a_row_is_selected_by_any_source_url() {
+    fn every_value_not_yet_moved_is_selected_and_one_under_no_prefix_is_unmatched() {
         let u = url();
         assert_eq!(
             u.selects(Side::Source, "t"),
-            "(starts_with(t.\"avatar_url\", E'https://legacy-s3.s3.eu-west-1.amazonaws.com/image/') \
-             OR starts_with(t.\"avatar_url\", E'https://cdn.example.com/'))"
+            "(t.\"avatar_url\" IS NOT NULL AND NOT starts_with(t.\"avatar_url\", \
+             E'https://new.example.com/a/'))"
         );
+        assert_eq!(
+            u.selects(Side::Dest, "t"),
+            "(starts_with(t.\"avatar_url\", E'https://new.example.com/a/'))"
+        );
+        assert!(matches!(
+            u.keys_of("http://cdn.example.com/a.png"),
+            Err(NoKey::Unmatched(_))
+        ));
+        assert!(matches!(
+            u.keys_of("https://cdn.example.com/%zz.png"),
+            Err(NoKey::Invalid(_))
+        ));
         assert_eq!(u.param("legacy-s3"), Some("source"));
         assert_eq!(u.param("production-s3"), Some("dest"));
     }
