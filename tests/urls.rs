@@ -292,7 +292,7 @@ async fn every_spelling_of_a_source_keeps_it() {
     for (id, (o, _)) in &outcomes {
         let id: u32 = id.parse().unwrap();
         // Row 1 and each even row are selected spellings; each odd row after is another.
-        let want = if id == 1 || id % 2 == 0 {
+        let want = if id == 1 || id.is_multiple_of(2) {
             "moved"
         } else {
             "unmatched"
