@@ -258,6 +258,8 @@ pub struct DatabaseUrl {
     conn: String,
     /// `sslmode`, `sslrootcert`, ... (see [`crate::db::tls`]).
     pub tls: crate::db::tls::TlsSettings,
+    /// SQL every session of the job runs first (a shape's temporary function).
+    pub session_sql: Option<&'static str>,
 }
 
 impl DatabaseUrl {
@@ -298,6 +300,7 @@ impl DatabaseUrl {
             raw: raw.to_owned(),
             conn,
             tls,
+            session_sql: None,
         })
     }
 
@@ -705,7 +708,7 @@ pub struct JobConfig {
 
 impl JobConfig {
     pub fn from_args(a: &JobArgs) -> Result<Self, ConfigError> {
-        let database_url = DatabaseUrl::new(&a.database_url)?;
+        let mut database_url = DatabaseUrl::new(&a.database_url)?;
         let table = TableName::parse(&a.table).map_err(|e| ConfigError(format!("--table: {e}")))?;
         let id_column = parse_column("--id-column", &a.id_column)?;
         let mut columns: Vec<String> = Vec::new();
@@ -750,6 +753,9 @@ impl JobConfig {
         }
         let urls = UrlColumn::from_args(a)?;
         let json = JsonDocument::from_args(a)?;
+        if json.is_some() {
+            database_url.session_sql = Some(crate::reference::JSON_SESSION_SQL);
+        }
         let shapes: Vec<&str> = [
             (service.is_some(), "--service-column"),
             (urls.is_some(), "--source-url/--dest-url"),

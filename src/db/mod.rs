@@ -58,10 +58,21 @@ pub fn pool(
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(mgr)
-        .max_size(size.max(1))
-        .build()
-        .context("building the PostgreSQL pool")
+    let mut builder = Pool::builder(mgr).max_size(size.max(1));
+    if let Some(sql) = url.session_sql {
+        builder = builder.post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+            Box::pin(async move {
+                client.batch_execute(sql).await.map_err(|e| {
+                    deadpool_postgres::HookError::message(format!(
+                        "preparing the session ({}): a temporary function needs the \
+                         TEMPORARY privilege on the database",
+                        pg_message(&e)
+                    ))
+                })
+            })
+        }));
+    }
+    builder.build().context("building the PostgreSQL pool")
 }
 
 /// The session was cut (terminated by an administrator, the server shutting down or
@@ -278,19 +289,11 @@ impl TableInfo {
         let textual = path_pg_type == "text" || path_pg_type.starts_with("character varying");
         let document = path_pg_type == "json" || path_pg_type == "jsonb";
         match (cfg.json.is_some(), textual, document) {
-            (false, true, _) | (true, _, true) => {}
+            (false, true, _) | (true, _, true) | (true, true, _) => {}
             (false, _, true) => {
                 return Err(config_error(format!(
                     "--path-column {:?} is of type {path_pg_type}: give --json-key with the \
                      field(s) of the document that hold keys (e.g. --json-key id)",
-                    cfg.path_column
-                )))
-            }
-            (true, true, _) => {
-                return Err(config_error(format!(
-                    "--path-column {:?} is of type {path_pg_type}; --json-key reads json and \
-                     jsonb columns. Convert it first (ALTER TABLE ... ALTER COLUMN ... TYPE \
-                     jsonb USING ...::jsonb), after checking every value is JSON",
                     cfg.path_column
                 )))
             }

@@ -1,10 +1,10 @@
-//! The JSON document shape (`--json-key`, Shrine's `image_data`): a `json` or `jsonb`
-//! column holds a document, and the fields `--json-key` names (`id`,
+//! The JSON document shape (`--json-key`, Shrine's `image_data`): a `json`, `jsonb` or
+//! `text` column holds a document, and the fields `--json-key` names (`id`,
 //! `derivatives.thumb.id`) hold keys. A row is on a side when one of them holds a key
 //! under that side's prefix; a move rewrites those fields, and sets each
 //! `--json-set FIELD=VALUE` next to them, in one compare-and-swap on the whole old
-//! document. Nothing else in the document changes: in a `json` column its text stays
-//! byte for byte; a `jsonb` column's text is the database's own form, which the new
+//! document. Nothing else in the document changes: in a `json` or `text` column its
+//! text stays byte for byte; a `jsonb` column's text is the database's own form, which the new
 //! document keeps too (a field `--json-set` adds goes where `jsonb` orders it).
 //!
 //! Which rows may use an object: any row holding its key as a string anywhere in its
@@ -22,12 +22,29 @@ use super::{literal, Moving, NoKey, Shape, Slot};
 use crate::config::JsonDocument;
 use crate::s3::Side;
 
+/// Run first by every session of a job with `--json-key`: a `text` column may hold a
+/// value that is no JSON, which a cast would fail the whole statement on; through this
+/// it is NULL (no key, not selected, no reference).
+pub const SESSION_SQL: &str = "CREATE OR REPLACE FUNCTION pg_temp.relocator_jsonb(v text)
+    RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $f$
+    BEGIN RETURN v::jsonb; EXCEPTION WHEN others THEN RETURN NULL; END $f$";
+
+/// How the column holds its documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Form {
+    /// `jsonb`: PostgreSQL's own form.
+    Jsonb,
+    /// `json`: the text as written.
+    Json,
+    /// `text` (or `varchar`): the text as written, which may be no JSON at all.
+    Text,
+}
+
 #[derive(Debug)]
 pub(super) struct Json {
     /// The path column, quoted.
     path: String,
-    /// The column is `jsonb` (else `json`).
-    jsonb: bool,
+    form: Form,
     /// `--json-key`: field paths, and each as the report names it (dotted).
     keys: Vec<(Vec<String>, String)>,
     /// `--json-set`.
@@ -40,12 +57,12 @@ impl Json {
     pub(super) fn new(
         j: &JsonDocument,
         path: String,
-        jsonb: bool,
+        form: Form,
         (source, dest): (&str, &str),
     ) -> Json {
         Json {
             path,
-            jsonb,
+            form,
             keys: j.keys.iter().map(|k| (k.clone(), k.join("."))).collect(),
             set: j.set.clone(),
             prefixes: (source.to_owned(), dest.to_owned()),
@@ -59,10 +76,19 @@ impl Json {
         }
     }
 
+    /// Row `t`'s document, as `jsonb` (NULL for a text that is no JSON).
+    fn doc(&self, t: &str) -> String {
+        match self.form {
+            Form::Jsonb => format!("{t}.{}", self.path),
+            Form::Json => format!("{t}.{}::jsonb", self.path),
+            Form::Text => format!("pg_temp.relocator_jsonb({t}.{}::text)", self.path),
+        }
+    }
+
     /// Row `t`'s field `key`, as text (NULL when absent).
     fn field(&self, t: &str, key: &[String]) -> String {
         let path: Vec<String> = key.iter().map(|k| literal(k)).collect();
-        format!("({t}.{} #>> ARRAY[{}]::text[])", self.path, path.join(", "))
+        format!("({} #>> ARRAY[{}]::text[])", self.doc(t), path.join(", "))
     }
 
     /// The edits that make `old` hold the moving references (and `--json-set` next to
@@ -123,7 +149,7 @@ impl Json {
     ) -> (usize, usize, String) {
         let field = format!("{}: {}", quoted(name), quoted(value));
         let end = offset(old, obj) + obj.len() - 1;
-        if self.jsonb {
+        if self.form == Form::Jsonb {
             let after = fields
                 .iter()
                 .find(|(k, _)| (k.len(), k.as_str()) > (name.len(), name));
@@ -243,16 +269,19 @@ impl Shape for Json {
     }
 
     fn holds(&self, t: &str, v: &str) -> String {
-        if self.jsonb {
-            format!("{t}.{} = ({v})::jsonb", self.path)
-        } else {
-            format!("{t}.{}::text = {v}", self.path)
+        match self.form {
+            Form::Jsonb => format!("{t}.{} = ({v})::jsonb", self.path),
+            Form::Json => format!("{t}.{}::text = {v}", self.path),
+            Form::Text => format!("{t}.{} = {v}", self.path),
         }
     }
 
     fn assign(&self, v: &str) -> String {
-        let ty = if self.jsonb { "jsonb" } else { "json" };
-        format!("{} = ({v})::{ty}", self.path)
+        match self.form {
+            Form::Jsonb => format!("{} = ({v})::jsonb", self.path),
+            Form::Json => format!("{} = ({v})::json", self.path),
+            Form::Text => format!("{} = {v}", self.path),
+        }
     }
 
     fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
@@ -313,9 +342,9 @@ impl Shape for Json {
             "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
                JOIN (SELECT s #>> '{{}}' AS c
                        FROM {tbl} AS t,
-                            jsonb_path_query(t.{}::jsonb, 'strict $.** ? (@.type() == \"string\")') AS s
+                            jsonb_path_query({}, 'strict $.** ? (@.type() == \"string\")') AS s
                     ) AS x ON x.c = u.k",
-            self.path
+            self.doc("t")
         )
     }
 
@@ -341,6 +370,7 @@ mod tests {
     use super::*;
 
     fn json(jsonb: bool) -> Json {
+        let form = if jsonb { Form::Jsonb } else { Form::Json };
         Json::new(
             &JsonDocument {
                 keys: vec![
@@ -350,7 +380,7 @@ mod tests {
                 set: vec![("storage".into(), "store".into())],
             },
             "\"image_data\"".into(),
-            jsonb,
+            form,
             ("image/", "avatar/"),
         )
     }

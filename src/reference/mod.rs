@@ -24,6 +24,8 @@
 
 mod columns;
 mod json;
+
+pub use json::SESSION_SQL as JSON_SESSION_SQL;
 mod key;
 mod service;
 mod url;
@@ -143,12 +145,12 @@ impl Reference {
             return Reference(Arc::new(columns::Columns::new(&all, prefixes)));
         }
         if let Some(j) = &cfg.json {
-            return Reference(Arc::new(json::Json::new(
-                j,
-                path,
-                path_type == "jsonb",
-                prefixes,
-            )));
+            let form = match path_type {
+                "jsonb" => json::Form::Jsonb,
+                "json" => json::Form::Json,
+                _ => json::Form::Text,
+            };
+            return Reference(Arc::new(json::Json::new(j, path, form, prefixes)));
         }
         if let Some(u) = &cfg.urls {
             return Reference(Arc::new(url::Url::new(
