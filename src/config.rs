@@ -977,7 +977,8 @@ impl JobConfig {
         })
     }
 
-    /// The `--path-column`s, sorted (in any order they are the same job).
+    /// The `--path-column`s, sorted: in any order they are the same job, and a row's
+    /// value lists them so.
     pub fn columns(&self) -> Vec<String> {
         let mut all: Vec<String> = std::iter::once(&self.path_column)
             .chain(&self.more_columns)
@@ -1316,8 +1317,9 @@ impl JsonDocument {
             if value.chars().any(char::is_control) {
                 return Err(bad("has a control character in its value"));
             }
-            if keys.iter().any(|k| k.last().is_some_and(|l| l == field)) {
-                return Err(bad("names a field --json-key moves"));
+            // A field on the way to a key, or the key's own, would be overwritten.
+            if keys.iter().any(|k| k.iter().any(|seg| seg == field)) {
+                return Err(bad("names a field --json-key moves or reads through"));
             }
             if set.iter().any(|(f, _)| f == field) {
                 return Err(bad("sets a field another --json-set sets"));

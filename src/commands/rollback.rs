@@ -103,9 +103,15 @@ pub async fn rollback(
         .get(0);
     sh.progress = Progress::new("rollback", Some(total as u64));
     let fetch = main
-        .prepare_cached(&sh.q.to_undo)
+        .prepare_cached(&sh.q.to_undo[0])
         .await
         .context("preparing the rollback's ledger scan")?;
+    let fetch_rows = main
+        .prepare_cached(&sh.q.to_undo[1])
+        .await
+        .context("preparing the rollback's ledger scan")?;
+    // Moves read ahead with their row's earlier ones, not to be read again.
+    let mut taken: std::collections::HashSet<i64> = std::collections::HashSet::new();
     // Copies go back: the destination is read, the source written.
     let reversed = (cfg.reversed(), sh.s3.reversed());
     let mut after = 0i64;
@@ -115,25 +121,47 @@ pub async fn rollback(
             interrupted = true;
             break;
         }
-        let entries: Vec<Entry> = main
+        let entry = |r: tokio_postgres::Row| Entry {
+            move_id: r.get(0),
+            row_id: r.get(1),
+            old_path: r.get(2),
+            new_path: r.get(3),
+            current: r.get(4),
+            old_value: r.get(5),
+            new_value: r.get(6),
+        };
+        let page: Vec<Entry> = main
             .query(&fetch, &[&runs, &after, &(cfg.batch_size as i64)])
             .await
             .context("reading the next ledger entries to roll back")?
             .into_iter()
-            .map(|r| Entry {
-                move_id: r.get(0),
-                row_id: r.get(1),
-                old_path: r.get(2),
-                new_path: r.get(3),
-                current: r.get(4),
-                old_value: r.get(5),
-                new_value: r.get(6),
-            })
+            .map(entry)
             .collect();
-        let Some(last) = entries.last() else {
+        let Some(last) = page.last().map(|e| e.move_id) else {
             break;
         };
-        after = last.move_id;
+        let mut entries: Vec<Entry> = page
+            .into_iter()
+            .filter(|e| !taken.contains(&e.move_id))
+            .collect();
+        if entries.is_empty() {
+            after = last;
+            continue;
+        }
+        // A row holding several references goes back whole, in one batch: its moves
+        // past this page come with it.
+        let rows: Vec<&str> = entries.iter().map(|e| e.row_id.as_str()).collect();
+        let more: Vec<Entry> = main
+            .query(&fetch_rows, &[&runs, &last, &rows])
+            .await
+            .context("reading the rest of the rows' ledger entries")?
+            .into_iter()
+            .map(entry)
+            .collect();
+        taken.retain(|id| *id > last);
+        taken.extend(more.iter().map(|e| e.move_id));
+        entries.extend(more);
+        after = last;
         let n = entries.len() as u64;
         if !undo_batch(&sh, &main, &reversed, entries, &cancel).await? {
             interrupted = true;
@@ -240,6 +268,7 @@ async fn undo_batch(
     // Old keys a copy back was made to in this batch, with the copy's ETag.
     let mut copied_back: HashMap<&str, &str> = HashMap::new();
     let mut copies = 0u64;
+    let mut failed_rows: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for e in &entries {
         if e.current.as_deref() != Some(e.new_value.as_str()) {
             commit.push((e, false));
@@ -269,11 +298,35 @@ async fn undo_batch(
             PairResult::Collision(d) => (Outcome::Collision, d.clone()),
             PairResult::Rejected(d) => (Outcome::Error, d.clone()),
         };
+        failed_rows.insert(e.row_id.as_str());
         lines.push(line(e, outcome, detail));
+    }
+    // A row holding several references goes back whole or not at all: the others of a
+    // row one of whose objects cannot go back stay as they are (the ledger keeps them,
+    // for a rerun), and a copy made back for them is taken back.
+    let mut take_back: Vec<(&str, Option<&str>)> = Vec::new();
+    let mut held = Vec::new();
+    commit.retain(|(e, tried)| {
+        let hold = *tried && failed_rows.contains(e.row_id.as_str());
+        if hold {
+            held.push(*e);
+        }
+        !hold
+    });
+    for e in held {
+        if let Some(etag) = copied_back.get(e.old_path.as_str()) {
+            take_back.push((&e.old_path, Some(etag)));
+        }
+        lines.push(line(
+            e,
+            Outcome::HeldBack,
+            "another reference of the row cannot go back; the row is left pointing at the \
+             new keys"
+                .into(),
+        ));
     }
 
     let (restored, refused) = commit_undo(sh, db, &commit).await?;
-    let mut take_back: Vec<(&str, Option<&str>)> = Vec::new();
     for (e, tried) in &commit {
         match restored.get(&e.move_id) {
             Some(true) => {

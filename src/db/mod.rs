@@ -896,9 +896,10 @@ pub struct Queries {
     pub lock_writers: String,
     /// $1 keys: the rows referencing them, in id order (phase 1; uses the path index).
     pub lookup: String,
-    /// Rollback: the ledger entries of runs $1 not rolled back yet, after move $2, at most
-    /// $3, with the row's current path. See [`crate::commands::rollback`].
-    pub to_undo: String,
+    /// Rollback: the ledger entries of runs $1 not rolled back yet, after move $2, with
+    /// the row's current value: `[0]` at most $3 of them, `[1]` those of rows $3. See
+    /// [`crate::commands::rollback`].
+    pub to_undo: [String; 2],
     /// Rollback: the guarded rewrite back + the ledger marks, one statement. Rows the
     /// table refused (`refused`) are left out, their moves not marked; like the forward
     /// commit it checks what the table stored. See [`crate::commands::rollback`].
@@ -1063,15 +1064,21 @@ impl Queries {
                 "SELECT t.{id}::text, t.{path}::text FROM {tbl} AS t
                   WHERE t.{path} = ANY ($1::text[]){on_src} ORDER BY t.{id}"
             ),
-            to_undo: format!(
-                "SELECT m.move_id, m.row_id, m.old_path, m.new_path,
-                        CASE WHEN t.{id} IS NOT NULL{on_dst} THEN {value} END,
-                        coalesce(m.old_value, m.old_path), coalesce(m.new_value, m.new_path)
-                   FROM relocator.moves m
-                   LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
-                  WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
-                  ORDER BY m.move_id LIMIT $3"
-            ),
+            to_undo: [
+                "ORDER BY m.move_id LIMIT $3",
+                "AND m.row_id = ANY ($3) ORDER BY m.move_id",
+            ]
+            .map(|rest| {
+                format!(
+                    "SELECT m.move_id, m.row_id, m.old_path, m.new_path,
+                            CASE WHEN t.{id} IS NOT NULL{on_dst} THEN {value} END,
+                            coalesce(m.old_value, m.old_path), coalesce(m.new_value, m.new_path)
+                       FROM relocator.moves m
+                       LEFT JOIN {tbl} AS t ON t.{id} = m.row_id::{ty}
+                      WHERE m.run_id = ANY ($1) AND m.rolled_back_at IS NULL AND m.move_id > $2
+                      {rest}"
+                )
+            }),
             undo: format!(
                 "WITH u AS (
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],

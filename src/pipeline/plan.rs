@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::copy::{Made, PairResult};
 use crate::db::Row;
-use crate::reference::{Moving, NoKey, Reference};
+use crate::reference::{Moving, NoKey, Reference, Slot};
 use crate::report::{Outcome, ReportLine};
 use crate::rewrite::{Mapped, Rewrite};
 
@@ -71,19 +71,32 @@ pub fn plan_batch(rows: Vec<Row>, rewrite: &Rewrite, reference: &Reference) -> B
                 continue;
             }
         };
-        let mut mapped = Vec::new();
+        let mut mapped: Vec<(Slot, String)> = Vec::new();
+        // References to an object another reference of the row already moves: (where,
+        // destination). Rewritten with it, without a move of their own.
+        let mut again: Vec<(String, String)> = Vec::new();
         let mut failed = Vec::new();
         for slot in slots {
             match rewrite.map(&slot.key) {
-                Mapped::To(dst) => match claimed.get(&dst) {
-                    Some(src) if *src != slot.key => failed.push(line(
-                        &slot.at,
-                        Outcome::Collision,
-                        String::new(),
-                        format!("{src:?} maps to the same destination key"),
-                    )),
-                    _ => mapped.push((slot, dst)),
-                },
+                Mapped::To(dst) => {
+                    // Another row's, or another reference of this row's, source there.
+                    let taken = claimed
+                        .get(&dst)
+                        .or_else(|| mapped.iter().find(|(_, d)| *d == dst).map(|(s, _)| &s.key));
+                    match taken {
+                        Some(src) if *src != slot.key => failed.push(line(
+                            &slot.at,
+                            Outcome::Collision,
+                            String::new(),
+                            format!("{src:?} maps to the same destination key"),
+                        )),
+                        // The same object at two places in the row: one move, one line.
+                        Some(_) if mapped.iter().any(|(s, d)| *d == dst && s.key == slot.key) => {
+                            again.push((slot.at, dst));
+                        }
+                        _ => mapped.push((slot, dst)),
+                    }
+                }
                 Mapped::Unmatched => failed.push(line(
                     &slot.at,
                     Outcome::Unmatched,
@@ -112,17 +125,26 @@ pub fn plan_batch(rows: Vec<Row>, rewrite: &Rewrite, reference: &Reference) -> B
         }
         let moving: Vec<Moving<'_>> = mapped
             .iter()
-            .map(|(slot, dst)| Moving {
-                at: &slot.at,
-                new_key: dst,
-            })
+            .map(|(slot, dst)| (slot.at.as_str(), dst.as_str()))
+            .chain(again.iter().map(|(at, dst)| (at.as_str(), dst.as_str())))
+            .map(|(at, new_key)| Moving { at, new_key })
             .collect();
         let new_value = reference.value_for(&row.path, &moving);
         for (slot, dst_key) in mapped {
             claimed.insert(dst_key.clone(), slot.key.clone());
+            // One line names every place of the row holding the object.
+            let at = std::iter::once(slot.at.as_str())
+                .chain(
+                    again
+                        .iter()
+                        .filter(|(_, d)| *d == dst_key)
+                        .map(|(a, _)| a.as_str()),
+                )
+                .collect::<Vec<_>>()
+                .join(" and ");
             plan.moves.push(Move {
                 row: row.clone(),
-                at: slot.at,
+                at,
                 src_key: slot.key,
                 dst_key,
                 new_value: new_value.clone(),

@@ -76,12 +76,15 @@ impl Json {
         }
     }
 
-    /// Row `t`'s document, as `jsonb` (NULL for a text that is no JSON).
+    /// Row `t`'s document, as `jsonb`: NULL for a text that is no JSON, and for a `json`
+    /// one `jsonb` cannot hold (a number beyond `numeric`, `\u0000`), which a cast would
+    /// fail the whole statement on.
     fn doc(&self, t: &str) -> String {
         match self.form {
             Form::Jsonb => format!("{t}.{}", self.path),
-            Form::Json => format!("{t}.{}::jsonb", self.path),
-            Form::Text => format!("pg_temp.relocator_jsonb({t}.{}::text)", self.path),
+            Form::Json | Form::Text => {
+                format!("pg_temp.relocator_jsonb({t}.{}::text)", self.path)
+            }
         }
     }
 
@@ -337,14 +340,27 @@ impl Shape for Json {
             .collect()
     }
 
+    /// Any string of any document; and, in a value that cannot be read as `jsonb`, the
+    /// key anywhere in its text.
     fn referenced(&self, tbl: &str) -> String {
-        format!(
+        let strings = format!(
             "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
                JOIN (SELECT s #>> '{{}}' AS c
                        FROM {tbl} AS t,
                             jsonb_path_query({}, 'strict $.** ? (@.type() == \"string\")') AS s
                     ) AS x ON x.c = u.k",
             self.doc("t")
+        );
+        if self.form == Form::Jsonb {
+            return strings;
+        }
+        format!(
+            "{strings} UNION
+             SELECT u.k::text FROM unnest($1::text[]) AS u(k)
+               JOIN (SELECT t.{p}::text AS v FROM {tbl} AS t
+                      WHERE t.{p} IS NOT NULL AND {} IS NULL) AS bad ON strpos(bad.v, u.k) > 0",
+            self.doc("t"),
+            p = self.path
         )
     }
 

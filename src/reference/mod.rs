@@ -138,11 +138,8 @@ impl Reference {
             )));
         }
         if !cfg.more_columns.is_empty() {
-            let all: Vec<String> = std::iter::once(&cfg.path_column)
-                .chain(&cfg.more_columns)
-                .cloned()
-                .collect();
-            return Reference(Arc::new(columns::Columns::new(&all, prefixes)));
+            // In one order however they were given: the ledger keeps values in it.
+            return Reference(Arc::new(columns::Columns::new(&cfg.columns(), prefixes)));
         }
         if let Some(j) = &cfg.json {
             let form = match path_type {
