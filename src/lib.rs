@@ -43,8 +43,9 @@
 //! - [`db`] the pool, TLS ([`db::tls`]), table introspection and the user-table queries;
 //!   [`ledger`] relocator's own schema and the multipart uploads it started;
 //!   [`s3`] the only way to reach S3 (rate cap, counters, one listing, typed errors).
-//! - [`reference`] what a row's reference is (the key; the key and a service column):
-//!   the conditions every statement on the job's table takes from it.
+//! - [`reference`] what a row's reference is (a key; a key and a service column; a URL;
+//!   a JSON document's fields; several columns): the keys a value holds, the value a
+//!   row gets, and the conditions every statement on the job's table takes from it.
 //! - [`rewrite`] the pure key arithmetic; [`report`] the outcomes, CSV and summary;
 //!   [`progress`] the bar.
 

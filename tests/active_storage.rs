@@ -7,10 +7,13 @@
 mod common;
 use common::ClientExt;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{exits, read_outcomes, read_summary, until_a_session_waits_for_a_lock, TestEnv};
+use common::{
+    exits, killed_until_done, read_outcomes, read_summary, until_a_session_waits_for_a_lock,
+    TestEnv,
+};
 
 /// `active_storage_blobs` as Rails 6.1's migration creates it
 /// (20170806125915_create_active_storage_tables.rb), with or without its unique index
@@ -258,44 +261,7 @@ async fn a_third_service_keeps_its_key_and_kills_converge() {
     )
     .await
     .unwrap();
-    let mut kills = 0;
-    let start = Instant::now();
-    let mut ms = 150;
-    loop {
-        let mut child: Child = env
-            .cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--batch-size", "4", "--concurrency", "2"])
-            .args(["--summary-json", &env.path("s.json")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
-            child.wait().unwrap();
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        ms += 97;
-    }
-    let out = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(["--summary-json", &env.path("s.json")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "after {kills} kills: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(kills > 0, "the run was killed at least once");
+    let kills = killed_until_done(&env, &job(&env), "4").await;
     let rows = blobs(&env).await;
     for (i, (k, s)) in rows.iter().enumerate().take(n) {
         assert_eq!((k, s.as_str()), (&key(i), "production"), "blob {}", i + 1);

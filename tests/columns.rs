@@ -7,10 +7,7 @@
 mod common;
 use common::ClientExt;
 
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-use common::{exits, read_summary, until_a_session_waits_for_a_lock, TestEnv};
+use common::{exits, killed_until_done, read_summary, run_while_the_application_writes, TestEnv};
 
 async fn users_table(env: &TestEnv) {
     env.db()
@@ -217,32 +214,12 @@ async fn a_row_the_application_changes_meanwhile_is_left_alone() {
         object(&env, &b).await;
         user(&env, Some(&a), Some(&b)).await;
     }
-    let mut app = env.db().await;
-    let tx = app.transaction().await.unwrap();
-    tx.execute(
+    run_while_the_application_writes(
+        &env,
+        &job(&env),
         "UPDATE users SET banner_path = 'image/1b.png?' WHERE id = 2",
-        &[],
     )
-    .await
-    .unwrap();
-    let child = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(["--report", &env.path("run.csv")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    until_a_session_waits_for_a_lock(&env).await;
-    tx.commit().await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let got = lines(&env.path("run.csv"));
     let row2: Vec<_> = got.iter().filter(|(id, _, _)| id == "2").collect();
     assert_eq!(row2.len(), 2, "{got:?}");
@@ -273,43 +250,7 @@ async fn killed_column_runs_converge() {
         object(&env, &b).await;
         user(&env, Some(&a), Some(&b)).await;
     }
-    let mut kills = 0;
-    let start = Instant::now();
-    let mut ms = 150;
-    loop {
-        let mut child: Child = env
-            .cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--batch-size", "3", "--concurrency", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
-            child.wait().unwrap();
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        ms += 97;
-    }
-    let out = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(["--summary-json", &env.path("s.json")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "after {kills} kills: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(kills > 0, "the run was killed at least once");
+    let kills = killed_until_done(&env, &job(&env), "3").await;
     for (i, (a, b)) in columns(&env).await.into_iter().enumerate() {
         assert_eq!(a, Some(format!("avatar/{i}a.png")));
         assert_eq!(b, Some(format!("avatar/{i}b.png")));

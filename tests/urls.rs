@@ -6,10 +6,10 @@
 mod common;
 use common::ClientExt;
 
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-use common::{exits, read_outcomes, read_summary, until_a_session_waits_for_a_lock, TestEnv};
+use common::{
+    exits, killed_until_done, read_outcomes, read_summary, run_while_the_application_writes,
+    TestEnv,
+};
 
 const LEGACY: &str = "https://legacy-s3.s3.eu-west-1.amazonaws.com/image/";
 const CDN: &str = "http://cdn.example.com/";
@@ -364,32 +364,12 @@ async fn a_url_the_application_changes_meanwhile_is_left_alone() {
         let key = format!("image/{n}.png");
         url_row(&env, &format!("{LEGACY}{n}.png"), Some(&key)).await;
     }
-    let mut app = env.db().await;
-    let tx = app.transaction().await.unwrap();
-    tx.execute(
+    run_while_the_application_writes(
+        &env,
+        &job(&env),
         "UPDATE avatars SET avatar_url = avatar_url || '?v=2' WHERE id = 2",
-        &[],
     )
-    .await
-    .unwrap();
-    let child = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(["--report", &env.path("run.csv")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    until_a_session_waits_for_a_lock(&env).await;
-    tx.commit().await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let outcomes = read_outcomes(&env.path("run.csv"));
     assert_eq!(outcomes["2"].0, "changed_by_app", "{outcomes:?}");
     assert_eq!(
@@ -426,43 +406,7 @@ async fn killed_url_runs_converge() {
         };
         url_row(&env, &url, Some(&key)).await;
     }
-    let mut kills = 0;
-    let start = Instant::now();
-    let mut ms = 150;
-    loop {
-        let mut child: Child = env
-            .cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--batch-size", "4", "--concurrency", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
-            child.wait().unwrap();
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        ms += 97;
-    }
-    let out = env
-        .cmd()
-        .arg("run")
-        .args(job(&env))
-        .args(["--summary-json", &env.path("s.json")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "after {kills} kills: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(kills > 0, "the run was killed at least once");
+    let kills = killed_until_done(&env, &job(&env), "4").await;
     for (i, v) in values(&env).await.iter().enumerate() {
         let want = if i % 2 == 0 {
             format!("{NEW}n%20{i}.png")

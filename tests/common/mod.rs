@@ -657,3 +657,80 @@ pub fn exits(cmd: &mut Command, code: i32) -> std::process::Output {
     );
     out
 }
+
+/// Promise 4's drill: `relocator run` with `args` (small batches), killed with SIGKILL
+/// at rising moments (150 ms, then 97 ms later each time) until a run ends on its own
+/// (or a minute has passed), then run once more to its end; asserts that one exits 0
+/// after at least one kill. Returns the number of kills.
+pub async fn killed_until_done(env: &TestEnv, args: &[String], batch: &str) -> usize {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut kills = 0;
+    let start = Instant::now();
+    let mut ms = 150;
+    loop {
+        let mut child = env
+            .cmd()
+            .arg("run")
+            .args(args)
+            .args(["--batch-size", batch, "--concurrency", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting relocator");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            child.wait().unwrap();
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        ms += 97;
+    }
+    let out = env
+        .cmd()
+        .arg("run")
+        .args(args)
+        .args(["--summary-json", &env.path("s.json")])
+        .output()
+        .expect("running relocator");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "after {kills} kills: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills > 0, "the run was killed at least once");
+    kills
+}
+
+/// Promise 3's drill: the application runs `update` in a transaction it holds open while
+/// `relocator run` with `args` (and `--report run.csv`) starts and reaches a row lock;
+/// then it commits. Asserts the run exits 3 (the changed row needs attention).
+pub async fn run_while_the_application_writes(env: &TestEnv, args: &[String], update: &str) {
+    use std::process::Stdio;
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.batch_execute(update)
+        .await
+        .expect("the application's update");
+    let child = env
+        .cmd()
+        .arg("run")
+        .args(args)
+        .args(["--report", &env.path("run.csv")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting relocator");
+    until_a_session_waits_for_a_lock(env).await;
+    tx.commit().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
