@@ -76,14 +76,6 @@ impl Shape for Columns {
         format!("({})", any.join(" OR "))
     }
 
-    fn on(&self, _side: Side, _t: &str) -> String {
-        String::new()
-    }
-
-    fn set(&self, _side: Side) -> String {
-        String::new()
-    }
-
     fn value(&self, t: &str) -> String {
         format!("{}::text", self.array(t))
     }
@@ -157,22 +149,6 @@ impl Shape for Columns {
             })
             .collect();
         each.join(" UNION ")
-    }
-
-    fn takes_param(&self) -> bool {
-        false
-    }
-
-    fn param(&self, _bucket: &str) -> Option<&str> {
-        None
-    }
-
-    fn column(&self, _side: Side) -> Option<(&str, &str)> {
-        None
-    }
-
-    fn values_are_keys(&self) -> bool {
-        false
     }
 }
 

@@ -259,14 +259,6 @@ impl Shape for Json {
         format!("({})", any.join(" OR "))
     }
 
-    fn on(&self, _side: Side, _t: &str) -> String {
-        String::new()
-    }
-
-    fn set(&self, _side: Side) -> String {
-        String::new()
-    }
-
     fn value(&self, t: &str) -> String {
         format!("{t}.{}::text", self.path)
     }
@@ -362,22 +354,6 @@ impl Shape for Json {
             self.doc("t"),
             p = self.path
         )
-    }
-
-    fn takes_param(&self) -> bool {
-        false
-    }
-
-    fn param(&self, _bucket: &str) -> Option<&str> {
-        None
-    }
-
-    fn column(&self, _side: Side) -> Option<(&str, &str)> {
-        None
-    }
-
-    fn values_are_keys(&self) -> bool {
-        false
     }
 }
 

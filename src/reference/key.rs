@@ -54,14 +54,6 @@ impl Shape for Key {
         selects(&self.path, &self.prefixes, side, t)
     }
 
-    fn on(&self, _side: Side, _t: &str) -> String {
-        String::new()
-    }
-
-    fn set(&self, _side: Side) -> String {
-        String::new()
-    }
-
     fn value(&self, t: &str) -> String {
         value(&self.path, t)
     }
@@ -91,18 +83,6 @@ impl Shape for Key {
     fn referenced(&self, tbl: &str) -> String {
         let path = &self.path;
         format!("SELECT t.{path}::text FROM {tbl} AS t WHERE t.{path} = ANY ($1::text[])")
-    }
-
-    fn takes_param(&self) -> bool {
-        false
-    }
-
-    fn param(&self, _bucket: &str) -> Option<&str> {
-        None
-    }
-
-    fn column(&self, _side: Side) -> Option<(&str, &str)> {
-        None
     }
 
     fn values_are_keys(&self) -> bool {

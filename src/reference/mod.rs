@@ -74,11 +74,17 @@ trait Shape: Debug + Send + Sync {
     /// under `side`'s location.
     fn selects(&self, side: Side, t: &str) -> String;
 
-    /// Appended to a compare-and-swap on row `t`'s value: the row is on `side`.
-    fn on(&self, side: Side, t: &str) -> String;
+    /// Appended to a compare-and-swap on row `t`'s value: the row is on `side`. Nothing
+    /// where the value alone tells the sides apart.
+    fn on(&self, _side: Side, _t: &str) -> String {
+        String::new()
+    }
 
-    /// Appended to an UPDATE's SET list: the row's reference becomes `side`'s.
-    fn set(&self, side: Side) -> String;
+    /// Appended to an UPDATE's SET list: the row's reference becomes `side`'s. Nothing
+    /// where the value is all of it.
+    fn set(&self, _side: Side) -> String {
+        String::new()
+    }
 
     /// Row `t`'s value, as text.
     fn value(&self, t: &str) -> String;
@@ -106,18 +112,26 @@ trait Shape: Debug + Send + Sync {
     fn referenced(&self, tbl: &str) -> String;
 
     /// Whether [`Shape::referenced`] reads `$2`.
-    fn takes_param(&self) -> bool;
+    fn takes_param(&self) -> bool {
+        false
+    }
 
     /// The `$2` of [`Shape::referenced`] for an object in `bucket`.
-    fn param(&self, bucket: &str) -> Option<&str>;
+    fn param(&self, _bucket: &str) -> Option<&str> {
+        None
+    }
 
     /// A further column the shape rewrites, quoted, with the SQL literal it holds on
     /// `side`.
-    fn column(&self, side: Side) -> Option<(&str, &str)>;
+    fn column(&self, _side: Side) -> Option<(&str, &str)> {
+        None
+    }
 
     /// Whether the value is the key itself (an index on the column then finds the rows
     /// of a key).
-    fn values_are_keys(&self) -> bool;
+    fn values_are_keys(&self) -> bool {
+        false
+    }
 }
 
 /// How the job's rows point at their objects: the job's [`Shape`].

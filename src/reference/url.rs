@@ -208,14 +208,6 @@ impl Shape for Url {
         format!("({})", any.join(" OR "))
     }
 
-    fn on(&self, _side: Side, _t: &str) -> String {
-        String::new()
-    }
-
-    fn set(&self, _side: Side) -> String {
-        String::new()
-    }
-
     fn value(&self, t: &str) -> String {
         key::value(&self.path, t)
     }
@@ -336,14 +328,6 @@ impl Shape for Url {
         } else {
             Some("both")
         }
-    }
-
-    fn column(&self, _side: Side) -> Option<(&str, &str)> {
-        None
-    }
-
-    fn values_are_keys(&self) -> bool {
-        false
     }
 }
 
