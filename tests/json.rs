@@ -552,3 +552,54 @@ async fn one_object_at_two_fields_is_one_move() {
         "nothing left to report"
     );
 }
+
+/// Found by review: the reference check read a `json` or `text` document through its
+/// `jsonb` form, or, where `jsonb` cannot read it, looked for the key in its raw text. A
+/// key written with JSON escapes (`image\/e.png`, PHP's default; `caf\u00e9`, Python's) in
+/// a document `jsonb` cannot read, and the first of two fields of one name (`jsonb` keeps
+/// the last), were invisible to it, as was, in a `text` column, a document cut short
+/// inside its last string: on the code before, the other row naming the same key moved
+/// and the source was deleted while these rows still named it.
+async fn every_string_of_a_document_as_written_keeps_its_object(ty: &str) {
+    let env = TestEnv::new(&format!("json-esc-{ty}")).await;
+    photos_table(&env, ty).await;
+    let mut kept = vec!["image/café.png", "image/d.png", "image/e.png"];
+    if ty == "text" {
+        kept.push("image/f.png");
+    }
+    for k in &kept {
+        object(&env, k).await;
+    }
+    photo(&env, r#"{"id": "image\/e.png", "n": 1e999999}"#).await;
+    photo(&env, r#"{"id": "image/caf\u00e9.png", "n": 1e999999}"#).await;
+    photo(&env, r#"{"id": "image/d.png", "id": "image/z.png"}"#).await;
+    if ty == "text" {
+        photo(&env, r#"no json, but {"id": "image\/f.png"#).await;
+    }
+    for k in &kept {
+        photo(&env, &format!(r#"{{"id": "{k}"}}"#)).await;
+    }
+    // The document with `id` twice is `invalid_key`: exit 3.
+    exits(env.cmd().arg("run").args(job(&env)), 3);
+    let after = docs(&env).await;
+    for k in &kept {
+        let moved = format!(r#""{}""#, k.replace("image/", "avatar/"));
+        assert!(
+            after.iter().any(|d| d.contains(&moved)),
+            "{k}'s plain row moved: {after:?}"
+        );
+    }
+    let mut left = env.keys(&env.src_bucket, "").await;
+    left.sort();
+    assert_eq!(left, kept, "every source another row still names is kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_string_of_a_json_document_as_written_keeps_its_object() {
+    every_string_of_a_document_as_written_keeps_its_object("json").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_string_of_a_text_document_as_written_keeps_its_object() {
+    every_string_of_a_document_as_written_keeps_its_object("text").await;
+}

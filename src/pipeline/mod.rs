@@ -149,7 +149,15 @@ pub(crate) async fn open<'a>(
     let client = db::connect_checked(&pool, &cfg.database_url).await?;
     let table = TableInfo::resolve(&client, cfg).await?;
     drop(client);
-    if !table.path_indexed {
+    if table.reference.reads_whole_column() {
+        warn!(
+            table = %table.display,
+            "{} holds URLs or documents: each cleanup batch reads the whole column for \
+             references (no index finds a key inside them). On a large table give a larger \
+             --batch-size",
+            table.path_col
+        );
+    } else if !table.path_indexed {
         warn!(
             table = %table.display,
             "no index leads with the path column: each cleanup batch checks references with a \

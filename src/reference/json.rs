@@ -332,22 +332,41 @@ impl Shape for Json {
             .collect()
     }
 
-    /// Any string of any document; and, in a value that cannot be read as `jsonb`, the
-    /// key anywhere in its text.
+    fn reads_whole_column(&self) -> bool {
+        true
+    }
+
+    /// Any string of any document. A `jsonb` column's strings are its documents' own. A
+    /// `json` or `text` column's are read from the text as written, not through `jsonb`,
+    /// which keeps only the last of two fields of one name and cannot read some documents
+    /// at all (`1e999999`): every string literal, decoded (`image\/a` and `caf\u00e9` are
+    /// the keys they spell), or as written where it does not decode. In a value that is
+    /// no JSON, the key anywhere in its text counts too, and so does an unclosed last
+    /// string literal.
     fn referenced(&self, tbl: &str) -> String {
-        let strings = format!(
-            "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
-               JOIN (SELECT s #>> '{{}}' AS c
-                       FROM {tbl} AS t,
-                            jsonb_path_query({}, 'strict $.** ? (@.type() == \"string\")') AS s
-                    ) AS x ON x.c = u.k",
-            self.doc("t")
-        );
         if self.form == Form::Jsonb {
-            return strings;
+            return format!(
+                "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
+                   JOIN (SELECT s #>> '{{}}' AS c
+                           FROM {tbl} AS t,
+                                jsonb_path_query(t.{p}, 'strict $.** ? (@.type() == \"string\")') AS s
+                        ) AS x ON x.c = u.k",
+                p = self.path
+            );
         }
+        // Outside its strings a JSON text has no `"`: left to right, each match is one
+        // string literal, its escapes included. In a text cut short (a `varchar` that
+        // truncated it), the last one may have lost its closing quote.
+        let literals = literal(r#""((?:[^"\\]|\\.)*)(?:"|$)"#);
         format!(
-            "{strings} UNION
+            "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
+               JOIN (SELECT CASE WHEN strpos(l.s, chr(92)) = 0 THEN l.s
+                                 ELSE coalesce(pg_temp.relocator_jsonb('\"' || l.s || '\"') #>> '{{}}',
+                                               l.s) END AS c
+                       FROM (SELECT (regexp_matches(t.{p}::text, {literals}, 'g'))[1] AS s
+                               FROM {tbl} AS t WHERE t.{p} IS NOT NULL) AS l
+                    ) AS x ON x.c = u.k
+             UNION
              SELECT u.k::text FROM unnest($1::text[]) AS u(k)
                JOIN (SELECT t.{p}::text AS v FROM {tbl} AS t
                       WHERE t.{p} IS NOT NULL AND {} IS NULL) AS bad ON strpos(bad.v, u.k) > 0",

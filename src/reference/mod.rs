@@ -132,6 +132,12 @@ trait Shape: Debug + Send + Sync {
     fn values_are_keys(&self) -> bool {
         false
     }
+
+    /// Whether [`Shape::referenced`] reads the whole column, whatever its indexes (a key
+    /// inside a URL or a document): each cleanup batch then scans the table.
+    fn reads_whole_column(&self) -> bool {
+        false
+    }
 }
 
 /// How the job's rows point at their objects: the job's [`Shape`].
@@ -246,6 +252,11 @@ impl Reference {
     /// Whether a row's value is its key.
     pub fn values_are_keys(&self) -> bool {
         self.0.values_are_keys()
+    }
+
+    /// Whether the reference check reads the whole column, whatever its indexes.
+    pub fn reads_whole_column(&self) -> bool {
+        self.0.reads_whole_column()
     }
 
     /// The further column the shape rewrites (the service column), quoted.

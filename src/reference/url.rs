@@ -254,6 +254,10 @@ impl Shape for Url {
         vec![self.key_sql(side, &format!("{t}.{}", self.path))]
     }
 
+    fn reads_whole_column(&self) -> bool {
+        true
+    }
+
     /// `$2`: the sides whose URL prefixes name the object's bucket (`source`, `dest` or
     /// `both`).
     fn referenced(&self, tbl: &str) -> String {
