@@ -168,6 +168,11 @@ async fn columns_of_a_row_move_together() {
         "a source goes only when no column of any row references it"
     );
 
+    // Rows, not references: 4 rows moved (6 references).
+    let status = env.cmd().arg("status").args(job(&env)).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(" 4 rows moved"), "{status}");
+
     let out = env
         .cmd()
         .arg("verify")
@@ -479,4 +484,67 @@ async fn a_row_one_of_whose_objects_cannot_go_back_stays_whole() {
             .unwrap();
         assert_eq!(bytes, body(&format!("image/{k}")));
     }
+}
+
+/// #18 item 5 with several columns: each column's declared length is checked against the
+/// key it would get, by `plan` and `run`, before anything is copied. Row 1's banner fits
+/// `varchar(23)` under `image/` but not under `avatar/`: the row is `too_long` (both its
+/// lines), nothing of it is copied or changed; row 2 moves. On the code before, no length
+/// was checked with several columns: row 1's objects were copied and its commit refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_columns_length_is_checked_before_any_copy() {
+    let env = TestEnv::new("columns-long").await;
+    users_table(&env).await;
+    env.db()
+        .await
+        .batch_execute("ALTER TABLE users ALTER banner_path TYPE varchar(23)")
+        .await
+        .unwrap();
+    let long = "image/b1-0123456789.png";
+    assert_eq!(long.len(), 23);
+    for k in ["image/u1.png", long, "image/u2.png", "image/b2.png"] {
+        object(&env, k).await;
+    }
+    user(&env, Some("image/u1.png"), Some(long)).await;
+    user(&env, Some("image/u2.png"), Some("image/b2.png")).await;
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(job(&env))
+            .args(["--out", &env.path("plan.csv")]),
+        3,
+    );
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(job(&env))
+            .args(["--report", &env.path("run.csv")]),
+        3,
+    );
+    let got = lines(&env.path("run.csv"));
+    assert_eq!(lines(&env.path("plan.csv")), got, "plan predicts run");
+    let want = |id: &str, o: &str, at: &str| (id.to_owned(), o.to_owned(), at.to_owned());
+    assert_eq!(
+        got,
+        [
+            want("1", "too_long", "avatar_path"),
+            want("1", "too_long", "banner_path"),
+            want("2", "moved", "avatar_path"),
+            want("2", "moved", "banner_path"),
+        ]
+    );
+    assert_eq!(
+        columns(&env).await,
+        [
+            (s("image/u1.png"), s(long)),
+            (s("avatar/u2.png"), s("avatar/b2.png"))
+        ]
+    );
+    let mut copied = env.keys(&env.dst_bucket, "").await;
+    copied.sort();
+    assert_eq!(
+        copied,
+        ["avatar/b2.png", "avatar/u2.png"],
+        "nothing of row 1 copied"
+    );
 }

@@ -118,11 +118,12 @@ pub async fn status(cfg: &JobConfig) -> Result<Status> {
             "SELECT r.run_id, r.status, r.started_at::text, r.updated_at::text,
                     (SELECT count(*) FROM relocator.leases l WHERE l.run_id = r.run_id AND l.done),
                     (SELECT count(*) FROM relocator.leases l WHERE l.run_id = r.run_id AND NOT l.done),
-                    (SELECT count(*) FROM relocator.moves m WHERE m.run_id = r.run_id),
+                    -- rows, not references: a row holding several is one
+                    (SELECT count(DISTINCT m.row_id) FROM relocator.moves m WHERE m.run_id = r.run_id),
                     (SELECT count(*) FROM relocator.moves m
                       WHERE m.run_id = r.run_id AND m.cleaned_at IS NULL),
                     GREATEST(extract(epoch FROM r.updated_at - r.started_at), 0.001)::float8,
-                    (SELECT count(*) FROM relocator.moves m
+                    (SELECT count(DISTINCT m.row_id) FROM relocator.moves m
                       WHERE m.run_id = r.run_id AND m.rollback = 'restored'),
                     r.backup,
                     -- (read through jsonb: a ledger an older relocator made has no such

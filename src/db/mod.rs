@@ -151,6 +151,9 @@ pub struct TableInfo {
 pub struct ColumnLimits {
     /// The declared length in characters, and the type as the catalog spells it.
     pub max_chars: Option<(usize, String)>,
+    /// With several `--path-column`s: each one's declared length (as `max_chars`), for
+    /// the key it gets. `max_chars` and `checks` are empty then.
+    pub by_column: Vec<(String, (usize, String))>,
     /// The CHECK constraints that read the path column.
     pub checks: Vec<Check>,
     /// The column's type without its length (`text`, `character varying`): a new value
@@ -331,6 +334,8 @@ impl TableInfo {
                 )));
             }
         }
+        // Each --path-column's attnum, for its declared length.
+        let mut attnums = vec![(cfg.path_column.clone(), path_attnum)];
         for c in &cfg.more_columns {
             let found = column(c).await?.ok_or_else(|| {
                 config_error(format!(
@@ -352,6 +357,7 @@ impl TableInfo {
                     found.get::<_, Option<String>>(2).unwrap_or_default()
                 )));
             }
+            attnums.push((c.clone(), found.get(0)));
         }
         if let Some(c) = &cfg.checksum_column {
             let found = column(c).await?.ok_or_else(|| {
@@ -473,12 +479,25 @@ impl TableInfo {
             }
         }
         services_agree(client, cfg, &display).await?;
-        // What one column accepts: with several, each column's own limits would apply to
-        // its own key; the commit finds a key one refuses (`rejected`).
+        // What the column accepts. With several, each column's declared length applies to
+        // its own key; their CHECK constraints are left to the commit (`rejected`).
         let limits = if cfg.more_columns.is_empty() {
             ColumnLimits::resolve(client, oid, path_attnum).await?
         } else {
-            ColumnLimits::default()
+            let mut by_column = Vec::new();
+            let mut counts_bytes = false;
+            for (name, attnum) in attnums {
+                let one = ColumnLimits::resolve(client, oid, attnum).await?;
+                counts_bytes = one.counts_bytes;
+                if let Some(max) = one.max_chars {
+                    by_column.push((name, max));
+                }
+            }
+            ColumnLimits {
+                by_column,
+                counts_bytes,
+                ..ColumnLimits::default()
+            }
         };
         let encoding: String = client
             .query_one("SELECT current_setting('server_encoding')", &[])
@@ -600,6 +619,7 @@ impl ColumnLimits {
             .collect();
         Ok(ColumnLimits {
             max_chars,
+            by_column: Vec::new(),
             checks,
             base_type: row.get(0),
             collation: row.get(3),

@@ -37,7 +37,7 @@ pub async fn plan_fitting(
     let reference = &q.reference;
     // A column with neither a declared length nor a CHECK relocator evaluates (the usual
     // `text` column) has nothing to set aside: plan the batch as it is.
-    if limits.max_chars.is_none() && q.checks.is_none() {
+    if limits.max_chars.is_none() && limits.by_column.is_empty() && q.checks.is_none() {
         return Ok(plan_batch(rows, rewrite, reference));
     }
     // Each row planned alone: the new value of every row that could move, whichever
@@ -72,25 +72,29 @@ pub async fn plan_fitting(
 
 /// Row id → why, for the moves whose new value is longer than the declared length
 /// (in characters, as PostgreSQL counts `varchar(n)`; in bytes in a SQL_ASCII database).
+/// With several columns, each move's new key against its own column's length.
 fn too_long(limits: &ColumnLimits, moves: &[Move]) -> HashMap<String, String> {
-    let Some((max, ty)) = &limits.max_chars else {
-        return HashMap::new();
-    };
     moves
         .iter()
         .filter_map(|m| {
-            let n = if limits.counts_bytes {
-                m.new_value.len()
+            let (value, (max, ty), column) = if limits.by_column.is_empty() {
+                (&m.new_value, limits.max_chars.as_ref()?, String::new())
             } else {
-                m.new_value.chars().count()
+                let (name, max) = limits.by_column.iter().find(|(c, _)| *c == m.at)?;
+                (&m.dst_key, max, format!(" {name:?}"))
+            };
+            let n = if limits.counts_bytes {
+                value.len()
+            } else {
+                value.chars().count()
             };
             (n > *max).then(|| {
                 (
                     m.row.id.clone(),
                     format!(
-                        "the new value is {n} characters long and the column is {ty}: widen the \
-                         column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar({n})), or choose \
-                         a shorter --dest prefix or --rewrite"
+                        "the new value is {n} characters long and the column{column} is {ty}: \
+                         widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar({n})), \
+                         or choose a shorter --dest prefix or --rewrite"
                     ),
                 )
             })
