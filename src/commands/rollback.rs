@@ -343,8 +343,9 @@ async fn undo_batch(
                     None => line(
                         e,
                         Outcome::ChangedByApp,
-                        "the row no longer points at the new key; left as the application \
-                         wrote it"
+                        "the row no longer holds the value this move wrote: it changed since \
+                         (the application wrote it, or a later run moved what it wrote); \
+                         left as it is"
                             .into(),
                     ),
                 });
