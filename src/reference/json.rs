@@ -354,19 +354,32 @@ impl Shape for Json {
                 p = self.path
             );
         }
-        // Outside its strings a JSON text has no `"`: left to right, each match is one
-        // string literal, its escapes included. In a text cut short (a `varchar` that
-        // truncated it), the last one may have lost its closing quote.
+        // Outside its strings a JSON text has no `"`. Without a backslash (no escapes,
+        // nearly every document) the text between two quotes is a string as it is: the
+        // text split at quotes gives every string (and the bits between, which only keep
+        // more). With one, a regular expression finds each literal, escapes included, and
+        // the database decodes it. In a text cut short (a `varchar` that truncated it),
+        // the last string may have lost its closing quote: both ways read it too.
         let literals = literal(r#""((?:[^"\\]|\\.)*)(?:"|$)"#);
+        let strings = format!(
+            "SELECT DISTINCT x.c FROM (
+                 SELECT s AS c FROM {tbl} AS t, unnest(string_to_array(t.{p}::text, '\"')) AS s
+                  WHERE strpos(t.{p}::text, chr(92)) = 0
+                 UNION ALL
+                 SELECT CASE WHEN strpos(l.s, chr(92)) = 0 THEN l.s
+                             ELSE coalesce(pg_temp.relocator_jsonb('\"' || l.s || '\"') #>> '{{}}',
+                                           l.s) END
+                   FROM (SELECT (regexp_matches(t.{p}::text, {literals}, 'g'))[1] AS s
+                           FROM {tbl} AS t WHERE strpos(t.{p}::text, chr(92)) > 0) AS l
+             ) AS x WHERE x.c IN (SELECT k FROM unnest($1::text[]) AS k)",
+            p = self.path
+        );
+        if self.form == Form::Json {
+            // The json type holds only JSON: the strings are all there is.
+            return strings;
+        }
         format!(
-            "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
-               JOIN (SELECT CASE WHEN strpos(l.s, chr(92)) = 0 THEN l.s
-                                 ELSE coalesce(pg_temp.relocator_jsonb('\"' || l.s || '\"') #>> '{{}}',
-                                               l.s) END AS c
-                       FROM (SELECT (regexp_matches(t.{p}::text, {literals}, 'g'))[1] AS s
-                               FROM {tbl} AS t WHERE t.{p} IS NOT NULL) AS l
-                    ) AS x ON x.c = u.k
-             UNION
+            "{strings} UNION
              SELECT u.k::text FROM unnest($1::text[]) AS u(k)
                JOIN (SELECT t.{p}::text AS v FROM {tbl} AS t
                       WHERE t.{p} IS NOT NULL AND {} IS NULL) AS bad ON strpos(bad.v, u.k) > 0",
