@@ -7,7 +7,10 @@
 mod common;
 use common::ClientExt;
 
-use common::{exits, killed_until_done, read_summary, run_while_the_application_writes, TestEnv};
+use common::{
+    assert_refused, exits, killed_until_done, read_summary, run_while_the_application_writes,
+    TestEnv,
+};
 
 async fn users_table(env: &TestEnv) {
     env.db()
@@ -153,15 +156,8 @@ async fn columns_of_a_row_move_together() {
             (None, s("avatar/c.png")),
         ]
     );
-    for k in ["a.png", "a-b.png", "b.png", "c.png"] {
-        let bytes = env
-            .s3
-            .ep()
-            .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
-            .await
-            .unwrap();
-        assert_eq!(bytes, body(&format!("image/{k}")), "{k}");
-    }
+    env.assert_moved(["a.png", "a-b.png", "b.png", "c.png"], body)
+        .await;
     assert_eq!(
         env.keys(&env.src_bucket, "").await,
         ["image/c.png"],
@@ -259,15 +255,8 @@ async fn killed_column_runs_converge() {
     for (i, (a, b)) in columns(&env).await.into_iter().enumerate() {
         assert_eq!(a, Some(format!("avatar/{i}a.png")));
         assert_eq!(b, Some(format!("avatar/{i}b.png")));
-        for k in [format!("{i}a.png"), format!("{i}b.png")] {
-            let bytes = env
-                .s3
-                .ep()
-                .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
-                .await
-                .unwrap();
-            assert_eq!(bytes, body(&format!("image/{k}")));
-        }
+        env.assert_moved([format!("{i}a.png"), format!("{i}b.png")], body)
+            .await;
     }
     assert!(
         env.keys(&env.src_bucket, "").await.is_empty(),
@@ -335,11 +324,7 @@ async fn column_options_that_make_the_job_ambiguous_are_refused() {
             "reads one column",
         ),
     ];
-    for (extra, says) in cases {
-        let out = exits(&mut base(&extra), 2);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(says), "{extra:?}: {err}");
-    }
+    assert_refused(base, cases);
     assert_eq!(columns(&env).await, [(s("image/a.png"), None)]);
     assert_eq!(env.keys(&env.src_bucket, "").await, ["image/a.png"]);
 }
@@ -475,15 +460,7 @@ async fn a_row_one_of_whose_objects_cannot_go_back_stays_whole() {
             .is_err(),
         "the copy made back for the held reference is taken back"
     );
-    for k in ["a.png", "b.png"] {
-        let bytes = env
-            .s3
-            .ep()
-            .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
-            .await
-            .unwrap();
-        assert_eq!(bytes, body(&format!("image/{k}")));
-    }
+    env.assert_moved(["a.png", "b.png"], body).await;
 }
 
 /// #18 item 5 with several columns: each column's declared length is checked against the

@@ -7,7 +7,10 @@
 mod common;
 use common::ClientExt;
 
-use common::{exits, killed_until_done, read_summary, run_while_the_application_writes, TestEnv};
+use common::{
+    assert_refused, exits, killed_until_done, read_summary, run_while_the_application_writes,
+    TestEnv,
+};
 
 async fn photos_table(env: &TestEnv, ty: &str) {
     env.db()
@@ -230,15 +233,8 @@ async fn documents_move_field_by_field(ty: &str) {
         "a derivative already at the destination is not touched"
     );
     assert_eq!(after[5], before[5]);
-    for k in ["a.png", "a_t.png", "b.png", "e.png"] {
-        let bytes = env
-            .s3
-            .ep()
-            .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
-            .await
-            .unwrap();
-        assert_eq!(bytes, body(&format!("image/{k}")), "{k} byte-identical");
-    }
+    env.assert_moved(["a.png", "a_t.png", "b.png", "e.png"], body)
+        .await;
     let mut left = env.keys(&env.src_bucket, "").await;
     left.sort();
     assert_eq!(
@@ -372,15 +368,8 @@ async fn killed_document_runs_converge() {
         let d: serde_json::Value = serde_json::from_str(d).unwrap();
         assert_eq!(d["id"], format!("avatar/{i}.png"));
         assert_eq!(d["derivatives"]["thumb"]["id"], format!("avatar/{i}_t.png"));
-        for k in [format!("{i}.png"), format!("{i}_t.png")] {
-            let bytes = env
-                .s3
-                .ep()
-                .get_bytes(&env.dst_bucket, &format!("avatar/{k}"))
-                .await
-                .unwrap();
-            assert_eq!(bytes, body(&format!("image/{k}")));
-        }
+        env.assert_moved([format!("{i}.png"), format!("{i}_t.png")], body)
+            .await;
     }
     assert!(
         env.keys(&env.src_bucket, "").await.is_empty(),
@@ -474,11 +463,7 @@ async fn json_options_that_make_the_job_ambiguous_are_refused() {
             "different shapes",
         ),
     ];
-    for (extra, says) in cases {
-        let out = exits(&mut base(extra), 2);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(says), "{extra:?}: {err}");
-    }
+    assert_refused(base, cases);
     assert_eq!(docs(&env).await.len(), 1);
     assert_eq!(env.keys(&env.src_bucket, "").await, ["image/a.png"]);
 }

@@ -7,8 +7,8 @@ mod common;
 use common::ClientExt;
 
 use common::{
-    exits, killed_until_done, read_outcomes, read_summary, run_while_the_application_writes,
-    TestEnv,
+    assert_refused, exits, killed_until_done, read_outcomes, read_summary,
+    run_while_the_application_writes, TestEnv,
 };
 
 const LEGACY: &str = "https://legacy-s3.s3.eu-west-1.amazonaws.com/image/";
@@ -164,23 +164,19 @@ async fn url_rows_move_with_their_encoding_and_query() {
         before[12].clone(),
     ];
     assert_eq!(after, want);
-    for key in [
-        "a b.png",
-        "c.png",
-        "été.png",
-        "shared.png",
-        "kept.png",
-        "sub/dir/x+y.png",
-        "kept2.png",
-    ] {
-        let bytes = env
-            .s3
-            .ep()
-            .get_bytes(&env.dst_bucket, &format!("avatar/{key}"))
-            .await
-            .unwrap();
-        assert_eq!(bytes, body(&format!("image/{key}")), "{key} byte-identical");
-    }
+    env.assert_moved(
+        [
+            "a b.png",
+            "c.png",
+            "été.png",
+            "shared.png",
+            "kept.png",
+            "sub/dir/x+y.png",
+            "kept2.png",
+        ],
+        body,
+    )
+    .await;
     assert_eq!(
         env.keys(&env.src_bucket, "").await,
         ["image/kept.png", "image/kept2.png"],
@@ -487,11 +483,7 @@ async fn url_options_that_make_the_job_ambiguous_are_refused() {
             "--service-column",
         ),
     ];
-    for (extra, says) in cases {
-        let out = exits(&mut base(extra), 2);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(says), "{extra:?}: {err}");
-    }
+    assert_refused(base, cases);
     assert_eq!(values(&env).await, [format!("{LEGACY}a.png")]);
     assert_eq!(env.keys(&env.src_bucket, "").await, ["image/a.png"]);
 }

@@ -267,6 +267,28 @@ impl TestEnv {
         seed::rows(&loc.prefix, rows, missing, self.seed)
     }
 
+    /// Each of `names` moved byte for byte: `avatar/<name>` at the destination holds
+    /// what `image/<name>` held (`body` of that key).
+    pub async fn assert_moved<N: AsRef<str>>(
+        &self,
+        names: impl IntoIterator<Item = N>,
+        body: impl Fn(&str) -> Vec<u8>,
+    ) {
+        for n in names {
+            let n = n.as_ref();
+            let got = self
+                .s3
+                .ep()
+                .get_bytes(&self.dst_bucket, &format!("avatar/{n}"))
+                .await
+                .unwrap_or_else(|e| panic!("avatar/{n}: {e}"));
+            assert!(
+                got == body(&format!("image/{n}")),
+                "avatar/{n} is not byte-identical"
+            );
+        }
+    }
+
     /// The real binary, with this test's database and the stack's S3 settings.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(assert_cmd::cargo::cargo_bin("relocator"));
@@ -656,6 +678,19 @@ pub fn exits(cmd: &mut Command, code: i32) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Promise 5's drill: each case (extra options for `cmd`, words its error must contain)
+/// exits 2 naming the problem. The caller then checks that nothing changed.
+pub fn assert_refused<E: AsRef<[&'static str]> + std::fmt::Debug>(
+    cmd: impl Fn(&[&str]) -> Command,
+    cases: impl IntoIterator<Item = (E, &'static str)>,
+) {
+    for (extra, says) in cases {
+        let out = exits(&mut cmd(extra.as_ref()), 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
 }
 
 /// Promise 4's drill: `relocator run` with `args` (small batches), killed with SIGKILL
