@@ -26,6 +26,7 @@ pub fn check(data: &[u8]) {
         dest_service: None,
         source_url: Vec::new(),
         dest_url: None,
+        url_column: Vec::new(),
         json_key: Vec::new(),
         json_set: Vec::new(),
         checksum_column: None,

@@ -131,6 +131,12 @@ pub struct JobArgs {
     #[arg(long, value_name = "PREFIX", requires = "source_url")]
     pub dest_url: Option<String>,
 
+    /// With several --path-column: one of them that holds URLs (repeatable), to which
+    /// --source-url and --dest-url apply; the others hold keys (users(avatar_url,
+    /// banner_path)).
+    #[arg(long, value_name = "NAME", requires = "source_url")]
+    pub url_column: Vec<String>,
+
     /// The path column is a json or jsonb document (Shrine's attachment data): PATH, a
     /// dot-separated field path (repeatable, e.g. id and derivatives.thumb.id), holds a
     /// key. Only those fields change; a row moves once every one of them under --source

@@ -751,7 +751,7 @@ impl JobConfig {
                 )));
             }
         }
-        let urls = UrlColumn::from_args(a)?;
+        let urls = UrlColumn::from_args(a, &columns)?;
         let json = JsonDocument::from_args(a)?;
         if json.is_some() {
             database_url.session_sql = Some(crate::reference::JSON_SESSION_SQL);
@@ -770,7 +770,18 @@ impl JobConfig {
                 shapes.join(" and ")
             )));
         }
-        if !more_columns.is_empty() && (!shapes.is_empty() || checksum_column.is_some()) {
+        // Several columns: each holds a key, or (--url-column) a URL.
+        let mixed = urls.as_ref().is_some_and(|u| !u.columns.is_empty());
+        if !more_columns.is_empty() && urls.is_some() && !mixed {
+            return Err(ConfigError(
+                "several --path-column, and --source-url: say which of them hold URLs with \
+                 --url-column NAME (the others hold keys)"
+                    .into(),
+            ));
+        }
+        if !more_columns.is_empty()
+            && ((!shapes.is_empty() && !mixed) || shapes.len() > 1 || checksum_column.is_some())
+        {
             return Err(ConfigError(format!(
                 "several --path-column hold keys each; {} reads one column. Give one \
                  --path-column, or leave that option out",
@@ -792,7 +803,12 @@ impl JobConfig {
                     .into(),
             ));
         }
-        check_locations(&source, &dest, service.is_some() || urls.is_some())?;
+        // Rows tell the buckets apart by a service, or by URLs; not by a key column.
+        check_locations(
+            &source,
+            &dest,
+            service.is_some() || (urls.is_some() && more_columns.is_empty()),
+        )?;
         let rule = match (&a.rewrite, &a.to) {
             (Some(re), Some(to)) => {
                 let compiled = Regex::new(re).map_err(|e| {
@@ -1006,7 +1022,12 @@ impl JobConfig {
                     // The same prefixes in another order are the same job.
                     let mut source = u.source.clone();
                     source.sort();
-                    format!("|urls|{}|{}", source.join(" "), u.dest)
+                    let columns = if u.columns.is_empty() {
+                        String::new()
+                    } else {
+                        format!("|{}", u.columns.join(","))
+                    };
+                    format!("|urls|{}|{}{columns}", source.join(" "), u.dest)
                 })
                 .unwrap_or_default()
             + &self
@@ -1199,12 +1220,22 @@ pub struct UrlColumn {
     pub source: Vec<String>,
     /// What a moved row holds for objects under `--dest`.
     pub dest: String,
+    /// With several `--path-column`s, those holding URLs (`--url-column`), sorted; the
+    /// others hold keys. Empty with one `--path-column`: it holds URLs.
+    pub columns: Vec<String>,
 }
 
 impl UrlColumn {
-    fn from_args(a: &JobArgs) -> Result<Option<Self>, ConfigError> {
+    fn from_args(a: &JobArgs, path_columns: &[String]) -> Result<Option<Self>, ConfigError> {
         let dest = match (&a.dest_url, a.source_url.is_empty()) {
-            (None, true) => return Ok(None),
+            (None, true) if a.url_column.is_empty() => return Ok(None),
+            (None, true) => {
+                return Err(ConfigError(
+                    "--url-column names a column holding URLs: give --source-url and \
+                     --dest-url with it"
+                        .into(),
+                ))
+            }
             (Some(d), false) => d,
             _ => {
                 return Err(ConfigError(
@@ -1247,9 +1278,28 @@ impl UrlColumn {
                 }
             }
         }
+        let mut columns: Vec<String> = Vec::new();
+        for c in &a.url_column {
+            let c = parse_column("--url-column", c)?;
+            if !path_columns.contains(&c) {
+                return Err(ConfigError(format!(
+                    "--url-column {c:?} is not a --path-column: give it as --path-column \
+                     too (--url-column says which of them hold URLs)"
+                )));
+            }
+            if !columns.contains(&c) {
+                columns.push(c);
+            }
+        }
+        // One column: it holds the URLs, whether --url-column says so or not.
+        if path_columns.len() < 2 {
+            columns.clear();
+        }
+        columns.sort();
         Ok(Some(UrlColumn {
             source,
             dest: dest.clone(),
+            columns,
         }))
     }
 }
@@ -1503,6 +1553,22 @@ mod tests {
                 "s=1"
             ])
         );
+        // Which columns hold URLs is part of the job; their order is not.
+        let cols = |order: [&'static str; 3], urls: &[&'static str]| {
+            let mut extra = vec!["--source-url", a, "--dest-url", d];
+            for c in order {
+                extra.extend(["--path-column", c]);
+            }
+            for c in urls {
+                extra.extend(["--url-column", *c]);
+            }
+            job(&extra)
+        };
+        assert_eq!(
+            cols(["x", "y", "z"], &["x", "z"]),
+            cols(["z", "x", "y"], &["z", "x"])
+        );
+        assert_ne!(cols(["x", "y", "z"], &["x"]), cols(["x", "y", "z"], &["y"]));
     }
 
     #[test]

@@ -321,10 +321,52 @@ async fn column_options_that_make_the_job_ambiguous_are_refused() {
                 "--dest-url",
                 "https://b.example/",
             ]),
-            "reads one column",
+            "--url-column",
+        ),
+        (
+            with(&[
+                "--source-url",
+                "https://a.example/",
+                "--dest-url",
+                "https://b.example/",
+                "--url-column",
+                "name",
+            ]),
+            "is not a --path-column",
+        ),
+        (with(&["--url-column", "avatar_path"]), "--source-url"),
+        (
+            with(&[
+                "--source-url",
+                "https://a.example/",
+                "--dest-url",
+                "https://b.example/",
+                "--url-column",
+                "avatar_path",
+                "--json-key",
+                "id",
+            ]),
+            "different shapes",
         ),
     ];
     assert_refused(base, cases);
+    // Across two buckets a key column cannot tell the sides apart: one prefix is refused.
+    let out = exits(
+        env.cmd()
+            .args(["run", "--table", "users"])
+            .args(two)
+            .args(["--url-column", "avatar_path"])
+            .args([
+                "--source-url",
+                "https://a.example/",
+                "--dest-url",
+                "https://b.example/",
+            ])
+            .args(["--source", &env.source()])
+            .args(["--dest", &format!("s3://{}/image/", env.dst_bucket)]),
+        2,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("overlap"));
     assert_eq!(columns(&env).await, [(s("image/a.png"), None)]);
     assert_eq!(env.keys(&env.src_bucket, "").await, ["image/a.png"]);
 }
@@ -523,5 +565,248 @@ async fn each_columns_length_is_checked_before_any_copy() {
         copied,
         ["avatar/b2.png", "avatar/u2.png"],
         "nothing of row 1 copied"
+    );
+}
+
+/// What rows hold for objects under `--source` and `--dest` in the URL column.
+const CDN_OLD: &str = "https://cdn.example.com/image/";
+const CDN_NEW: &str = "https://cdn.example.com/avatar/";
+
+/// `people(avatar_url, banner_path)`: a URL column beside a key column.
+async fn people_table(env: &TestEnv) {
+    env.db()
+        .await
+        .batch_execute(
+            "CREATE TABLE people (id serial PRIMARY KEY, avatar_url text,
+                                  banner_path varchar(40))",
+        )
+        .await
+        .unwrap();
+}
+
+async fn person(env: &TestEnv, url: Option<&str>, banner: Option<&str>) {
+    env.db()
+        .await
+        .execute(
+            "INSERT INTO people (avatar_url, banner_path) VALUES ($1, $2)",
+            &[&url, &banner],
+        )
+        .await
+        .unwrap();
+}
+
+async fn people(env: &TestEnv) -> Vec<(Option<String>, Option<String>)> {
+    env.db()
+        .await
+        .query(
+            "SELECT avatar_url, banner_path FROM people ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The job: `avatar_url` holds URLs (`--url-column`), `banner_path` keys.
+fn mixed_job(env: &TestEnv) -> Vec<String> {
+    [
+        "--table",
+        "people",
+        "--path-column",
+        "banner_path",
+        "--path-column",
+        "avatar_url",
+        "--url-column",
+        "avatar_url",
+        "--source-url",
+        CDN_OLD,
+        "--dest-url",
+        CDN_NEW,
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(["--source".into(), env.source(), "--dest".into(), env.dest()])
+    .collect()
+}
+
+/// #18 item 4, "each with its own shape options where they differ": a URL column beside
+/// a key column. Rows: both move (the URL's encoding and query kept); a URL of no
+/// `--source-url` (left as it is) beside a key that moves; a URL whose object is missing
+/// (the row is held back, its banner too); a URL naming the held-back row's banner object
+/// (it moves, and the object stays: the other row's key column still references it).
+/// `plan` predicts `run`; objects are byte-identical; `verify` finds every moved key;
+/// `rollback` returns every column exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_url_column_beside_a_key_column_moves_with_it() {
+    let env = TestEnv::new("columns-mixed").await;
+    people_table(&env).await;
+    for k in ["image/a b.png", "image/b.png", "image/c.png", "image/e.png"] {
+        object(&env, k).await;
+    }
+    person(
+        &env,
+        Some(&format!("{CDN_OLD}a%20b.png?v=1")),
+        Some("image/b.png"),
+    )
+    .await;
+    person(
+        &env,
+        Some("https://other.example/x.png"),
+        Some("image/c.png"),
+    )
+    .await;
+    person(&env, Some(&format!("{CDN_OLD}d.png")), Some("image/e.png")).await;
+    person(&env, Some(&format!("{CDN_OLD}e.png")), None).await;
+    person(&env, None, None).await;
+    let before = people(&env).await;
+
+    exits(
+        env.cmd()
+            .arg("plan")
+            .args(mixed_job(&env))
+            .args(["--out", &env.path("plan.csv")]),
+        3,
+    );
+    assert_eq!(people(&env).await, before, "plan changed nothing");
+    exits(
+        env.cmd()
+            .arg("run")
+            .args(mixed_job(&env))
+            .args(["--report", &env.path("run.csv")]),
+        3,
+    );
+    let got = lines(&env.path("run.csv"));
+    assert_eq!(lines(&env.path("plan.csv")), got, "plan predicts run");
+    let line = |id: &str, o: &str, at: &str| (id.to_owned(), o.to_owned(), at.to_owned());
+    assert_eq!(
+        got,
+        [
+            line("1", "moved", "avatar_url"),
+            line("1", "moved", "banner_path"),
+            line("2", "moved", "banner_path"),
+            line("3", "held_back", "banner_path"),
+            line("3", "missing_source", "avatar_url"),
+            line("4", "moved", "avatar_url"),
+        ]
+    );
+    assert_eq!(
+        people(&env).await,
+        [
+            (s(&format!("{CDN_NEW}a%20b.png?v=1")), s("avatar/b.png")),
+            (s("https://other.example/x.png"), s("avatar/c.png")),
+            (s(&format!("{CDN_OLD}d.png")), s("image/e.png")),
+            (s(&format!("{CDN_NEW}e.png")), None),
+            (None, None),
+        ]
+    );
+    env.assert_moved(["a b.png", "b.png", "c.png", "e.png"], body)
+        .await;
+    assert_eq!(
+        env.keys(&env.src_bucket, "").await,
+        ["image/e.png"],
+        "a source goes only when no column of any row, of either shape, references it"
+    );
+    let status = env
+        .cmd()
+        .arg("status")
+        .args(mixed_job(&env))
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(" 3 rows moved"), "{status}");
+
+    let out = env
+        .cmd()
+        .arg("verify")
+        .args(mixed_job(&env))
+        .args(["--out", &env.path("verify.csv")])
+        .output()
+        .unwrap();
+    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
+    for k in ["a b.png", "b.png", "c.png", "e.png"] {
+        assert!(
+            checks.contains(&format!("avatar/{k},ok")),
+            "{k}: {checks}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    exits(
+        env.cmd()
+            .arg("rollback")
+            .args(mixed_job(&env))
+            .args(["--report", &env.path("back.csv")]),
+        0,
+    );
+    assert_eq!(people(&env).await, before, "rollback returns every column");
+    let mut back = env.keys(&env.src_bucket, "").await;
+    back.sort();
+    assert_eq!(
+        back,
+        ["image/a b.png", "image/b.png", "image/c.png", "image/e.png"]
+    );
+    assert!(env.keys(&env.dst_bucket, "").await.is_empty());
+}
+
+/// Promise 3 for a URL column beside a key column: the application changes the URL of
+/// a row while the commit waits on it. The row is left alone (both lines
+/// `changed_by_app`) and its objects are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_row_the_application_changes_meanwhile_is_left_alone() {
+    let env = TestEnv::new("columns-mixed-cas").await;
+    people_table(&env).await;
+    mixed_people(&env, 3).await;
+    run_while_the_application_writes(
+        &env,
+        &mixed_job(&env),
+        &format!("UPDATE people SET avatar_url = '{CDN_OLD}1a.png?new' WHERE id = 2"),
+    )
+    .await;
+    let got = lines(&env.path("run.csv"));
+    let row2: Vec<_> = got.iter().filter(|(id, _, _)| id == "2").collect();
+    assert!(
+        row2.len() == 2 && row2.iter().all(|(_, o, _)| o == "changed_by_app"),
+        "{got:?}"
+    );
+    assert_eq!(
+        people(&env).await[1],
+        (s(&format!("{CDN_OLD}1a.png?new")), s("image/1b.png"))
+    );
+    assert_eq!(
+        env.keys(&env.src_bucket, "").await,
+        ["image/1a.png", "image/1b.png"],
+        "its sources are kept"
+    );
+}
+
+/// `n` people, each with a URL and a banner whose objects exist.
+async fn mixed_people(env: &TestEnv, n: usize) {
+    for i in 0..n {
+        let (a, b) = (format!("image/{i}a.png"), format!("image/{i}b.png"));
+        object(env, &a).await;
+        object(env, &b).await;
+        person(env, Some(&format!("{CDN_OLD}{i}a.png")), Some(&b)).await;
+    }
+}
+
+/// Promise 4 for a URL column beside a key column: killed with SIGKILL at rising moments
+/// and rerun, the job converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mixed_column_runs_converge() {
+    let env = TestEnv::new("columns-mixed-kill").await;
+    people_table(&env).await;
+    mixed_people(&env, 30).await;
+    let kills = killed_until_done(&env, &mixed_job(&env), "3").await;
+    for (i, (a, b)) in people(&env).await.into_iter().enumerate() {
+        assert_eq!(a, Some(format!("{CDN_NEW}{i}a.png")));
+        assert_eq!(b, Some(format!("avatar/{i}b.png")));
+        env.assert_moved([format!("{i}a.png"), format!("{i}b.png")], body)
+            .await;
+    }
+    assert!(
+        env.keys(&env.src_bucket, "").await.is_empty(),
+        "no source left (after {kills} kills)"
     );
 }

@@ -20,6 +20,7 @@ use tracing::warn;
 
 use super::plan::{attention, plan_batch, BatchPlan, Move};
 use crate::db::{self, ColumnLimits, Queries, Row};
+use crate::reference::Reference;
 use crate::report::Outcome;
 use crate::rewrite::Rewrite;
 
@@ -46,7 +47,7 @@ pub async fn plan_fitting(
         .iter()
         .flat_map(|r| plan_batch(vec![r.clone()], rewrite, reference).moves)
         .collect();
-    let mut why = too_long(limits, &mapped);
+    let mut why = too_long(limits, reference, &mapped);
     let rest: Vec<&Move> = mapped
         .iter()
         .filter(|m| !why.contains_key(&m.row.id))
@@ -72,34 +73,49 @@ pub async fn plan_fitting(
 
 /// Row id → why, for the moves whose new value is longer than the declared length
 /// (in characters, as PostgreSQL counts `varchar(n)`; in bytes in a SQL_ASCII database).
-/// With several columns, each move's new key against its own column's length.
-fn too_long(limits: &ColumnLimits, moves: &[Move]) -> HashMap<String, String> {
-    moves
-        .iter()
-        .filter_map(|m| {
-            let (value, (max, ty), column) = if limits.by_column.is_empty() {
-                (&m.new_value, limits.max_chars.as_ref()?, String::new())
-            } else {
-                let (name, max) = limits.by_column.iter().find(|(c, _)| *c == m.at)?;
-                (&m.dst_key, max, format!(" {name:?}"))
+/// With several columns, each column's new value against its own length.
+fn too_long(
+    limits: &ColumnLimits,
+    reference: &Reference,
+    moves: &[Move],
+) -> HashMap<String, String> {
+    let mut why = HashMap::new();
+    for m in moves {
+        let values: Vec<(String, &(usize, String), String)> = if limits.by_column.is_empty() {
+            let Some(max) = &limits.max_chars else {
+                continue;
             };
+            vec![(String::new(), max, m.new_value.clone())]
+        } else {
+            reference
+                .parts(&m.new_value)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(name, v)| {
+                    let (_, max) = limits.by_column.iter().find(|(c, _)| *c == name)?;
+                    Some((format!(" {name:?}"), max, v?))
+                })
+                .collect()
+        };
+        for (column, (max, ty), value) in values {
             let n = if limits.counts_bytes {
                 value.len()
             } else {
                 value.chars().count()
             };
-            (n > *max).then(|| {
-                (
+            if n > *max {
+                why.insert(
                     m.row.id.clone(),
                     format!(
                         "the new value is {n} characters long and the column{column} is {ty}: \
                          widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar({n})), \
                          or choose a shorter --dest prefix or --rewrite"
                     ),
-                )
-            })
-        })
-        .collect()
+                );
+            }
+        }
+    }
+    why
 }
 
 /// Warned once per process: the CHECK constraints cannot be evaluated here.
@@ -243,16 +259,20 @@ mod tests {
             mv("3", "abcd"),
             mv("4", "éèêë"),
         ];
-        let mut found: Vec<String> = too_long(&limits, &moves).into_keys().collect();
+        let mut found: Vec<String> = too_long(&limits, &Reference::keys(), &moves)
+            .into_keys()
+            .collect();
         found.sort();
         assert_eq!(found, ["3", "4"]);
-        assert!(too_long(&ColumnLimits::default(), &moves).is_empty());
+        assert!(too_long(&ColumnLimits::default(), &Reference::keys(), &moves).is_empty());
         // A SQL_ASCII database counts bytes.
         let bytes = ColumnLimits {
             counts_bytes: true,
             ..limits
         };
-        let mut found: Vec<String> = too_long(&bytes, &moves).into_keys().collect();
+        let mut found: Vec<String> = too_long(&bytes, &Reference::keys(), &moves)
+            .into_keys()
+            .collect();
         found.sort();
         assert_eq!(found, ["2", "3", "4"]);
     }

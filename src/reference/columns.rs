@@ -1,51 +1,41 @@
 //! Several reference columns per row (`--path-column` repeated, e.g.
-//! `users(avatar_path, banner_path)`): each column holds a key, as in the key shape. A
-//! row's value is all of them at once, as PostgreSQL's `json_build_array` prints them
-//! (`["image/a.png", null]`), so that one compare-and-swap guards every column and one
-//! rewrite sets them together. A row is on a side when one of its columns holds a key
-//! under that side's prefix; a column under another prefix (or NULL) is left as it is.
+//! `users(avatar_path, banner_path)`): each column is a reference of its own shape — a
+//! key (the [`key`](super::key) shape) or, named by `--url-column`, a URL (the
+//! [`url`](super::url) shape). A row's value is all of them at once, as PostgreSQL's
+//! `json_build_array` prints them (`["image/a.png", null]`), so that one
+//! compare-and-swap guards every column and one rewrite sets them together. A row is on a
+//! side when one of its columns is; a column on neither (another prefix, NULL) is left as
+//! it is.
 //!
-//! Which rows may use an object: any row holding its key in any of the columns (each
-//! checked through its own index, where it has one). The key alone tells the sides
-//! apart, so the prefixes may not overlap.
+//! Which rows may use an object: any row whose column may, by that column's shape's own
+//! check (a key column through its own index, where it has one). A key column alone
+//! cannot tell the sides apart, so the prefixes may not overlap.
 
-use super::{under, Moving, NoKey, Shape, Slot};
-use crate::config::quote_ident;
+use super::{Moving, NoKey, Shape, Slot};
 use crate::s3::Side;
 
 #[derive(Debug)]
+pub(super) struct Column {
+    /// As named.
+    pub(super) name: String,
+    /// What the column holds, on the column alone.
+    pub(super) shape: Box<dyn Shape>,
+}
+
+#[derive(Debug)]
 pub(super) struct Columns {
-    /// The columns, as named and quoted.
-    columns: Vec<(String, String)>,
-    /// The key prefixes of `--source` and `--dest`.
-    prefixes: (String, String),
+    /// In one order, however they were given: the ledger keeps values in it.
+    columns: Vec<Column>,
 }
 
 impl Columns {
-    pub(super) fn new(columns: &[String], (source, dest): (&str, &str)) -> Columns {
-        Columns {
-            columns: columns
-                .iter()
-                .map(|c| (c.clone(), quote_ident(c)))
-                .collect(),
-            prefixes: (source.to_owned(), dest.to_owned()),
-        }
-    }
-
-    fn prefix(&self, side: Side) -> &str {
-        match side {
-            Side::Source => &self.prefixes.0,
-            Side::Dest => &self.prefixes.1,
-        }
+    pub(super) fn new(columns: Vec<Column>) -> Columns {
+        Columns { columns }
     }
 
     fn array(&self, t: &str) -> String {
-        let cols: Vec<String> = self
-            .columns
-            .iter()
-            .map(|(_, q)| format!("{t}.{q}"))
-            .collect();
-        format!("json_build_array({})", cols.join(", "))
+        let each: Vec<String> = self.columns.iter().map(|c| c.shape.value(t)).collect();
+        format!("json_build_array({})", each.join(", "))
     }
 
     /// The row's value parsed: one entry per column.
@@ -71,7 +61,7 @@ impl Shape for Columns {
         let any: Vec<String> = self
             .columns
             .iter()
-            .map(|(_, q)| under(t, q, self.prefix(side)))
+            .map(|c| c.shape.selects(side, t))
             .collect();
         format!("({})", any.join(" OR "))
     }
@@ -89,29 +79,39 @@ impl Shape for Columns {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, (_, q))| format!("{q} = (({v})::json ->> {i})"))
+            .map(|(i, c)| c.shape.assign(&format!("(({v})::json ->> {i})")))
             .collect();
         set.join(", ")
     }
 
+    /// Each column's references, labelled with the column. A column that cannot be read
+    /// holds the whole row back (`invalid_key`); one on neither side is left as it is.
     fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
         let values = Columns::parse(value).map_err(NoKey::Invalid)?;
-        let slots: Vec<Slot> = self
-            .columns
-            .iter()
-            .zip(values)
-            .filter_map(|((name, _), v)| {
-                let key = v.filter(|k| k.starts_with(&self.prefixes.0))?;
-                Some(Slot {
-                    at: name.clone(),
-                    key,
-                })
-            })
-            .collect();
+        let mut slots = Vec::new();
+        let mut unmatched = None;
+        for (c, v) in self.columns.iter().zip(values) {
+            let Some(v) = v else { continue };
+            match c.shape.keys_of(&v) {
+                Ok(found) => slots.extend(found.into_iter().map(|s| Slot {
+                    at: c.name.clone(),
+                    key: s.key,
+                })),
+                Err(NoKey::Invalid(why)) => {
+                    return Err(NoKey::Invalid(format!("{}: {why}", c.name)))
+                }
+                Err(NoKey::Unmatched(why)) => {
+                    unmatched.get_or_insert(format!("{}: {why}", c.name));
+                }
+            }
+        }
         if slots.is_empty() {
-            return Err(NoKey::Invalid(
-                "no --path-column holds a key under --source's prefix".into(),
-            ));
+            return Err(match unmatched {
+                Some(why) => NoKey::Unmatched(why),
+                None => {
+                    NoKey::Invalid("no --path-column holds a key under --source's prefix".into())
+                }
+            });
         }
         Ok(slots)
     }
@@ -121,9 +121,15 @@ impl Shape for Columns {
             return old.to_owned();
         };
         for m in moving {
-            if let Some(i) = self.columns.iter().position(|(name, _)| name == m.at) {
-                values[i] = Some(m.new_key.to_owned());
-            }
+            let Some(i) = self.columns.iter().position(|c| c.name == m.at) else {
+                continue;
+            };
+            let one = [Moving {
+                at: "",
+                new_key: m.new_key,
+            }];
+            let was = values[i].clone().unwrap_or_default();
+            values[i] = Some(self.columns[i].shape.value_for(&was, &one));
         }
         print(&values)
     }
@@ -131,11 +137,12 @@ impl Shape for Columns {
     fn key_bytes(&self, side: Side, t: &str) -> Vec<String> {
         self.columns
             .iter()
-            .map(|(_, q)| {
-                format!(
-                    "CASE WHEN {} THEN convert_to({t}.{q}, 'UTF8') END",
-                    under(t, q, self.prefix(side))
-                )
+            .flat_map(|c| {
+                let on = c.shape.selects(side, t);
+                c.shape
+                    .key_bytes(side, t)
+                    .into_iter()
+                    .map(move |k| format!("CASE WHEN {on} THEN {k} END"))
             })
             .collect()
     }
@@ -144,11 +151,35 @@ impl Shape for Columns {
         let each: Vec<String> = self
             .columns
             .iter()
-            .map(|(_, q)| {
-                format!("SELECT t.{q}::text FROM {tbl} AS t WHERE t.{q} = ANY ($1::text[])")
-            })
+            .map(|c| c.shape.referenced(tbl))
             .collect();
         each.join(" UNION ")
+    }
+
+    fn takes_param(&self) -> bool {
+        self.columns.iter().any(|c| c.shape.takes_param())
+    }
+
+    fn param(&self, bucket: &str) -> Option<&str> {
+        self.columns
+            .iter()
+            .find(|c| c.shape.takes_param())
+            .and_then(|c| c.shape.param(bucket))
+    }
+
+    fn reads_whole_column(&self) -> bool {
+        self.columns.iter().any(|c| c.shape.reads_whole_column())
+    }
+
+    fn parts(&self, value: &str) -> Option<Vec<(String, Option<String>)>> {
+        let values = Columns::parse(value).ok()?;
+        Some(
+            self.columns
+                .iter()
+                .map(|c| c.name.clone())
+                .zip(values)
+                .collect(),
+        )
     }
 }
 
@@ -159,8 +190,16 @@ mod tests {
     #[test]
     fn a_row_moves_the_columns_under_the_source_and_keeps_the_others() {
         let c = Columns::new(
-            &["avatar_path".into(), "banner_path".into(), "logo".into()],
-            ("image/", "avatar/"),
+            ["avatar_path", "banner_path", "logo"]
+                .into_iter()
+                .map(|name| Column {
+                    name: name.into(),
+                    shape: Box::new(super::super::key::Key::new(
+                        crate::config::quote_ident(name),
+                        ("image/", "avatar/"),
+                    )),
+                })
+                .collect(),
         );
         let old = r#"["image/a.png", "image/b \"q\".png", null]"#;
         let slots = c.keys_of(old).unwrap();

@@ -67,6 +67,11 @@ impl Shape for Key {
     }
 
     fn keys_of(&self, value: &str) -> Result<Vec<Slot>, NoKey> {
+        if !value.starts_with(&self.prefixes.0) {
+            return Err(NoKey::Unmatched(
+                "the value is not under --source's prefix".into(),
+            ));
+        }
         Ok(whole(value.to_owned()))
     }
 

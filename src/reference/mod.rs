@@ -17,8 +17,8 @@
 //!   percent-decoded, is the key.
 //! - [`json`] (`--json-key`, Shrine's attachment data): a `json`/`jsonb` document whose
 //!   fields hold keys — several references in one row, rewritten together.
-//! - [`columns`] (`--path-column` repeated): several columns, each holding a key, all
-//!   rewritten together.
+//! - [`columns`] (`--path-column` repeated): several columns, each a key or (named by
+//!   `--url-column`) a URL, all rewritten together.
 //!
 //! A new shape is a new file implementing [`Shape`], chosen in [`Reference::new`].
 
@@ -138,6 +138,12 @@ trait Shape: Debug + Send + Sync {
     fn reads_whole_column(&self) -> bool {
         false
     }
+
+    /// Where the value is several columns' (the columns shape): each column's name and
+    /// value. `None` where the value is one column's.
+    fn parts(&self, _value: &str) -> Option<Vec<(String, Option<String>)>> {
+        None
+    }
 }
 
 /// How the job's rows point at their objects: the job's [`Shape`].
@@ -159,7 +165,24 @@ impl Reference {
         }
         if !cfg.more_columns.is_empty() {
             // In one order however they were given: the ledger keeps values in it.
-            return Reference(Arc::new(columns::Columns::new(&cfg.columns(), prefixes)));
+            let each = cfg
+                .columns()
+                .into_iter()
+                .map(|name| {
+                    let path = quote_ident(&name);
+                    let shape: Box<dyn Shape> = match &cfg.urls {
+                        Some(u) if u.columns.contains(&name) => Box::new(url::Url::new(
+                            u,
+                            path,
+                            prefixes,
+                            (&cfg.source.bucket, &cfg.dest.bucket),
+                        )),
+                        _ => Box::new(key::Key::new(path, prefixes)),
+                    };
+                    columns::Column { name, shape }
+                })
+                .collect();
+            return Reference(Arc::new(columns::Columns::new(each)));
         }
         if let Some(j) = &cfg.json {
             let form = match path_type {
@@ -257,6 +280,11 @@ impl Reference {
     /// Whether the reference check reads the whole column, whatever its indexes.
     pub fn reads_whole_column(&self) -> bool {
         self.0.reads_whole_column()
+    }
+
+    /// With several columns: each column's name and value in the row's value `v`.
+    pub fn parts(&self, v: &str) -> Option<Vec<(String, Option<String>)>> {
+        self.0.parts(v)
     }
 
     /// The further column the shape rewrites (the service column), quoted.

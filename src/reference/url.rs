@@ -347,6 +347,7 @@ mod tests {
                     "https://cdn.example.com/".into(),
                 ],
                 dest: "https://new.example.com/a/".into(),
+                columns: Vec::new(),
             },
             "\"avatar_url\"".into(),
             ("image/", "avatar/"),

@@ -319,6 +319,7 @@ impl TestEnv {
             dest_service: None,
             source_url: Vec::new(),
             dest_url: None,
+            url_column: Vec::new(),
             json_key: Vec::new(),
             json_set: Vec::new(),
             checksum_column: None,
