@@ -2453,3 +2453,46 @@ async fn the_probe_for_refused_rows_guards_what_the_commit_guards() {
         assert_eq!(outcomes[id].0, want, "row {id}: {outcomes:?}");
     }
 }
+
+/// Found by review: the cleanup looked at each source (is it still the object copied?)
+/// before it waited for the table's writers (`LOCK TABLE … IN SHARE MODE`, up to 2 s),
+/// then deleted. An application that replaced the object during that wait lost its new
+/// upload on a server that does not honour the ETag in a delete (Garage ignores it). Here
+/// an unrelated row's update holds the cleanup at the lock while the application uploads
+/// a new object at the source key; then it commits. The look is taken again after the
+/// wait: the new upload is kept and reported. On the code before, it was deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_replaced_while_the_cleanup_waits_for_writers_is_kept() {
+    let env = TestEnv::new("src-replaced-lock").await;
+    table(&env, true).await;
+    env.put_row("image/user-1.png", b"old face".to_vec()).await;
+    env.db()
+        .await
+        .batch_execute("INSERT INTO avatars (path) VALUES ('elsewhere/unrelated.png')")
+        .await
+        .unwrap();
+    // The application writes another row and holds its transaction open.
+    let mut app = env.db().await;
+    let tx = app.transaction().await.unwrap();
+    tx.execute("UPDATE avatars SET path = path WHERE id = 2", &[])
+        .await
+        .unwrap();
+    let child = spawn(&env, &["--summary-json", &env.path("s.json")]);
+    until_a_session_waits_for_a_lock(&env).await;
+    let new_face = b"new face, uploaded while the cleanup waited".as_slice();
+    put(&env, &env.src_bucket, "image/user-1.png", new_face).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.commit().await.unwrap();
+    let (code, err) = finish(child);
+    assert_eq!(code, 3, "a replaced source needs attention: {err}");
+    assert_eq!(
+        bytes(&env, &env.src_bucket, "image/user-1.png")
+            .await
+            .as_deref(),
+        Some(new_face),
+        "the application's new upload was deleted"
+    );
+    assert_eq!(env.rows().await[0].1, "avatar/user-1.png");
+    let s = read_summary(&env.path("s.json"));
+    assert_eq!(s["outcomes"]["source_changed"], 1, "{s}");
+}

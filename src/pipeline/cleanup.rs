@@ -11,7 +11,7 @@
 //! take-back of unused copies go through the same function, on the same terms.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use futures::{stream, StreamExt, TryStreamExt};
@@ -374,16 +374,18 @@ const WRITERS_TRIES: u32 = 30;
 
 /// The one place relocator deletes an object a row pointed at or could point at.
 ///
-/// 1. Each key with a known identity is looked at (HEAD): one that is gone or has
-///    another ETag is not relocator's copy any more (the application replaced it) and
-///    is kept, marked `changed`.
+/// 1. Each key with a known identity is looked at (HEAD, or a listing of their range):
+///    one that is gone or has another ETag is not relocator's copy any more (the
+///    application replaced it) and is kept, marked `changed`.
 /// 2. In one transaction: `LOCK TABLE … IN SHARE MODE` waits for every transaction
 ///    writing the table to end (an INSERT of a row referencing the key that has not
 ///    committed yet included) and keeps new writers out; the reference check then sees
-///    every row there is; the keys no row references are deleted; the ledger is marked
-///    (`deleted` | `still_referenced` | `changed`); COMMIT lets the writers go on. The
-///    application's writes to the table pause for that long: one reference check and one
-///    round of DeleteObjects.
+///    every row there is; the keys no row references are looked at again if the first
+///    look is older than [`LOOK_FRESH`] by then (the lock waited for writers, or the
+///    check was long), and deleted; the ledger is marked (`deleted` | `still_referenced`
+///    | `changed`); COMMIT lets the writers go on. The application's writes to the table
+///    pause for that long: one reference check, that second look where it is taken, and
+///    one round of DeleteObjects.
 ///
 /// Keys S3 refuses to delete stay unmarked, so a rerun retries them. An entry another
 /// process marked first is left to it. Returns what this call marked, entry id → outcome
@@ -406,19 +408,28 @@ pub async fn delete_unreferenced(
     let mut sent: HashSet<String> = HashSet::new();
     loop {
         tries += 1;
-        // Looked at anew on every try, so that a replacement uploaded while the lock was
-        // waited for is seen: the window left is this look, one lock wait (at most
-        // WRITERS_WAIT) and the delete; on servers that honour the ETag in DeleteObjects,
-        // none.
+        // Looked at anew on every try, and again inside the lock where this look is older
+        // than LOOK_FRESH by then (a wait for the writers, a long reference check), so
+        // that a replacement uploaded meanwhile is seen: the window left is at most
+        // LOOK_FRESH (or the last look) and the delete; on servers that honour the ETag
+        // in DeleteObjects, none.
         // Every request from the first look to the last delete paid for now, so that no
         // `--max-rps` wait falls between them.
         let ep = s3c.side(side).prepaid(requests_upto(items)).await;
         let mut looked = look(s3c, side, &ep, items).await?;
         looked.deleted = looked.gone.intersection(&sent).cloned().collect();
+        let mut seen = Look {
+            found: looked,
+            at: Instant::now(),
+            s3c,
+            side,
+            sent: &sent,
+        };
         db.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{WRITERS_WAIT}'"))
             .await
             .context("starting the cleanup's transaction")?;
-        let r = delete_locked(db, &ep, q, items, &looked, mark, counters).await;
+        let r = delete_locked(db, &ep, q, items, &mut seen, mark, counters).await;
+        let looked = seen.found;
         let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = db.batch_execute(end).await;
         if let Ok((_, locked_at)) = &r {
@@ -459,6 +470,21 @@ pub async fn delete_unreferenced(
             Err(Locked::Unanswered(e) | Locked::Failed(e)) => return Err(e),
         }
     }
+}
+
+/// A look older than this when the deletes are about to go out is taken again, inside
+/// the lock (the writers wait for it).
+const LOOK_FRESH: Duration = Duration::from_millis(100);
+
+/// The cleanup's look at its keys, and what taking it again inside the lock needs.
+struct Look<'a> {
+    found: Looked,
+    /// When `found` was looked at.
+    at: Instant,
+    s3c: &'a S3,
+    side: Side,
+    /// Keys an unanswered delete was sent for (found gone: relocator deleted them).
+    sent: &'a HashSet<String>,
 }
 
 /// What went wrong inside the cleanup's locked transaction.
@@ -660,15 +686,15 @@ async fn delete_locked(
     ep: &Endpoint,
     q: &Queries,
     items: &[Unreferenced<'_>],
-    looked: &Looked,
+    seen: &mut Look<'_>,
     mark: Option<&str>,
     counters: &mut Counters,
-) -> Result<(HashMap<i64, Cleaned>, std::time::Instant), Locked> {
+) -> Result<(HashMap<i64, Cleaned>, Instant), Locked> {
     crate::db::rt(1);
     db.batch_execute(&q.lock_writers)
         .await
         .context("waiting for the table's writers in flight (LOCK TABLE … IN SHARE MODE)")?;
-    let locked_at = std::time::Instant::now();
+    let locked_at = Instant::now();
     // A column another process of a run on this table was given after this one started
     // (`--referenced-by`): this process does not look at it, so it deletes nothing.
     crate::db::rt(2);
@@ -721,7 +747,7 @@ async fn delete_locked(
             .collect();
         in_flight.extend(reserved(db, b, &keys).await?.into_iter().map(|k| (*b, k)));
     }
-    let kept = |p: &Unreferenced<'_>| {
+    let kept = |looked: &Looked, p: &Unreferenced<'_>| {
         looked.changed.contains(p.key)
             || looked.gone.contains(p.key)
             || in_flight.contains(&(p.bucket, p.key.to_owned()))
@@ -731,12 +757,12 @@ async fn delete_locked(
     let mut referenced: HashSet<(&str, String)> = HashSet::new();
     for b in &buckets {
         let keys: Vec<&str> = {
-            let mut seen = HashSet::new();
+            let mut distinct = HashSet::new();
             items
                 .iter()
-                .filter(|p| p.bucket == *b && !kept(p))
+                .filter(|p| p.bucket == *b && !kept(&seen.found, p))
                 .map(|p| p.key)
-                .filter(|k| seen.insert(*k))
+                .filter(|k| distinct.insert(*k))
                 .collect()
         };
         referenced.extend(
@@ -757,11 +783,26 @@ async fn delete_locked(
     }
     let referenced_at = |p: &Unreferenced<'_>| referenced.contains(&(p.bucket, p.key.to_owned()));
 
+    // The objects about to be deleted, looked at again if the look is stale by now.
+    if seen.at.elapsed() > LOOK_FRESH {
+        let doomed: Vec<Unreferenced<'_>> = items
+            .iter()
+            .filter(|p| !referenced_at(p) && !kept(&seen.found, p))
+            .copied()
+            .collect();
+        let ep = seen.s3c.side(seen.side).prepaid(requests_upto(&doomed)).await;
+        let now = look(seen.s3c, seen.side, &ep, &doomed).await?;
+        let found = &mut seen.found;
+        found.deleted.extend(now.gone.intersection(seen.sent).cloned());
+        found.changed.extend(now.changed);
+        found.gone.extend(now.gone);
+    }
+
     // Group deletable keys by bucket (a ledger may span jobs with different buckets).
     let mut by_bucket: BTreeMap<&str, Vec<Doomed>> = BTreeMap::new();
     let mut queued = HashSet::new();
     for p in items {
-        if !referenced_at(p) && !kept(p) && queued.insert((p.bucket, p.key)) {
+        if !referenced_at(p) && !kept(&seen.found, p) && queued.insert((p.bucket, p.key)) {
             by_bucket
                 .entry(p.bucket)
                 .or_default()
@@ -805,12 +846,12 @@ async fn delete_locked(
             // A batch in flight relies on it: left pending, a later cleanup decides.
             continue;
         }
-        let outcome = if looked.changed.contains(p.key) {
+        let outcome = if seen.found.changed.contains(p.key) {
             Cleaned::Changed
-        } else if looked.deleted.contains(p.key) {
+        } else if seen.found.deleted.contains(p.key) {
             deleted_unanswered += 1;
             Cleaned::Deleted
-        } else if looked.gone.contains(p.key) {
+        } else if seen.found.gone.contains(p.key) {
             Cleaned::Gone
         } else if referenced_at(p) {
             Cleaned::StillReferenced
