@@ -790,10 +790,16 @@ async fn delete_locked(
             .filter(|p| !referenced_at(p) && !kept(&seen.found, p))
             .copied()
             .collect();
-        let ep = seen.s3c.side(seen.side).prepaid(requests_upto(&doomed)).await;
+        let ep = seen
+            .s3c
+            .side(seen.side)
+            .prepaid(requests_upto(&doomed))
+            .await;
         let now = look(seen.s3c, seen.side, &ep, &doomed).await?;
         let found = &mut seen.found;
-        found.deleted.extend(now.gone.intersection(seen.sent).cloned());
+        found
+            .deleted
+            .extend(now.gone.intersection(seen.sent).cloned());
         found.changed.extend(now.changed);
         found.gone.extend(now.gone);
     }

@@ -244,8 +244,12 @@ fn apply(old: &str, mut edits: Vec<(usize, usize, String)>) -> String {
 }
 
 impl Shape for Json {
+    /// A listed field holding a key under `side`'s prefix. In a `json` or `text` column,
+    /// a document `jsonb` cannot read (`1e999999`, `\u0000`) is found by its text: a
+    /// field of the listed paths' last name holding a string that starts with the prefix
+    /// (its `/` written `/` or `\/`). Reading it then is [`Shape::keys_of`]'s.
     fn selects(&self, side: Side, t: &str) -> String {
-        let any: Vec<String> = self
+        let mut any: Vec<String> = self
             .keys
             .iter()
             .map(|(k, _)| {
@@ -256,6 +260,22 @@ impl Shape for Json {
                 )
             })
             .collect();
+        if self.form != Form::Jsonb {
+            let prefix = regex::escape(self.prefix(side)).replace('/', r"(/|\\/)");
+            let mut names: Vec<&String> = self.keys.iter().filter_map(|(k, _)| k.last()).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                any.push(
+                    format!(
+                        "(t_text ~ {} AND {} IS NULL)",
+                        literal(&format!(r#""{}"\s*:\s*"{prefix}"#, regex::escape(name))),
+                        self.doc(t)
+                    )
+                    .replace("t_text", &format!("{t}.{}::text", self.path)),
+                );
+            }
+        }
         format!("({})", any.join(" OR "))
     }
 
