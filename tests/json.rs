@@ -528,6 +528,22 @@ async fn a_json_document_jsonb_cannot_hold_moves_and_keeps_what_it_names() {
     let status = env.cmd().arg("status").args(job(&env)).output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("4 rows moved"), "{status}");
+    exits(
+        env.cmd()
+            .arg("verify")
+            .args(job(&env))
+            .args(["--out", &env.path("verify.csv")]),
+        0,
+    );
+    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
+    for k in ["a.png", "b.png", "c.png", "d.png"] {
+        assert!(checks.contains(&format!("avatar/{k},ok")), "{k}: {checks}");
+    }
+    assert!(
+        checks.contains("image/a.png,kept_referenced"),
+        "a source an unlisted field names is kept on purpose: {checks}"
+    );
+    assert_eq!(checks.lines().count(), 6, "one line per key: {checks}");
 }
 
 /// Found by review: one object at two fields of a document is one move (one line naming

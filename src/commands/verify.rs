@@ -118,8 +118,10 @@ impl Out {
     }
 }
 
-/// Of keys no row of the table references, those a `--referenced-by` column does are
-/// recorded `kept_referenced`; the others are returned.
+/// Of keys no row of the table references by its listed fields, those some row may
+/// still use are recorded `kept_referenced`, and the others returned: a `--referenced-by`
+/// column's, and, for a shape whose reference check reads more than the fields (a URL's
+/// other spellings, a document's unlisted fields), any the cleanup would keep.
 async fn kept_elsewhere(
     client: &tokio_postgres::Client,
     table: &TableInfo,
@@ -127,22 +129,43 @@ async fn kept_elsewhere(
     bucket: &str,
     keys: Vec<String>,
 ) -> Result<Vec<String>> {
-    let Some(sql) = table.referenced_elsewhere() else {
+    let reference = &table.reference;
+    // Each check, and whether it takes the shape's parameter `$2`.
+    let own = reference.reads_whole_column().then(|| {
+        (
+            reference.referenced(&table.qualified),
+            reference.takes_param(),
+        )
+    });
+    let checks: Vec<(String, bool)> = table
+        .referenced_elsewhere()
+        .map(|sql| (sql, false))
+        .into_iter()
+        .chain(own)
+        .collect();
+    if checks.is_empty() {
         return Ok(keys);
-    };
+    }
     let mut rest = Vec::with_capacity(keys.len());
     // A key the database cannot hold cannot be referenced by any of its rows.
     let (keys, unheld): (Vec<String>, Vec<String>) =
         keys.into_iter().partition(|k| table.held_keys.holds(k));
     rest.extend(unheld);
+    let param = reference.param(bucket);
     for chunk in keys.chunks(1000) {
-        let kept: std::collections::HashSet<String> = client
-            .query(&sql, &[&chunk])
-            .await
-            .context("looking up references in the --referenced-by columns")?
-            .into_iter()
-            .map(|r| r.get(0))
-            .collect();
+        let mut kept: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for (sql, takes_param) in &checks {
+            let rows = if *takes_param {
+                client.query(sql, &[&chunk, &param]).await
+            } else {
+                client.query(sql, &[&chunk]).await
+            };
+            kept.extend(
+                rows.context("looking up the rows that may still use these objects")?
+                    .into_iter()
+                    .map(|r| r.get::<_, String>(0)),
+            );
+        }
         for k in chunk {
             if kept.contains(k) {
                 o.record(Check::KeptReferenced, "", bucket, k)?;

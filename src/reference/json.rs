@@ -339,14 +339,35 @@ impl Shape for Json {
         }
     }
 
+    /// Each listed field's key on `side`; in a document `jsonb` cannot read, the first
+    /// string of a field with the path's last name, decoded (as [`Shape::selects`] finds
+    /// such a document).
     fn key_bytes(&self, side: Side, t: &str) -> Vec<String> {
+        let prefix = literal(self.prefix(side));
+        let mut names = std::collections::HashSet::new();
         self.keys
             .iter()
             .map(|(k, _)| {
                 let f = self.field(t, k);
+                let fast = format!("WHEN starts_with({f}, {prefix}) THEN convert_to({f}, 'UTF8')");
+                // One key per name: two paths ending in `id` find the same string.
+                let loose = self.form != Form::Jsonb;
+                let Some(name) = k.last().filter(|n| loose && names.insert(n.as_str())) else {
+                    return format!("CASE {fast} END");
+                };
+                let literal_of = literal(&format!(
+                    r#""{}"\s*:\s*"((?:[^"\\]|\\.)*)""#,
+                    regex::escape(name)
+                ));
+                let loose = format!(
+                    "(pg_temp.relocator_jsonb('\"' || substring({t}.{}::text from {literal_of}) || '\"') #>> '{{}}')",
+                    self.path
+                );
                 format!(
-                    "CASE WHEN starts_with({f}, {}) THEN convert_to({f}, 'UTF8') END",
-                    literal(self.prefix(side))
+                    "CASE {fast}
+                          WHEN {} IS NULL AND starts_with({loose}, {prefix})
+                          THEN convert_to({loose}, 'UTF8') END",
+                    self.doc(t)
                 )
             })
             .collect()
