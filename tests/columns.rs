@@ -507,8 +507,8 @@ async fn a_row_one_of_whose_objects_cannot_go_back_stays_whole() {
 
 /// #18 item 5 with several columns: each column's declared length is checked against the
 /// key it would get, by `plan` and `run`, before anything is copied. Row 1's banner fits
-/// `varchar(23)` under `image/` but not under `avatar/`: the row is `too_long` (both its
-/// lines), nothing of it is copied or changed; row 2 moves. On the code before, no length
+/// `varchar(23)` under `image/` but not under `avatar/`: the banner is `too_long` and the
+/// avatar `held_back` with it, nothing of the row is copied or changed; row 2 moves. On the code before, no length
 /// was checked with several columns: row 1's objects were copied and its commit refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_columns_length_is_checked_before_any_copy() {
@@ -546,7 +546,7 @@ async fn each_columns_length_is_checked_before_any_copy() {
     assert_eq!(
         got,
         [
-            want("1", "too_long", "avatar_path"),
+            want("1", "held_back", "avatar_path"),
             want("1", "too_long", "banner_path"),
             want("2", "moved", "avatar_path"),
             want("2", "moved", "banner_path"),

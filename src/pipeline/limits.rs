@@ -47,7 +47,15 @@ pub async fn plan_fitting(
         .iter()
         .flat_map(|r| plan_batch(vec![r.clone()], rewrite, reference).moves)
         .collect();
-    let mut why = too_long(limits, reference, &mapped);
+    let too_long_at = too_long(limits, reference, &mapped);
+    let mut why: HashMap<String, String> = too_long_at
+        .iter()
+        .map(|(id, (_, detail))| (id.clone(), detail.clone()))
+        .collect();
+    let too_long_at: HashMap<String, String> = too_long_at
+        .into_iter()
+        .map(|(id, (at, _))| (id, at))
+        .collect();
     let rest: Vec<&Move> = mapped
         .iter()
         .filter(|m| !why.contains_key(&m.row.id))
@@ -62,23 +70,33 @@ pub async fn plan_fitting(
         .collect();
     let mut batch = plan_batch(fit, rewrite, reference);
     for m in mapped {
-        if let Some(detail) = why.get(&m.row.id) {
-            batch
-                .skipped
-                .push(attention(&m, Outcome::TooLong, detail.clone()));
-        }
+        let Some(detail) = why.get(&m.row.id) else {
+            continue;
+        };
+        // With several columns, the reference that does not fit is `too_long` and the
+        // row's others are held back with it.
+        let line = match too_long_at.get(&m.row.id) {
+            Some(at) if *at != m.at => attention(
+                &m,
+                Outcome::HeldBack,
+                format!("another reference of the row does not fit its column: {detail}"),
+            ),
+            _ => attention(&m, Outcome::TooLong, detail.clone()),
+        };
+        batch.skipped.push(line);
     }
     Ok(batch)
 }
 
-/// Row id → why, for the moves whose new value is longer than the declared length
-/// (in characters, as PostgreSQL counts `varchar(n)`; in bytes in a SQL_ASCII database).
-/// With several columns, each column's new value against its own length.
+/// Row id → (the column that does not fit, empty with one column; why), for the moves
+/// whose new value is longer than the declared length (in characters, as PostgreSQL
+/// counts `varchar(n)`; in bytes in a SQL_ASCII database). With several columns, each
+/// column's new value against its own length.
 fn too_long(
     limits: &ColumnLimits,
     reference: &Reference,
     moves: &[Move],
-) -> HashMap<String, String> {
+) -> HashMap<String, (String, String)> {
     let mut why = HashMap::new();
     for m in moves {
         let values: Vec<(String, &(usize, String), String)> = if limits.by_column.is_empty() {
@@ -93,25 +111,28 @@ fn too_long(
                 .into_iter()
                 .filter_map(|(name, v)| {
                     let (_, max) = limits.by_column.iter().find(|(c, _)| *c == name)?;
-                    Some((format!(" {name:?}"), max, v?))
+                    Some((name, max, v?))
                 })
                 .collect()
         };
-        for (column, (max, ty), value) in values {
+        for (at, (max, ty), value) in values {
             let n = if limits.counts_bytes {
                 value.len()
             } else {
                 value.chars().count()
             };
             if n > *max {
-                why.insert(
-                    m.row.id.clone(),
-                    format!(
-                        "the new value is {n} characters long and the column{column} is {ty}: \
-                         widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar({n})), \
-                         or choose a shorter --dest prefix or --rewrite"
-                    ),
+                let column = if at.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {at:?}")
+                };
+                let detail = format!(
+                    "the new value is {n} characters long and the column{column} is {ty}: \
+                     widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar({n})), or \
+                     choose a shorter --dest prefix or --rewrite"
                 );
+                why.insert(m.row.id.clone(), (at, detail));
             }
         }
     }
