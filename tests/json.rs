@@ -591,24 +591,46 @@ async fn one_object_at_two_fields_is_one_move() {
 async fn every_string_of_a_document_as_written_keeps_its_object(ty: &str) {
     let env = TestEnv::new(&format!("json-esc-{ty}")).await;
     photos_table(&env, ty).await;
-    let mut kept = vec!["image/café.png", "image/d.png", "image/e.png"];
-    if ty == "text" {
-        kept.push("image/f.png");
+    // (a document naming a key in a way only its text shows, the key)
+    let mut named: Vec<(&str, &str)> = vec![
+        // A key stored as a field name, and a document stored as a string in another.
+        (r#"{"by_key": {"image/g.png": 1}}"#, "image/g.png"),
+        (r#"{"meta": "{\"id\": \"image/h.png\"}"}"#, "image/h.png"),
+    ];
+    if ty != "jsonb" {
+        named.extend([
+            (r#"{"other": "image\/e.png", "n": 1e999999}"#, "image/e.png"),
+            (
+                r#"{"other": "image/caf\u00e9.png", "n": 1e999999}"#,
+                "image/café.png",
+            ),
+            (
+                r#"{"id": "image/d.png", "id": "image/z.png"}"#,
+                "image/d.png",
+            ),
+        ]);
     }
+    if ty == "text" {
+        named.extend([
+            (r#"no json, but {"id": "image\/f.png"#, "image/f.png"),
+            (r#"{"m": "image\u002fi.png\"#, "image/i.png"),
+            (r#"x" {"m": "image\/j.png"}"#, "image/j.png"),
+        ]);
+    }
+    let mut kept: Vec<&str> = named.iter().map(|(_, k)| *k).collect();
+    kept.sort();
     for k in &kept {
         object(&env, k).await;
     }
-    photo(&env, r#"{"other": "image\/e.png", "n": 1e999999}"#).await;
-    photo(&env, r#"{"other": "image/caf\u00e9.png", "n": 1e999999}"#).await;
-    photo(&env, r#"{"id": "image/d.png", "id": "image/z.png"}"#).await;
-    if ty == "text" {
-        photo(&env, r#"no json, but {"id": "image\/f.png"#).await;
+    for (doc, _) in &named {
+        photo(&env, doc).await;
     }
     for k in &kept {
         photo(&env, &format!(r#"{{"id": "{k}"}}"#)).await;
     }
-    // The document with `id` twice is `invalid_key`: exit 3.
-    exits(env.cmd().arg("run").args(job(&env)), 3);
+    // A document with `id` twice, or no JSON, is `invalid_key`: exit 3.
+    let code = if ty == "jsonb" { 0 } else { 3 };
+    exits(env.cmd().arg("run").args(job(&env)), code);
     let after = docs(&env).await;
     for k in &kept {
         let moved = format!(r#""{}""#, k.replace("image/", "avatar/"));
@@ -630,4 +652,9 @@ async fn every_string_of_a_json_document_as_written_keeps_its_object() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_string_of_a_text_document_as_written_keeps_its_object() {
     every_string_of_a_document_as_written_keeps_its_object("text").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_string_of_a_jsonb_document_keeps_its_object() {
+    every_string_of_a_document_as_written_keeps_its_object("jsonb").await;
 }

@@ -7,9 +7,9 @@
 //! text stays byte for byte; a `jsonb` column's text is the database's own form, which the new
 //! document keeps too (a field `--json-set` adds goes where `jsonb` orders it).
 //!
-//! Which rows may use an object: any row holding its key as a string anywhere in its
-//! document — a field `--json-key` does not name (a derivative the command did not
-//! list) keeps it too. The check reads every row of the table: there is no index to find
+//! Which rows may use an object: any row holding its key as a string (or a field name)
+//! anywhere in its document's text — a field `--json-key` does not name (a derivative
+//! the command did not list) keeps it too. The check reads every row of the table: there is no index to find
 //! a string inside a document. The key alone does not tell the buckets apart, so the two
 //! prefixes may not overlap (as for the key shape).
 
@@ -377,55 +377,55 @@ impl Shape for Json {
         true
     }
 
-    /// Any string of any document. A `jsonb` column's strings are its documents' own. A
-    /// `json` or `text` column's are read from the text as written, not through `jsonb`,
-    /// which keeps only the last of two fields of one name and cannot read some documents
-    /// at all (`1e999999`): every string literal, decoded (`image\/a` and `caf\u00e9` are
-    /// the keys they spell), or as written where it does not decode. In a value that is
-    /// no JSON, the key anywhere in its text counts too, and so does an unclosed last
-    /// string literal.
+    /// Any string of any document, and any field name, read from the document's text
+    /// (a `jsonb` column's as PostgreSQL prints it; a `json` or `text` column's as
+    /// written, not through `jsonb`, which keeps only the last of two fields of one name
+    /// and cannot read some documents at all, `1e999999`): every string literal, decoded
+    /// (`image\/a` and `caf\u00e9` are the keys they spell), or as written where it does
+    /// not decode. A string that is itself a JSON text (a document stored as a string in
+    /// another) counts with the strings in it. In a value that is no JSON, the key
+    /// anywhere in its text counts too (its `/` written `/` or `\/`), and so does an
+    /// unclosed last string literal.
     fn referenced(&self, tbl: &str) -> String {
-        if self.form == Form::Jsonb {
-            return format!(
-                "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
-                   JOIN (SELECT s #>> '{{}}' AS c
-                           FROM {tbl} AS t,
-                                jsonb_path_query(t.{p}, 'strict $.** ? (@.type() == \"string\")') AS s
-                        ) AS x ON x.c = u.k",
-                p = self.path
-            );
-        }
+        let p = &self.path;
+        // The strings of a string that is a JSON text, for `x.c`.
+        let inner = "SELECT e FROM unnest(string_to_array(x.c, '\"')) AS e
+                      WHERE left(x.c, 1) IN ('{', '[')";
+        let keys = "SELECT k FROM unnest($1::text[]) AS k";
         // Outside its strings a JSON text has no `"`. Without a backslash (no escapes,
         // nearly every document) the text between two quotes is a string as it is: the
         // text split at quotes gives every string (and the bits between, which only keep
         // more). With one, a regular expression finds each literal, escapes included, and
         // the database decodes it. In a text cut short (a `varchar` that truncated it),
-        // the last string may have lost its closing quote: both ways read it too.
-        let literals = literal(r#""((?:[^"\\]|\\.)*)(?:"|$)"#);
+        // the last string may have lost its closing quote (and end in half an escape):
+        // both ways read it too.
+        let literals = literal(r#""((?:[^"\\]|\\.)*)(?:"|\\?$)"#);
         let strings = format!(
             "SELECT DISTINCT x.c FROM (
                  SELECT s AS c FROM {tbl} AS t, unnest(string_to_array(t.{p}::text, '\"')) AS s
                   WHERE strpos(t.{p}::text, chr(92)) = 0
-                 UNION ALL
+             ) AS x WHERE x.c IN ({keys})
+             UNION
+             SELECT y.c FROM (
                  SELECT CASE WHEN strpos(l.s, chr(92)) = 0 THEN l.s
                              ELSE coalesce(pg_temp.relocator_jsonb('\"' || l.s || '\"') #>> '{{}}',
-                                           l.s) END
+                                           l.s) END AS c
                    FROM (SELECT (regexp_matches(t.{p}::text, {literals}, 'g'))[1] AS s
                            FROM {tbl} AS t WHERE strpos(t.{p}::text, chr(92)) > 0) AS l
-             ) AS x WHERE x.c IN (SELECT k FROM unnest($1::text[]) AS k)",
-            p = self.path
+             ) AS x, LATERAL (SELECT x.c UNION ALL {inner}) AS y(c)
+             WHERE y.c IN ({keys})"
         );
-        if self.form == Form::Json {
-            // The json type holds only JSON: the strings are all there is.
+        if self.form != Form::Text {
+            // The json and jsonb types hold only JSON: the strings are all there is.
             return strings;
         }
         format!(
             "{strings} UNION
              SELECT u.k::text FROM unnest($1::text[]) AS u(k)
                JOIN (SELECT t.{p}::text AS v FROM {tbl} AS t
-                      WHERE t.{p} IS NOT NULL AND {} IS NULL) AS bad ON strpos(bad.v, u.k) > 0",
+                      WHERE t.{p} IS NOT NULL AND {} IS NULL) AS bad
+                 ON strpos(bad.v, u.k) > 0 OR strpos(replace(bad.v, chr(92) || '/', '/'), u.k) > 0",
             self.doc("t"),
-            p = self.path
         )
     }
 }
