@@ -300,9 +300,22 @@ impl Shape for Url {
         // (virtual-hosted, path-style after the bucket), or after a side's prefix (a CDN
         // serving the prefix at any path, spelled any way).
         let tail = decoded("q.s");
+        // Each of those ends as the path's last segment, decoded, does: only a row whose
+        // last segment ends (after its last `/`, an encoded one) as one of the keys does
+        // after its last `/` can hold one of them there, and only those rows are taken
+        // apart (the others are most of a large table). A row may also hold a key as its
+        // whole value.
+        let last = decoded(&format!(
+            "regexp_replace(substring({path} from '[^/]*$'), '^.*%2[Ff]', '')"
+        ));
+        let may = format!(
+            "(convert_to({v}, 'UTF8') IN (SELECT convert_to(k, 'UTF8') FROM unnest($1::text[]) AS k)
+              OR {last} IN (SELECT convert_to(substring(k from '[^/]*$'), 'UTF8')
+                              FROM unnest($1::text[]) AS k))"
+        );
         format!(
             "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
-               JOIN (SELECT x.c FROM {tbl} AS t
+               JOIN (SELECT x.c FROM (SELECT * FROM {tbl} AS t WHERE {may}) AS t
                        CROSS JOIN LATERAL (SELECT string_to_array({path}, '/') AS a) AS p
                        CROSS JOIN LATERAL generate_series(1, greatest(cardinality(p.a), 1)) AS i
                        CROSS JOIN LATERAL (SELECT array_to_string(p.a[i:], '/') AS s) AS q
