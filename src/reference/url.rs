@@ -261,7 +261,21 @@ impl Shape for Url {
     /// `$2`: the sides whose URL prefixes name the object's bucket (`source`, `dest` or
     /// `both`).
     fn referenced(&self, tbl: &str) -> String {
-        let v = format!("t.{}", self.path);
+        let col = format!("t.{}", self.path);
+        // Each row's value as stored, and, where it differs, as a browser reads a URL
+        // (WHATWG): without leading and trailing spaces and control characters, tabs and
+        // line breaks, with `\` as `/`.
+        let browser = format!(
+            "replace(regexp_replace({col}, {}, '', 'g'), chr(92), '/')",
+            literal(r"^[\x01-\x20]+|[\x01-\x20]+$|[\t\n\r]")
+        );
+        let values = format!(
+            "SELECT {col} AS v FROM {tbl} AS t
+             UNION ALL
+             SELECT z.b FROM (SELECT {browser} AS b, {col} AS c FROM {tbl} AS t) AS z
+              WHERE z.b <> z.c"
+        );
+        let v = "w.v".to_owned();
         // A value names the other side's bucket (when the sides are two buckets) if it
         // is under the other side's URL prefixes, or names that bucket as a URL's host
         // (virtual-hosted, s3://) or first path segment (path-style).
@@ -315,7 +329,7 @@ impl Shape for Url {
         );
         format!(
             "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
-               JOIN (SELECT x.c FROM (SELECT * FROM {tbl} AS t WHERE {may}) AS t
+               JOIN (SELECT x.c FROM (SELECT w.v FROM ({values}) AS w WHERE {may}) AS w
                        CROSS JOIN LATERAL (SELECT string_to_array({path}, '/') AS a) AS p
                        CROSS JOIN LATERAL generate_series(1, greatest(cardinality(p.a), 1)) AS i
                        CROSS JOIN LATERAL (SELECT array_to_string(p.a[i:], '/') AS s) AS q
