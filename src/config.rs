@@ -779,6 +779,13 @@ impl JobConfig {
                     .into(),
             ));
         }
+        if !more_columns.is_empty() && checksum_column.is_some() {
+            return Err(ConfigError(
+                "--checksum-column checks one object per row; with several --path-column a \
+                 row holds several. Give one --path-column, or leave --checksum-column out"
+                    .into(),
+            ));
+        }
         if !more_columns.is_empty()
             && ((!shapes.is_empty() && !mixed) || shapes.len() > 1 || checksum_column.is_some())
         {

@@ -236,6 +236,8 @@ pub struct Report {
     /// (id, path) of the rows reported as needing attention: a row is judged once per
     /// run, so a later phase passes over it while it still holds that path.
     judged: HashSet<(String, String)>,
+    /// The ids of those rows (a row holding several references has a line per key).
+    judged_ids: HashSet<String>,
 }
 
 impl Report {
@@ -258,12 +260,14 @@ impl Report {
             started: Instant::now(),
             rows_seen: 0,
             judged: HashSet::new(),
+            judged_ids: HashSet::new(),
         })
     }
 
     pub fn record(&mut self, line: ReportLine) -> Result<()> {
         if line.outcome.needs_attention() {
             self.judged.insert((line.id.clone(), line.old_path.clone()));
+            self.judged_ids.insert(line.id.clone());
         }
         *self.outcomes.entry(line.outcome).or_default() += 1;
         self.rows_seen += 1;
@@ -300,6 +304,12 @@ impl Report {
 
     pub fn judged(&self, id: &str, path: &str) -> bool {
         self.judged.contains(&(id.to_owned(), path.to_owned()))
+    }
+
+    /// Whether a line of this run reported the row `id` as needing attention, whatever
+    /// key it named.
+    pub fn judged_row(&self, id: &str) -> bool {
+        self.judged_ids.contains(id)
     }
 
     /// Flush after each batch so a killed run leaves a report of what it committed.

@@ -215,12 +215,18 @@ async fn a_row_the_application_changes_meanwhile_is_left_alone() {
         object(&env, &b).await;
         user(&env, Some(&a), Some(&b)).await;
     }
+    let mut args = job(&env);
+    args.extend(["--summary-json".into(), env.path("s.json")]);
     run_while_the_application_writes(
         &env,
-        &job(&env),
+        &args,
         "UPDATE users SET banner_path = 'image/1b.png?' WHERE id = 2",
     )
     .await;
+    // Every row still under the source was reported (on the code before, its lines
+    // named keys and the row's value did not match them: "1 row not reported").
+    let summary = read_summary(&env.path("s.json"));
+    assert_eq!(summary["rows_left_unreported"], 0, "{summary}");
     let got = lines(&env.path("run.csv"));
     let row2: Vec<_> = got.iter().filter(|(id, _, _)| id == "2").collect();
     assert_eq!(row2.len(), 2, "{got:?}");
@@ -313,7 +319,23 @@ async fn column_options_that_make_the_job_ambiguous_are_refused() {
             "no column",
         ),
         (with(&["--json-key", "id"]), "reads one column"),
-        (with(&["--checksum-column", "checksum"]), "reads one column"),
+        (
+            with(&["--checksum-column", "checksum"]),
+            "--checksum-column checks one object per row",
+        ),
+        (
+            with(&[
+                "--source-url",
+                "https://a.example/",
+                "--dest-url",
+                "https://b.example/",
+                "--url-column",
+                "avatar_path",
+                "--checksum-column",
+                "checksum",
+            ]),
+            "--checksum-column checks one object per row",
+        ),
         (
             with(&[
                 "--source-url",

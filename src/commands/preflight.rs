@@ -252,7 +252,7 @@ async fn database(cfg: &JobConfig, r: &mut Report) -> Result<()> {
             format!(
                 "{} holds URLs or documents, not bare keys: no index finds the rows holding a \
                  key, so each cleanup batch reads the whole column",
-                table.path_col
+                table.reference.scanned_columns().join(" and ")
             ),
             "give a larger --batch-size on a large table (fewer cleanup batches)".to_owned(),
         );

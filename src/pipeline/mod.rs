@@ -155,7 +155,7 @@ pub(crate) async fn open<'a>(
             "{} holds URLs or documents: each cleanup batch reads the whole column for \
              references (no index finds a key inside them). On a large table give a larger \
              --batch-size",
-            table.path_col
+            table.reference.scanned_columns().join(" and ")
         );
     } else if !table.path_indexed {
         warn!(
@@ -322,9 +322,19 @@ async fn rows_left_unreported(
         .query(q.scan(false, false), &[&limit])
         .await
         .context("looking for rows written behind the run")?;
+    // A line names a key; where a row's value is not its key (several references, a
+    // URL, a document), the row's lines are found by its id.
+    let by_key = q.reference.values_are_keys();
     Ok(rows
         .iter()
-        .filter(|r| !report.judged(r.get::<_, &str>(0), r.get::<_, &str>(1)))
+        .filter(|r| {
+            let id: &str = r.get(0);
+            if by_key {
+                !report.judged(id, r.get::<_, &str>(1))
+            } else {
+                !report.judged_row(id)
+            }
+        })
         .count() as u64)
 }
 

@@ -167,8 +167,11 @@ impl Shape for Columns {
             .and_then(|c| c.shape.param(bucket))
     }
 
-    fn reads_whole_column(&self) -> bool {
-        self.columns.iter().any(|c| c.shape.reads_whole_column())
+    fn scanned_columns(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .flat_map(|c| c.shape.scanned_columns())
+            .collect()
     }
 
     fn parts(&self, value: &str) -> Option<Vec<(String, Option<String>)>> {

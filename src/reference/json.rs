@@ -373,8 +373,8 @@ impl Shape for Json {
             .collect()
     }
 
-    fn reads_whole_column(&self) -> bool {
-        true
+    fn scanned_columns(&self) -> Vec<String> {
+        vec![self.path.clone()]
     }
 
     /// Any string of any document, and any field name, read from the document's text

@@ -133,10 +133,10 @@ trait Shape: Debug + Send + Sync {
         false
     }
 
-    /// Whether [`Shape::referenced`] reads the whole column, whatever its indexes (a key
-    /// inside a URL or a document): each cleanup batch then scans the table.
-    fn reads_whole_column(&self) -> bool {
-        false
+    /// The columns (quoted) [`Shape::referenced`] reads whole, whatever their indexes (a
+    /// key inside a URL or a document): each cleanup batch then scans the table.
+    fn scanned_columns(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Where the value is several columns' (the columns shape): each column's name and
@@ -277,9 +277,14 @@ impl Reference {
         self.0.values_are_keys()
     }
 
-    /// Whether the reference check reads the whole column, whatever its indexes.
+    /// Whether the reference check reads a whole column, whatever its indexes.
     pub fn reads_whole_column(&self) -> bool {
-        self.0.reads_whole_column()
+        !self.0.scanned_columns().is_empty()
+    }
+
+    /// The columns (quoted) the reference check reads whole.
+    pub fn scanned_columns(&self) -> Vec<String> {
+        self.0.scanned_columns()
     }
 
     /// With several columns: each column's name and value in the row's value `v`.

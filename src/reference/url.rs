@@ -254,8 +254,8 @@ impl Shape for Url {
         vec![self.key_sql(side, &format!("{t}.{}", self.path))]
     }
 
-    fn reads_whole_column(&self) -> bool {
-        true
+    fn scanned_columns(&self) -> Vec<String> {
+        vec![self.path.clone()]
     }
 
     /// `$2`: the sides whose URL prefixes name the object's bucket (`source`, `dest` or
