@@ -11,8 +11,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    exits, killed_until_done, read_outcomes, read_summary, until_a_session_waits_for_a_lock,
-    TestEnv,
+    exits, killed_until_done, planned, read_outcomes, read_summary, reported,
+    until_a_session_waits_for_a_lock, TestEnv,
 };
 
 /// `active_storage_blobs` as Rails 6.1's migration creates it
@@ -153,21 +153,9 @@ async fn blobs_move_to_the_new_service_under_the_same_key() {
         .unwrap();
     let before = blobs(&env).await;
 
-    exits(
-        env.cmd()
-            .arg("plan")
-            .args(job(&env))
-            .args(["--out", &env.path("plan.csv")]),
-        0,
-    );
+    planned(&env, &job(&env), 0);
     assert_eq!(blobs(&env).await, before, "plan changed nothing");
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        0,
-    );
+    reported(&env, &job(&env), 0);
     let predicted = read_outcomes(&env.path("plan.csv"));
     let outcomes = read_outcomes(&env.path("run.csv"));
     assert_eq!(predicted, outcomes, "plan predicts run");

@@ -8,8 +8,8 @@ mod common;
 use common::ClientExt;
 
 use common::{
-    assert_refused, exits, killed_until_done, read_summary, run_while_the_application_writes,
-    TestEnv,
+    assert_refused, assert_rows_moved, assert_verified, exits, killed_until_done, planned,
+    read_summary, reported, run_while_the_application_writes, TestEnv,
 };
 
 async fn users_table(env: &TestEnv) {
@@ -116,21 +116,9 @@ async fn columns_of_a_row_move_together() {
     user(&env, None, Some("image/c.png")).await;
     let before = columns(&env).await;
 
-    exits(
-        env.cmd()
-            .arg("plan")
-            .args(job(&env))
-            .args(["--out", &env.path("plan.csv")]),
-        3,
-    );
+    planned(&env, &job(&env), 3);
     assert_eq!(columns(&env).await, before, "plan changed nothing");
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        3,
-    );
+    reported(&env, &job(&env), 3);
     let got = lines(&env.path("run.csv"));
     assert_eq!(lines(&env.path("plan.csv")), got, "plan predicts run");
     let line = |id: &str, o: &str, at: &str| (id.to_owned(), o.to_owned(), at.to_owned());
@@ -165,25 +153,9 @@ async fn columns_of_a_row_move_together() {
     );
 
     // Rows, not references: 4 rows moved (6 references).
-    let status = env.cmd().arg("status").args(job(&env)).output().unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains(" 4 rows moved"), "{status}");
+    assert_rows_moved(&env, &job(&env), 4);
 
-    let out = env
-        .cmd()
-        .arg("verify")
-        .args(job(&env))
-        .args(["--out", &env.path("verify.csv")])
-        .output()
-        .unwrap();
-    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
-    for k in ["a.png", "a-b.png", "b.png", "c.png"] {
-        assert!(
-            checks.contains(&format!("avatar/{k},ok")),
-            "{k}: {checks}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert_verified(&env, &job(&env), &["a.png", "a-b.png", "b.png", "c.png"]);
 
     exits(
         env.cmd()
@@ -548,20 +520,8 @@ async fn each_columns_length_is_checked_before_any_copy() {
     }
     user(&env, Some("image/u1.png"), Some(long)).await;
     user(&env, Some("image/u2.png"), Some("image/b2.png")).await;
-    exits(
-        env.cmd()
-            .arg("plan")
-            .args(job(&env))
-            .args(["--out", &env.path("plan.csv")]),
-        3,
-    );
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        3,
-    );
+    planned(&env, &job(&env), 3);
+    reported(&env, &job(&env), 3);
     let got = lines(&env.path("run.csv"));
     assert_eq!(lines(&env.path("plan.csv")), got, "plan predicts run");
     let want = |id: &str, o: &str, at: &str| (id.to_owned(), o.to_owned(), at.to_owned());
@@ -684,21 +644,9 @@ async fn a_url_column_beside_a_key_column_moves_with_it() {
     person(&env, None, None).await;
     let before = people(&env).await;
 
-    exits(
-        env.cmd()
-            .arg("plan")
-            .args(mixed_job(&env))
-            .args(["--out", &env.path("plan.csv")]),
-        3,
-    );
+    planned(&env, &mixed_job(&env), 3);
     assert_eq!(people(&env).await, before, "plan changed nothing");
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(mixed_job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        3,
-    );
+    reported(&env, &mixed_job(&env), 3);
     let got = lines(&env.path("run.csv"));
     assert_eq!(lines(&env.path("plan.csv")), got, "plan predicts run");
     let line = |id: &str, o: &str, at: &str| (id.to_owned(), o.to_owned(), at.to_owned());
@@ -730,30 +678,13 @@ async fn a_url_column_beside_a_key_column_moves_with_it() {
         ["image/e.png"],
         "a source goes only when no column of any row, of either shape, references it"
     );
-    let status = env
-        .cmd()
-        .arg("status")
-        .args(mixed_job(&env))
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains(" 3 rows moved"), "{status}");
+    assert_rows_moved(&env, &mixed_job(&env), 3);
 
-    let out = env
-        .cmd()
-        .arg("verify")
-        .args(mixed_job(&env))
-        .args(["--out", &env.path("verify.csv")])
-        .output()
-        .unwrap();
-    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
-    for k in ["a b.png", "b.png", "c.png", "e.png"] {
-        assert!(
-            checks.contains(&format!("avatar/{k},ok")),
-            "{k}: {checks}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert_verified(
+        &env,
+        &mixed_job(&env),
+        &["a b.png", "b.png", "c.png", "e.png"],
+    );
 
     exits(
         env.cmd()

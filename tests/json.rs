@@ -8,8 +8,8 @@ mod common;
 use common::ClientExt;
 
 use common::{
-    assert_refused, exits, killed_until_done, read_summary, run_while_the_application_writes,
-    TestEnv,
+    assert_refused, assert_rows_moved, assert_verified, exits, killed_until_done, planned,
+    read_summary, reported, run_while_the_application_writes, TestEnv,
 };
 
 async fn photos_table(env: &TestEnv, ty: &str) {
@@ -165,21 +165,9 @@ async fn documents_move_field_by_field(ty: &str) {
     }
     let before = docs(&env).await;
 
-    exits(
-        env.cmd()
-            .arg("plan")
-            .args(job(&env))
-            .args(["--out", &env.path("plan.csv")]),
-        3,
-    );
+    planned(&env, &job(&env), 3);
     assert_eq!(docs(&env).await, before, "plan changed nothing");
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        3,
-    );
+    reported(&env, &job(&env), 3);
     let mut predicted = lines(&env.path("plan.csv"));
     let mut got = lines(&env.path("run.csv"));
     for l in predicted.iter_mut().chain(got.iter_mut()) {
@@ -248,21 +236,11 @@ async fn documents_move_field_by_field(ty: &str) {
         "the held-back row's copy is taken back: {made:?}"
     );
 
-    let out = env
-        .cmd()
-        .arg("verify")
-        .args(job(&env))
-        .args(["--out", &env.path("verify.csv")])
-        .output()
-        .unwrap();
-    let checks = std::fs::read_to_string(env.path("verify.csv")).unwrap();
-    for k in ["a.png", "a_t.png", "b.png", "e.png", "e_t.png"] {
-        assert!(
-            checks.contains(&format!("avatar/{k},ok")),
-            "{k}: {checks}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert_verified(
+        &env,
+        &job(&env),
+        &["a.png", "a_t.png", "b.png", "e.png", "e_t.png"],
+    );
 
     exits(
         env.cmd()
@@ -486,20 +464,8 @@ async fn a_json_document_jsonb_cannot_hold_moves_and_keeps_what_it_names() {
     photo(&env, r#"{"id": "image/c.png"}"#).await;
     photo(&env, r#"{"x": 1e999999, "other": "image/a.png"}"#).await;
     photo(&env, r#"{"id" : "image\/d.png", "s": "a\u0000b"}"#).await;
-    exits(
-        env.cmd()
-            .arg("plan")
-            .args(job(&env))
-            .args(["--out", &env.path("plan.csv")]),
-        0,
-    );
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        0,
-    );
+    planned(&env, &job(&env), 0);
+    reported(&env, &job(&env), 0);
     let got = lines(&env.path("run.csv"));
     let outcomes = |l: &[(String, String, String)]| -> Vec<(String, String)> {
         l.iter().map(|(id, o, _)| (id.clone(), o.clone())).collect()
@@ -525,9 +491,7 @@ async fn a_json_document_jsonb_cannot_hold_moves_and_keeps_what_it_names() {
         ["image/a.png"],
         "a.png is named in a document jsonb cannot read"
     );
-    let status = env.cmd().arg("status").args(job(&env)).output().unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains("4 rows moved"), "{status}");
+    assert_rows_moved(&env, &job(&env), 4);
     exits(
         env.cmd()
             .arg("verify")
@@ -555,13 +519,7 @@ async fn one_object_at_two_fields_is_one_move() {
     photos_table(&env, "jsonb").await;
     object(&env, "image/a.png").await;
     photo(&env, &shrine("image/a.png", Some("image/a.png"))).await;
-    exits(
-        env.cmd()
-            .arg("run")
-            .args(job(&env))
-            .args(["--report", &env.path("run.csv")]),
-        0,
-    );
+    reported(&env, &job(&env), 0);
     let got = lines(&env.path("run.csv"));
     assert_eq!(got.len(), 1, "{got:?}");
     let d: serde_json::Value = serde_json::from_str(&docs(&env).await[0]).unwrap();

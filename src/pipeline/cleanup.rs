@@ -372,20 +372,23 @@ const WRITERS_WAIT: &str = "2s";
 /// pending and a rerun finishes them).
 const WRITERS_TRIES: u32 = 30;
 
-/// The one place relocator deletes an object a row pointed at or could point at.
+/// The one place relocator deletes an object a row pointed at or could point at. In one
+/// transaction:
 ///
-/// 1. Each key with a known identity is looked at (HEAD, or a listing of their range):
+/// 1. `LOCK TABLE … IN SHARE MODE` waits for every transaction writing the table to end
+///    (an INSERT of a row referencing the key that has not committed yet included) and
+///    keeps new writers out;
+/// 2. the reference check then sees every row there is;
+/// 3. each key with a known identity is looked at (HEAD, or a listing of their range):
 ///    one that is gone or has another ETag is not relocator's copy any more (the
-///    application replaced it) and is kept, marked `changed`.
-/// 2. In one transaction: `LOCK TABLE … IN SHARE MODE` waits for every transaction
-///    writing the table to end (an INSERT of a row referencing the key that has not
-///    committed yet included) and keeps new writers out; the reference check then sees
-///    every row there is; the keys no row references are looked at again if the first
-///    look is older than [`LOOK_FRESH`] by then (the lock waited for writers, or the
-///    check was long), and deleted; the ledger is marked (`deleted` | `still_referenced`
-///    | `changed`); COMMIT lets the writers go on. The application's writes to the table
-///    pause for that long: one reference check, that second look where it is taken, and
-///    one round of DeleteObjects.
+///    application replaced it) and is kept, marked `changed` — looked at here, right
+///    before the delete, so that nothing the application uploads while the lock is waited
+///    for or the check runs is taken for the copy;
+/// 4. the keys no row references are deleted; the ledger is marked (`deleted` |
+///    `still_referenced` | `changed`); COMMIT lets the writers go on.
+///
+/// The application's writes to the table pause for that long: one reference check, one
+/// look and one round of DeleteObjects.
 ///
 /// Keys S3 refuses to delete stay unmarked, so a rerun retries them. An entry another
 /// process marked first is left to it. Returns what this call marked, entry id → outcome
@@ -408,19 +411,15 @@ pub async fn delete_unreferenced(
     let mut sent: HashSet<String> = HashSet::new();
     loop {
         tries += 1;
-        // Looked at anew on every try, and again inside the lock where this look is older
-        // than LOOK_FRESH by then (a wait for the writers, a long reference check), so
-        // that a replacement uploaded meanwhile is seen: the window left is at most
-        // LOOK_FRESH (or the last look) and the delete; on servers that honour the ETag
-        // in DeleteObjects, none.
-        // Every request from the first look to the last delete paid for now, so that no
+        // Looked at inside the lock, after the reference check and right before the
+        // delete, so that a replacement uploaded while the lock was waited for (or the
+        // check ran) is seen: the window left is the look and the delete; on servers that
+        // honour the ETag in DeleteObjects, none.
+        // Every request from the look to the last delete paid for now, so that no
         // `--max-rps` wait falls between them.
         let ep = s3c.side(side).prepaid(requests_upto(items)).await;
-        let mut looked = look(s3c, side, &ep, items).await?;
-        looked.deleted = looked.gone.intersection(&sent).cloned().collect();
         let mut seen = Look {
-            found: looked,
-            at: Instant::now(),
+            found: Looked::default(),
             s3c,
             side,
             sent: &sent,
@@ -472,15 +471,9 @@ pub async fn delete_unreferenced(
     }
 }
 
-/// A look older than this when the deletes are about to go out is taken again, inside
-/// the lock (the writers wait for it).
-const LOOK_FRESH: Duration = Duration::from_millis(100);
-
-/// The cleanup's look at its keys, and what taking it again inside the lock needs.
+/// The cleanup's look at its keys, taken inside the lock, and what it needs.
 struct Look<'a> {
     found: Looked,
-    /// When `found` was looked at.
-    at: Instant,
     s3c: &'a S3,
     side: Side,
     /// Keys an unanswered delete was sent for (found gone: relocator deleted them).
@@ -760,7 +753,7 @@ async fn delete_locked(
             let mut distinct = HashSet::new();
             items
                 .iter()
-                .filter(|p| p.bucket == *b && !kept(&seen.found, p))
+                .filter(|p| p.bucket == *b && !in_flight.contains(&(p.bucket, p.key.to_owned())))
                 .map(|p| p.key)
                 .filter(|k| distinct.insert(*k))
                 .collect()
@@ -783,26 +776,17 @@ async fn delete_locked(
     }
     let referenced_at = |p: &Unreferenced<'_>| referenced.contains(&(p.bucket, p.key.to_owned()));
 
-    // The objects about to be deleted, looked at again if the look is stale by now.
-    if seen.at.elapsed() > LOOK_FRESH {
-        let doomed: Vec<Unreferenced<'_>> = items
-            .iter()
-            .filter(|p| !referenced_at(p) && !kept(&seen.found, p))
-            .copied()
-            .collect();
-        let ep = seen
-            .s3c
-            .side(seen.side)
-            .prepaid(requests_upto(&doomed))
-            .await;
-        let now = look(seen.s3c, seen.side, &ep, &doomed).await?;
-        let found = &mut seen.found;
-        found
-            .deleted
-            .extend(now.gone.intersection(seen.sent).cloned());
-        found.changed.extend(now.changed);
-        found.gone.extend(now.gone);
-    }
+    // Now, right before the delete, the look: is each object still the one copied? (Of
+    // the keys no batch in flight relies on: a key some row references is looked at too,
+    // so that a replaced one is reported as such.)
+    let open: Vec<Unreferenced<'_>> = items
+        .iter()
+        .filter(|p| !in_flight.contains(&(p.bucket, p.key.to_owned())))
+        .copied()
+        .collect();
+    let mut found = look(seen.s3c, seen.side, ep, &open).await?;
+    found.deleted = found.gone.intersection(seen.sent).cloned().collect();
+    seen.found = found;
 
     // Group deletable keys by bucket (a ledger may span jobs with different buckets).
     let mut by_bucket: BTreeMap<&str, Vec<Doomed>> = BTreeMap::new();

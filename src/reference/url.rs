@@ -306,8 +306,12 @@ impl Shape for Url {
         );
         // The value's path, query and fragment left out: a URL's (with or without its
         // scheme), else the value's own (a path, a bare key).
+        // An `s3://` URI has no query or fragment: its `?` and `#` are the key's, and it is
+        // not percent-encoded (its path counts as written, and decoded).
+        let is_s3 = format!("({v} ~* '^s3://')");
         let path = format!(
-            "coalesce(substring({v} from {}), substring({v} from '^([^?#]*)'))",
+            "CASE WHEN {is_s3} THEN substring({v} from '^[^:]*://[^/]*(/.*)$')
+                  ELSE coalesce(substring({v} from {}), substring({v} from '^([^?#]*)')) END",
             literal(&format!("{AUTHORITY}[^/?#]*(/[^?#]*)"))
         );
         // Every part of the path from a '/' on, decoded, as a key: as the bucket serves it
@@ -325,7 +329,8 @@ impl Shape for Url {
         let may = format!(
             "(convert_to({v}, 'UTF8') IN (SELECT convert_to(k, 'UTF8') FROM unnest($1::text[]) AS k)
               OR {last} IN (SELECT convert_to(substring(k from '[^/]*$'), 'UTF8')
-                              FROM unnest($1::text[]) AS k))"
+                              FROM unnest($1::text[]) AS k)
+              OR {is_s3})"
         );
         format!(
             "SELECT DISTINCT u.k::text FROM unnest($1::text[]) AS u(k)
@@ -337,7 +342,8 @@ impl Shape for Url {
                            ({tail}),
                            (CASE WHEN $2::text <> 'dest' THEN convert_to({}, 'UTF8') || {tail} END),
                            (CASE WHEN $2::text <> 'source' THEN convert_to({}, 'UTF8') || {tail} END),
-                           (CASE WHEN i = 1 THEN convert_to({v}, 'UTF8') END)) AS x(c)
+                           (CASE WHEN i = 1 THEN convert_to({v}, 'UTF8') END),
+                           (CASE WHEN {is_s3} THEN convert_to(q.s, 'UTF8') END)) AS x(c)
                       WHERE {mine}
                      ) AS s ON s.c = convert_to(u.k, 'UTF8')",
             literal(&self.prefixes.0),

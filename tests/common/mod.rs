@@ -681,6 +681,50 @@ pub fn exits(cmd: &mut Command, code: i32) -> std::process::Output {
     out
 }
 
+/// `relocator plan` with `args`, exiting `code`: the path of its `--out` file.
+pub fn planned(env: &TestEnv, args: &[String], code: i32) -> String {
+    let out = env.path("plan.csv");
+    exits(env.cmd().arg("plan").args(args).args(["--out", &out]), code);
+    out
+}
+
+/// `relocator run` with `args`, exiting `code`: the path of its `--report` file.
+pub fn reported(env: &TestEnv, args: &[String], code: i32) -> String {
+    let out = env.path("run.csv");
+    exits(
+        env.cmd().arg("run").args(args).args(["--report", &out]),
+        code,
+    );
+    out
+}
+
+/// `relocator status` with `args` says `n` rows moved (rows, not references).
+pub fn assert_rows_moved(env: &TestEnv, args: &[String], n: usize) {
+    let out = exits(env.cmd().arg("status").args(args), 0);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains(&format!(" {n} rows moved")), "{status}");
+}
+
+/// `relocator verify` with `args` finds each `avatar/<name>` ok: its CSV.
+pub fn assert_verified(env: &TestEnv, args: &[String], names: &[&str]) -> String {
+    let out = env
+        .cmd()
+        .arg("verify")
+        .args(args)
+        .args(["--out", &env.path("verify.csv")])
+        .output()
+        .expect("running relocator");
+    let checks = std::fs::read_to_string(env.path("verify.csv")).expect("verify's CSV");
+    for n in names {
+        assert!(
+            checks.contains(&format!("avatar/{n},ok")),
+            "{n}: {checks}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    checks
+}
+
 /// Promise 5's drill: each case (extra options for `cmd`, words its error must contain)
 /// exits 2 naming the problem. The caller then checks that nothing changed.
 pub fn assert_refused<E: AsRef<[&'static str]> + std::fmt::Debug>(
