@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{Endpoint, S3Error, Side, DELETE_BATCH, S3};
+use crate::s3::{Endpoint, S3Error, Side, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -471,6 +471,10 @@ pub async fn delete_unreferenced(
     }
 }
 
+/// Keys looked at, then deleted, together: a key's look is never older than the time its
+/// group takes to be looked at (one listing page, or a few rounds of HEADs).
+const LOOKED_TOGETHER: usize = 100;
+
 /// The cleanup's look at its keys, taken inside the lock, and what it needs.
 struct Look<'a> {
     found: Looked,
@@ -534,8 +538,8 @@ impl Cleaned {
 }
 
 /// The most S3 requests one try of a cleanup sends: a HEAD per distinct key whose
-/// identity is known, and the DeleteObjects requests (per bucket, [`DELETE_BATCH`] keys
-/// each).
+/// identity is known, and the DeleteObjects requests (per bucket, one per
+/// [`LOOKED_TOGETHER`] keys).
 fn requests_upto(items: &[Unreferenced<'_>]) -> usize {
     let heads: HashSet<(&str, &str)> = items
         .iter()
@@ -543,7 +547,7 @@ fn requests_upto(items: &[Unreferenced<'_>]) -> usize {
         .map(|p| (p.bucket, p.key))
         .collect();
     let buckets: HashSet<&str> = items.iter().map(|p| p.bucket).collect();
-    heads.len() + items.len().div_ceil(DELETE_BATCH) + buckets.len()
+    heads.len() + items.len().div_ceil(LOOKED_TOGETHER) + buckets.len()
 }
 
 /// What a look at the keys with a known identity found.
@@ -740,11 +744,6 @@ async fn delete_locked(
             .collect();
         in_flight.extend(reserved(db, b, &keys).await?.into_iter().map(|k| (*b, k)));
     }
-    let kept = |looked: &Looked, p: &Unreferenced<'_>| {
-        looked.changed.contains(p.key)
-            || looked.gone.contains(p.key)
-            || in_flight.contains(&(p.bucket, p.key.to_owned()))
-    };
     // Bucket by bucket: with a service column, which rows may use an object depends on
     // its bucket (see crate::reference).
     let mut referenced: HashSet<(&str, String)> = HashSet::new();
@@ -776,47 +775,90 @@ async fn delete_locked(
     }
     let referenced_at = |p: &Unreferenced<'_>| referenced.contains(&(p.bucket, p.key.to_owned()));
 
-    // Now, right before the delete, the look: is each object still the one copied? (Of
-    // the keys no batch in flight relies on: a key some row references is looked at too,
-    // so that a replaced one is reported as such.)
-    let open: Vec<Unreferenced<'_>> = items
+    // The keys some row references stay; they are looked at too, so that a replaced one
+    // is reported as such.
+    let open = |p: &&Unreferenced<'_>| !in_flight.contains(&(p.bucket, p.key.to_owned()));
+    let kept_ref: Vec<Unreferenced<'_>> = items
         .iter()
-        .filter(|p| !in_flight.contains(&(p.bucket, p.key.to_owned())))
+        .filter(open)
+        .filter(|p| referenced_at(p))
         .copied()
         .collect();
-    let mut found = look(seen.s3c, seen.side, ep, &open).await?;
-    found.deleted = found.gone.intersection(seen.sent).cloned().collect();
-    seen.found = found;
-
-    // Group deletable keys by bucket (a ledger may span jobs with different buckets).
-    let mut by_bucket: BTreeMap<&str, Vec<Doomed>> = BTreeMap::new();
-    let mut queued = HashSet::new();
-    for p in items {
-        if !referenced_at(p) && !kept(&seen.found, p) && queued.insert((p.bucket, p.key)) {
-            by_bucket
-                .entry(p.bucket)
-                .or_default()
-                .push((p.key.to_owned(), p.etag.map(str::to_owned)));
+    let mut found = look(seen.s3c, seen.side, ep, &kept_ref).await?;
+    // The others, [`LOOKED_TOGETHER`] keys at a time: each group is looked at (is each
+    // object still the one copied?) and, at once, deleted but for what changed, so that
+    // a key's look is never older than its group's.
+    let mut groups: Vec<(&str, Vec<Unreferenced<'_>>, usize)> = Vec::new();
+    let mut group_of: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut by_bucket: BTreeMap<&str, Vec<&Unreferenced<'_>>> = BTreeMap::new();
+    for p in items.iter().filter(open).filter(|p| !referenced_at(p)) {
+        by_bucket.entry(p.bucket).or_default().push(p);
+    }
+    for (bucket, mut ps) in by_bucket {
+        ps.sort_by_key(|p| p.key);
+        for p in ps {
+            let at = *group_of.entry((bucket, p.key)).or_insert_with(|| {
+                match groups.last_mut() {
+                    Some((b, _, n)) if *b == bucket && *n < LOOKED_TOGETHER => *n += 1,
+                    _ => groups.push((bucket, Vec::new(), 1)),
+                }
+                groups.len() - 1
+            });
+            groups[at].1.push(*p);
         }
     }
-    // The DeleteObjects requests of a batch go out together (at most 8 at once): the
-    // last batch's cleanup otherwise runs alone at the end of a run.
-    let requests: Vec<(&str, &[Doomed])> = by_bucket
-        .iter()
-        .flat_map(|(bucket, keys)| keys.chunks(DELETE_BATCH).map(move |c| (*bucket, c)))
-        .collect();
-    let answers: Vec<DeleteAnswer<'_>> = stream::iter(requests)
-        .map(|(bucket, chunk)| async move {
-            let errors = ep
-                .delete_many_if(bucket, chunk)
-                .await
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("deleting objects in s3://{bucket}"))?;
-            Ok::<_, anyhow::Error>((bucket, chunk.len(), errors))
+    let (s3c, side) = (seen.s3c, seen.side);
+    // Each group's look, and its delete's answer (or why it has none).
+    type Group<'a> = (Looked, Result<DeleteAnswer<'a>>);
+    let results: Vec<Result<Group<'_>>> = stream::iter(groups)
+        .map(|(bucket, group, _)| async move {
+            let looked = look(s3c, side, ep, &group).await?;
+            let mut queued = HashSet::new();
+            let doomed: Vec<Doomed> = group
+                .iter()
+                .filter(|p| !looked.changed.contains(p.key) && !looked.gone.contains(p.key))
+                .filter(|p| queued.insert(p.key))
+                .map(|p| (p.key.to_owned(), p.etag.map(str::to_owned)))
+                .collect();
+            let answer = if doomed.is_empty() {
+                Ok(Vec::new())
+            } else {
+                ep.delete_many_if(bucket, &doomed)
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .with_context(|| format!("deleting objects in s3://{bucket}"))
+            };
+            Ok((looked, answer.map(|errors| (bucket, doomed.len(), errors))))
         })
         .buffer_unordered(8)
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
+    // Every look that was taken counts (a rerun after an unanswered delete relies on it),
+    // then the first error, if any.
+    let mut answers = Vec::new();
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok((looked, answer)) => {
+                found.changed.extend(looked.changed);
+                found.gone.extend(looked.gone);
+                match answer {
+                    Ok(a) => answers.push(a),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    found.deleted = found.gone.intersection(seen.sent).cloned().collect();
+    seen.found = found;
+    if let Some(e) = first_error {
+        return Err(e.into());
+    }
     let mut failed: HashSet<(&str, String)> = HashSet::new();
     let mut deleted = 0;
     for (bucket, n, errors) in answers {
