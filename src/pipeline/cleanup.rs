@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::db::Queries;
 use crate::report::Counters;
-use crate::s3::{Endpoint, S3Error, Side, S3};
+use crate::s3::{Endpoint, S3Error, Side, DELETE_BATCH, S3};
 
 /// A committed move whose source has not been dealt with yet (a ledger row).
 #[derive(Debug, Clone)]
@@ -471,9 +471,10 @@ pub async fn delete_unreferenced(
     }
 }
 
-/// Keys looked at, then deleted, together: a key's look is never older than the time its
-/// group takes to be looked at (one listing page, or a few rounds of HEADs).
-const LOOKED_TOGETHER: usize = 100;
+/// Keys looked at, then deleted, together (one `DeleteObjects` each): a key's look is
+/// never older than the time its group takes to be looked at (one listing page, or
+/// rounds of 16 HEADs).
+const LOOKED_TOGETHER: usize = DELETE_BATCH;
 
 /// The cleanup's look at its keys, taken inside the lock, and what it needs.
 struct Look<'a> {
