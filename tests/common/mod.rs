@@ -725,6 +725,25 @@ pub fn assert_verified(env: &TestEnv, args: &[String], names: &[&str]) -> String
     checks
 }
 
+/// `relocator rollback` with `args` exits 0, every source is back (`sources`, sorted)
+/// and nothing is left at the destination. The caller checks the rows.
+pub async fn assert_rolled_back(env: &TestEnv, args: &[String], sources: &[&str]) {
+    exits(
+        env.cmd()
+            .arg("rollback")
+            .args(args)
+            .args(["--report", &env.path("back.csv")]),
+        0,
+    );
+    let mut back = env.keys(&env.src_bucket, "").await;
+    back.sort();
+    assert_eq!(back, sources, "every source is back");
+    assert!(
+        env.keys(&env.dst_bucket, "").await.is_empty(),
+        "nothing left at the destination"
+    );
+}
+
 /// Promise 5's drill: each case (extra options for `cmd`, words its error must contain)
 /// exits 2 naming the problem. The caller then checks that nothing changed.
 pub fn assert_refused<E: AsRef<[&'static str]> + std::fmt::Debug>(
