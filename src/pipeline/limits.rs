@@ -47,20 +47,14 @@ pub async fn plan_fitting(
         .iter()
         .flat_map(|r| plan_batch(vec![r.clone()], rewrite, reference).moves)
         .collect();
-    let too_long_at = too_long(limits, reference, &mapped);
-    let mut why: HashMap<String, String> = too_long_at
-        .iter()
-        .map(|(id, (_, detail))| (id.clone(), detail.clone()))
-        .collect();
-    let too_long_at: HashMap<String, String> = too_long_at
-        .into_iter()
-        .map(|(id, (at, _))| (id, at))
-        .collect();
+    // Row id → (the reference that does not fit, empty for the whole row; why).
+    let mut why = too_long(limits, reference, &mapped);
     let rest: Vec<&Move> = mapped
         .iter()
         .filter(|m| !why.contains_key(&m.row.id))
         .collect();
-    why.extend(refused_by_checks(db, limits, q, &rest).await?);
+    let refused = refused_by_checks(db, limits, q, &rest).await?;
+    why.extend(refused.into_iter().map(|(id, d)| (id, (String::new(), d))));
     if why.is_empty() {
         return Ok(plan_batch(rows, rewrite, reference));
     }
@@ -70,18 +64,19 @@ pub async fn plan_fitting(
         .collect();
     let mut batch = plan_batch(fit, rewrite, reference);
     for m in mapped {
-        let Some(detail) = why.get(&m.row.id) else {
+        let Some((at, detail)) = why.get(&m.row.id) else {
             continue;
         };
         // With several columns, the reference that does not fit is `too_long` and the
         // row's others are held back with it.
-        let line = match too_long_at.get(&m.row.id) {
-            Some(at) if *at != m.at => attention(
+        let line = if !at.is_empty() && *at != m.at {
+            attention(
                 &m,
                 Outcome::HeldBack,
                 format!("another reference of the row does not fit its column: {detail}"),
-            ),
-            _ => attention(&m, Outcome::TooLong, detail.clone()),
+            )
+        } else {
+            attention(&m, Outcome::TooLong, detail.clone())
         };
         batch.skipped.push(line);
     }

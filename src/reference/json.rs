@@ -9,8 +9,8 @@
 //!
 //! Which rows may use an object: any row holding its key as a string (or a field name)
 //! anywhere in its document's text — a field `--json-key` does not name (a derivative
-//! the command did not list) keeps it too. The check reads every row of the table: there is no index to find
-//! a string inside a document. The key alone does not tell the buckets apart, so the two
+//! the command did not list) keeps it too. The check reads every row of the table:
+//! there is no index to find a string inside a document. The key alone does not tell the buckets apart, so the two
 //! prefixes may not overlap (as for the key shape).
 
 use std::collections::BTreeMap;
@@ -233,6 +233,12 @@ fn locate(base: &str, obj: &str, path: &[String]) -> Result<Option<Found>, Strin
     Ok(Some((span(base, raw), string)))
 }
 
+/// SQL: a regular expression for a field named `name` whose value is a string starting
+/// with `value` (itself a regular expression), as a document's text spells it.
+fn named_string(name: &str, value: &str) -> String {
+    literal(&format!(r#""{}"\s*:\s*"{value}"#, regex::escape(name)))
+}
+
 /// `edits` applied to `old`, none overlapping.
 fn apply(old: &str, mut edits: Vec<(usize, usize, String)>) -> String {
     edits.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
@@ -266,14 +272,12 @@ impl Shape for Json {
             names.sort();
             names.dedup();
             for name in names {
-                any.push(
-                    format!(
-                        "(t_text ~ {} AND {} IS NULL)",
-                        literal(&format!(r#""{}"\s*:\s*"{prefix}"#, regex::escape(name))),
-                        self.doc(t)
-                    )
-                    .replace("t_text", &format!("{t}.{}::text", self.path)),
-                );
+                any.push(format!(
+                    "({t}.{}::text ~ {} AND {} IS NULL)",
+                    self.path,
+                    named_string(name, &prefix),
+                    self.doc(t)
+                ));
             }
         }
         format!("({})", any.join(" OR "))
@@ -355,10 +359,7 @@ impl Shape for Json {
                 let Some(name) = k.last().filter(|n| loose && names.insert(n.as_str())) else {
                     return format!("CASE {fast} END");
                 };
-                let literal_of = literal(&format!(
-                    r#""{}"\s*:\s*"((?:[^"\\]|\\.)*)""#,
-                    regex::escape(name)
-                ));
+                let literal_of = named_string(name, r#"((?:[^"\\]|\\.)*)""#);
                 let loose = format!(
                     "(pg_temp.relocator_jsonb('\"' || substring({t}.{}::text from {literal_of}) || '\"') #>> '{{}}')",
                     self.path
